@@ -1,0 +1,272 @@
+"""Context objects handed to PyStrands backend callbacks.
+
+* :class:`Context` identifies one WebSocket client: ``client_id``, ``room_id`` and
+  ``metadata`` (exactly the value the backend set when it accepted the connection).
+* :class:`ConnectionRequestContext` describes a pending WebSocket connection: the
+  request ``headers``, ``url``, ``remote_addr``, ``query`` and a mutable
+  :class:`Context` the backend fills in before accepting.
+* :class:`Headers` is a case-insensitive mapping of header name to the list of its
+  values, so ``request.headers.get("X-Token", [None])[0]`` and
+  ``request.headers.get("x-token")`` both work.
+
+All three have ``from_json`` / ``to_json`` converting from and to the plain JSON
+shapes of wire protocol v1.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from typing import Any
+
+__all__ = ["Context", "ConnectionRequestContext", "Headers"]
+
+
+def _as_str(value: Any, default: str = "") -> str:
+    """Return ``value`` if it is a string, ``default`` if it is ``None``, else ``str(value)``."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return default
+    return str(value)
+
+
+class Headers(MutableMapping[str, list[str]]):
+    """Case-insensitive mapping of HTTP header names to lists of values.
+
+    Iteration yields the names as they were received (canonical MIME form from the
+    broker, e.g. ``X-Token``); look-ups ignore case. Values are always lists of
+    strings: a single string value given to the constructor is wrapped in a list.
+
+    Example::
+
+        token = request.headers.get("X-Token", [None])[0]
+        same = request.headers.get("x-token")        # ['secret'] or None
+        first = request.headers.first("authorization")  # 'Bearer ...' or None
+    """
+
+    __slots__ = ("_store",)
+
+    def __init__(
+        self,
+        data: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+    ) -> None:
+        """Build from a mapping or an iterable of ``(name, value)`` pairs."""
+        # lower-cased name -> (name as received, values)
+        self._store: dict[str, tuple[str, list[str]]] = {}
+        if data is None:
+            return
+        items: Iterable[tuple[str, Any]]
+        if isinstance(data, Headers):
+            items = [(name, list(values)) for name, values in data.items()]
+        elif isinstance(data, Mapping):
+            items = data.items()
+        else:
+            items = data
+        for name, value in items:
+            self[_as_str(name)] = value
+
+    @staticmethod
+    def _values(value: Any) -> list[str]:
+        if isinstance(value, list):
+            return [_as_str(v) for v in value]
+        if isinstance(value, (tuple, set, frozenset)):
+            return [_as_str(v) for v in value]
+        if value is None:
+            return []
+        return [_as_str(value)]
+
+    def __getitem__(self, name: str) -> list[str]:
+        return self._store[name.lower()][1]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._store[name.lower()] = (name, self._values(value))
+
+    def __delitem__(self, name: str) -> None:
+        del self._store[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._store
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._store.values())
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __repr__(self) -> str:
+        return f"Headers({self.to_json()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Headers):
+            return {k: v for k, (_, v) in self._store.items()} == {
+                k: v for k, (_, v) in other._store.items()
+            }
+        if isinstance(other, Mapping):
+            try:
+                return self == Headers(other)
+            except Exception:
+                return False
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def first(self, name: str, default: str | None = None) -> str | None:
+        """Return the first value of header ``name`` (any case), or ``default``."""
+        entry = self._store.get(name.lower())
+        if entry is None or not entry[1]:
+            return default
+        return entry[1][0]
+
+    def copy(self) -> Headers:
+        """Return an independent copy."""
+        return Headers(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> Headers:
+        """Build from the wire form ``{name: [values]}`` (``None`` gives no headers)."""
+        return cls(data)
+
+    def to_json(self) -> dict[str, list[str]]:
+        """Return the plain ``{name: [values]}`` dict, names as received."""
+        return {name: list(values) for name, values in self._store.values()}
+
+
+class Context:
+    """Identity of one WebSocket client as seen by the backend.
+
+    Attributes:
+        client_id: Unique id of the WebSocket connection.
+        room_id: The room the client is in.
+        metadata: Exactly the value the backend set in ``on_connection_request``
+            (a dict unless the backend chose otherwise; ``{}`` by default).
+    """
+
+    __slots__ = ("client_id", "room_id", "metadata", "__dict__")
+
+    def __init__(
+        self,
+        client_id: str = "",
+        room_id: str = "",
+        metadata: Any = None,
+        **_ignored: Any,
+    ) -> None:
+        """Create a context; unknown keyword arguments are ignored (as in 1.0)."""
+        self.client_id: str = client_id
+        self.room_id: str = room_id
+        self.metadata: Any = {} if metadata is None else metadata
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | Context | None) -> Context:
+        """Build from the wire form ``{"client_id", "room_id", "metadata"}``.
+
+        A :class:`Context` is returned unchanged; ``None`` gives an empty context.
+        Extra keys are ignored; ``metadata`` is kept as received (``null`` -> ``{}``).
+        """
+        if isinstance(data, Context):
+            return data
+        if data is None:
+            return cls()
+        return cls(
+            client_id=_as_str(data.get("client_id")),
+            room_id=_as_str(data.get("room_id")),
+            metadata=data.get("metadata"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Return ``{"client_id", "room_id", "metadata"}``."""
+        return {
+            "client_id": self.client_id,
+            "room_id": self.room_id,
+            "metadata": self.metadata,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Context(client_id={self.client_id!r}, room_id={self.room_id!r}, "
+            f"metadata={self.metadata!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Context):
+            return NotImplemented
+        return (
+            self.client_id == other.client_id
+            and self.room_id == other.room_id
+            and self.metadata == other.metadata
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ConnectionRequestContext:
+    """A WebSocket connection waiting for the backend's decision.
+
+    Attributes:
+        headers: Request headers, a case-insensitive :class:`Headers` mapping of
+            name to list of values.
+        url: Request path, e.g. ``/ws/chat``.
+        remote_addr: ``ip:port`` of the WebSocket client.
+        context: Mutable :class:`Context` for the new client; set ``room_id``,
+            ``client_id`` and ``metadata`` here. Defaults: a fresh uuid4, the
+            ``url`` and ``{}``.
+        accepted: The decision, ``True`` by default. ``on_connection_request`` may
+            return a bool instead of setting it.
+        query: The query string without ``?`` (``""`` when absent or when the
+            broker does not send it).
+    """
+
+    __slots__ = ("headers", "url", "remote_addr", "context", "accepted", "query", "__dict__")
+
+    def __init__(
+        self,
+        headers: Mapping[str, Any] | None = None,
+        url: str = "",
+        remote_addr: str = "",
+        context: Context | Mapping[str, Any] | None = None,
+        accepted: bool | None = True,
+        query: str = "",
+        **_ignored: Any,
+    ) -> None:
+        """Create a request context; unknown keyword arguments are ignored."""
+        self.headers: Headers = headers if isinstance(headers, Headers) else Headers(headers)
+        self.url: str = _as_str(url)
+        self.remote_addr: str = _as_str(remote_addr)
+        if context is None:
+            context = Context(client_id=str(uuid.uuid4()), room_id=self.url, metadata={})
+        self.context: Context = Context.from_json(context)
+        self.accepted: bool = True if accepted is None else bool(accepted)
+        self.query: str = _as_str(query)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ConnectionRequestContext:
+        """Build from the ``params`` of a ``connection_request`` (or :meth:`to_json`).
+
+        Missing ``context`` gets the v1 defaults (fresh uuid4, room = url, ``{}``).
+        """
+        headers = data.get("headers")
+        return cls(
+            headers=headers if isinstance(headers, Mapping) else None,
+            url=_as_str(data.get("url")),
+            remote_addr=_as_str(data.get("remote_addr")),
+            context=data.get("context"),
+            accepted=data.get("accepted", True),
+            query=_as_str(data.get("query")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the plain dict form (headers as a plain dict, context as a dict)."""
+        return {
+            "headers": self.headers.to_json(),
+            "url": self.url,
+            "remote_addr": self.remote_addr,
+            "query": self.query,
+            "context": self.context.to_json(),
+            "accepted": self.accepted,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ConnectionRequestContext(url={self.url!r}, remote_addr={self.remote_addr!r}, "
+            f"query={self.query!r}, context={self.context!r}, accepted={self.accepted!r})"
+        )

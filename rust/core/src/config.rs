@@ -1,0 +1,232 @@
+//! Every broker setting in one place: names, defaults and validation.
+//!
+//! The Python `Broker`, the CLI and the Rust tests all build a [`Config`] and call
+//! [`Config::validate`]; an invalid value is reported as a [`ConfigError`] naming the setting and
+//! the value, which the binding turns into a Python `ValueError`.
+
+use std::fmt;
+use std::time::Duration;
+
+/// What to do with a WebSocket client whose outbound queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlowClientPolicy {
+    /// Close the client with close code [`crate::protocol::CLOSE_SLOW_CONSUMER`]; its backend gets
+    /// `disconnected`.
+    Close,
+    /// Keep the client and drop the message that did not fit (counted in `slow_client_drops`).
+    Drop,
+}
+
+impl SlowClientPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlowClientPolicy::Close => "close",
+            SlowClientPolicy::Drop => "drop",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "close" => Some(SlowClientPolicy::Close),
+            "drop" => Some(SlowClientPolicy::Drop),
+            _ => None,
+        }
+    }
+}
+
+/// All settings of one broker.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Interface of the WebSocket listener.
+    pub ws_host: String,
+    /// Port of the WebSocket listener; 0 picks a free port.
+    pub ws_port: u16,
+    /// Interface of the backend (TCP) listener.
+    pub tcp_host: String,
+    /// Port of the backend listener; 0 picks a free port.
+    pub tcp_port: u16,
+    /// Events kept while no backend is connected (drop-oldest beyond it; 0 disables the queue).
+    pub queue_size: usize,
+    /// How long a connection request may wait for a backend's `response`.
+    pub request_timeout: Duration,
+    /// Interval of `heartbeat` lines to backends.
+    pub heartbeat_interval: Duration,
+    /// Interval of WebSocket pings; a client silent for two intervals is closed. Zero disables.
+    pub ping_interval: Duration,
+    /// Largest WebSocket message accepted from a client, in bytes (close 1009 beyond it).
+    pub max_message_size: usize,
+    /// Largest line accepted from a backend, in bytes (the line is discarded and logged beyond it).
+    pub max_line_size: usize,
+    /// Messages that may wait in one client's outbound queue.
+    pub client_queue_size: usize,
+    /// What happens when a client's outbound queue is full.
+    pub slow_client_policy: SlowClientPolicy,
+    /// Allowed `Origin` header values; empty allows every origin.
+    pub allowed_origins: Vec<String>,
+    /// Maximum simultaneous WebSocket clients; 0 means no limit. Beyond it: HTTP 503.
+    pub max_connections: usize,
+    /// How long a client may take to send its HTTP upgrade request.
+    pub handshake_timeout: Duration,
+    /// Tokio worker threads; 0 uses one per CPU.
+    pub workers: usize,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace` or a tracing directive).
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ws_host: "0.0.0.0".into(),
+            ws_port: 8080,
+            tcp_host: "0.0.0.0".into(),
+            tcp_port: 8081,
+            queue_size: 1000,
+            request_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(15),
+            ping_interval: Duration::from_secs(30),
+            max_message_size: 4 * 1024 * 1024,
+            max_line_size: 16 * 1024 * 1024,
+            client_queue_size: 1024,
+            slow_client_policy: SlowClientPolicy::Close,
+            allowed_origins: Vec::new(),
+            max_connections: 0,
+            handshake_timeout: Duration::from_secs(10),
+            workers: 0,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// A setting with a value it cannot take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid setting {}={}: {}", self.setting, self.value, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(setting: &'static str, value: impl fmt::Display, reason: &str) -> ConfigError {
+    ConfigError { setting, value: value.to_string(), reason: reason.to_string() }
+}
+
+/// Parses a duration given in (fractional) seconds, as every interval setting is written.
+pub fn seconds(setting: &'static str, secs: f64) -> Result<Duration, ConfigError> {
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(bad(setting, secs, "must be a finite number of seconds >= 0"));
+    }
+    if secs > 1e9 {
+        return Err(bad(setting, secs, "is too large"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+impl Config {
+    /// Checks every setting; the first bad one is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ws_host.trim().is_empty() {
+            return Err(bad("ws_host", "''", "must not be empty"));
+        }
+        if self.tcp_host.trim().is_empty() {
+            return Err(bad("tcp_host", "''", "must not be empty"));
+        }
+        if self.ws_port != 0 && self.ws_port == self.tcp_port && self.ws_host == self.tcp_host {
+            return Err(bad("tcp_port", self.tcp_port, "must differ from ws_port"));
+        }
+        if self.queue_size > 10_000_000 {
+            return Err(bad("queue_size", self.queue_size, "must be between 0 and 10000000"));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(bad("request_timeout", 0, "must be > 0 seconds"));
+        }
+        if self.heartbeat_interval < Duration::from_millis(10) {
+            return Err(bad("heartbeat_interval", self.heartbeat_interval.as_secs_f64(), "must be >= 0.01 seconds"));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(bad("handshake_timeout", 0, "must be > 0 seconds"));
+        }
+        if self.max_message_size < 16 || self.max_message_size > 1 << 30 {
+            return Err(bad("max_message_size", self.max_message_size, "must be between 16 bytes and 1 GiB"));
+        }
+        if self.max_line_size < 1024 || self.max_line_size > 1 << 31 {
+            return Err(bad("max_line_size", self.max_line_size, "must be between 1 KiB and 2 GiB"));
+        }
+        if self.client_queue_size == 0 || self.client_queue_size > 1_000_000 {
+            return Err(bad("client_queue_size", self.client_queue_size, "must be between 1 and 1000000"));
+        }
+        if self.workers > 1024 {
+            return Err(bad("workers", self.workers, "must be between 0 and 1024"));
+        }
+        for origin in &self.allowed_origins {
+            if origin.trim().is_empty() {
+                return Err(bad("allowed_origins", "''", "entries must not be empty"));
+            }
+        }
+        let level = self.log_level.to_ascii_lowercase();
+        let directive_ok = self.log_level.contains('=') && tracing_subscriber::EnvFilter::try_new(&self.log_level).is_ok();
+        if !LOG_LEVELS.contains(&level.as_str()) && !directive_ok {
+            return Err(bad("log_level", &self.log_level, "must be one of error, warn, info, debug, trace"));
+        }
+        Ok(())
+    }
+
+    /// Whether a WebSocket request carrying this `Origin` may connect.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        if self.allowed_origins.is_empty() || self.allowed_origins.iter().any(|o| o == "*") {
+            return true;
+        }
+        match origin {
+            Some(o) => self.allowed_origins.iter().any(|a| a.eq_ignore_ascii_case(o)),
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_value() {
+        let c = Config { client_queue_size: 0, ..Config::default() };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.setting, "client_queue_size");
+        assert!(e.to_string().contains("client_queue_size=0"), "{e}");
+
+        let c = Config { log_level: "loud".into(), ..Config::default() };
+        assert_eq!(c.validate().unwrap_err().setting, "log_level");
+
+        assert_eq!(seconds("request_timeout", -1.0).unwrap_err().setting, "request_timeout");
+        assert!(seconds("request_timeout", f64::NAN).is_err());
+    }
+
+    #[test]
+    fn same_port_twice_is_refused() {
+        let c = Config { ws_port: 9000, tcp_port: 9000, ..Config::default() };
+        assert_eq!(c.validate().unwrap_err().setting, "tcp_port");
+    }
+
+    #[test]
+    fn origins() {
+        let mut c = Config::default();
+        assert!(c.origin_allowed(None));
+        c.allowed_origins = vec!["https://app.example".into()];
+        assert!(c.origin_allowed(Some("https://APP.example")));
+        assert!(!c.origin_allowed(Some("https://evil.example")));
+        assert!(!c.origin_allowed(None));
+    }
+}

@@ -1,0 +1,215 @@
+//! PyStrands broker core: WebSocket clients on one side, Python backends (TCP, newline-delimited
+//! JSON, protocol v1) on the other, rooms and routing in between. Pure Rust; the PyO3 binding in
+//! `rust/py` only converts settings, starts and stops a [`BrokerHandle`] and reads its stats.
+//!
+//! Layout: [`config`] (settings), [`protocol`] (wire format), [`http`] (upgrade handshake),
+//! [`hub`] (clients and rooms — the only shared state), [`ws`] (WebSocket connections),
+//! [`backend`] (backend sessions), [`router`] (backend selection, queue, pending requests),
+//! [`shutdown`], [`stats`].
+
+pub mod backend;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod protocol;
+pub mod router;
+pub mod shutdown;
+pub mod stats;
+pub mod ws;
+
+pub use config::{Config, ConfigError, SlowClientPolicy};
+pub use stats::Stats;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+
+/// Messages that may wait for the router (clients wait when it is full: backpressure).
+const ROUTER_QUEUE: usize = 65_536;
+
+/// State every task of one broker shares.
+pub struct Shared {
+    pub cfg: Config,
+    pub hub: hub::Hub,
+    pub counters: Arc<stats::Counters>,
+    pub router: mpsc::Sender<router::RouterMsg>,
+    pub gauges: Arc<router::Gauges>,
+    ids: AtomicU64,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    /// A number unique within this broker (request ids, connection ids).
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// Why a broker could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Config(ConfigError),
+    /// A listener could not bind (`which` is `ws_port` or `tcp_port`).
+    Bind { which: &'static str, addr: String, source: std::io::Error },
+    Runtime(std::io::Error),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(e) => e.fmt(f),
+            StartError::Bind { which, addr, source } => write!(f, "cannot listen on {addr} ({which}): {source}"),
+            StartError::Runtime(e) => write!(f, "cannot start the async runtime: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Installs the `tracing` subscriber (stderr) once per process. The level of the first broker
+/// started wins; later calls keep the existing subscriber.
+pub fn init_logging(level: &str) {
+    let directive = if config::LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+        format!("warn,pystrands_core={level}")
+    } else {
+        level.to_string()
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(directive).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// A running broker. Dropping it stops it (with a short drain).
+pub struct BrokerHandle {
+    runtime: Option<Runtime>,
+    shared: Arc<Shared>,
+    ws_addr: SocketAddr,
+    tcp_addr: SocketAddr,
+    stop_listeners: shutdown::Trigger,
+    stop_router: shutdown::Trigger,
+    clients: shutdown::TaskGroup,
+    backends: shutdown::TaskGroup,
+}
+
+impl BrokerHandle {
+    /// Validates `cfg`, binds both listeners and starts serving in a runtime of its own.
+    /// Returns once both listeners are bound.
+    pub fn start(cfg: Config) -> Result<BrokerHandle, StartError> {
+        cfg.validate().map_err(StartError::Config)?;
+        init_logging(&cfg.log_level);
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if cfg.workers > 0 {
+            builder.worker_threads(cfg.workers);
+        }
+        let runtime = builder.thread_name("pystrands-broker").enable_all().build().map_err(StartError::Runtime)?;
+
+        let ws_bind = format!("{}:{}", cfg.ws_host, cfg.ws_port);
+        let tcp_bind = format!("{}:{}", cfg.tcp_host, cfg.tcp_port);
+        let (ws_listener, tcp_listener) = runtime.block_on(async {
+            let ws = TcpListener::bind(&ws_bind)
+                .await
+                .map_err(|source| StartError::Bind { which: "ws_port", addr: ws_bind.clone(), source })?;
+            let tcp = TcpListener::bind(&tcp_bind)
+                .await
+                .map_err(|source| StartError::Bind { which: "tcp_port", addr: tcp_bind.clone(), source })?;
+            Ok::<_, StartError>((ws, tcp))
+        })?;
+        let ws_addr = ws_listener.local_addr().map_err(StartError::Runtime)?;
+        let tcp_addr = tcp_listener.local_addr().map_err(StartError::Runtime)?;
+
+        let counters = Arc::new(stats::Counters::default());
+        let gauges = Arc::new(router::Gauges::default());
+        let (router_tx, router_rx) = mpsc::channel(ROUTER_QUEUE);
+        let shared = Arc::new(Shared {
+            hub: hub::Hub::new(cfg.slow_client_policy, counters.clone()),
+            cfg,
+            counters: counters.clone(),
+            router: router_tx,
+            gauges: gauges.clone(),
+            ids: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+        });
+        let (stop_listeners, listeners_sig) = shutdown::signal();
+        let (stop_router, router_sig) = shutdown::signal();
+        let clients = shutdown::TaskGroup::default();
+        let backends = shutdown::TaskGroup::default();
+        {
+            let _enter = runtime.enter();
+            let guard = backends.guard();
+            let queue_size = shared.cfg.queue_size;
+            tokio::spawn(async move {
+                router::run(router_rx, queue_size, counters, gauges, router_sig).await;
+                drop(guard);
+            });
+            tokio::spawn(ws::listen(ws_listener, shared.clone(), listeners_sig.clone(), clients.guard()));
+            tokio::spawn(backend::listen(tcp_listener, shared.clone(), listeners_sig, backends.guard()));
+        }
+        tracing::info!(websocket = %ws_addr, backends = %tcp_addr, "PyStrands broker listening");
+        Ok(BrokerHandle { runtime: Some(runtime), shared, ws_addr, tcp_addr, stop_listeners, stop_router, clients, backends })
+    }
+
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.runtime.is_some()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let g = &self.shared.gauges;
+        Stats {
+            clients: self.shared.hub.client_count(),
+            rooms: self.shared.hub.room_count(),
+            backends: g.backends.load(Ordering::Relaxed),
+            queued_events: g.queued_events.load(Ordering::Relaxed),
+            pending_requests: g.pending_requests.load(Ordering::Relaxed),
+            counters: self.shared.counters.snapshot(),
+        }
+    }
+
+    /// Stops the broker: listeners close, clients get close 1001, their last events and anything
+    /// else queued for backends is flushed, then backend connections close. Waits at most
+    /// `timeout` in all; whatever is still running then is dropped. Calling it twice is harmless.
+    pub fn stop(&mut self, timeout: Duration) {
+        let Some(runtime) = self.runtime.take() else { return };
+        let deadline = Instant::now() + timeout;
+        let left = move || deadline.saturating_duration_since(Instant::now());
+        tracing::info!("PyStrands broker stopping");
+        self.shared.stopping.store(true, Ordering::Release);
+        self.stop_listeners.fire();
+        self.shared.hub.kick_all(protocol::CLOSE_GOING_AWAY);
+        let clients = &mut self.clients;
+        let backends = &mut self.backends;
+        let stop_router = &self.stop_router;
+        runtime.block_on(async {
+            if tokio::time::timeout(left(), clients.wait()).await.is_err() {
+                tracing::warn!("some clients did not close in time");
+            }
+            stop_router.fire();
+            if tokio::time::timeout(left(), backends.wait()).await.is_err() {
+                tracing::warn!("some backend connections did not finish flushing in time");
+            }
+        });
+        runtime.shutdown_timeout(left().max(Duration::from_millis(100)));
+        tracing::info!("PyStrands broker stopped");
+    }
+}
+
+impl Drop for BrokerHandle {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,517 @@
+//! Wire protocol v1 between the broker and backends: newline-delimited JSON objects
+//! `{"request_id", "action", "params"}`, plus the WebSocket close codes the broker uses.
+//!
+//! Encoding writes each line straight into a byte buffer (no intermediate tree); decoding checks
+//! every field's type and returns a [`DecodeError`] that says exactly what was wrong, because
+//! backend input is untrusted: nothing here may panic on bad data.
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+use std::fmt;
+use std::io;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Close code sent to clients when the broker shuts down.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for a client whose outbound queue overflowed (policy `close`).
+pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
+/// Close code for a connection replaced by a newer one with the same `client_id`.
+pub const CLOSE_REPLACED: u16 = 4001;
+/// Close code for a client that stopped answering pings.
+pub const CLOSE_IDLE: u16 = 4002;
+
+/// Go's `textproto.CanonicalMIMEHeaderKey`: `x-token` → `X-Token`. Names with characters outside
+/// the token set are returned unchanged, as Go does.
+pub fn canonical_header_name(name: &str) -> String {
+    let valid = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !valid {
+        return name.to_string();
+    }
+    let mut out = String::with_capacity(name.len());
+    let mut upper = true;
+    for c in name.chars() {
+        out.push(if upper { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() });
+        upper = c == '-';
+    }
+    out
+}
+
+fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, s);
+}
+
+fn line_start(request_id: &str, action: &str, capacity: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(capacity + 64);
+    buf.extend_from_slice(b"{\"request_id\":");
+    push_json_str(&mut buf, request_id);
+    buf.extend_from_slice(b",\"action\":\"");
+    buf.extend_from_slice(action.as_bytes());
+    buf.extend_from_slice(b"\",\"params\":{");
+    buf
+}
+
+fn line_end(mut buf: Vec<u8>) -> Bytes {
+    buf.extend_from_slice(b"}}\n");
+    Bytes::from(buf)
+}
+
+/// The JSON object a backend sees as `context`: `{"client_id", "room_id", "metadata"}`.
+pub fn encode_context(client_id: &str, room_id: &str, metadata: &Value) -> String {
+    let mut buf = Vec::with_capacity(64 + client_id.len() + room_id.len());
+    buf.extend_from_slice(b"{\"client_id\":");
+    push_json_str(&mut buf, client_id);
+    buf.extend_from_slice(b",\"room_id\":");
+    push_json_str(&mut buf, room_id);
+    buf.extend_from_slice(b",\"metadata\":");
+    let _ = serde_json::to_writer(&mut buf, metadata);
+    buf.push(b'}');
+    // Only JSON text was written, which is UTF-8.
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// `connection_request`: headers as `{Canonical-Name: [values]}`, the path as `url`, the query
+/// string as `query` (an addition to v1; v1 backends ignore it).
+pub fn encode_connection_request(
+    request_id: &str,
+    headers: &[(String, String)],
+    url: &str,
+    query: &str,
+    remote_addr: &str,
+) -> Bytes {
+    let mut buf = line_start(request_id, "connection_request", 256);
+    buf.extend_from_slice(b"\"headers\":{");
+    // Group values by canonical name, keeping the order of first appearance.
+    let mut grouped: Vec<(String, Vec<&str>)> = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        let canon = canonical_header_name(name);
+        match grouped.iter_mut().find(|(n, _)| *n == canon) {
+            Some((_, values)) => values.push(value),
+            None => grouped.push((canon, vec![value])),
+        }
+    }
+    for (i, (name, values)) in grouped.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        push_json_str(&mut buf, name);
+        buf.extend_from_slice(b":[");
+        for (j, v) in values.iter().enumerate() {
+            if j > 0 {
+                buf.push(b',');
+            }
+            push_json_str(&mut buf, v);
+        }
+        buf.push(b']');
+    }
+    buf.extend_from_slice(b"},\"url\":");
+    push_json_str(&mut buf, url);
+    buf.extend_from_slice(b",\"query\":");
+    push_json_str(&mut buf, query);
+    buf.extend_from_slice(b",\"remote_addr\":");
+    push_json_str(&mut buf, remote_addr);
+    line_end(buf)
+}
+
+/// `new_connection` or `disconnected`: only a context.
+pub fn encode_context_event(request_id: &str, action: &str, context_json: &str) -> Bytes {
+    let mut buf = line_start(request_id, action, context_json.len());
+    buf.extend_from_slice(b"\"context\":");
+    buf.extend_from_slice(context_json.as_bytes());
+    line_end(buf)
+}
+
+/// `new_message`: a client's text and its context.
+pub fn encode_new_message(request_id: &str, message: &str, context_json: &str) -> Bytes {
+    let mut buf = line_start(request_id, "new_message", message.len() + context_json.len() + 16);
+    buf.extend_from_slice(b"\"message\":");
+    push_json_str(&mut buf, message);
+    buf.extend_from_slice(b",\"context\":");
+    buf.extend_from_slice(context_json.as_bytes());
+    line_end(buf)
+}
+
+/// `error`: something went wrong with a client (e.g. it was closed for a policy reason).
+pub fn encode_error(request_id: &str, error: &str, context_json: &str) -> Bytes {
+    let mut buf = line_start(request_id, "error", error.len() + context_json.len() + 16);
+    buf.extend_from_slice(b"\"error\":");
+    push_json_str(&mut buf, error);
+    buf.extend_from_slice(b",\"context\":");
+    buf.extend_from_slice(context_json.as_bytes());
+    line_end(buf)
+}
+
+/// The periodic `heartbeat` line.
+pub fn heartbeat_line() -> Bytes {
+    Bytes::from_static(b"{\"request_id\":\"heartbeat\",\"action\":\"heartbeat\",\"params\":{}}\n")
+}
+
+/// A backend's answer to a connection request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcceptResponse {
+    pub request_id: String,
+    pub accepted: bool,
+    pub client_id: Option<String>,
+    pub room_id: Option<String>,
+    pub metadata: Value,
+    /// Optional human-readable reason for a rejection (sent in the 403 body).
+    pub reason: Option<String>,
+}
+
+/// One parsed backend line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendCommand {
+    Response(AcceptResponse),
+    MessageToRoom { room_id: String, message: String },
+    MessageToConnection { conn_id: String, message: String },
+    Broadcast { message: String },
+    /// A heartbeat echoed by a backend: nothing to do.
+    Heartbeat,
+}
+
+/// Why a backend line could not be used. `cause` is a short stable label (for rate-limited
+/// logging: one line per cause), `detail` says what exactly was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    pub cause: &'static str,
+    pub detail: String,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.cause, self.detail)
+    }
+}
+
+fn err(cause: &'static str, detail: impl Into<String>) -> DecodeError {
+    DecodeError { cause, detail: detail.into() }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn take_string(params: &mut serde_json::Map<String, Value>, action: &str, key: &str) -> Result<String, DecodeError> {
+    match params.get_mut(key).map(Value::take) {
+        Some(Value::String(s)) => Ok(s),
+        None | Some(Value::Null) => Err(err("missing field", format!("{action}: params.{key} is missing"))),
+        Some(other) => Err(err(
+            "wrong type",
+            format!("{action}: params.{key} must be a string, got {}", type_name(&other)),
+        )),
+    }
+}
+
+/// A message body: a string as it is; any other JSON value (object, array, number, bool) as its
+/// compact JSON text, so a backend that sends a dict delivers that dict's JSON to clients.
+fn take_message(params: &mut serde_json::Map<String, Value>, action: &str) -> Result<String, DecodeError> {
+    match params.get_mut("message").map(Value::take) {
+        Some(Value::String(s)) => Ok(s),
+        None | Some(Value::Null) => Err(err("missing field", format!("{action}: params.message is missing"))),
+        Some(other) => Ok(other.to_string()),
+    }
+}
+
+fn optional_string(params: &mut serde_json::Map<String, Value>, action: &str, key: &str) -> Result<Option<String>, DecodeError> {
+    match params.get_mut(key).map(Value::take) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(err(
+            "wrong type",
+            format!("{action}: params.{key} must be a string, got {}", type_name(&other)),
+        )),
+    }
+}
+
+/// Parses one backend line (without its `\n`).
+pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| {
+        if std::str::from_utf8(line).is_err() {
+            err("invalid utf-8", "line is not valid UTF-8")
+        } else {
+            err("malformed json", e.to_string())
+        }
+    })?;
+    let mut obj = match value {
+        Value::Object(o) => o,
+        other => return Err(err("not an object", format!("line is a JSON {}, expected an object", type_name(&other)))),
+    };
+    let action = match obj.remove("action") {
+        Some(Value::String(a)) => a,
+        None | Some(Value::Null) => return Err(err("missing field", "action is missing")),
+        Some(other) => return Err(err("wrong type", format!("action must be a string, got {}", type_name(&other)))),
+    };
+    let request_id = match obj.remove("request_id") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s,
+        Some(Value::Number(n)) => n.to_string(),
+        Some(other) => return Err(err("wrong type", format!("request_id must be a string, got {}", type_name(&other)))),
+    };
+    let mut params = match obj.remove("params") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(p)) => p,
+        Some(other) => return Err(err("wrong type", format!("{action}: params must be an object, got {}", type_name(&other)))),
+    };
+    let p = &mut params;
+    match action.as_str() {
+        "response" => {
+            if request_id.is_empty() {
+                return Err(err("missing field", "response: request_id is missing"));
+            }
+            let accepted = match p.get("accepted") {
+                Some(Value::Bool(b)) => *b,
+                None | Some(Value::Null) => false,
+                Some(other) => {
+                    return Err(err("wrong type", format!("response: params.accepted must be a bool, got {}", type_name(other))))
+                }
+            };
+            let client_id = optional_string(p, "response", "client_id")?;
+            let room_id = optional_string(p, "response", "room_id")?;
+            let reason = optional_string(p, "response", "reason")?;
+            let metadata = match p.get_mut("metadata").map(Value::take) {
+                None | Some(Value::Null) => Value::Object(Default::default()),
+                Some(v @ Value::Object(_)) => v,
+                Some(other) => {
+                    return Err(err("wrong type", format!("response: params.metadata must be an object, got {}", type_name(&other))))
+                }
+            };
+            Ok(BackendCommand::Response(AcceptResponse { request_id, accepted, client_id, room_id, metadata, reason }))
+        }
+        "message_to_room" => Ok(BackendCommand::MessageToRoom {
+            room_id: take_string(p, "message_to_room", "room_id")?,
+            message: take_message(p, "message_to_room")?,
+        }),
+        "message_to_connection" => Ok(BackendCommand::MessageToConnection {
+            conn_id: take_string(p, "message_to_connection", "conn_id")?,
+            message: take_message(p, "message_to_connection")?,
+        }),
+        "broadcast" => Ok(BackendCommand::Broadcast { message: take_message(p, "broadcast")? }),
+        "heartbeat" => Ok(BackendCommand::Heartbeat),
+        other => {
+            let mut shown: String = other.chars().take(64).collect();
+            if shown.len() < other.len() {
+                shown.push('…');
+            }
+            Err(err("unknown action", format!("unknown action {shown:?}")))
+        }
+    }
+}
+
+/// One item produced by [`LineReader`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A complete line without its `\n` (a trailing `\r` is removed too).
+    Data(Bytes),
+    /// A line longer than the limit was skipped; the value is how many bytes were discarded.
+    TooLong(usize),
+}
+
+/// Splits a byte stream into lines in linear time, with a size limit: a line over the limit is
+/// discarded up to its `\n` and reported, after which reading carries on with the next line.
+pub struct LineReader<R> {
+    inner: R,
+    buf: BytesMut,
+    scanned: usize,
+    max_line: usize,
+    discarding: Option<usize>,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    pub fn new(inner: R, max_line: usize) -> Self {
+        LineReader { inner, buf: BytesMut::with_capacity(16 * 1024), scanned: 0, max_line, discarding: None }
+    }
+
+    /// The next line, or `None` at end of stream (a final unterminated line is returned first).
+    pub async fn next_line(&mut self) -> io::Result<Option<Line>> {
+        loop {
+            if let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
+                let end = self.scanned + pos;
+                let mut line = self.buf.split_to(end + 1);
+                self.scanned = 0;
+                if let Some(dropped) = self.discarding.take() {
+                    return Ok(Some(Line::TooLong(dropped + line.len())));
+                }
+                line.truncate(end);
+                if line.last() == Some(&b'\r') {
+                    line.truncate(end - 1);
+                }
+                if line.len() > self.max_line {
+                    return Ok(Some(Line::TooLong(line.len())));
+                }
+                return Ok(Some(Line::Data(line.freeze())));
+            }
+            self.scanned = self.buf.len();
+            if self.scanned > self.max_line {
+                let dropped = self.buf.len();
+                self.buf.clear();
+                self.scanned = 0;
+                *self.discarding.get_or_insert(0) += dropped;
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(16 * 1024);
+            }
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                if let Some(dropped) = self.discarding.take() {
+                    return Ok(Some(Line::TooLong(dropped + self.buf.len())));
+                }
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                let line = self.buf.split().freeze();
+                self.scanned = 0;
+                return Ok(Some(Line::Data(line)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_names_match_go() {
+        assert_eq!(canonical_header_name("x-token"), "X-Token");
+        assert_eq!(canonical_header_name("AUTHORIZATION"), "Authorization");
+        assert_eq!(canonical_header_name("sec-websocket-key"), "Sec-Websocket-Key");
+        assert_eq!(canonical_header_name("bad name"), "bad name");
+    }
+
+    #[test]
+    fn connection_request_groups_headers() {
+        let headers = vec![
+            ("x-token".to_string(), "a".to_string()),
+            ("Host".to_string(), "h".to_string()),
+            ("X-TOKEN".to_string(), "b".to_string()),
+        ];
+        let line = encode_connection_request("c1", &headers, "/ws/chat", "a=1", "127.0.0.1:5");
+        assert_eq!(line.last(), Some(&b'\n'));
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["action"], "connection_request");
+        assert_eq!(v["request_id"], "c1");
+        assert_eq!(v["params"]["headers"]["X-Token"], json!(["a", "b"]));
+        assert_eq!(v["params"]["url"], "/ws/chat");
+        assert_eq!(v["params"]["query"], "a=1");
+        assert_eq!(v["params"]["remote_addr"], "127.0.0.1:5");
+    }
+
+    #[test]
+    fn events_are_valid_json_with_escapes() {
+        let ctx = encode_context("c\"1", "room\n", &json!({"user": "ü"}));
+        let line = encode_new_message("7", "hi \"there\"\n\u{0}", &ctx);
+        let v: Value = serde_json::from_slice(&line[..line.len() - 1]).unwrap();
+        assert_eq!(v["params"]["message"], "hi \"there\"\n\u{0}");
+        assert_eq!(v["params"]["context"]["client_id"], "c\"1");
+        assert_eq!(v["params"]["context"]["metadata"]["user"], "ü");
+        let v: Value = serde_json::from_slice(&encode_error("8", "boom", &ctx)).unwrap();
+        assert_eq!(v["params"]["error"], "boom");
+        let v: Value = serde_json::from_slice(&encode_context_event("9", "disconnected", &ctx)).unwrap();
+        assert_eq!(v["action"], "disconnected");
+        let v: Value = serde_json::from_slice(&heartbeat_line()).unwrap();
+        assert_eq!(v["action"], "heartbeat");
+    }
+
+    #[test]
+    fn decodes_every_backend_action() {
+        let r = decode_backend_line(br#"{"request_id":"c1","action":"response","params":{"accepted":true,"client_id":"u","room_id":"r","metadata":{"k":1}}}"#).unwrap();
+        match r {
+            BackendCommand::Response(a) => {
+                assert!(a.accepted);
+                assert_eq!(a.client_id.as_deref(), Some("u"));
+                assert_eq!(a.metadata, json!({"k": 1}));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The v1 client's rejection after an exception carries only `accepted`.
+        let r = decode_backend_line(br#"{"request_id":"c2","action":"response","params":{"accepted":false}}"#).unwrap();
+        assert!(matches!(r, BackendCommand::Response(AcceptResponse { accepted: false, .. })));
+        assert_eq!(
+            decode_backend_line(br#"{"action":"message_to_room","params":{"room_id":"r","message":"m"}}"#).unwrap(),
+            BackendCommand::MessageToRoom { room_id: "r".into(), message: "m".into() }
+        );
+        assert_eq!(
+            decode_backend_line(br#"{"action":"message_to_connection","params":{"conn_id":"c","message":"m"}}"#).unwrap(),
+            BackendCommand::MessageToConnection { conn_id: "c".into(), message: "m".into() }
+        );
+        assert_eq!(
+            decode_backend_line(br#"{"action":"broadcast","params":{"message":{"a":[1]}}}"#).unwrap(),
+            BackendCommand::Broadcast { message: r#"{"a":[1]}"#.into() }
+        );
+    }
+
+    #[test]
+    fn bad_lines_get_precise_errors() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"{not json", "malformed json"),
+            (b"[1,2]", "not an object"),
+            (b"{\"params\":{}}", "missing field"),
+            (b"{\"action\":5}", "wrong type"),
+            (b"{\"action\":\"message_to_room\",\"params\":{\"room_id\":5,\"message\":\"m\"}}", "wrong type"),
+            (b"{\"action\":\"message_to_room\",\"params\":{\"message\":\"m\"}}", "missing field"),
+            (b"{\"action\":\"broadcast\",\"params\":[]}", "wrong type"),
+            (b"{\"action\":\"broadcast\"}", "missing field"),
+            (b"{\"action\":\"launch\",\"params\":{}}", "unknown action"),
+            (b"{\"action\":\"response\",\"params\":{\"accepted\":true}}", "missing field"),
+            (b"{\"request_id\":\"x\",\"action\":\"response\",\"params\":{\"accepted\":\"yes\"}}", "wrong type"),
+            (b"{\"request_id\":\"x\",\"action\":\"response\",\"params\":{\"accepted\":true,\"metadata\":3}}", "wrong type"),
+            (b"{\"action\":\"broadcast\",\"params\":{\"message\":\"\xff\"}}", "invalid utf-8"),
+        ];
+        for (line, cause) in cases {
+            let e = decode_backend_line(line).unwrap_err();
+            assert_eq!(e.cause, *cause, "{}: {e}", String::from_utf8_lossy(line));
+        }
+    }
+
+    async fn collect(input: Vec<u8>, max: usize) -> Vec<Line> {
+        let mut r = LineReader::new(&input[..], max);
+        let mut out = Vec::new();
+        while let Some(l) = r.next_line().await.unwrap() {
+            out.push(l);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn line_reader_splits_and_limits() {
+        let out = collect(b"a\r\nbb\n\nccc".to_vec(), 1024).await;
+        assert_eq!(
+            out,
+            vec![
+                Line::Data(Bytes::from_static(b"a")),
+                Line::Data(Bytes::from_static(b"bb")),
+                Line::Data(Bytes::new()),
+                Line::Data(Bytes::from_static(b"ccc")),
+            ]
+        );
+        let mut input = vec![b'x'; 100_000];
+        input.extend_from_slice(b"\nok\n");
+        let out = collect(input, 1024).await;
+        assert_eq!(out, vec![Line::TooLong(100_001), Line::Data(Bytes::from_static(b"ok"))]);
+    }
+
+    #[tokio::test]
+    async fn line_reader_handles_split_reads() {
+        let (mut tx, rx) = tokio::io::duplex(8);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for chunk in [&b"{\"a\""[..], b":1}\n{\"b\":", b"2}\n"] {
+                tx.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut r = LineReader::new(rx, 1024);
+        assert_eq!(r.next_line().await.unwrap(), Some(Line::Data(Bytes::from_static(b"{\"a\":1}"))));
+        assert_eq!(r.next_line().await.unwrap(), Some(Line::Data(Bytes::from_static(b"{\"b\":2}"))));
+        writer.await.unwrap();
+        assert_eq!(r.next_line().await.unwrap(), None);
+    }
+}

@@ -1,0 +1,66 @@
+//! Graceful shutdown: a signal every task can wait on, and task groups whose completion can be
+//! awaited. A task holds a [`TaskGuard`] for as long as it runs; the group is finished when every
+//! guard has been dropped (the pattern of a channel whose receiver sees `None` once all senders
+//! are gone).
+
+use tokio::sync::{mpsc, watch};
+
+/// Sends the "stop now" signal.
+pub struct Trigger(watch::Sender<bool>);
+
+/// Waits for the signal; cheap to clone into every task.
+#[derive(Clone)]
+pub struct Signal(watch::Receiver<bool>);
+
+/// Creates a linked trigger and signal.
+pub fn signal() -> (Trigger, Signal) {
+    let (tx, rx) = watch::channel(false);
+    (Trigger(tx), Signal(rx))
+}
+
+impl Trigger {
+    pub fn fire(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Signal {
+    /// Resolves once the trigger fired (at once if it already has, or if it was dropped).
+    pub async fn fired(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+
+    pub fn is_fired(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Held by a running task; dropping it marks the task finished.
+#[derive(Clone)]
+pub struct TaskGuard(#[allow(dead_code)] mpsc::Sender<()>);
+
+/// A set of tasks that can be waited for.
+pub struct TaskGroup {
+    tx: Option<mpsc::Sender<()>>,
+    rx: mpsc::Receiver<()>,
+}
+
+impl Default for TaskGroup {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(1);
+        TaskGroup { tx: Some(tx), rx }
+    }
+}
+
+impl TaskGroup {
+    /// A guard for one more task. Panics only if called after [`wait`](Self::wait).
+    pub fn guard(&self) -> TaskGuard {
+        TaskGuard(self.tx.clone().expect("task group already closed"))
+    }
+
+    /// Waits until every guard handed out so far (and their clones) has been dropped.
+    pub async fn wait(&mut self) {
+        self.tx.take();
+        let _ = self.rx.recv().await;
+    }
+}

@@ -1,0 +1,84 @@
+//! Counters for everything the broker does and every place a message can be dropped or delayed,
+//! so nothing is lost silently. Plain relaxed atomics: cheap on the hot path, read by `stats()`.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Live counters shared by every task of one broker.
+        #[derive(Default, Debug)]
+        pub struct Counters { $($(#[$doc])* pub $name: AtomicU64,)* }
+
+        impl Counters {
+            /// A named snapshot of every counter.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// WebSocket connections accepted (after the backend said yes).
+    connections_accepted,
+    /// Connection requests a backend rejected (HTTP 403).
+    connections_rejected,
+    /// Connection requests answered 503: no backend, deadline passed, or `max_connections` reached.
+    connections_unavailable,
+    /// Upgrade requests refused before asking a backend (bad HTTP, bad origin, timeout).
+    handshakes_failed,
+    /// Connections closed because a newer one took their `client_id`.
+    connections_replaced,
+    /// Messages received from WebSocket clients.
+    messages_in,
+    /// Messages handed to WebSocket clients' outbound queues (one per recipient).
+    deliveries,
+    /// Events delivered to backends.
+    events_to_backends,
+    /// Events dropped because the no-backend queue was full (drop-oldest) or disabled.
+    queue_dropped,
+    /// Messages dropped for a client whose outbound queue was full (policy `drop`).
+    slow_client_drops,
+    /// Clients closed because their outbound queue was full (policy `close`).
+    slow_clients_closed,
+    /// Private messages for a `client_id` that is not connected.
+    no_route,
+    /// Backend lines that could not be used (malformed, wrong types, unknown action, too long).
+    backend_errors,
+    /// Client connections closed for a protocol error, an oversized or invalid message.
+    client_protocol_errors,
+    /// Backends declared dead because they could not be written to (stopped reading, write failed).
+    backends_lost,
+    /// Events handed to a backend that was lost before they could be written (v1: not redelivered).
+    events_lost,
+}
+
+/// Adds one to a counter.
+#[inline]
+pub fn incr(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+/// Adds `n` to a counter.
+#[inline]
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
+/// A point-in-time view of one broker, returned by `BrokerHandle::stats`.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub clients: usize,
+    pub rooms: usize,
+    pub backends: usize,
+    pub queued_events: usize,
+    pub pending_requests: usize,
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+impl Stats {
+    /// A counter by name (0 when unknown), for tests and tools.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).unwrap_or(0)
+    }
+}

@@ -1,0 +1,281 @@
+//! The WebSocket side: the listener, the handshake (ask a backend, then upgrade or refuse with an
+//! HTTP status) and one task per connection that owns its socket.
+//!
+//! Owning the socket in one task (instead of split reader/writer halves, which lock on every
+//! operation) the loop waits on: a frame from the client, the client's bounded outbound queue,
+//! a kick (slow consumer, replaced, shutdown) and the ping timer. Outbound messages are fed in a
+//! batch and flushed once; a flush that cannot complete (client stopped reading) can still be
+//! interrupted by a kick, so a stalled client never holds anything but itself.
+
+use crate::http::{self, UpgradeRequest};
+use crate::hub::ClientSlot;
+use crate::protocol::{self, CLOSE_IDLE};
+use crate::router::{Decision, RouterMsg};
+use crate::shutdown::{Signal, TaskGuard};
+use crate::stats::incr;
+use crate::Shared;
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// Outbound messages written per flush at most.
+const WRITE_BATCH: usize = 256;
+/// How long a closing handshake may take before the socket is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Accepts WebSocket connections until `stop` fires.
+pub async fn listen(listener: TcpListener, shared: Arc<Shared>, mut stop: Signal, guard: TaskGuard) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    let shared = shared.clone();
+                    let guard = guard.clone();
+                    tokio::spawn(async move {
+                        connection(stream, addr, shared).await;
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    tracing::error!(error = %e, "WebSocket listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.fired() => break,
+        }
+    }
+}
+
+fn ws_config(shared: &Shared) -> WebSocketConfig {
+    let max = shared.cfg.max_message_size;
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_write_buffer_size(max.saturating_mul(2).saturating_add(64 * 1024))
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+async fn refuse(mut stream: TcpStream, status: u16, body: &str) {
+    if status != 0 {
+        let resp = http::error_response(status, body);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = stream.write_all(&resp).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// One connection from TCP accept to close.
+async fn connection(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let (req, leftover) = match http::read_request(&mut stream, shared.cfg.handshake_timeout).await {
+        Ok(r) => r,
+        Err(refusal) => {
+            incr(&shared.counters.handshakes_failed);
+            tracing::debug!(%addr, status = refusal.status, reason = %refusal.reason, "handshake refused");
+            return refuse(stream, refusal.status, &refusal.reason).await;
+        }
+    };
+    if !shared.cfg.origin_allowed(req.origin.as_deref()) {
+        incr(&shared.counters.handshakes_failed);
+        tracing::info!(%addr, origin = ?req.origin, "origin not allowed");
+        return refuse(stream, 403, "origin not allowed").await;
+    }
+    if shared.cfg.max_connections > 0 && shared.hub.client_count() >= shared.cfg.max_connections {
+        incr(&shared.counters.connections_unavailable);
+        return refuse(stream, 503, "too many connections").await;
+    }
+    let (client_id, room_id, metadata) = match ask_backend(&req, addr, &shared).await {
+        Decision::Accept { client_id, room_id, metadata, .. } => (client_id, room_id, metadata),
+        Decision::Reject { reason } => {
+            incr(&shared.counters.connections_rejected);
+            return refuse(stream, 403, reason.as_deref().unwrap_or("connection rejected")).await;
+        }
+        Decision::Unavailable(why) => {
+            incr(&shared.counters.connections_unavailable);
+            tracing::info!(%addr, path = %req.path, "connection refused with 503: {why}");
+            return refuse(stream, 503, why).await;
+        }
+    };
+    if stream.write_all(&http::switching_protocols(&req.key)).await.is_err() {
+        // The client left while we were asking: tell the backend it came and went.
+        let ctx = protocol::encode_context(&client_id, &room_id, &metadata);
+        send_event(&shared, &client_id, "disconnected", &ctx, true).await;
+        return;
+    }
+    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config(&shared))).await;
+
+    let context_json: Arc<str> = protocol::encode_context(&client_id, &room_id, &metadata).into();
+    let (tx, rx) = mpsc::channel(shared.cfg.client_queue_size);
+    let conn_id = shared.next_id();
+    let slot = Arc::new(ClientSlot::new(conn_id, client_id.as_str().into(), room_id.as_str().into(), context_json.clone(), tx));
+    incr(&shared.counters.connections_accepted);
+    if let Some(old) = shared.hub.register(slot.clone()) {
+        tracing::info!(client_id = %client_id, "client_id reconnected; the older connection is replaced");
+        send_event(&shared, &client_id, "disconnected", &old.context_json, false).await;
+    }
+    send_event(&shared, &client_id, "new_connection", &context_json, false).await;
+    if shared.stopping() {
+        slot.kick(protocol::CLOSE_GOING_AWAY);
+    }
+
+    let outcome = run(ws, &slot, rx, &shared).await;
+
+    if shared.hub.unregister(&slot) {
+        if let Some(error) = outcome {
+            let line = protocol::encode_error(&shared.next_id().to_string(), &error, &slot.context_json);
+            let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false }).await;
+        }
+        send_event(&shared, &client_id, "disconnected", &slot.context_json, true).await;
+    }
+}
+
+async fn send_event(shared: &Shared, client_id: &str, action: &str, context_json: &str, last: bool) {
+    let line = protocol::encode_context_event(&shared.next_id().to_string(), action, context_json);
+    let _ = shared.router.send(RouterMsg::Event { client_id: client_id.into(), line, last }).await;
+}
+
+/// Sends the `connection_request` and waits for the decision within `request_timeout`.
+async fn ask_backend(req: &UpgradeRequest, addr: SocketAddr, shared: &Shared) -> Decision {
+    let request_id = format!("c{}", shared.next_id());
+    let line = protocol::encode_connection_request(&request_id, &req.headers, &req.path, &req.query, &addr.to_string());
+    let (reply, answer) = oneshot::channel();
+    let msg = RouterMsg::ConnRequest { request_id: request_id.clone(), url: req.path.clone(), line, reply };
+    if shared.router.send(msg).await.is_err() {
+        return Decision::Unavailable("broker is stopping");
+    }
+    match tokio::time::timeout(shared.cfg.request_timeout, answer).await {
+        Ok(Ok(decision)) => decision,
+        Ok(Err(_)) => Decision::Unavailable("broker is stopping"),
+        Err(_) => {
+            let _ = shared.router.send(RouterMsg::CancelRequest { request_id }).await;
+            Decision::Unavailable("no answer from a backend within request_timeout")
+        }
+    }
+}
+
+/// Why the loop ended.
+enum End {
+    /// The client closed or vanished.
+    Gone,
+    /// We close with this code and reason; `report` goes to the backend as an `error` event.
+    Close(u16, &'static str, Option<String>),
+}
+
+fn read_error(e: &WsError, max: usize) -> End {
+    match e {
+        WsError::Capacity(_) => End::Close(1009, "message too big", Some(format!("message too big (max_message_size={max})"))),
+        WsError::Utf8(_) => End::Close(1007, "invalid UTF-8", Some("invalid UTF-8 in a text message".into())),
+        WsError::Protocol(p) => End::Close(1002, "protocol error", Some(format!("WebSocket protocol error: {p}"))),
+        _ => End::Gone,
+    }
+}
+
+/// Serves an upgraded connection; returns an error text for the backend if the broker closed it
+/// because of something the client did.
+async fn run(mut ws: WebSocketStream<TcpStream>, slot: &ClientSlot, mut rx: mpsc::Receiver<Message>, shared: &Shared) -> Option<String> {
+    let max = shared.cfg.max_message_size;
+    let ping_every = shared.cfg.ping_interval;
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every.max(Duration::from_millis(1)), ping_every.max(Duration::from_millis(1)));
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+
+    let end = loop {
+        tokio::select! {
+            frame = ws.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    Some(Ok(Message::Text(text))) => forward(shared, slot, text.as_str()).await,
+                    Some(Ok(Message::Binary(data))) => match std::str::from_utf8(&data) {
+                        Ok(text) => forward(shared, slot, text).await,
+                        Err(_) => break End::Close(1003, "binary data must be UTF-8", Some("binary message that is not UTF-8".into())),
+                    },
+                    Some(Ok(Message::Close(_))) | None => break End::Gone,
+                    Some(Ok(_)) => {} // ping/pong: answered by tungstenite
+                    Some(Err(e)) => {
+                        let end = read_error(&e, max);
+                        if !matches!(end, End::Gone) {
+                            incr(&shared.counters.client_protocol_errors);
+                        }
+                        break end;
+                    }
+                }
+            }
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break End::Gone };
+                tokio::select! {
+                    r = write_batch(&mut ws, msg, &mut rx) => if r.is_err() { break End::Gone },
+                    code = slot.kicked() => break kicked(code),
+                }
+            }
+            code = slot.kicked() => break kicked(code),
+            _ = ping.tick(), if !ping_every.is_zero() => {
+                if last_heard.elapsed() > ping_every * 2 {
+                    break End::Close(CLOSE_IDLE, "no pong", Some("client stopped answering pings".into()));
+                }
+                let sent = tokio::time::timeout(ping_every, async {
+                    ws.send(Message::Ping(Default::default())).await
+                }).await;
+                if !matches!(sent, Ok(Ok(()))) { break End::Gone }
+            }
+        }
+    };
+    match end {
+        End::Gone => None,
+        End::Close(code, reason, report) => {
+            close(&mut ws, code, reason).await;
+            report
+        }
+    }
+}
+
+fn kicked(code: u16) -> End {
+    let reason = match code {
+        protocol::CLOSE_GOING_AWAY => "broker shutting down",
+        protocol::CLOSE_SLOW_CONSUMER => "slow consumer: outbound queue full",
+        protocol::CLOSE_REPLACED => "replaced by a newer connection with the same client_id",
+        _ => "closed by broker",
+    };
+    let report = (code == protocol::CLOSE_SLOW_CONSUMER).then(|| reason.to_string());
+    End::Close(code, reason, report)
+}
+
+async fn forward(shared: &Shared, slot: &ClientSlot, text: &str) {
+    incr(&shared.counters.messages_in);
+    let line = protocol::encode_new_message(&shared.next_id().to_string(), text, &slot.context_json);
+    let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false }).await;
+}
+
+async fn write_batch(ws: &mut WebSocketStream<TcpStream>, first: Message, rx: &mut mpsc::Receiver<Message>) -> Result<(), WsError> {
+    ws.feed(first).await?;
+    for _ in 1..WRITE_BATCH {
+        match rx.try_recv() {
+            Ok(m) => ws.feed(m).await?,
+            Err(_) => break,
+        }
+    }
+    ws.flush().await
+}
+
+/// Sends a close frame and waits briefly for the client's answer so the close code arrives.
+async fn close(ws: &mut WebSocketStream<TcpStream>, code: u16, reason: &'static str) {
+    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if ws.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}
