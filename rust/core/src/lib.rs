@@ -84,7 +84,7 @@ pub fn init_logging(level: &str) {
         level.to_string()
     };
     let filter = tracing_subscriber::EnvFilter::try_new(directive).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).try_init();
 }
 
 /// A running broker. Dropping it stops it (with a short drain).
