@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (in .venv) and runs all of them: Rust unit tests, then pytest.
+# Usage: bash tests/run_all.sh [extra pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# Build and install the package the way users get it (maturin builds the native core), plus test deps.
+.venv/bin/python -m pip install -q '.[test]'
+
+# PyStrands 1.0 from PyPI, in its own environment, for the compatibility tests.
+if [ ! -x .venv-v1/bin/python ]; then
+    "$PY" -m venv .venv-v1
+    .venv-v1/bin/python -m pip install -q 'pystrands==1.0.0'
+fi
+
+echo "== cargo test =="
+cargo test -p pystrands-core --release
+
+echo "== pytest =="
+# Run from tests/ so `import pystrands` resolves to the installed package, not the source tree.
+cd tests
+PYSTRANDS_V1_PYTHON="$PWD/../.venv-v1/bin/python" ../.venv/bin/python -m pytest -q -p no:cacheprovider "$@" .
