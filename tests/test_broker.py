@@ -349,3 +349,46 @@ def test_python_defaults_match_the_core():
             got = list(param.default) if name == "allowed_origins" else param.default
             assert got == want, f"{name}: Broker default {got!r} != core default {want!r}"
     assert sig.parameters["host"].default == core["ws_host"] == core["tcp_host"]
+
+
+def test_heartbeats_reach_backends():
+    async def main():
+        with running_broker(heartbeat_interval=0.05) as broker:
+            backend = await RawBackend.connect(broker.tcp_port)
+            for _ in range(3):
+                line = await asyncio.wait_for(backend.reader.readline(), DEADLINE)
+                assert json.loads(line) == {"request_id": "heartbeat", "action": "heartbeat", "params": {}}
+            await backend.close()
+
+    run(main())
+
+
+def test_backend_that_stops_reading_is_declared_dead_and_its_clients_move():
+    async def main():
+        with running_broker(heartbeat_interval=0.1) as broker:
+            # A small reader limit: asyncio stops pulling from the socket once 128 KiB are buffered.
+            stuck = await RawBackend.connect(broker.tcp_port, limit=64 * 1024)
+            ws, _ = await connect_client(broker.ws_port, stuck, client_id="w", room_id="r")
+            healthy = await RawBackend.connect(broker.tcp_port)
+            await wait_for(lambda: broker.stats()["backends"] == 2)
+            # `stuck` never reads again: its socket buffers fill, the write deadline passes.
+            chunk = "x" * 60_000
+            sent = 0
+            while broker.stats()["backends_lost"] == 0:
+                await ws.send(chunk)
+                sent += 1
+                assert sent < 5000, "backend never declared dead"
+                if sent % 50 == 0:
+                    await asyncio.sleep(0.05)
+            await wait_for(lambda: broker.stats()["backends"] == 1)
+            await ws.send("after")
+            while True:  # the client's later events reach the healthy backend
+                ev = await healthy.expect("new_message")
+                if ev["params"]["message"] == "after":
+                    break
+            assert broker.stats()["events_lost"] > 0
+            await ws.close()
+            await healthy.close()
+            stuck.writer.transport.abort()
+
+    run(main())

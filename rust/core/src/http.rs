@@ -46,16 +46,18 @@ pub async fn read_request<S: AsyncRead + Unpin>(
     stream: &mut S,
     timeout: Duration,
 ) -> Result<(UpgradeRequest, Vec<u8>), Refusal> {
+    // Read straight into one growing buffer: no fixed-size chunk lives in the connection's future.
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let read = async {
         loop {
-            let mut chunk = [0u8; 2048];
-            let n = stream.read(&mut chunk).await.map_err(|e| refuse(0, format!("read error: {e}")))?;
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(1024);
+            }
+            let from = buf.len().saturating_sub(3);
+            let n = stream.read_buf(&mut buf).await.map_err(|e| refuse(0, format!("read error: {e}")))?;
             if n == 0 {
                 return Err(refuse(0, "connection closed during handshake"));
             }
-            let from = buf.len().saturating_sub(3);
-            buf.extend_from_slice(&chunk[..n]);
             if let Some(pos) = memchr::memmem::find(&buf[from..], b"\r\n\r\n") {
                 return Ok(from + pos + 4);
             }

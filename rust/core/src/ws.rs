@@ -27,6 +27,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
+/// Per-connection read buffer (tungstenite allocates it eagerly; its default is 128 KiB).
+const READ_BUFFER: usize = 2 * 1024;
 /// Outbound messages written per flush at most.
 const WRITE_BATCH: usize = 256;
 /// How long a closing handshake may take before the socket is dropped.
@@ -59,7 +61,7 @@ pub async fn listen(listener: TcpListener, shared: Arc<Shared>, mut stop: Signal
 fn ws_config(shared: &Shared) -> WebSocketConfig {
     let max = shared.cfg.max_message_size;
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(8 * 1024)
         .max_write_buffer_size(max.saturating_mul(2).saturating_add(64 * 1024))
         .max_message_size(Some(max))
@@ -78,68 +80,80 @@ async fn refuse(mut stream: TcpStream, status: u16, body: &str) {
 }
 
 /// One connection from TCP accept to close.
-async fn connection(mut stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
+async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let (req, leftover) = match http::read_request(&mut stream, shared.cfg.handshake_timeout).await {
-        Ok(r) => r,
-        Err(refusal) => {
-            incr(&shared.counters.handshakes_failed);
-            tracing::debug!(%addr, status = refusal.status, reason = %refusal.reason, "handshake refused");
-            return refuse(stream, refusal.status, &refusal.reason).await;
-        }
-    };
-    if !shared.cfg.origin_allowed(req.origin.as_deref()) {
-        incr(&shared.counters.handshakes_failed);
-        tracing::info!(%addr, origin = ?req.origin, "origin not allowed");
-        return refuse(stream, 403, "origin not allowed").await;
-    }
-    if shared.cfg.max_connections > 0 && shared.hub.client_count() >= shared.cfg.max_connections {
-        incr(&shared.counters.connections_unavailable);
-        return refuse(stream, 503, "too many connections").await;
-    }
-    let (client_id, room_id, metadata) = match ask_backend(&req, addr, &shared).await {
-        Decision::Accept { client_id, room_id, metadata, .. } => (client_id, room_id, metadata),
-        Decision::Reject { reason } => {
-            incr(&shared.counters.connections_rejected);
-            return refuse(stream, 403, reason.as_deref().unwrap_or("connection rejected")).await;
-        }
-        Decision::Unavailable(why) => {
-            incr(&shared.counters.connections_unavailable);
-            tracing::info!(%addr, path = %req.path, "connection refused with 503: {why}");
-            return refuse(stream, 503, why).await;
-        }
-    };
-    if stream.write_all(&http::switching_protocols(&req.key)).await.is_err() {
-        // The client left while we were asking: tell the backend it came and went.
-        let ctx = protocol::encode_context(&client_id, &room_id, &metadata);
-        send_event(&shared, &client_id, "disconnected", &ctx, true).await;
-        return;
-    }
-    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config(&shared))).await;
-
-    let context_json: Arc<str> = protocol::encode_context(&client_id, &room_id, &metadata).into();
-    let (tx, rx) = mpsc::channel(shared.cfg.client_queue_size);
-    let conn_id = shared.next_id();
-    let slot = Arc::new(ClientSlot::new(conn_id, client_id.as_str().into(), room_id.as_str().into(), context_json.clone(), tx));
-    incr(&shared.counters.connections_accepted);
-    if let Some(old) = shared.hub.register(slot.clone()) {
-        tracing::info!(client_id = %client_id, "client_id reconnected; the older connection is replaced");
-        send_event(&shared, &client_id, "disconnected", &old.context_json, false).await;
-    }
-    send_event(&shared, &client_id, "new_connection", &context_json, false).await;
-    if shared.stopping() {
-        slot.kick(protocol::CLOSE_GOING_AWAY);
-    }
-
+    // Everything only the handshake needs (request headers, buffers) is freed before serving.
+    let Some((ws, slot, rx)) = handshake(stream, addr, &shared).await else { return };
     let outcome = run(ws, &slot, rx, &shared).await;
-
     if shared.hub.unregister(&slot) {
         if let Some(error) = outcome {
             let line = protocol::encode_error(&shared.next_id().to_string(), &error, &slot.context_json);
             let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false }).await;
         }
-        send_event(&shared, &client_id, "disconnected", &slot.context_json, true).await;
+        send_event(&shared, &slot.client_id, "disconnected", &slot.context_json, true).await;
     }
+}
+
+type Accepted = (WebSocketStream<TcpStream>, Arc<ClientSlot>, mpsc::Receiver<Message>);
+
+/// Reads the upgrade request, asks a backend, and either refuses with an HTTP status or upgrades
+/// and registers the client (announcing it to its backend).
+async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Option<Accepted> {
+    let (req, leftover) = match http::read_request(&mut stream, shared.cfg.handshake_timeout).await {
+        Ok(r) => r,
+        Err(refusal) => {
+            incr(&shared.counters.handshakes_failed);
+            tracing::debug!(%addr, status = refusal.status, reason = %refusal.reason, "handshake refused");
+            refuse(stream, refusal.status, &refusal.reason).await;
+            return None;
+        }
+    };
+    if !shared.cfg.origin_allowed(req.origin.as_deref()) {
+        incr(&shared.counters.handshakes_failed);
+        tracing::info!(%addr, origin = ?req.origin, "origin not allowed");
+        refuse(stream, 403, "origin not allowed").await;
+        return None;
+    }
+    if shared.cfg.max_connections > 0 && shared.hub.client_count() >= shared.cfg.max_connections {
+        incr(&shared.counters.connections_unavailable);
+        refuse(stream, 503, "too many connections").await;
+        return None;
+    }
+    let (client_id, room_id, metadata) = match ask_backend(&req, addr, shared).await {
+        Decision::Accept { client_id, room_id, metadata, .. } => (client_id, room_id, metadata),
+        Decision::Reject { reason } => {
+            incr(&shared.counters.connections_rejected);
+            refuse(stream, 403, reason.as_deref().unwrap_or("connection rejected")).await;
+            return None;
+        }
+        Decision::Unavailable(why) => {
+            incr(&shared.counters.connections_unavailable);
+            tracing::info!(%addr, path = %req.path, "connection refused with 503: {why}");
+            refuse(stream, 503, why).await;
+            return None;
+        }
+    };
+    let context_json: Arc<str> = protocol::encode_context(&client_id, &room_id, &metadata).into();
+    if stream.write_all(&http::switching_protocols(&req.key)).await.is_err() {
+        // The client left while we were asking: tell the backend it came and went.
+        send_event(shared, &client_id, "disconnected", &context_json, true).await;
+        return None;
+    }
+    drop(req);
+    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config(shared))).await;
+
+    let (tx, rx) = mpsc::channel(shared.cfg.client_queue_size);
+    let slot = Arc::new(ClientSlot::new(shared.next_id(), client_id.as_str().into(), room_id.as_str().into(), context_json.clone(), tx));
+    incr(&shared.counters.connections_accepted);
+    if let Some(old) = shared.hub.register(slot.clone()) {
+        tracing::info!(client_id = %client_id, "client_id reconnected; the older connection is replaced");
+        send_event(shared, &client_id, "disconnected", &old.context_json, false).await;
+    }
+    send_event(shared, &client_id, "new_connection", &context_json, false).await;
+    if shared.stopping() {
+        slot.kick(protocol::CLOSE_GOING_AWAY);
+    }
+    Some((ws, slot, rx))
 }
 
 async fn send_event(shared: &Shared, client_id: &str, action: &str, context_json: &str, last: bool) {
