@@ -342,7 +342,9 @@ def _snippet(line: bytes | bytearray) -> str:
     return text + ("..." if len(line) > 200 else "")
 
 
-def _context(params: dict[str, Any], action: str, line: bytes, required: bool = True) -> Context | None:
+def _context(
+    params: dict[str, Any], action: str, line: bytes | bytearray, required: bool = True
+) -> Context | None:
     raw = params.get("context")
     if raw is None and not required:
         return Context()

@@ -351,8 +351,6 @@ class PyStrandsClient:
         # caller holds self._lifecycle
         self._stopping = False
         self._done.clear()
-        if self._pool is None:
-            self._pool = _KeyedWorkerPool(self.workers, self._handle)
 
     def _open(self, log: Callable[..., None]) -> _Connection | None:
         try:
@@ -365,6 +363,8 @@ class PyStrandsClient:
 
     def _install(self, conn: _Connection) -> None:
         # caller holds self._lifecycle
+        if self._pool is None:
+            self._pool = _KeyedWorkerPool(self.workers, self._handle)
         self._conn = conn
         self.connected = True
         logger.info("Connected to the broker at %s:%s", self.host, self.port)
@@ -393,10 +393,12 @@ class PyStrandsClient:
         if conn is None:
             return False
         with self._lifecycle:
+            if self._stopping:  # disconnect() was called meanwhile
+                conn.close()
+                return False
             if self._conn is not None:  # someone else connected meanwhile
                 conn.close()
                 return True
-            self._ensure_session()
             self._install(conn)
             if self._manager is None:
                 self._start_manager(conn)
@@ -515,7 +517,10 @@ class PyStrandsClient:
             if conn is not None:
                 conn.abort()
             if manager is not None and manager is not threading.current_thread():
-                manager.join(max(0.1, deadline - time.monotonic()))
+                try:
+                    manager.join(max(0.1, deadline - time.monotonic()))
+                except RuntimeError:  # interrupted while it was being started
+                    pass
             if conn is not None:
                 conn.close()
             with self._lifecycle:
@@ -535,21 +540,17 @@ class PyStrandsClient:
         With ``auto_reconnect`` a failed first connect is retried with backoff;
         without it, a failed connect or a lost connection makes this return.
         """
-        if not self.connected:
-            if not self.connect():
+        try:
+            if not self.connected and not self.connect():
                 with self._lifecycle:
-                    if self._stopping or not self.auto_reconnect:
-                        give_up = True
-                    else:
-                        give_up = False
+                    give_up = self._stopping or not self.auto_reconnect
+                    if not give_up:
                         self._ensure_session()
                         if self._manager is None and self._conn is None:
                             self._start_manager(None)
                 if give_up:
                     logger.error("Not connected and auto_reconnect is off; run_forever returns")
-                    self.disconnect(0)
                     return
-        try:
             self._done.wait()
         except KeyboardInterrupt:
             logger.info("Interrupted; disconnecting")
