@@ -392,3 +392,19 @@ def test_backend_that_stops_reading_is_declared_dead_and_its_clients_move():
             stuck.writer.transport.abort()
 
     run(main())
+
+
+def test_allowed_origins_and_max_connections():
+    async def main():
+        with running_broker(allowed_origins=["https://app.example"], max_connections=1) as broker:
+            backend = await RawBackend.connect(broker.tcp_port)
+            await wait_for(lambda: broker.stats()["backends"] == 1)
+            assert await status_of(broker.ws_port, headers={"Origin": "https://evil.example"}) == 403
+            ws, _ = await connect_client(broker.ws_port, backend, headers={"Origin": "https://app.example"}, client_id="one")
+            assert await status_of(broker.ws_port, headers={"Origin": "https://app.example"}) == 503
+            s = broker.stats()
+            assert s["handshakes_failed"] == 1 and s["connections_unavailable"] == 1
+            await ws.close()
+            await backend.close()
+
+    run(main())

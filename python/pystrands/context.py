@@ -63,8 +63,14 @@ class Headers(MutableMapping[str, list[str]]):
             items = data.items()
         else:
             items = data
+        store = self._store
         for name, value in items:
-            self[_as_str(name)] = value
+            name = _as_str(name)
+            key = name.lower()
+            if key in store:  # same header in another case: merge the values
+                store[key][1].extend(self._values(value))
+            else:
+                store[key] = (name, self._values(value))
 
     @staticmethod
     def _values(value: Any) -> list[str]:

@@ -1,0 +1,53 @@
+"""PyStrands: Python backends for a real-time WebSocket messaging broker.
+
+Clients (wire protocol v1, compatible with PyStrands 1.0):
+
+* :class:`PyStrandsClient` - threading client,
+* :class:`AsyncPyStrandsClient` - asyncio client,
+* :class:`PyStrands` - decorator app on top of the asyncio client,
+
+and the context types :class:`Context`, :class:`ConnectionRequestContext`,
+:class:`Headers`. ``pystrands.Broker`` (the native broker) is imported lazily, so
+the clients work even where the native extension is not available.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import context
+from .app import PyStrands
+from .async_client import AsyncPyStrandsClient
+from .client import PyStrandsClient
+from .context import ConnectionRequestContext, Context, Headers
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .broker import Broker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncPyStrandsClient",
+    "Broker",
+    "ConnectionRequestContext",
+    "Context",
+    "Headers",
+    "PyStrands",
+    "PyStrandsClient",
+    "__version__",
+    "context",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``Broker`` on first use (it needs the native ``_core`` extension)."""
+    if name == "Broker":
+        from .broker import Broker
+
+        globals()["Broker"] = Broker
+        return Broker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"Broker"})

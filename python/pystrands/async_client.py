@@ -1,0 +1,661 @@
+"""Asyncio PyStrands backend client.
+
+Subclass :class:`AsyncPyStrandsClient`, override the ``async def on_*`` callbacks
+and run :meth:`AsyncPyStrandsClient.run_forever`::
+
+    class ChatBackend(AsyncPyStrandsClient):
+        async def on_message(self, message, context):
+            await self.send_room_message(context.room_id, f"echo: {message}")
+
+    asyncio.run(ChatBackend(host="localhost", port=8081).run_forever())
+
+Reading uses an :class:`asyncio.Protocol` (no read timeouts, no polling). Events of
+one WebSocket client are handled in arrival order by one short-lived drainer task
+per *active* client (it exits when that client's queue is empty), so a slow
+handler delays only its own client; connection requests each get their own task
+and run concurrently. Sends are coalesced: frames written during one loop
+iteration go to the socket in one ``transport.write``; a send only waits when the
+transport's buffer is above its high-water mark.
+
+No asyncio object is created in ``__init__``: a client may be constructed at import
+time, outside any running loop (e.g. a FastAPI module), and is bound to the loop
+that first calls :meth:`connect` / :meth:`run_forever`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections import deque
+from typing import Any
+
+from ._protocol import (
+    DEFAULT_MAX_LINE_SIZE,
+    Backoff,
+    ConnectionRequest,
+    Disconnected,
+    DropTracker,
+    ErrorEvent,
+    Event,
+    LineFramer,
+    NewConnection,
+    NewMessage,
+    decode_event,
+    encode_broadcast,
+    encode_private_message,
+    encode_reject,
+    encode_room_message,
+    response_for,
+)
+from .context import ConnectionRequestContext, Context
+
+logger = logging.getLogger("pystrands.async_client")
+
+__all__ = ["AsyncPyStrandsClient"]
+
+_FAIRNESS_BATCH = 64  # events of one client handled before yielding to the loop
+_FLUSH_NOW_BYTES = 256 * 1024  # coalesced bytes that trigger an immediate write
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+_WRITE_LOW_WATER = 1024 * 1024
+
+
+class _AsyncConnection(asyncio.Protocol):
+    """One broker connection: line framing on read, coalescing on write."""
+
+    def __init__(self, client: AsyncPyStrandsClient, loop: asyncio.AbstractEventLoop) -> None:
+        self._client = client
+        self._loop = loop
+        self.framer = LineFramer(client.max_line_size)
+        self.transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self.write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.closed = False  # no further writes accepted
+        self.closing = False  # intentional close under way
+        self.reading_paused = False
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    # -- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        dispatch = self._client._dispatch
+        for line in self.framer.feed(data):
+            event = decode_event(line)
+            if event is not None:
+                dispatch(self, event)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._out = []
+        self._out_bytes = 0
+        self._wake_drainers()
+        if not self.closing:
+            if exc is None:
+                logger.warning("The broker closed the connection")
+            else:
+                logger.warning("Connection to the broker lost: %s", exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drainers()
+
+    # -- writing ----------------------------------------------------------------
+
+    def _wake_drainers(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def write(self, data: bytes) -> bool:
+        """Queue ``data`` for the next flush; ``False`` if the connection is closed."""
+        if self.closed:
+            return False
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= _FLUSH_NOW_BYTES:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+        return True
+
+    def flush(self) -> None:
+        """Hand everything queued to the transport in one write."""
+        self._flush_scheduled = False
+        out = self._out
+        if not out or self.closed or self.transport is None:
+            return
+        self._out = []
+        self._out_bytes = 0
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def drain_future(self) -> asyncio.Future[None] | None:
+        """A future resolved when writing may continue, or ``None`` if it may now."""
+        if not self.write_paused or self.closed:
+            return None
+        if self._drain_waiter is None or self._drain_waiter.done():
+            self._drain_waiter = self._loop.create_future()
+        return self._drain_waiter
+
+    # -- control ----------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):  # pragma: no cover - closing transport
+                pass
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            try:
+                self.transport.resume_reading()
+            except (RuntimeError, AttributeError):  # pragma: no cover
+                pass
+
+    def close(self) -> None:
+        """Flush and close gracefully (the transport sends its buffer first)."""
+        self.flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, discarding unsent data."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class AsyncPyStrandsClient:
+    """Asyncio backend client for the PyStrands broker (wire protocol v1).
+
+    Override the ``async def`` callbacks :meth:`on_connection_request`,
+    :meth:`on_new_connection`, :meth:`on_message`, :meth:`on_disconnect` and
+    :meth:`on_error` (plain functions work too); send with the coroutines
+    :meth:`send_room_message`, :meth:`send_private_message` and
+    :meth:`broadcast_message`. Sending while disconnected never raises: the send
+    is dropped, counted, and logged once per disconnected period.
+
+    Args:
+        host: Broker host.
+        port: Broker TCP port for backends.
+        auto_reconnect: Reconnect with exponential backoff when the connection is
+            lost (never after :meth:`disconnect`).
+        reconnect_delay: First reconnect delay, seconds.
+        max_reconnect_delay: Cap of the reconnect delay, seconds.
+        reconnect_backoff: Multiplier applied to the delay after each failure.
+        connect_timeout: Seconds allowed for one TCP connect attempt (keyword only).
+        max_pending: Received events not yet handled above which reading pauses
+            (TCP backpressure to the broker) until half of them are done
+            (keyword only).
+        max_line_size: Largest inbound frame in bytes; larger ones are dropped
+            with a warning (keyword only).
+    """
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 8081,
+        auto_reconnect: bool = True,
+        reconnect_delay: float = 1.0,
+        max_reconnect_delay: float = 30.0,
+        reconnect_backoff: float = 2.0,
+        *,
+        connect_timeout: float = 10.0,
+        max_pending: int = 10_000,
+        max_line_size: int = DEFAULT_MAX_LINE_SIZE,
+    ) -> None:
+        """Configure the client; no asyncio object is created until it runs."""
+        self.host = host
+        self.port = port
+        self.connected = False
+        self.auto_reconnect = auto_reconnect
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.reconnect_backoff = reconnect_backoff
+        self.connect_timeout = connect_timeout
+        self.max_pending = max(1, int(max_pending))
+        self.max_line_size = max_line_size
+
+        self._drops = DropTracker(logger)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._conn: _AsyncConnection | None = None
+        self._manager: asyncio.Task[None] | None = None
+        self._done: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self._disconnect_lock: asyncio.Lock | None = None
+        self._queues: dict[str, deque[tuple[_AsyncConnection, Event]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending = 0
+        self._stopping = False
+        self._abandoned = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _ensure_session(self) -> asyncio.AbstractEventLoop:
+        """Bind to the running loop (creating asyncio objects lazily) and arm the client."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._done = asyncio.Event()
+            self._wake = asyncio.Event()
+            self._disconnect_lock = asyncio.Lock()
+            self._conn = None
+            self._manager = None
+            self._queues = {}
+            self._tasks = set()
+            self._pending = 0
+            self.connected = False
+        self._loop_thread = threading.get_ident()
+        if self._stopping:  # a new session after disconnect(): start from a clean slate
+            self._pending = 0
+        self._stopping = False
+        self._abandoned = False
+        assert self._done is not None
+        self._done.clear()
+        return loop
+
+    async def _open(self, log: Any) -> _AsyncConnection | None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _AsyncConnection(self, loop), self.host, self.port),
+                timeout=self.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            log("Cannot connect to the broker at %s:%s: %s", self.host, self.port, exc or "timeout")
+            return None
+        return conn
+
+    def _install(self, conn: _AsyncConnection) -> None:
+        self._conn = conn
+        self.connected = True
+        logger.info("Connected to the broker at %s:%s", self.host, self.port)
+        self._drops.connected()
+
+    def _start_manager(self, conn: _AsyncConnection | None) -> None:
+        assert self._loop is not None and self._wake is not None
+        self._wake.clear()
+        self._manager = self._loop.create_task(self._manage(conn), name="pystrands-connection")
+
+    async def connect(self) -> bool:
+        """Connect to the broker and start reading.
+
+        Returns:
+            ``True`` if connected (or already connected), ``False`` if the attempt failed.
+        """
+        self._ensure_session()
+        if self.connected and self._conn is not None:
+            return True
+        conn = await self._open(logger.error)
+        if conn is None:
+            return False
+        if self._stopping or self._conn is not None:
+            # disconnect() was called meanwhile, or someone else connected
+            conn.closing = True
+            conn.close()
+            return self._conn is not None and not self._stopping
+        self._install(conn)
+        if self._manager is None or self._manager.done():
+            self._start_manager(conn)
+        else:  # a reconnect loop is sleeping: let it adopt this connection
+            assert self._wake is not None
+            self._wake.set()
+        return True
+
+    async def _manage(self, conn: _AsyncConnection | None) -> None:
+        """Watch the current connection and reconnect as configured."""
+        assert self._wake is not None and self._done is not None
+        wake = self._wake
+        backoff = Backoff(self.reconnect_delay, self.reconnect_backoff, self.max_reconnect_delay)
+        terminal = False
+        try:
+            while True:
+                if conn is not None:
+                    await asyncio.shield(conn.lost)
+                    self._lost(conn)
+                    conn = None
+                if self._stopping:
+                    break
+                if self._conn is not None:
+                    conn = self._conn  # connect() installed one
+                    continue
+                if not self.auto_reconnect:
+                    terminal = True
+                    break
+                delay = backoff.next()
+                logger.info("Reconnecting to %s:%s in %.2fs", self.host, self.port, delay)
+                try:
+                    await asyncio.wait_for(wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                else:
+                    wake.clear()
+                    continue
+                new = await self._open(logger.warning)
+                if new is None:
+                    continue
+                if self._stopping or self._conn is not None:
+                    new.closing = True
+                    new.close()
+                    conn = self._conn
+                    continue
+                self._install(new)
+                conn = new
+                backoff.reset()
+        finally:
+            if self._manager is asyncio.current_task():
+                self._manager = None
+        if terminal:
+            logger.info("Connection lost and auto_reconnect is off; stopping")
+            self._done.set()
+
+    def _lost(self, conn: _AsyncConnection) -> None:
+        if self._stopping:
+            return
+        if self._conn is conn:
+            self._conn = None
+            self.connected = False
+
+    async def disconnect(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly; no reconnect follows.
+
+        Stops reading, waits up to ``timeout`` seconds for in-flight (and already
+        received) events to be handled, flushes sends, then closes the connection.
+        Handler tasks still running after the deadline are cancelled. Safe to call
+        from a handler and more than once.
+        """
+        self._stopping = True
+        self.connected = False
+        if self._loop is None or self._loop is not asyncio.get_running_loop():
+            return  # never ran on this loop: nothing to close
+        assert self._disconnect_lock is not None and self._wake is not None
+        assert self._done is not None
+        loop = self._loop
+        deadline = loop.time() + max(0.0, timeout)
+        async with self._disconnect_lock:
+            self._stopping = True
+            self.connected = False
+            conn = self._conn
+            self._wake.set()
+            if conn is not None:
+                conn.closing = True
+                conn.pause_reading()
+            current = asyncio.current_task()
+            tasks = {t for t in self._tasks if t is not current and not t.done()}
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+                if pending:
+                    logger.warning(
+                        "disconnect: %d handler task(s) still running after %.1fs; cancelling",
+                        len(pending),
+                        timeout,
+                    )
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.wait(pending, timeout=1.0)
+            if conn is not None:
+                conn.close()
+                try:
+                    await asyncio.wait_for(
+                        asyncio.shield(conn.lost), timeout=max(0.05, deadline - loop.time())
+                    )
+                except asyncio.TimeoutError:
+                    logger.warning("disconnect: unsent data dropped after %.1fs", timeout)
+                    conn.abort()
+            manager = self._manager
+            if manager is not None and manager is not current and not manager.done():
+                _, pending_m = await asyncio.wait({manager}, timeout=max(0.1, deadline - loop.time()))
+                for task in pending_m:
+                    task.cancel()
+            if self._conn is conn:
+                self._conn = None
+            self._abandoned = True
+            self._queues.clear()
+            self._pending = 0
+            if conn is not None:
+                logger.info("Disconnected from the broker")
+            self._done.set()
+
+    async def run_forever(self) -> None:
+        """Connect if needed and wait until :meth:`disconnect` is called.
+
+        With ``auto_reconnect`` a failed first connect is retried with backoff;
+        without it, a failed connect or a lost connection makes this return.
+        Cancelling the task disconnects (waiting for handlers) and re-raises.
+        """
+        self._ensure_session()
+        if not self.connected:
+            if not await self.connect():
+                if self._stopping or not self.auto_reconnect:
+                    logger.error("Not connected and auto_reconnect is off; run_forever returns")
+                    await self.disconnect(0)
+                    return
+                if self._conn is None and (self._manager is None or self._manager.done()):
+                    self._start_manager(None)
+        assert self._done is not None
+        try:
+            await self._done.wait()
+        except asyncio.CancelledError:
+            await self.disconnect()
+            raise
+        await self.disconnect()
+
+    # ---------------------------------------------------------------------- sends
+
+    def _send_nowait(self, data: bytes, what: str) -> _AsyncConnection | None:
+        """Queue one frame on the current connection (loop thread only)."""
+        conn = self._conn
+        if conn is None or not conn.write(data):
+            self._drops.drop(what)
+            return None
+        return conn
+
+    def _send_threadsafe(self, data: bytes, what: str) -> None:
+        """Queue one frame from any thread (dropped if the client is not running)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._drops.drop(what)
+            return
+        if self._loop_thread == threading.get_ident():
+            self._send_nowait(data, what)
+            return
+        try:
+            loop.call_soon_threadsafe(self._send_nowait, data, what)
+        except RuntimeError:  # loop closed meanwhile
+            self._drops.drop(what)
+
+    async def _send(self, data: bytes, what: str) -> None:
+        conn = self._send_nowait(data, what)
+        if conn is not None and conn.write_paused:
+            waiter = conn.drain_future()
+            if waiter is not None:
+                await waiter
+
+    async def broadcast_message(self, message: str) -> None:
+        """Send ``message`` to every connected WebSocket client."""
+        await self._send(encode_broadcast(message), "broadcast")
+
+    async def send_room_message(self, room_id: str, message: str) -> None:
+        """Send ``message`` to every client in room ``room_id``."""
+        await self._send(encode_room_message(room_id, message), "message_to_room")
+
+    async def send_private_message(self, client_id: str, message: str) -> None:
+        """Send ``message`` to the client ``client_id`` only."""
+        await self._send(encode_private_message(client_id, message), "message_to_connection")
+
+    @property
+    def dropped_sends(self) -> int:
+        """Sends dropped because the client was not connected (since creation)."""
+        return self._drops.total_dropped
+
+    # ------------------------------------------------------------------- dispatch
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _dispatch(self, conn: _AsyncConnection, event: Event) -> None:
+        """Route one decoded event (called from ``data_received``)."""
+        loop = self._loop
+        if loop is None or self._abandoned:
+            return
+        self._pending += 1
+        key = event.key
+        if key is None:
+            assert isinstance(event, ConnectionRequest)
+            self._track(loop.create_task(self._run_request(conn, event)))
+        else:
+            dq = self._queues.get(key)
+            if dq is None:
+                dq = deque()
+                dq.append((conn, event))
+                self._queues[key] = dq
+                self._track(loop.create_task(self._drain_client(key, dq)))
+            else:
+                dq.append((conn, event))
+        if self._pending >= self.max_pending:
+            conn.pause_reading()
+
+    def _finished(self, count: int = 1) -> None:
+        self._pending = max(0, self._pending - count)
+        conn = self._conn
+        if (
+            conn is not None
+            and conn.reading_paused
+            and not self._stopping
+            and self._pending <= self.max_pending // 2
+        ):
+            conn.resume_reading()
+
+    async def _run_request(self, conn: _AsyncConnection, event: ConnectionRequest) -> None:
+        try:
+            await self._decide(conn, event)
+        finally:
+            self._finished()
+
+    async def _drain_client(
+        self, key: str, dq: deque[tuple[_AsyncConnection, Event]]
+    ) -> None:
+        """Handle one client's queued events in order; exit when the queue is empty."""
+        handle = self._handle
+        budget = _FAIRNESS_BATCH
+        try:
+            while dq and not self._abandoned:
+                conn, event = dq.popleft()
+                try:
+                    await handle(conn, event)
+                finally:
+                    self._finished()
+                budget -= 1
+                if budget <= 0 and dq:
+                    budget = _FAIRNESS_BATCH
+                    await asyncio.sleep(0)
+        finally:
+            if self._queues.get(key) is dq:
+                del self._queues[key]
+
+    async def _call(self, result: Any) -> Any:
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    async def _handle(self, conn: _AsyncConnection, event: Event) -> None:
+        if isinstance(event, NewMessage):
+            try:
+                result = self.on_message(event.message, event.context)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                await self._handler_failed("on_message", exc, event.context)
+        elif isinstance(event, NewConnection):
+            try:
+                await self._call(self.on_new_connection(event.context))
+            except Exception as exc:
+                await self._handler_failed("on_new_connection", exc, event.context)
+        elif isinstance(event, Disconnected):
+            try:
+                await self._call(self.on_disconnect(event.context))
+            except Exception as exc:
+                await self._handler_failed("on_disconnect", exc, event.context)
+        elif isinstance(event, ErrorEvent):
+            try:
+                await self._call(self.on_error(event.error, event.context))
+            except Exception:
+                logger.exception("on_error raised")
+        elif isinstance(event, ConnectionRequest):  # pragma: no cover - routed elsewhere
+            await self._decide(conn, event)
+
+    async def _decide(self, conn: _AsyncConnection, event: ConnectionRequest) -> None:
+        request = event.request
+        try:
+            result = await self._call(self.on_connection_request(request))
+        except Exception as exc:
+            self._reply(conn, encode_reject(event.request_id))
+            await self._handler_failed("on_connection_request", exc, request.context)
+            return
+        self._reply(conn, response_for(event.request_id, result, request))
+
+    def _reply(self, conn: _AsyncConnection, data: bytes) -> None:
+        if not conn.write(data):
+            self._drops.drop("response to a connection request")
+
+    async def _handler_failed(self, name: str, exc: Exception, context: Context) -> None:
+        logger.error("%s raised for client %r", name, context.client_id, exc_info=exc)
+        try:
+            await self._call(self.on_error(str(exc), context))
+        except Exception:
+            logger.exception("on_error raised while reporting an error")
+
+    # ------------------------------------------------------------------ callbacks
+
+    async def on_connection_request(
+        self, request: ConnectionRequestContext
+    ) -> bool | None:
+        """Decide whether to accept a WebSocket connection (default: accept).
+
+        Set ``request.context.room_id`` / ``client_id`` / ``metadata`` as needed and
+        return ``True`` or ``False``; returning anything else uses
+        ``request.accepted``. An exception rejects the connection.
+        """
+        logger.debug(
+            "Connection request %s -> room %s", request.context.client_id, request.context.room_id
+        )
+        return True
+
+    async def on_new_connection(self, context: Context) -> None:
+        """Called when a WebSocket client has connected."""
+        logger.debug("New connection %s in room %s", context.client_id, context.room_id)
+
+    async def on_message(self, message: str, context: Context) -> None:
+        """Called for every message a WebSocket client sends."""
+        logger.debug("Message from %s in room %s", context.client_id, context.room_id)
+
+    async def on_disconnect(self, context: Context) -> None:
+        """Called when a WebSocket client has disconnected."""
+        logger.debug("Client %s left room %s", context.client_id, context.room_id)
+
+    async def on_error(self, error: str, context: Context) -> None:
+        """Called for broker error events and for exceptions raised by handlers."""
+        logger.error("Error for client %s: %s", context.client_id, error)

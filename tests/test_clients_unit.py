@@ -1,0 +1,1080 @@
+"""Unit tests of PyStrandsClient (threading) and AsyncPyStrandsClient against a local fake broker.
+
+The fake broker (tests/fake_broker.py) is a real TCP server speaking v1 lines; it is the
+mocked side, since these tests are about the clients. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from fake_broker import DEADLINE, FakeBroker, ctx, wait_for
+
+from pystrands import AsyncPyStrandsClient, ConnectionRequestContext, Context, PyStrandsClient
+
+T = TypeVar("T")
+FAST = {"reconnect_delay": 0.05, "max_reconnect_delay": 0.2}
+
+
+@pytest.fixture
+def broker() -> Iterator[FakeBroker]:
+    b = FakeBroker()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def run_async(coro_fn: Callable[[], Awaitable[T]], timeout: float = 20.0) -> T:
+    """Run an async test body with an overall deadline."""
+
+    async def guarded() -> T:
+        return await asyncio.wait_for(coro_fn(), timeout)
+
+    return asyncio.run(guarded())
+
+
+async def athread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking fake-broker call without blocking the loop."""
+    return await asyncio.to_thread(fn, *args)
+
+
+async def await_event(event: asyncio.Event, timeout: float = DEADLINE) -> None:
+    await asyncio.wait_for(event.wait(), timeout)
+
+
+def by_message(frames: list[dict[str, Any]]) -> list[str]:
+    return [f["params"]["message"] for f in frames]
+
+
+# ============================================================================ sync client
+
+
+class Recorder(PyStrandsClient):
+    """Sync client recording every callback."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, Any, Any]] = []
+        self.lock = threading.Lock()
+        self.seen = threading.Condition(self.lock)
+        self.decide: Callable[[ConnectionRequestContext], Any] = lambda r: True
+        self.message_hook: Callable[[str, Context], None] | None = None
+
+    def _record(self, *item: Any) -> None:
+        with self.seen:
+            self.events.append(item)  # type: ignore[arg-type]
+            self.seen.notify_all()
+
+    def wait_events(self, n: int, timeout: float = DEADLINE) -> list[tuple[str, Any, Any]]:
+        end = time.monotonic() + timeout
+        with self.seen:
+            while len(self.events) < n:
+                left = end - time.monotonic()
+                assert left > 0, f"only {len(self.events)} of {n} callbacks: {self.events}"
+                self.seen.wait(left)
+            return list(self.events)
+
+    def on_connection_request(self, request: ConnectionRequestContext) -> Any:
+        self._record("request", request, None)
+        return self.decide(request)
+
+    def on_new_connection(self, context: Context) -> None:
+        self._record("new", context, None)
+        self.send_private_message(context.client_id, "welcome")
+
+    def on_message(self, message: str, context: Context) -> None:
+        if self.message_hook is not None:
+            self.message_hook(message, context)
+        self._record("message", message, context)
+
+    def on_disconnect(self, context: Context) -> None:
+        self._record("disconnect", context, None)
+
+    def on_error(self, error: str, context: Context) -> None:
+        self._record("error", error, context)
+
+
+def connected_sync(broker: FakeBroker, cls: type[PyStrandsClient] = Recorder, **kw: Any) -> Any:
+    client = cls("127.0.0.1", broker.port, **{**FAST, **kw})
+    n = broker.connection_count
+    assert client.connect() is True
+    broker.wait_connections(n + 1)
+    wait_for(lambda: client.connected, what="connected")
+    return client
+
+
+def test_sync_constructor_defaults_and_attributes() -> None:
+    c = PyStrandsClient()
+    assert (c.host, c.port, c.connected, c.auto_reconnect) == ("localhost", 8081, False, True)
+    assert (c.reconnect_delay, c.max_reconnect_delay, c.reconnect_backoff) == (1.0, 30.0, 2.0)
+    c2 = PyStrandsClient("h", 1, False, 0.5, 5.0, 3.0)
+    assert (c2.host, c2.port, c2.auto_reconnect, c2.reconnect_delay, c2.max_reconnect_delay, c2.reconnect_backoff) == (
+        "h", 1, False, 0.5, 5.0, 3.0,
+    )
+
+
+def test_sync_connect_failure_returns_false(broker: FakeBroker) -> None:
+    broker.stop_listening()
+    c = PyStrandsClient("127.0.0.1", broker.port, auto_reconnect=False)
+    assert c.connect() is False
+    assert c.connected is False
+    c.disconnect(0.5)
+
+
+def test_sync_callbacks_and_sends(broker: FakeBroker) -> None:
+    c = connected_sync(broker)
+    try:
+        broker.send_event("new_connection", {"context": ctx("c1", "lobby", {"u": 1})})
+        frame = broker.recv()
+        assert frame["action"] == "message_to_connection"
+        assert frame["params"] == {"conn_id": "c1", "message": "welcome"}
+        broker.message("c1", "hello", "lobby")
+        broker.send_event("disconnected", {"context": ctx("c1", "lobby")})
+        broker.send_event("error", {"error": "write failed", "context": ctx("c1", "lobby")})
+        broker.send({"request_id": "heartbeat", "action": "heartbeat", "params": {}})
+        events = c.wait_events(4)
+        kinds = [e[0] for e in events]
+        assert kinds == ["new", "message", "disconnect", "error"]
+        assert events[0][1] == Context("c1", "lobby", {"u": 1})
+        assert events[1][1] == "hello" and events[1][2].room_id == "lobby"
+        assert events[3][1] == "write failed" and events[3][2].client_id == "c1"
+
+        c.send_room_message("lobby", "to room")
+        c.send_private_message("c9", "to one")
+        c.broadcast_message("to all")
+        frames = broker.recv_n(3)
+        assert [(f["action"], f["params"]) for f in frames] == [
+            ("message_to_room", {"room_id": "lobby", "message": "to room"}),
+            ("message_to_connection", {"conn_id": "c9", "message": "to one"}),
+            ("broadcast", {"message": "to all"}),
+        ]
+        assert all(isinstance(f["request_id"], str) for f in frames)
+    finally:
+        c.disconnect()
+
+
+@pytest.mark.parametrize(
+    "decide,expected",
+    [
+        (lambda r: True, True),
+        (lambda r: False, False),
+        (lambda r: setattr(r, "accepted", False), False),
+        (lambda r: None, True),
+    ],
+    ids=["return-true", "return-false", "set-accepted-false", "return-none"],
+)
+def test_sync_connection_request_decisions(broker: FakeBroker, decide: Any, expected: bool) -> None:
+    c = connected_sync(broker)
+    try:
+        c.decide = decide
+        rid = broker.connection_request(url="/ws/chat")
+        resp = broker.recv()
+        assert resp["request_id"] == rid and resp["action"] == "response"
+        assert resp["params"]["accepted"] is expected
+        assert resp["params"]["room_id"] == "/ws/chat" and resp["params"]["metadata"] == {}
+        assert len(resp["params"]["client_id"]) == 36
+    finally:
+        c.disconnect()
+
+
+def test_sync_connection_request_sets_context(broker: FakeBroker) -> None:
+    c = connected_sync(broker)
+    try:
+
+        def decide(r: ConnectionRequestContext) -> bool:
+            if r.headers.get("x-token", [None])[0] != "secret" or r.headers.get("X-Token", [None])[0] != "secret":
+                return False
+            r.context.room_id = r.url.strip("/") or "lobby"
+            r.context.client_id = "alice-1"
+            r.context.metadata = {"user": "alice", "roles": ["admin"]}
+            return True
+
+        c.decide = decide
+        rid = broker.connection_request(url="/chat/", headers={"X-Token": ["secret"]}, query="a=1")
+        resp = broker.recv()
+        assert resp == {
+            "request_id": rid,
+            "action": "response",
+            "params": {"accepted": True, "client_id": "alice-1", "room_id": "chat", "metadata": {"user": "alice", "roles": ["admin"]}},
+        }
+        request = c.wait_events(1)[0][1]
+        assert request.query == "a=1" and request.remote_addr == "127.0.0.1:5555"
+    finally:
+        c.disconnect()
+
+
+def test_sync_connection_request_exception_rejects(broker: FakeBroker) -> None:
+    c = connected_sync(broker)
+    try:
+
+        def decide(r: ConnectionRequestContext) -> bool:
+            raise RuntimeError("db down")
+
+        c.decide = decide
+        rid = broker.connection_request()
+        assert broker.recv() == {"request_id": rid, "action": "response", "params": {"accepted": False}}
+        events = c.wait_events(2)
+        assert events[1][0] == "error" and events[1][1] == "db down"
+    finally:
+        c.disconnect()
+
+
+def test_sync_handler_exception_reports_and_keeps_running(broker: FakeBroker, caplog: pytest.LogCaptureFixture) -> None:
+    class Boom(Recorder):
+        def on_message(self, message: str, context: Context) -> None:
+            if message == "boom":
+                raise ValueError("bad input")
+            self.send_private_message(context.client_id, f"ok:{message}")
+
+    class BadOnError(Boom):
+        def on_error(self, error: str, context: Context) -> None:
+            super().on_error(error, context)
+            raise RuntimeError("on_error broke too")
+
+    c = connected_sync(broker, BadOnError)
+    try:
+        with caplog.at_level(logging.ERROR, logger="pystrands.client"):
+            broker.message("c1", "boom")
+            broker.message("c1", "after")
+            assert broker.recv()["params"] == {"conn_id": "c1", "message": "ok:after"}
+        events = c.wait_events(1)
+        assert events[0][:2] == ("error", "bad input") and events[0][2].client_id == "c1"
+        assert "bad input" in caplog.text and "Traceback" in caplog.text
+        assert "on_error raised" in caplog.text
+    finally:
+        c.disconnect()
+
+
+def test_sync_per_client_order_and_slow_client_isolation(broker: FakeBroker) -> None:
+    gate = threading.Event()
+    started = threading.Event()
+
+    class Ordered(PyStrandsClient):
+        def on_message(self, message: str, context: Context) -> None:
+            if message == "slow":
+                started.set()
+                assert gate.wait(DEADLINE)
+            self.send_private_message(context.client_id, f"{context.client_id}:{message}")
+
+    c = connected_sync(broker, Ordered)
+    try:
+        broker.message("A", "slow")
+        for i in range(20):
+            broker.message("A", f"a{i}")
+        assert started.wait(DEADLINE)
+        for i in range(20):
+            broker.message("B", f"b{i}")
+        # B is fully handled while A's first handler is still blocked
+        b_frames = broker.recv_n(20)
+        assert by_message(b_frames) == [f"B:b{i}" for i in range(20)]
+        assert not gate.is_set()
+        gate.set()
+        a_frames = broker.recv_n(21)
+        assert by_message(a_frames) == ["A:slow"] + [f"A:a{i}" for i in range(20)]
+    finally:
+        gate.set()
+        c.disconnect()
+
+
+def test_sync_many_clients_interleaved_keep_order(broker: FakeBroker) -> None:
+    class Echo(PyStrandsClient):
+        def on_message(self, message: str, context: Context) -> None:
+            self.send_private_message(context.client_id, message)
+
+    c = connected_sync(broker, Echo, workers=4)
+    try:
+        lines = []
+        for i in range(200):
+            for k in range(10):
+                lines.append(
+                    b'{"request_id":"x","action":"new_message","params":{"message":"%d","context":{"client_id":"c%d","room_id":"r","metadata":{}}}}\n'
+                    % (i, k)
+                )
+        broker.send_raw(b"".join(lines))
+        frames = broker.recv_n(2000)
+        per: dict[str, list[int]] = {}
+        for f in frames:
+            per.setdefault(f["params"]["conn_id"], []).append(int(f["params"]["message"]))
+        assert per == {f"c{k}": list(range(200)) for k in range(10)}
+    finally:
+        c.disconnect()
+
+
+def test_sync_garbage_and_large_messages(broker: FakeBroker) -> None:
+    class Sizes(PyStrandsClient):
+        def on_message(self, message: str, context: Context) -> None:
+            self.send_private_message(context.client_id, f"{len(message)}:{message[:3]}")
+            if len(message) > 1000:
+                self.send_room_message(context.room_id, message)
+
+    c = connected_sync(broker, Sizes)
+    try:
+        broker.send_raw(b"garbage\n\xff\xfe\n{\"action\": 3}\n[]\n\n   \n{\"action\":\"new_message\",\"params\":{}}\n")
+        big = "x" * (2 * 1024 * 1024)
+        broker.message("c1", big)
+        broker.message("c1", "abc")
+        f1, f2, f3 = broker.recv_n(3, timeout=10)
+        assert f1["params"]["message"] == f"{len(big)}:xxx"
+        assert f2["action"] == "message_to_room" and f2["params"]["message"] == big
+        assert f3["params"]["message"] == "3:abc"
+        assert c.connected
+    finally:
+        c.disconnect()
+
+
+def test_sync_disconnect_waits_for_inflight_handler(broker: FakeBroker) -> None:
+    started, gate, finished = threading.Event(), threading.Event(), threading.Event()
+
+    class Slow(PyStrandsClient):
+        def on_message(self, message: str, context: Context) -> None:
+            started.set()
+            assert gate.wait(DEADLINE)
+            self.send_private_message(context.client_id, "done")
+            finished.set()
+
+    c = connected_sync(broker, Slow)
+    broker.message("c1", "work")
+    assert started.wait(DEADLINE)
+    returned = threading.Event()
+
+    def stopper() -> None:
+        c.disconnect(timeout=DEADLINE)
+        returned.set()
+
+    t = threading.Thread(target=stopper)
+    t.start()
+    wait_for(lambda: not c.connected, what="disconnect started")
+    assert not returned.is_set(), "disconnect returned while a handler was still running"
+    gate.set()
+    t.join(DEADLINE)
+    assert returned.is_set() and finished.is_set()
+    assert broker.recv()["params"]["message"] == "done"  # flushed before the close
+    wait_for(lambda: broker.peers[-1].closed.is_set(), what="socket closed")
+
+
+def test_sync_disconnect_timeout_force_closes(broker: FakeBroker) -> None:
+    gate, started = threading.Event(), threading.Event()
+
+    class Stuck(PyStrandsClient):
+        def on_message(self, message: str, context: Context) -> None:
+            started.set()
+            gate.wait(DEADLINE)
+            self.send_private_message(context.client_id, "late")
+
+    c = connected_sync(broker, Stuck)
+    try:
+        broker.message("c1", "work")
+        assert started.wait(DEADLINE)
+        t0 = time.monotonic()
+        c.disconnect(timeout=0.2)
+        assert time.monotonic() - t0 < DEADLINE
+        wait_for(lambda: broker.peers[-1].closed.is_set(), what="socket closed")
+    finally:
+        gate.set()
+    broker.expect_nothing(0.1)
+
+
+def test_sync_run_forever_returns_after_disconnect(broker: FakeBroker) -> None:
+    c = PyStrandsClient("127.0.0.1", broker.port, **FAST)
+    t = threading.Thread(target=c.run_forever)
+    t.start()
+    broker.wait_connections(1)
+    wait_for(lambda: c.connected, what="connected")
+    c.disconnect()
+    t.join(DEADLINE)
+    assert not t.is_alive()
+    broker.stop_listening()
+
+
+def test_sync_disconnect_from_handler(broker: FakeBroker) -> None:
+    class Quitter(PyStrandsClient):
+        def on_message(self, message: str, context: Context) -> None:
+            self.send_private_message(context.client_id, "bye")
+            self.disconnect(timeout=1.0)
+
+    c = Quitter("127.0.0.1", broker.port, **FAST)
+    t = threading.Thread(target=c.run_forever)
+    t.start()
+    broker.wait_connections(1)
+    broker.message("c1", "quit")
+    assert broker.recv()["params"]["message"] == "bye"
+    t.join(DEADLINE)
+    assert not t.is_alive() and not c.connected
+
+
+def test_sync_reconnects_after_connection_drop(broker: FakeBroker) -> None:
+    c = connected_sync(broker)
+    try:
+        broker.drop_connections()
+        broker.wait_connections(2)
+        wait_for(lambda: c.connected, what="reconnected")
+        broker.message("c1", "after reconnect")
+        assert c.wait_events(1)[0][1] == "after reconnect"
+    finally:
+        c.disconnect()
+
+
+def test_sync_reconnects_after_broker_restart(broker: FakeBroker) -> None:
+    c = connected_sync(broker)
+    try:
+        broker.stop_listening()
+        broker.drop_connections()
+        wait_for(lambda: not c.connected, what="disconnect noticed")
+        c.send_room_message("r", "lost while down")  # dropped, no exception
+        broker.listen()
+        broker.wait_connections(2)
+        wait_for(lambda: c.connected, what="reconnected")
+        c.send_room_message("r", "back")
+        assert broker.recv()["params"]["message"] == "back"
+        assert c.dropped_sends >= 1
+    finally:
+        c.disconnect()
+
+
+def test_sync_no_reconnect_after_intentional_disconnect(broker: FakeBroker) -> None:
+    c = connected_sync(broker)
+    c.disconnect()
+    assert not c.connected
+    time.sleep(0.3)  # several reconnect delays: a reconnect would show up as connection #2
+    assert broker.connection_count == 1
+
+
+def test_sync_no_reconnect_when_disabled(broker: FakeBroker) -> None:
+    c = PyStrandsClient("127.0.0.1", broker.port, auto_reconnect=False, reconnect_delay=0.05)
+    t = threading.Thread(target=c.run_forever)
+    t.start()
+    broker.wait_connections(1)
+    wait_for(lambda: c.connected, what="connected")
+    broker.drop_connections()
+    t.join(DEADLINE)
+    assert not t.is_alive(), "run_forever must return when the connection is lost without auto_reconnect"
+    time.sleep(0.3)
+    assert broker.connection_count == 1 and not c.connected
+
+
+def test_sync_run_forever_retries_first_connect(broker: FakeBroker) -> None:
+    broker.stop_listening()
+    c = PyStrandsClient("127.0.0.1", broker.port, **FAST)
+    t = threading.Thread(target=c.run_forever)
+    t.start()
+    try:
+        time.sleep(0.15)
+        broker.listen()
+        broker.wait_connections(1)
+        wait_for(lambda: c.connected, what="connected")
+    finally:
+        c.disconnect()
+        t.join(DEADLINE)
+    assert not t.is_alive()
+
+
+def test_sync_send_while_disconnected_does_not_raise(caplog: pytest.LogCaptureFixture) -> None:
+    c = PyStrandsClient("127.0.0.1", 1)
+    with caplog.at_level(logging.WARNING, logger="pystrands.client"):
+        for _ in range(3):
+            c.send_room_message("r", "m")
+            c.send_private_message("c", "m")
+            c.broadcast_message("m")
+    assert c.dropped_sends == 9
+    assert len([r for r in caplog.records if "dropping" in r.getMessage()]) == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs pthread_kill")
+def test_sync_run_forever_ctrl_c_stops_cleanly(broker: FakeBroker) -> None:
+    c = PyStrandsClient("127.0.0.1", broker.port, **FAST)
+    main = threading.main_thread().ident
+    assert threading.current_thread() is threading.main_thread()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def blocked_in_run_forever() -> bool:
+        frame = sys._current_frames().get(main)  # type: ignore[arg-type]
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        return len(names) > 1 and names[0] == "wait" and "run_forever" in names and "connect" not in names
+
+    def interrupt() -> None:
+        broker.wait_connections(1)
+        wait_for(lambda: c.connected, what="connected")
+        wait_for(blocked_in_run_forever, what="run_forever waiting")
+        signal.pthread_kill(main, signal.SIGINT)  # type: ignore[arg-type]
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    try:
+        c.run_forever()
+    except KeyboardInterrupt:  # pragma: no cover - the failure mode
+        pytest.fail("run_forever let KeyboardInterrupt escape")
+    finally:
+        t.join(DEADLINE)
+    assert not c.connected
+    wait_for(lambda: broker.peers[-1].closed.is_set(), what="socket closed")
+
+
+# =========================================================================== async client
+
+
+class ARecorder(AsyncPyStrandsClient):
+    """Async client recording every callback."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, Any, Any]] = []
+        self.changed: asyncio.Event | None = None
+        self.decide: Callable[[ConnectionRequestContext], Any] = lambda r: True
+
+    def _record(self, *item: Any) -> None:
+        self.events.append(item)  # type: ignore[arg-type]
+        if self.changed is None:
+            self.changed = asyncio.Event()
+        self.changed.set()
+
+    async def wait_events(self, n: int, timeout: float = DEADLINE) -> list[tuple[str, Any, Any]]:
+        end = time.monotonic() + timeout
+        while len(self.events) < n:
+            if self.changed is None:
+                self.changed = asyncio.Event()
+            self.changed.clear()
+            left = end - time.monotonic()
+            assert left > 0, f"only {len(self.events)} of {n} callbacks: {self.events}"
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        return list(self.events)
+
+    async def on_connection_request(self, request: ConnectionRequestContext) -> Any:
+        self._record("request", request, None)
+        result = self.decide(request)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    async def on_new_connection(self, context: Context) -> None:
+        self._record("new", context, None)
+        await self.send_private_message(context.client_id, "welcome")
+
+    async def on_message(self, message: str, context: Context) -> None:
+        self._record("message", message, context)
+
+    async def on_disconnect(self, context: Context) -> None:
+        self._record("disconnect", context, None)
+
+    async def on_error(self, error: str, context: Context) -> None:
+        self._record("error", error, context)
+
+
+async def connected_async(broker: FakeBroker, cls: type[AsyncPyStrandsClient] = ARecorder, **kw: Any) -> Any:
+    client = cls("127.0.0.1", broker.port, **{**FAST, **kw})
+    n = broker.connection_count
+    assert await client.connect() is True
+    await athread(broker.wait_connections, n + 1)
+    return client
+
+
+def test_async_constructor_outside_loop() -> None:
+    c = AsyncPyStrandsClient()
+    assert (c.host, c.port, c.connected, c.auto_reconnect) == ("localhost", 8081, False, True)
+    assert (c.reconnect_delay, c.max_reconnect_delay, c.reconnect_backoff) == (1.0, 30.0, 2.0)
+
+
+def test_async_callbacks_and_sends(broker: FakeBroker) -> None:
+    async def body() -> None:
+        c = await connected_async(broker)
+        try:
+            broker.send_event("new_connection", {"context": ctx("c1", "lobby", {"u": 1})})
+            frame = await athread(broker.recv)
+            assert frame["action"] == "message_to_connection"
+            assert frame["params"] == {"conn_id": "c1", "message": "welcome"}
+            broker.message("c1", "hello", "lobby")
+            broker.send_event("disconnected", {"context": ctx("c1", "lobby")})
+            broker.send_event("error", {"error": "write failed", "context": ctx("c1", "lobby")})
+            broker.send({"request_id": "heartbeat", "action": "heartbeat", "params": {}})
+            events = await c.wait_events(4)
+            assert [e[0] for e in events] == ["new", "message", "disconnect", "error"]
+            assert events[0][1] == Context("c1", "lobby", {"u": 1})
+            assert events[1][1] == "hello" and events[3][1] == "write failed"
+
+            await c.send_room_message("lobby", "to room")
+            await c.send_private_message("c9", "to one")
+            await c.broadcast_message("to all")
+            frames = await athread(broker.recv_n, 3)
+            assert [(f["action"], f["params"]) for f in frames] == [
+                ("message_to_room", {"room_id": "lobby", "message": "to room"}),
+                ("message_to_connection", {"conn_id": "c9", "message": "to one"}),
+                ("broadcast", {"message": "to all"}),
+            ]
+        finally:
+            await c.disconnect()
+
+    run_async(body)
+
+
+def test_async_connection_requests(broker: FakeBroker) -> None:
+    async def body() -> None:
+        c = await connected_async(broker)
+        try:
+            cases: list[tuple[Callable[[ConnectionRequestContext], Any], dict[str, Any]]] = []
+
+            def set_ctx(r: ConnectionRequestContext) -> bool:
+                r.context.room_id = r.url.strip("/")
+                r.context.client_id = "bob"
+                r.context.metadata = {"user": r.headers.get("x-token", [None])[0]}
+                return True
+
+            async def async_reject(r: ConnectionRequestContext) -> bool:
+                await asyncio.sleep(0)
+                return False
+
+            def raises(r: ConnectionRequestContext) -> bool:
+                raise RuntimeError("auth backend down")
+
+            cases = [
+                (set_ctx, {"accepted": True, "client_id": "bob", "room_id": "chat", "metadata": {"user": "secret"}}),
+                (async_reject, {"accepted": False}),
+                (lambda r: setattr(r, "accepted", False), {"accepted": False}),
+                (lambda r: None, {"accepted": True}),
+                (raises, {"accepted": False}),
+            ]
+            for decide, expected in cases:
+                c.decide = decide
+                rid = broker.connection_request(url="/chat")
+                resp = await athread(broker.recv)
+                assert resp["request_id"] == rid and resp["action"] == "response"
+                for key, value in expected.items():
+                    assert resp["params"][key] == value
+            assert resp["params"] == {"accepted": False}  # exception: bare rejection
+            events = await c.wait_events(6)
+            assert events[-1][:2] == ("error", "auth backend down")
+        finally:
+            await c.disconnect()
+
+    run_async(body)
+
+
+def test_async_connection_requests_run_concurrently(broker: FakeBroker) -> None:
+    async def body() -> None:
+        release = asyncio.Event()
+
+        class SlowAuth(AsyncPyStrandsClient):
+            async def on_connection_request(self, request: ConnectionRequestContext) -> bool:
+                if request.url == "/slow":
+                    await release.wait()
+                return True
+
+        c = await connected_async(broker, SlowAuth)
+        try:
+            slow = broker.connection_request(url="/slow")
+            fast = broker.connection_request(url="/fast")
+            first = await athread(broker.recv)
+            assert first["request_id"] == fast
+            release.set()
+            second = await athread(broker.recv)
+            assert second["request_id"] == slow
+        finally:
+            release.set()
+            await c.disconnect()
+
+    run_async(body)
+
+
+def test_async_slow_client_does_not_delay_others_and_order_holds(broker: FakeBroker) -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+        started = asyncio.Event()
+
+        class Ordered(AsyncPyStrandsClient):
+            async def on_message(self, message: str, context: Context) -> None:
+                if message == "slow":
+                    started.set()
+                    await gate.wait()
+                elif message.endswith("sleep"):
+                    await asyncio.sleep(0.01)
+                await self.send_private_message(context.client_id, f"{context.client_id}:{message}")
+
+        c = await connected_async(broker, Ordered)
+        try:
+            broker.message("A", "slow")
+            for i in range(20):
+                broker.message("A", f"a{i}" + ("sleep" if i % 5 == 0 else ""))
+            await await_event(started)
+            for i in range(20):
+                broker.message("B", f"b{i}" + ("sleep" if i % 7 == 0 else ""))
+            b_frames = await athread(broker.recv_n, 20)
+            assert by_message(b_frames) == [f"B:b{i}" + ("sleep" if i % 7 == 0 else "") for i in range(20)]
+            assert not gate.is_set()
+            gate.set()
+            a_frames = await athread(broker.recv_n, 21)
+            assert by_message(a_frames) == ["A:slow"] + [f"A:a{i}" + ("sleep" if i % 5 == 0 else "") for i in range(20)]
+        finally:
+            gate.set()
+            await c.disconnect()
+
+    run_async(body)
+
+
+def test_async_sleeping_handler_on_a_does_not_block_b(broker: FakeBroker) -> None:
+    """The documented case: `await asyncio.sleep(0.5)` in A's handler; B is answered first."""
+
+    async def body() -> None:
+        class Sleepy(AsyncPyStrandsClient):
+            async def on_message(self, message: str, context: Context) -> None:
+                if context.client_id == "A":
+                    await asyncio.sleep(0.5)
+                await self.send_private_message(context.client_id, message)
+
+        c = await connected_async(broker, Sleepy)
+        try:
+            broker.message("A", "a")
+            broker.message("B", "b")
+            frames = await athread(broker.recv_n, 2)
+            assert by_message(frames) == ["b", "a"]
+        finally:
+            await c.disconnect()
+
+    run_async(body)
+
+
+def test_async_many_clients_interleaved_keep_order(broker: FakeBroker) -> None:
+    async def body() -> None:
+        class Echo(AsyncPyStrandsClient):
+            async def on_message(self, message: str, context: Context) -> None:
+                if int(message) % 50 == 0:
+                    await asyncio.sleep(0)
+                await self.send_private_message(context.client_id, message)
+
+        c = await connected_async(broker, Echo, max_pending=100)
+        try:
+            lines = []
+            for i in range(300):
+                for k in range(10):
+                    lines.append(
+                        b'{"request_id":"x","action":"new_message","params":{"message":"%d","context":{"client_id":"c%d","room_id":"r","metadata":{}}}}\n'
+                        % (i, k)
+                    )
+            broker.send_raw(b"".join(lines))
+            frames = await athread(broker.recv_n, 3000)
+            per: dict[str, list[int]] = {}
+            for f in frames:
+                per.setdefault(f["params"]["conn_id"], []).append(int(f["params"]["message"]))
+            assert per == {f"c{k}": list(range(300)) for k in range(10)}
+            assert not c._queues and c._pending == 0
+        finally:
+            await c.disconnect()
+
+    run_async(body)
+
+
+def test_async_handler_exception_reports_and_keeps_running(broker: FakeBroker, caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        errors: list[tuple[str, str]] = []
+
+        class Boom(AsyncPyStrandsClient):
+            async def on_message(self, message: str, context: Context) -> None:
+                if message == "boom":
+                    raise ValueError("bad input")
+                await self.send_private_message(context.client_id, f"ok:{message}")
+
+            async def on_error(self, error: str, context: Context) -> None:
+                errors.append((error, context.client_id))
+                raise RuntimeError("on_error broke too")
+
+        c = await connected_async(broker, Boom)
+        try:
+            broker.message("c1", "boom")
+            broker.message("c1", "after")
+            frame = await athread(broker.recv)
+            assert frame["params"] == {"conn_id": "c1", "message": "ok:after"}
+            assert errors == [("bad input", "c1")]
+        finally:
+            await c.disconnect()
+
+    with caplog.at_level(logging.ERROR, logger="pystrands.async_client"):
+        run_async(body)
+    assert "bad input" in caplog.text and "Traceback" in caplog.text and "on_error raised" in caplog.text
+
+
+def test_async_garbage_and_large_messages(broker: FakeBroker) -> None:
+    async def body() -> None:
+        class Sizes(AsyncPyStrandsClient):
+            async def on_message(self, message: str, context: Context) -> None:
+                await self.send_private_message(context.client_id, f"{len(message)}")
+                if len(message) > 1000:
+                    await self.send_room_message(context.room_id, message)
+
+        c = await connected_async(broker, Sizes)
+        try:
+            broker.send_raw(b"garbage\n\xff\xfe\n{\"action\": 3}\n[]\n\n{\"action\":\"new_message\",\"params\":{}}\n")
+            big = "y" * (3 * 1024 * 1024)
+            broker.message("c1", big)
+            broker.message("c1", "abc")
+            f1, f2, f3 = await athread(broker.recv_n, 3, 10.0)
+            assert f1["params"]["message"] == str(len(big))
+            assert f2["params"]["message"] == big
+            assert f3["params"]["message"] == "3"
+            assert c.connected
+        finally:
+            await c.disconnect()
+
+    run_async(body)
+
+
+def test_async_disconnect_waits_for_inflight_handler(broker: FakeBroker) -> None:
+    async def body() -> None:
+        started, gate, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        class Slow(AsyncPyStrandsClient):
+            async def on_message(self, message: str, context: Context) -> None:
+                started.set()
+                await gate.wait()
+                await self.send_private_message(context.client_id, "done")
+                finished.set()
+
+        c = await connected_async(broker, Slow)
+        broker.message("c1", "work")
+        await await_event(started)
+        stopper = asyncio.create_task(c.disconnect(timeout=DEADLINE))
+        await asyncio.sleep(0)
+        assert not c.connected
+        assert not stopper.done()
+        gate.set()
+        await asyncio.wait_for(stopper, DEADLINE)
+        assert finished.is_set()
+        frame = await athread(broker.recv)
+        assert frame["params"]["message"] == "done"
+        await athread(wait_for, lambda: broker.peers[-1].closed.is_set())
+
+    run_async(body)
+
+
+def test_async_disconnect_timeout_cancels_stuck_handler(broker: FakeBroker) -> None:
+    async def body() -> None:
+        started = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        class Stuck(AsyncPyStrandsClient):
+            async def on_message(self, message: str, context: Context) -> None:
+                started.set()
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+
+        c = await connected_async(broker, Stuck)
+        broker.message("c1", "work")
+        await await_event(started)
+        await asyncio.wait_for(c.disconnect(timeout=0.1), DEADLINE)
+        assert cancelled.is_set()
+        await athread(wait_for, lambda: broker.peers[-1].closed.is_set())
+
+    run_async(body)
+
+
+def test_async_run_forever_returns_after_disconnect(broker: FakeBroker) -> None:
+    async def body() -> None:
+        c = AsyncPyStrandsClient("127.0.0.1", broker.port, **FAST)
+        task = asyncio.create_task(c.run_forever())
+        await athread(broker.wait_connections, 1)
+        await athread(wait_for, lambda: c.connected)
+        await c.disconnect()
+        await asyncio.wait_for(task, DEADLINE)
+        assert not c.connected
+
+    run_async(body)
+
+
+def test_async_client_built_at_import_time_like_fastapi(broker: FakeBroker) -> None:
+    """Seed 002 FastAPI pattern: constructed outside a loop, run as a task, disconnected at shutdown.
+
+    Runs twice on two different event loops with the same client object.
+    """
+
+    class Backend(AsyncPyStrandsClient):
+        async def on_message(self, message: str, context: Context) -> None:
+            await self.send_room_message(context.room_id, f"echo: {message}")
+
+    backend = Backend("127.0.0.1", broker.port, **FAST)  # no running loop here
+
+    for round_no in (1, 2):
+
+        async def body() -> None:
+            task = asyncio.create_task(backend.run_forever())
+            await athread(broker.wait_connections, round_no)
+            await athread(wait_for, lambda: backend.connected)
+            broker.message("c1", f"hi{round_no}")
+            frame = await athread(broker.recv)
+            assert frame["params"] == {"room_id": "room", "message": f"echo: hi{round_no}"}
+            await backend.disconnect()
+            await asyncio.wait_for(task, DEADLINE)
+
+        run_async(body)
+        assert not backend.connected
+
+
+def test_async_run_forever_cancel_disconnects(broker: FakeBroker) -> None:
+    async def body() -> None:
+        c = AsyncPyStrandsClient("127.0.0.1", broker.port, **FAST)
+        task = asyncio.create_task(c.run_forever())
+        await athread(broker.wait_connections, 1)
+        await athread(wait_for, lambda: c.connected)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, DEADLINE)
+        assert not c.connected
+        await athread(wait_for, lambda: broker.peers[-1].closed.is_set())
+
+    run_async(body)
+
+
+def test_async_reconnects_after_drop_and_restart(broker: FakeBroker) -> None:
+    async def body() -> None:
+        c = await connected_async(broker)
+        try:
+            broker.drop_connections()
+            await athread(broker.wait_connections, 2)
+            await athread(wait_for, lambda: c.connected)
+            broker.message("c1", "after drop")
+            assert (await c.wait_events(1))[0][1] == "after drop"
+
+            broker.stop_listening()
+            broker.drop_connections()
+            await athread(wait_for, lambda: not c.connected)
+            await c.send_room_message("r", "lost")  # dropped, no exception
+            broker.listen()
+            await athread(broker.wait_connections, 3)
+            await athread(wait_for, lambda: c.connected)
+            await c.send_room_message("r", "back")
+            frame = await athread(broker.recv)
+            assert frame["params"]["message"] == "back"
+            assert c.dropped_sends >= 1
+        finally:
+            await c.disconnect()
+
+    run_async(body)
+
+
+def test_async_no_reconnect_after_intentional_disconnect(broker: FakeBroker) -> None:
+    async def body() -> None:
+        c = await connected_async(broker)
+        await c.disconnect()
+        await asyncio.sleep(0.3)  # several reconnect delays
+        assert broker.connection_count == 1 and not c.connected
+
+    run_async(body)
+
+
+def test_async_no_reconnect_when_disabled(broker: FakeBroker) -> None:
+    async def body() -> None:
+        c = AsyncPyStrandsClient("127.0.0.1", broker.port, auto_reconnect=False, reconnect_delay=0.05)
+        task = asyncio.create_task(c.run_forever())
+        await athread(broker.wait_connections, 1)
+        await athread(wait_for, lambda: c.connected)
+        broker.drop_connections()
+        await asyncio.wait_for(task, DEADLINE)  # run_forever returns
+        await asyncio.sleep(0.3)
+        assert broker.connection_count == 1 and not c.connected
+
+    run_async(body)
+
+
+def test_async_run_forever_retries_first_connect(broker: FakeBroker) -> None:
+    async def body() -> None:
+        broker.stop_listening()
+        c = AsyncPyStrandsClient("127.0.0.1", broker.port, **FAST)
+        task = asyncio.create_task(c.run_forever())
+        await asyncio.sleep(0.15)
+        broker.listen()
+        await athread(broker.wait_connections, 1)
+        await athread(wait_for, lambda: c.connected)
+        await c.disconnect()
+        await asyncio.wait_for(task, DEADLINE)
+
+    run_async(body)
+
+
+def test_async_connect_failure_and_send_while_disconnected(broker: FakeBroker, caplog: pytest.LogCaptureFixture) -> None:
+    broker.stop_listening()
+
+    async def body() -> None:
+        c = AsyncPyStrandsClient("127.0.0.1", broker.port, auto_reconnect=False)
+        assert await c.connect() is False
+        for _ in range(3):
+            await c.send_room_message("r", "m")
+            await c.send_private_message("c", "m")
+            await c.broadcast_message("m")
+        assert c.dropped_sends == 9
+        await c.run_forever()  # auto_reconnect off and broker down: returns
+        await c.disconnect()
+
+    with caplog.at_level(logging.WARNING, logger="pystrands.async_client"):
+        run_async(body)
+    assert len([r for r in caplog.records if "dropping" in r.getMessage()]) == 1
+
+
+def test_async_disconnect_before_run_is_harmless() -> None:
+    async def body() -> None:
+        c = AsyncPyStrandsClient("127.0.0.1", 1)
+        await c.disconnect()
+        assert not c.connected
+
+    run_async(body)
+
+
+def test_async_plain_function_callbacks_are_accepted(broker: FakeBroker) -> None:
+    async def body() -> None:
+        seen = asyncio.Event()
+
+        class Plain(AsyncPyStrandsClient):
+            def on_message(self, message: str, context: Context) -> None:  # type: ignore[override]
+                seen.set()
+
+        c = await connected_async(broker, Plain)
+        try:
+            broker.message("c1", "x")
+            await await_event(seen)
+        finally:
+            await c.disconnect()
+
+    run_async(body)
+
+
+def test_async_disconnect_from_handler_and_double_connect(broker: FakeBroker) -> None:
+    async def body() -> None:
+        class Quitter(AsyncPyStrandsClient):
+            async def on_message(self, message: str, context: Context) -> None:
+                await self.send_private_message(context.client_id, "bye")
+                await self.disconnect(timeout=1.0)
+
+        c = Quitter("127.0.0.1", broker.port, **FAST)
+        task = asyncio.create_task(c.run_forever())
+        await athread(broker.wait_connections, 1)
+        await athread(wait_for, lambda: c.connected)
+        assert await c.connect() is True  # already connected: no second connection
+        broker.message("c1", "quit")
+        frame = await athread(broker.recv)
+        assert frame["params"]["message"] == "bye"
+        await asyncio.wait_for(task, DEADLINE)
+        assert not c.connected and broker.connection_count == 1
+
+    run_async(body)
+
+
+def test_sync_double_connect_is_idempotent(broker: FakeBroker) -> None:
+    c = connected_sync(broker)
+    try:
+        assert c.connect() is True
+        assert broker.connection_count == 1
+    finally:
+        c.disconnect()

@@ -1,0 +1,333 @@
+"""Unit tests of the shared protocol core (framing, codec, events, backoff) and the contexts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import pytest
+
+from pystrands import ConnectionRequestContext, Context, Headers
+from pystrands import _protocol as p
+
+# ----------------------------------------------------------------------------- framing
+
+
+def test_framer_split_reads_byte_by_byte() -> None:
+    framer = p.LineFramer()
+    stream = b'{"a":1}\n{"b":2}\n'
+    out: list[bytes] = []
+    for i in range(len(stream)):
+        out += framer.feed(stream[i : i + 1])
+    assert out == [b'{"a":1}', b'{"b":2}']
+    assert framer.buffered == 0
+
+
+def test_framer_coalesced_and_partial() -> None:
+    framer = p.LineFramer()
+    assert framer.feed(b"one\ntwo\nthr") == [b"one", b"two"]
+    assert framer.buffered == 3
+    assert framer.feed(b"ee\r\n\n  \n\r\nfour") == [b"three"]
+    assert framer.feed(b"\n") == [b"four"]
+
+
+def test_framer_accepts_memoryview_and_bytearray() -> None:
+    framer = p.LineFramer()
+    assert framer.feed(memoryview(b"a\nb")) == [b"a"]
+    assert framer.feed(bytearray(b"\n")) == [b"b"]
+
+
+def test_framer_large_line_in_chunks() -> None:
+    payload = b"x" * (2 * 1024 * 1024 + 17)
+    framer = p.LineFramer()
+    stream = payload + b"\nnext\n"
+    out: list[bytes] = []
+    for i in range(0, len(stream), 65536):
+        out += framer.feed(stream[i : i + 65536])
+    assert out == [payload, b"next"]
+
+
+def test_framer_max_line_size_drops_and_resyncs(caplog: pytest.LogCaptureFixture) -> None:
+    framer = p.LineFramer(max_line_size=10)
+    with caplog.at_level(logging.WARNING, logger="pystrands.protocol"):
+        # oversize line arriving in pieces: dropped, then resync at the newline
+        assert framer.feed(b"0123456789ABCDEF") == []
+        assert framer.feed(b"more garbage") == []
+        assert framer.feed(b"tail\nok\n") == [b"ok"]
+        # oversize complete line inside one chunk
+        assert framer.feed(b"short\n" + b"y" * 50 + b"\nfine\n") == [b"short", b"fine"]
+    assert framer.dropped_lines == 2
+    assert "max_line_size" in caplog.text
+
+
+def test_framer_rejects_bad_limit() -> None:
+    with pytest.raises(ValueError):
+        p.LineFramer(0)
+
+
+# ------------------------------------------------------------------------------ codec
+
+
+def test_encoders_round_trip() -> None:
+    frames = [
+        p.encode_room_message("r1", "hello"),
+        p.encode_private_message("c1", "psst"),
+        p.encode_broadcast("all ✓"),
+    ]
+    decoded = [json.loads(f) for f in frames]
+    assert all(f.endswith(b"\n") and f.count(b"\n") == 1 for f in frames)
+    assert decoded[0]["action"] == "message_to_room"
+    assert decoded[0]["params"] == {"room_id": "r1", "message": "hello"}
+    assert decoded[1]["action"] == "message_to_connection"
+    assert decoded[1]["params"] == {"conn_id": "c1", "message": "psst"}
+    assert decoded[2] == {"request_id": decoded[2]["request_id"], "action": "broadcast", "params": {"message": "all ✓"}}
+    ids = [d["request_id"] for d in decoded]
+    assert all(isinstance(i, str) for i in ids) and len(set(ids)) == 3
+
+
+def test_encode_response_and_reject() -> None:
+    ctx = Context("cid", "room", {"user": "alice", "n": [1, 2]})
+    resp = json.loads(p.encode_response("rid-7", True, ctx))
+    assert resp == {
+        "request_id": "rid-7",
+        "action": "response",
+        "params": {"accepted": True, "client_id": "cid", "room_id": "room", "metadata": {"user": "alice", "n": [1, 2]}},
+    }
+    rej = json.loads(p.encode_reject("rid-8"))
+    assert rej == {"request_id": "rid-8", "action": "response", "params": {"accepted": False}}
+
+
+def test_response_for_unencodable_metadata_rejects(caplog: pytest.LogCaptureFixture) -> None:
+    req = ConnectionRequestContext(url="/x")
+    req.context.metadata = {"bad": object()}
+    with caplog.at_level(logging.ERROR, logger="pystrands.protocol"):
+        frame = json.loads(p.response_for("r", True, req))
+    assert frame["params"] == {"accepted": False}
+    assert "rejecting" in caplog.text
+
+
+def test_resolve_accepted() -> None:
+    req = ConnectionRequestContext(url="/x")
+    assert p.resolve_accepted(True, req) is True
+    assert p.resolve_accepted(False, req) is False
+    assert p.resolve_accepted(None, req) is True
+    req.accepted = False
+    assert p.resolve_accepted(None, req) is False
+    assert p.resolve_accepted("yes", req) is False
+    assert p.resolve_accepted(True, req) is True
+
+
+def test_encode_rejects_unserializable_message() -> None:
+    with pytest.raises(TypeError):
+        p.encode_room_message("r", object())  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _line(obj: object) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def test_decode_all_event_kinds() -> None:
+    c = {"client_id": "c1", "room_id": "r1", "metadata": {"k": "v"}}
+    ev = p.decode_event(_line({"request_id": "1", "action": "new_message", "params": {"message": "hi", "context": c}}))
+    assert isinstance(ev, p.NewMessage)
+    assert ev.message == "hi" and ev.key == "c1"
+    assert ev.context == Context("c1", "r1", {"k": "v"})
+
+    ev2 = p.decode_event(_line({"request_id": "2", "action": "new_connection", "params": {"context": c}}))
+    assert isinstance(ev2, p.NewConnection) and ev2.key == "c1"
+    ev3 = p.decode_event(_line({"request_id": "3", "action": "disconnected", "params": {"context": c}}))
+    assert isinstance(ev3, p.Disconnected) and ev3.context.room_id == "r1"
+    ev4 = p.decode_event(_line({"request_id": "4", "action": "error", "params": {"error": "boom", "context": c}}))
+    assert isinstance(ev4, p.ErrorEvent) and ev4.error == "boom" and ev4.key == "c1"
+    ev5 = p.decode_event(_line({"request_id": "5", "action": "error", "params": {"error": "no ctx"}}))
+    assert isinstance(ev5, p.ErrorEvent) and ev5.context == Context()
+
+    req = p.decode_event(
+        _line(
+            {
+                "request_id": "abc",
+                "action": "connection_request",
+                "params": {
+                    "headers": {"X-Token": ["secret"], "Sec-Websocket-Key": ["k"]},
+                    "url": "/ws/chat",
+                    "remote_addr": "1.2.3.4:5",
+                    "query": "a=1",
+                },
+            }
+        )
+    )
+    assert isinstance(req, p.ConnectionRequest)
+    assert req.key is None and req.request_id == "abc"
+    r = req.request
+    assert r.url == "/ws/chat" and r.remote_addr == "1.2.3.4:5" and r.query == "a=1"
+    assert r.headers.get("x-token") == ["secret"]
+    assert r.accepted is True
+    assert r.context.room_id == "/ws/chat" and r.context.metadata == {}
+    assert len(r.context.client_id) == 36  # uuid4
+
+
+def test_decode_metadata_is_kept_exactly() -> None:
+    meta = {"user": {"id": 7, "roles": ["a", "b"]}, "x": None}
+    ev = p.decode_event(
+        _line({"action": "new_message", "params": {"message": "m", "context": {"client_id": "c", "room_id": "r", "metadata": meta}}})
+    )
+    assert isinstance(ev, p.NewMessage)
+    assert ev.context.metadata == meta
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json",
+        b"\xff\xfe\xfa invalid utf-8",
+        b'{"action": "new_message", "params": {"message": "\xff"}}',
+        b"[1, 2, 3]",
+        b'"string"',
+        b'{"action": "new_message", "params": "nope"}',
+        b'{"action": "new_message", "params": {"message": 5, "context": {"client_id": "c"}}}',
+        b'{"action": "new_message", "params": {"message": "m"}}',
+        b'{"action": "new_message", "params": {"message": "m", "context": {"client_id": 5}}}',
+        b'{"action": "new_connection", "params": {"context": "c"}}',
+        b'{"action": "connection_request", "params": {"url": "/x"}}',
+        b'{"request_id": "1", "action": "connection_request", "params": {"url": 5}}',
+        b'{"params": {}}',
+        b'{"action": 5}',
+        b"{" * 100000,
+    ],
+)
+def test_decode_garbage_is_skipped(line: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pystrands.protocol"):
+        assert p.decode_event(line) is None
+    assert caplog.records, "malformed input must be logged"
+
+
+def test_decode_heartbeat_and_unknown_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="pystrands.protocol"):
+        assert p.decode_event(b'{"request_id": "heartbeat", "action": "heartbeat", "params": {}}') is None
+        assert p.decode_event(b'{"request_id": "1", "action": "hello", "params": {"version": 2}}') is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_decode_2mib_message() -> None:
+    text = "é" * (1024 * 1024)  # 2 MiB of UTF-8
+    line = _line({"request_id": "1", "action": "new_message", "params": {"message": text, "context": {"client_id": "c", "room_id": "r", "metadata": {}}}})
+    framer = p.LineFramer()
+    lines: list[bytes] = []
+    data = line + b"\n"
+    for i in range(0, len(data), 100_000):
+        lines += framer.feed(data[i : i + 100_000])
+    assert len(lines) == 1
+    ev = p.decode_event(lines[0])
+    assert isinstance(ev, p.NewMessage) and ev.message == text
+
+
+# ------------------------------------------------------------------------------ backoff
+
+
+def test_backoff_schedule_without_jitter() -> None:
+    b = p.Backoff(1.0, 2.0, 10.0, jitter=0.0)
+    assert [b.next() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    b.reset()
+    assert b.next() == 1.0
+
+
+def test_backoff_jitter_bounds() -> None:
+    rng = random.Random(1234)
+    b = p.Backoff(0.5, 2.0, 8.0, jitter=0.2, rng=rng.random)
+    nominal = 0.5
+    seen: list[float] = []
+    for _ in range(200):
+        d = b.next()
+        seen.append(d)
+        assert nominal * 0.8 - 1e-9 <= d <= min(nominal * 1.2, 8.0) + 1e-9
+        nominal = min(nominal * 2.0, 8.0)
+    capped = seen[10:]
+    assert max(capped) <= 8.0
+    assert len({round(d, 6) for d in capped}) > 10, "jitter must spread the delays"
+
+
+def test_backoff_extremes() -> None:
+    assert p.Backoff(0.0, 2.0, 1.0).next() == 0.0
+    b = p.Backoff(1.0, 0.5, 0.1, jitter=0.0)  # factor < 1 and max < initial are clamped
+    assert [b.next() for _ in range(3)] == [1.0, 1.0, 1.0]
+    lo = p.Backoff(1.0, 2.0, 30.0, jitter=0.15, rng=lambda: 0.0)
+    hi = p.Backoff(1.0, 2.0, 30.0, jitter=0.15, rng=lambda: 0.999999)
+    assert lo.next() == pytest.approx(0.85)
+    assert hi.next() == pytest.approx(1.15, rel=1e-5)
+
+
+def test_drop_tracker_warns_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("pystrands.test.drops")
+    t = p.DropTracker(log)
+    with caplog.at_level(logging.WARNING, logger="pystrands.test.drops"):
+        for _ in range(5):
+            t.drop()
+        assert len(caplog.records) == 1
+        t.connected()
+        assert "5 send(s)" in caplog.records[-1].getMessage()
+        t.drop()
+        assert len(caplog.records) == 3
+    assert t.total_dropped == 6 and t.period_dropped == 1
+
+
+# ----------------------------------------------------------------------------- contexts
+
+
+def test_headers_case_insensitive() -> None:
+    h = Headers({"X-Token": ["secret"], "Authorization": "Bearer t", "Sec-Websocket-Key": ["k1", "k2"]})
+    assert h.get("X-Token", [None])[0] == "secret"
+    assert h.get("x-token") == ["secret"]
+    assert h["AUTHORIZATION"] == ["Bearer t"]
+    assert h.get("Missing", [None])[0] is None
+    assert h.get("missing") is None
+    assert "sec-websocket-key" in h and 5 not in h
+    assert h.first("sec-websocket-key") == "k1"
+    assert h.first("nope", "d") == "d"
+    assert list(h) == ["X-Token", "Authorization", "Sec-Websocket-Key"]
+    assert len(h) == 3
+    assert h.to_json() == {"X-Token": ["secret"], "Authorization": ["Bearer t"], "Sec-Websocket-Key": ["k1", "k2"]}
+    assert h == {"x-token": ["secret"], "authorization": ["Bearer t"], "sec-websocket-key": ["k1", "k2"]}
+    h["x-new"] = ["1"]
+    del h["X-TOKEN"]
+    assert "X-Token" not in h and h["X-NEW"] == ["1"]
+    assert Headers.from_json(None) == {}
+    assert isinstance(h.copy(), Headers) and h.copy() == h
+
+
+def test_context_json_round_trip() -> None:
+    c = Context.from_json({"client_id": "a", "room_id": "b", "metadata": {"x": 1}, "extra": True})
+    assert (c.client_id, c.room_id, c.metadata) == ("a", "b", {"x": 1})
+    assert c.to_json() == {"client_id": "a", "room_id": "b", "metadata": {"x": 1}}
+    assert Context.from_json(c) is c
+    assert Context.from_json({"client_id": "a", "room_id": "b", "metadata": None}).metadata == {}
+    assert Context(client_id="a", room_id="b").metadata == {}
+    assert "client_id='a'" in repr(c)
+
+
+def test_connection_request_context_json() -> None:
+    params = {"headers": {"X-Token": ["s"]}, "url": "/chat", "remote_addr": "1.1.1.1:1"}
+    r = ConnectionRequestContext.from_json(params)
+    assert r.accepted is True and r.query == ""
+    assert r.context.room_id == "/chat" and r.context.metadata == {}
+    assert r.headers.get("x-token") == ["s"]
+    r.context.metadata = {"user": "alice"}
+    r.accepted = False
+    j = r.to_json()
+    assert j["headers"] == {"X-Token": ["s"]} and j["accepted"] is False
+    assert j["context"]["metadata"] == {"user": "alice"}
+    again = ConnectionRequestContext.from_json(j)
+    assert again.context == r.context and again.accepted is False and again.url == "/chat"
+    # 1.0 style construction with a Context object
+    ctx = Context(client_id="x", room_id="y", metadata={})
+    r2 = ConnectionRequestContext.from_json({"headers": {}, "url": "/u", "remote_addr": None, "context": ctx, "accepted": True})
+    assert r2.context is ctx and r2.remote_addr == ""
+
+
+def test_headers_merge_names_differing_in_case() -> None:
+    h = Headers({"X-Forwarded-For": ["1.1.1.1"], "x-forwarded-for": "2.2.2.2"})
+    assert h.get("X-FORWARDED-FOR") == ["1.1.1.1", "2.2.2.2"]
+    assert list(h) == ["X-Forwarded-For"]
