@@ -443,7 +443,9 @@ class AsyncPyStrandsClient:
 
         With ``auto_reconnect`` a failed first connect is retried with backoff;
         without it, a failed connect or a lost connection makes this return.
-        Cancelling the task disconnects (waiting for handlers) and re-raises.
+        Cancelling the task (e.g. Ctrl-C under ``asyncio.run``) disconnects,
+        waiting for in-flight handlers, and returns normally, as PyStrands 1.0
+        did, so ``asyncio.run(client.run_forever())`` exits cleanly on Ctrl-C.
         """
         self._ensure_session()
         if not self.connected:
@@ -458,8 +460,9 @@ class AsyncPyStrandsClient:
         try:
             await self._done.wait()
         except asyncio.CancelledError:
+            logger.info("run_forever cancelled; disconnecting")
             await self.disconnect()
-            raise
+            return
         await self.disconnect()
 
     # ---------------------------------------------------------------------- sends
