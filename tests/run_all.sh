@@ -19,7 +19,7 @@ if [ ! -x .venv-v1/bin/python ]; then
 fi
 
 echo "== cargo test =="
-cargo test -p pystrands-core --release
+cargo test -p pystrands-core
 
 echo "== pytest =="
 # Run from tests/ so `import pystrands` resolves to the installed package, not the source tree.
