@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pystrands import Broker
 from pystrands.testing import running_broker
-from v1peer import DEADLINE, RawBackend, connect_client, open_ws, wait_for
+from v1peer import DEADLINE, RawBackend, connect_backend, connect_client, open_ws, wait_for
 
 
 def run(coro):
@@ -33,7 +33,7 @@ async def status_of(port: int, path: str = "/", headers=None) -> int:
 def test_accept_sends_request_details_and_exact_metadata():
     async def main():
         with running_broker() as broker:
-            backend = await RawBackend.connect(broker.tcp_port)
+            backend = await connect_backend(broker)
             task = open_ws(
                 f"ws://127.0.0.1:{broker.ws_port}/ws/chat?room=7&x=1",
                 additional_headers={"x-token": "secret", "Authorization": "Bearer t"},
@@ -67,7 +67,7 @@ def test_reject_is_403_before_upgrade_and_no_backend_is_503():
     async def main():
         with running_broker() as broker:
             assert await status_of(broker.ws_port) == 503
-            backend = await RawBackend.connect(broker.tcp_port)
+            backend = await connect_backend(broker)
             await wait_for(lambda: broker.stats()["backends"] == 1, what="backend registered")
 
             async def reject():
@@ -88,7 +88,7 @@ def test_reject_is_403_before_upgrade_and_no_backend_is_503():
 def test_silent_backend_gives_503_after_request_timeout():
     async def main():
         with running_broker(request_timeout=0.3) as broker:
-            backend = await RawBackend.connect(broker.tcp_port)
+            backend = await connect_backend(broker)
             await wait_for(lambda: broker.stats()["backends"] == 1)
             assert await status_of(broker.ws_port) == 503
             req = await backend.expect("connection_request")
@@ -117,7 +117,7 @@ def test_plain_http_gets_an_http_error():
 def test_room_private_and_broadcast_reach_exactly_the_right_clients():
     async def main():
         with running_broker() as broker:
-            backend = await RawBackend.connect(broker.tcp_port)
+            backend = await connect_backend(broker)
             a, _ = await connect_client(broker.ws_port, backend, client_id="a", room_id="red")
             b, _ = await connect_client(broker.ws_port, backend, client_id="b", room_id="red")
             c, _ = await connect_client(broker.ws_port, backend, client_id="c", room_id="blue")
@@ -140,7 +140,7 @@ def test_room_private_and_broadcast_reach_exactly_the_right_clients():
 def test_events_wait_in_the_queue_and_flush_in_order():
     async def main():
         with running_broker(queue_size=5) as broker:
-            first = await RawBackend.connect(broker.tcp_port)
+            first = await connect_backend(broker)
             ws, _ = await connect_client(broker.ws_port, first, client_id="q")
             await first.close()
             await wait_for(lambda: broker.stats()["backends"] == 0, what="backend gone")
@@ -148,7 +148,7 @@ def test_events_wait_in_the_queue_and_flush_in_order():
                 await ws.send(f"m{i}")
             await wait_for(lambda: broker.stats()["queued_events"] == 5, what="5 queued")
             assert broker.stats()["queue_dropped"] == 3
-            second = await RawBackend.connect(broker.tcp_port)
+            second = await connect_backend(broker)
             got = [(await second.expect("new_message"))["params"]["message"] for _ in range(5)]
             assert got == ["m3", "m4", "m5", "m6", "m7"]
             await wait_for(lambda: broker.stats()["queued_events"] == 0)
@@ -164,8 +164,8 @@ def test_events_wait_in_the_queue_and_flush_in_order():
 def test_sticky_routing_keeps_each_client_on_one_backend_in_order():
     async def main():
         with running_broker() as broker:
-            b1 = await RawBackend.connect(broker.tcp_port)
-            b2 = await RawBackend.connect(broker.tcp_port)
+            b1 = await connect_backend(broker)
+            b2 = await connect_backend(broker)
             await wait_for(lambda: broker.stats()["backends"] == 2)
             clients = []
             seen: dict[str, list[tuple[int, str]]] = {}
@@ -230,7 +230,7 @@ def test_sticky_routing_keeps_each_client_on_one_backend_in_order():
 def test_bad_backend_lines_are_counted_and_the_broker_keeps_serving(bad):
     async def main():
         with running_broker(max_line_size=4096) as broker:
-            backend = await RawBackend.connect(broker.tcp_port)
+            backend = await connect_backend(broker)
             ws, _ = await connect_client(broker.ws_port, backend, client_id="k", room_id="r")
             await backend.send_raw(bad)
             # Same backend connection still works.
@@ -249,7 +249,7 @@ def test_bad_backend_lines_are_counted_and_the_broker_keeps_serving(bad):
 def test_oversized_and_invalid_client_messages_close_only_that_client():
     async def main():
         with running_broker(max_message_size=1024) as broker:
-            backend = await RawBackend.connect(broker.tcp_port)
+            backend = await connect_backend(broker)
             big, _ = await connect_client(broker.ws_port, backend, client_id="big", room_id="r")
             ok, _ = await connect_client(broker.ws_port, backend, client_id="ok", room_id="r")
             await big.send("x" * 2000)
@@ -270,7 +270,7 @@ def test_oversized_and_invalid_client_messages_close_only_that_client():
 def test_same_client_id_replaces_the_older_connection():
     async def main():
         with running_broker() as broker:
-            backend = await RawBackend.connect(broker.tcp_port)
+            backend = await connect_backend(broker)
             old, _ = await connect_client(broker.ws_port, backend, client_id="dup", room_id="r1")
             task = open_ws(f"ws://127.0.0.1:{broker.ws_port}/")
             req = await backend.expect("connection_request")
@@ -295,7 +295,7 @@ def test_same_client_id_replaces_the_older_connection():
 def test_stop_closes_clients_with_1001_and_flushes_their_disconnects():
     async def main():
         broker = Broker(host="127.0.0.1", ws_port=0, tcp_port=0, log_level="warn").start()
-        backend = await RawBackend.connect(broker.tcp_port)
+        backend = await connect_backend(broker)
         ws, _ = await connect_client(broker.ws_port, backend, client_id="s")
         await asyncio.get_running_loop().run_in_executor(None, broker.stop)
         with pytest.raises(ConnectionClosed) as info:
@@ -354,7 +354,7 @@ def test_python_defaults_match_the_core():
 def test_heartbeats_reach_backends():
     async def main():
         with running_broker(heartbeat_interval=0.05) as broker:
-            backend = await RawBackend.connect(broker.tcp_port)
+            backend = await connect_backend(broker)
             for _ in range(3):
                 line = await asyncio.wait_for(backend.reader.readline(), DEADLINE)
                 assert json.loads(line) == {"request_id": "heartbeat", "action": "heartbeat", "params": {}}
@@ -367,9 +367,9 @@ def test_backend_that_stops_reading_is_declared_dead_and_its_clients_move():
     async def main():
         with running_broker(heartbeat_interval=0.1) as broker:
             # A small reader limit: asyncio stops pulling from the socket once 128 KiB are buffered.
-            stuck = await RawBackend.connect(broker.tcp_port, limit=64 * 1024)
+            stuck = await connect_backend(broker, limit=64 * 1024)
             ws, _ = await connect_client(broker.ws_port, stuck, client_id="w", room_id="r")
-            healthy = await RawBackend.connect(broker.tcp_port)
+            healthy = await connect_backend(broker)
             await wait_for(lambda: broker.stats()["backends"] == 2)
             # `stuck` never reads again: its socket buffers fill, the write deadline passes.
             chunk = "x" * 60_000
@@ -397,7 +397,7 @@ def test_backend_that_stops_reading_is_declared_dead_and_its_clients_move():
 def test_allowed_origins_and_max_connections():
     async def main():
         with running_broker(allowed_origins=["https://app.example"], max_connections=1) as broker:
-            backend = await RawBackend.connect(broker.tcp_port)
+            backend = await connect_backend(broker)
             await wait_for(lambda: broker.stats()["backends"] == 1)
             assert await status_of(broker.ws_port, headers={"Origin": "https://evil.example"}) == 403
             ws, _ = await connect_client(broker.ws_port, backend, headers={"Origin": "https://app.example"}, client_id="one")

@@ -70,6 +70,15 @@ async def wait_for(predicate: Any, timeout: float = DEADLINE, what: str = "condi
         await asyncio.sleep(0.01)
 
 
+async def connect_backend(broker: Any, **kwargs: Any) -> RawBackend:
+    """Connects a raw backend and waits until the broker has registered it (a TCP connect
+    completes before the broker's accept loop and router have seen it)."""
+    before = broker.stats()["backends"]
+    backend = await RawBackend.connect(broker.tcp_port, **kwargs)
+    await wait_for(lambda: broker.stats()["backends"] > before, what="backend registered")
+    return backend
+
+
 def open_ws(url: str, **kwargs: Any) -> "asyncio.Task[Any]":
     """Starts opening a WebSocket client in the background (the handshake waits for a backend)."""
 

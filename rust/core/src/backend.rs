@@ -30,26 +30,8 @@ const WRITE_BATCH: usize = 512;
 static NEXT_BACKEND: AtomicU64 = AtomicU64::new(1);
 
 /// Accepts backends until `stop` fires.
-pub async fn listen(listener: TcpListener, shared: Arc<Shared>, mut stop: Signal, guard: TaskGuard) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, addr)) => {
-                    let shared = shared.clone();
-                    let guard = guard.clone();
-                    tokio::spawn(async move {
-                        session(stream, addr.to_string(), shared).await;
-                        drop(guard);
-                    });
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "backend listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = stop.fired() => break,
-        }
-    }
+pub async fn listen(listener: TcpListener, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
+    crate::accept_loop(listener, "backend", stop, guard, |stream, addr| session(stream, addr.to_string(), shared.clone())).await;
 }
 
 fn set_keepalive(stream: &TcpStream) {

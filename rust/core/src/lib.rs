@@ -32,6 +32,35 @@ use tokio::sync::mpsc;
 /// Messages that may wait for the router (clients wait when it is full: backpressure).
 const ROUTER_QUEUE: usize = 65_536;
 
+/// Accepts connections until `stop` fires, running `serve` for each in its own task. Each task
+/// holds a clone of `guard`, so shutdown can wait for the connections to finish.
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, mut stop: shutdown::Signal, guard: shutdown::TaskGuard, serve: F)
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    let conn = serve(stream, addr);
+                    let guard = guard.clone();
+                    tokio::spawn(async move {
+                        conn.await;
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    tracing::error!(error = %e, "{what} listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.fired() => break,
+        }
+    }
+}
+
 /// State every task of one broker shares.
 pub struct Shared {
     pub cfg: Config,

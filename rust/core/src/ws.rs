@@ -35,27 +35,8 @@ const WRITE_BATCH: usize = 256;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Accepts WebSocket connections until `stop` fires.
-pub async fn listen(listener: TcpListener, shared: Arc<Shared>, mut stop: Signal, guard: TaskGuard) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, addr)) => {
-                    let shared = shared.clone();
-                    let guard = guard.clone();
-                    tokio::spawn(async move {
-                        connection(stream, addr, shared).await;
-                        drop(guard);
-                    });
-                }
-                Err(e) => {
-                    // Typically out of file descriptors: back off instead of spinning.
-                    tracing::error!(error = %e, "WebSocket listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = stop.fired() => break,
-        }
-    }
+pub async fn listen(listener: TcpListener, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
+    crate::accept_loop(listener, "WebSocket", stop, guard, |stream, addr| connection(stream, addr, shared.clone())).await;
 }
 
 fn ws_config(shared: &Shared) -> WebSocketConfig {
