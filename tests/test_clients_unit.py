@@ -725,14 +725,19 @@ def test_async_slow_client_does_not_delay_others_and_order_holds(broker: FakeBro
 
 
 def test_async_sleeping_handler_on_a_does_not_block_b(broker: FakeBroker) -> None:
-    """The documented case: `await asyncio.sleep(0.5)` in A's handler; B is answered first."""
+    """The documented case (a slow `await` in A's handler): B is answered first. A's handler
+    waits until B's handler has run, so a client that serialized handlers would time out."""
 
     async def body() -> None:
+        b_handled = asyncio.Event()
+
         class Sleepy(AsyncPyStrandsClient):
             async def on_message(self, message: str, context: Context) -> None:
                 if context.client_id == "A":
-                    await asyncio.sleep(0.5)
+                    await asyncio.wait_for(b_handled.wait(), DEADLINE)
                 await self.send_private_message(context.client_id, message)
+                if context.client_id == "B":
+                    b_handled.set()
 
         c = await connected_async(broker, Sleepy)
         try:
