@@ -46,6 +46,17 @@ class Broker:
         handshake_timeout: Seconds a client may take to send its upgrade request.
         workers: Native worker threads (0: one per CPU).
         log_level: ``error``, ``warn``, ``info``, ``debug`` or ``trace`` (native logs, stderr).
+        backend_secret: When set, a backend must present it in its protocol-v2 ``hello``
+            (our clients' ``backend_secret`` argument) before anything it sends is accepted;
+            PyStrands 1.0 backends cannot and are refused. Without it, anyone who reaches
+            ``tcp_port`` controls the broker: keep that port private or set a secret.
+        max_unacked: Events kept per v2 backend until it acknowledges them, for redelivery if
+            it dies (the oldest beyond it are released, counted in ``unacked_overflow``).
+        client_rate_limit: Messages per second one WebSocket client may send (token bucket;
+            0 disables).
+        client_rate_burst: Burst allowed by the rate limit (0: one second's worth).
+        rate_limit_policy: ``"drop"`` (drop and count in ``rate_limited``) or ``"close"``
+            (close code 1008).
     """
 
     def __init__(
@@ -69,6 +80,11 @@ class Broker:
         handshake_timeout: float = 10.0,
         workers: int = 0,
         log_level: str = "info",
+        backend_secret: str | None = None,
+        max_unacked: int = 100_000,
+        client_rate_limit: float = 0.0,
+        client_rate_burst: int = 0,
+        rate_limit_policy: str = "drop",
     ) -> None:
         from . import _core
 
@@ -92,6 +108,11 @@ class Broker:
             "handshake_timeout": handshake_timeout,
             "workers": workers,
             "log_level": log_level,
+            "backend_secret": backend_secret,
+            "max_unacked": max_unacked,
+            "client_rate_limit": client_rate_limit,
+            "client_rate_burst": client_rate_burst,
+            "rate_limit_policy": rate_limit_policy,
         }
         self._native = _core.NativeBroker(**self._settings)
         self._stop_requested = threading.Event()

@@ -33,6 +33,11 @@ _SETTINGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("handshake_timeout", float, "seconds a client may take to send its upgrade request"),
     ("workers", int, "native worker threads (0: one per CPU)"),
     ("log_level", str, "error, warn, info, debug or trace"),
+    ("backend_secret", str, "secret every backend must present in its v2 hello; prefer the env variable (flags show in ps)"),
+    ("max_unacked", int, "unacknowledged events kept per v2 backend for redelivery"),
+    ("client_rate_limit", float, "messages per second one WebSocket client may send (0: no limit)"),
+    ("client_rate_burst", int, "burst allowed by the client rate limit (0: one second's worth)"),
+    ("rate_limit_policy", str, "'drop' or 'close' (close code 1008) for a client over its rate limit"),
 ]
 
 

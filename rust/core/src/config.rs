@@ -7,17 +7,21 @@
 use std::fmt;
 use std::time::Duration;
 
-/// What to do with a WebSocket client whose outbound queue is full.
+/// What to do with a WebSocket client that went over a limit: its outbound queue is full
+/// (`slow_client_policy`) or it sends faster than `client_rate_limit` (`rate_limit_policy`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SlowClientPolicy {
-    /// Close the client with close code [`crate::protocol::CLOSE_SLOW_CONSUMER`]; its backend gets
-    /// `disconnected`.
+pub enum LimitPolicy {
+    /// Close the client (close code [`crate::protocol::CLOSE_SLOW_CONSUMER`] for a full queue,
+    /// [`crate::protocol::CLOSE_POLICY`] for the rate limit); its backend gets `disconnected`.
     Close,
-    /// Keep the client and drop the message that did not fit (counted in `slow_client_drops`).
+    /// Keep the client and drop the message (counted in `slow_client_drops` / `rate_limited`).
     Drop,
 }
 
-impl SlowClientPolicy {
+/// The name the slow-client setting has always used.
+pub type SlowClientPolicy = LimitPolicy;
+
+impl LimitPolicy {
     pub fn as_str(self) -> &'static str {
         match self {
             SlowClientPolicy::Close => "close",
@@ -71,6 +75,17 @@ pub struct Config {
     pub workers: usize,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace` or a tracing directive).
     pub log_level: String,
+    /// Shared secret backends must present in their v2 `hello`; `None` lets any backend in.
+    pub backend_secret: Option<String>,
+    /// Unacknowledged events kept per v2 backend for redelivery; the oldest beyond it are
+    /// released unprotected (counted in `unacked_overflow`).
+    pub max_unacked: usize,
+    /// Messages per second one WebSocket client may send (token bucket); 0 disables the limit.
+    pub client_rate_limit: f64,
+    /// Burst the rate limit allows; 0 means one second's worth (at least 1).
+    pub client_rate_burst: u32,
+    /// What happens to a client over its rate limit.
+    pub rate_limit_policy: LimitPolicy,
 }
 
 impl Default for Config {
@@ -93,6 +108,11 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             workers: 0,
             log_level: "info".into(),
+            backend_secret: None,
+            max_unacked: 100_000,
+            client_rate_limit: 0.0,
+            client_rate_burst: 0,
+            rate_limit_policy: LimitPolicy::Drop,
         }
     }
 }
@@ -171,12 +191,40 @@ impl Config {
                 return Err(bad("allowed_origins", "''", "entries must not be empty"));
             }
         }
+        if let Some(secret) = &self.backend_secret {
+            if secret.is_empty() || secret.contains(['\n', '\r']) {
+                return Err(bad("backend_secret", "<hidden>", "must be a non-empty string without line breaks"));
+            }
+        }
+        if self.max_unacked == 0 || self.max_unacked > 10_000_000 {
+            return Err(bad("max_unacked", self.max_unacked, "must be between 1 and 10000000"));
+        }
+        if !self.client_rate_limit.is_finite() || self.client_rate_limit < 0.0 || self.client_rate_limit > 1e9 {
+            return Err(bad("client_rate_limit", self.client_rate_limit, "must be a number of messages per second >= 0 (0 disables)"));
+        }
+        if self.client_rate_burst > 1_000_000_000 {
+            return Err(bad("client_rate_burst", self.client_rate_burst, "must be between 0 and 1000000000"));
+        }
         let level = self.log_level.to_ascii_lowercase();
         let directive_ok = self.log_level.contains('=') && tracing_subscriber::EnvFilter::try_new(&self.log_level).is_ok();
         if !LOG_LEVELS.contains(&level.as_str()) && !directive_ok {
             return Err(bad("log_level", &self.log_level, "must be one of error, warn, info, debug, trace"));
         }
         Ok(())
+    }
+
+    /// Token-bucket burst of the client rate limit.
+    pub fn rate_burst(&self) -> f64 {
+        if self.client_rate_burst > 0 {
+            f64::from(self.client_rate_burst)
+        } else {
+            self.client_rate_limit.ceil().max(1.0)
+        }
+    }
+
+    /// How long a v2 backend may stay silent before it is declared dead.
+    pub fn backend_silence_limit(&self) -> std::time::Duration {
+        self.heartbeat_interval * 3
     }
 
     /// Whether a WebSocket request carrying this `Origin` may connect.
@@ -212,6 +260,15 @@ mod tests {
 
         assert_eq!(seconds("request_timeout", -1.0).unwrap_err().setting, "request_timeout");
         assert!(seconds("request_timeout", f64::NAN).is_err());
+
+        let c = Config { backend_secret: Some("a\nb".into()), ..Config::default() };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.setting, "backend_secret");
+        assert!(!e.to_string().contains("a\nb"), "the secret is never echoed: {e}");
+        let c = Config { client_rate_limit: -1.0, ..Config::default() };
+        assert_eq!(c.validate().unwrap_err().setting, "client_rate_limit");
+        let c = Config { max_unacked: 0, ..Config::default() };
+        assert_eq!(c.validate().unwrap_err().setting, "max_unacked");
     }
 
     #[test]

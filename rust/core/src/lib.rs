@@ -1,23 +1,24 @@
 //! PyStrands broker core: WebSocket clients on one side, Python backends (TCP, newline-delimited
-//! JSON, protocol v1) on the other, rooms and routing in between. Pure Rust; the PyO3 binding in
+//! JSON, protocol v1 or the negotiated v2) on the other, rooms and routing in between. Pure Rust; the PyO3 binding in
 //! `rust/py` only converts settings, starts and stops a [`BrokerHandle`] and reads its stats.
 //!
 //! Layout: [`config`] (settings), [`protocol`] (wire format), [`http`] (upgrade handshake),
 //! [`hub`] (clients and rooms — the only shared state), [`ws`] (WebSocket connections),
-//! [`backend`] (backend sessions), [`router`] (backend selection, queue, pending requests),
-//! [`shutdown`], [`stats`].
+//! [`backend`] (backend sessions, hello, outboxes), [`router`] (backend selection, redelivery,
+//! queue, pending requests), [`ratelimit`] (per-client token bucket), [`shutdown`], [`stats`].
 
 pub mod backend;
 pub mod config;
 pub mod http;
 pub mod hub;
 pub mod protocol;
+pub mod ratelimit;
 pub mod router;
 pub mod shutdown;
 pub mod stats;
 pub mod ws;
 
-pub use config::{Config, ConfigError, SlowClientPolicy};
+pub use config::{Config, ConfigError, LimitPolicy, SlowClientPolicy};
 pub use stats::Stats;
 
 use std::fmt;
@@ -173,9 +174,9 @@ impl BrokerHandle {
         {
             let _enter = runtime.enter();
             let guard = backends.guard();
-            let queue_size = shared.cfg.queue_size;
+            let limits = router::Limits { queue_size: shared.cfg.queue_size, max_unacked: shared.cfg.max_unacked };
             tokio::spawn(async move {
-                router::run(router_rx, queue_size, counters, gauges, router_sig).await;
+                router::run(router_rx, limits, counters, gauges, router_sig).await;
                 drop(guard);
             });
             tokio::spawn(ws::listen(ws_listener, shared.clone(), listeners_sig.clone(), clients.guard()));
@@ -205,6 +206,7 @@ impl BrokerHandle {
             backends: g.backends.load(Ordering::Relaxed),
             queued_events: g.queued_events.load(Ordering::Relaxed),
             pending_requests: g.pending_requests.load(Ordering::Relaxed),
+            unacked_events: g.unacked_events.load(Ordering::Relaxed),
             counters: self.shared.counters.snapshot(),
         }
     }

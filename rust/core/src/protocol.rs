@@ -1,5 +1,7 @@
-//! Wire protocol v1 between the broker and backends: newline-delimited JSON objects
-//! `{"request_id", "action", "params"}`, plus the WebSocket close codes the broker uses.
+//! Wire protocol between the broker and backends: newline-delimited JSON objects
+//! `{"request_id", "action", "params"}` (v1), the v2 additions negotiated with a `hello`
+//! (event sequence numbers, cumulative `ack`s, heartbeat replies, the backend secret), and the
+//! WebSocket close codes the broker uses. `docs/protocol.md` is the specification.
 //!
 //! Encoding writes each line straight into a byte buffer (no intermediate tree); decoding checks
 //! every field's type and returns a [`DecodeError`] that says exactly what was wrong, because
@@ -19,6 +21,13 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
 pub const CLOSE_REPLACED: u16 = 4001;
 /// Close code for a client that stopped answering pings.
 pub const CLOSE_IDLE: u16 = 4002;
+/// Close code for a client over its message rate limit (policy `close`).
+pub const CLOSE_POLICY: u16 = 1008;
+
+/// The protocol version this broker speaks beyond v1.
+pub const PROTOCOL_VERSION: u64 = 2;
+/// Features of v2 this broker implements, announced in its `hello`.
+pub const FEATURES: [&str; 2] = ["ack", "heartbeat"];
 
 /// Go's `textproto.CanonicalMIMEHeaderKey`: `x-token` → `X-Token`. Names with characters outside
 /// the token set are returned unchanged, as Go does.
@@ -147,6 +156,62 @@ pub fn heartbeat_line() -> Bytes {
     Bytes::from_static(b"{\"request_id\":\"heartbeat\",\"action\":\"heartbeat\",\"params\":{}}\n")
 }
 
+/// The broker's answer to a backend's `hello`: accepted (the connection is v2 from now on), or
+/// refused with the reason, after which the broker closes the connection.
+pub fn encode_hello_reply(result: Result<f64, &str>) -> Bytes {
+    let mut buf = line_start("hello", "hello", 128);
+    match result {
+        Ok(heartbeat_secs) => {
+            buf.extend_from_slice(format!("\"ok\":true,\"version\":{PROTOCOL_VERSION},\"features\":[").as_bytes());
+            for (i, f) in FEATURES.iter().enumerate() {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                push_json_str(&mut buf, f);
+            }
+            buf.extend_from_slice(format!("],\"heartbeat_interval\":{heartbeat_secs:?}").as_bytes());
+        }
+        Err(reason) => {
+            buf.extend_from_slice(b"\"ok\":false,\"error\":");
+            push_json_str(&mut buf, reason);
+        }
+    }
+    line_end(buf)
+}
+
+/// An event line (as encoded for v1) for a v2 backend: the same object with `"seq"` (and
+/// `"redelivered":true`) in front. `line` must start with `{`, as every encoder here makes it.
+pub fn with_seq(line: &[u8], seq: u64, redelivered: bool) -> Bytes {
+    let rest = line.strip_prefix(b"{").unwrap_or(line);
+    let mut buf = Vec::with_capacity(line.len() + 40);
+    buf.extend_from_slice(b"{\"seq\":");
+    buf.extend_from_slice(seq.to_string().as_bytes());
+    buf.push(b',');
+    if redelivered {
+        buf.extend_from_slice(b"\"redelivered\":true,");
+    }
+    buf.extend_from_slice(rest);
+    Bytes::from(buf)
+}
+
+/// Compares two secrets in time that depends only on their lengths, not on where they differ.
+pub fn secrets_equal(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = (given.len() != expected.len()) as u8;
+    for i in 0..expected.len() {
+        let g = given.get(i).copied().unwrap_or(0);
+        diff |= g ^ expected[i];
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// A backend's `hello`: the version and features it speaks, and the secret if it has one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hello {
+    pub version: u64,
+    pub features: Vec<String>,
+    pub secret: Option<String>,
+}
+
 /// A backend's answer to a connection request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AcceptResponse {
@@ -168,6 +233,10 @@ pub enum BackendCommand {
     Broadcast { message: String },
     /// A heartbeat echoed by a backend: nothing to do.
     Heartbeat,
+    /// v2: the opening line of a backend that speaks v2.
+    Hello(Hello),
+    /// v2: every event with `seq` up to this one has been handled.
+    Ack { seq: u64 },
 }
 
 /// Why a backend line could not be used. `cause` is a short stable label (for rate-limited
@@ -295,6 +364,28 @@ pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
         }),
         "broadcast" => Ok(BackendCommand::Broadcast { message: take_message(p, "broadcast")? }),
         "heartbeat" => Ok(BackendCommand::Heartbeat),
+        "ack" => match p.get("seq") {
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(seq) => Ok(BackendCommand::Ack { seq }),
+                None => Err(err("wrong type", format!("ack: params.seq must be a non-negative integer, got {n}"))),
+            },
+            None | Some(Value::Null) => Err(err("missing field", "ack: params.seq is missing")),
+            Some(other) => Err(err("wrong type", format!("ack: params.seq must be an integer, got {}", type_name(other)))),
+        },
+        "hello" => {
+            let version = match p.get("version") {
+                Some(Value::Number(n)) => n.as_u64().ok_or_else(|| err("wrong type", format!("hello: params.version must be a positive integer, got {n}")))?,
+                None | Some(Value::Null) => return Err(err("missing field", "hello: params.version is missing")),
+                Some(other) => return Err(err("wrong type", format!("hello: params.version must be an integer, got {}", type_name(other)))),
+            };
+            let features = match p.get_mut("features").map(Value::take) {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(items)) => items.into_iter().filter_map(|f| if let Value::String(s) = f { Some(s) } else { None }).collect(),
+                Some(other) => return Err(err("wrong type", format!("hello: params.features must be an array, got {}", type_name(&other)))),
+            };
+            let secret = optional_string(p, "hello", "secret")?;
+            Ok(BackendCommand::Hello(Hello { version, features, secret }))
+        }
         other => {
             let mut shown: String = other.chars().take(64).collect();
             if shown.len() < other.len() {
@@ -378,6 +469,45 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn v2_lines() {
+        let line = encode_new_message("17", "hi", r#"{"client_id":"a","room_id":"r","metadata":{}}"#);
+        let v: Value = serde_json::from_slice(&with_seq(&line, 5, false)).unwrap();
+        assert_eq!((v["seq"].as_u64(), v["request_id"].as_str(), v["params"]["message"].as_str()), (Some(5), Some("17"), Some("hi")));
+        assert!(v.get("redelivered").is_none());
+        let v: Value = serde_json::from_slice(&with_seq(&line, 6, true)).unwrap();
+        assert_eq!(v["redelivered"], json!(true));
+        assert!(with_seq(&line, 1, false).ends_with(b"\n"));
+
+        let v: Value = serde_json::from_slice(&encode_hello_reply(Ok(15.0))).unwrap();
+        assert_eq!(v["params"]["ok"], json!(true));
+        assert_eq!(v["params"]["version"], json!(2));
+        assert_eq!(v["params"]["heartbeat_interval"], json!(15.0));
+        let v: Value = serde_json::from_slice(&encode_hello_reply(Err("wrong \"secret\""))).unwrap();
+        assert_eq!(v["params"], json!({"ok": false, "error": "wrong \"secret\""}));
+    }
+
+    #[test]
+    fn v2_commands() {
+        assert_eq!(decode_backend_line(br#"{"action":"ack","params":{"seq":12}}"#).unwrap(), BackendCommand::Ack { seq: 12 });
+        for bad in [&br#"{"action":"ack","params":{"seq":-1}}"#[..], br#"{"action":"ack","params":{"seq":"1"}}"#, br#"{"action":"ack","params":{}}"#, br#"{"action":"ack","params":{"seq":1.5}}"#] {
+            assert!(decode_backend_line(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let h = decode_backend_line(br#"{"request_id":"hello","action":"hello","params":{"version":2,"features":["ack",3],"secret":"s3"}}"#).unwrap();
+        assert_eq!(h, BackendCommand::Hello(Hello { version: 2, features: vec!["ack".into()], secret: Some("s3".into()) }));
+        assert!(decode_backend_line(br#"{"action":"hello","params":{"version":"2"}}"#).is_err());
+        assert!(decode_backend_line(br#"{"action":"hello","params":{"version":2,"secret":7}}"#).is_err());
+    }
+
+    #[test]
+    fn secret_comparison() {
+        assert!(secrets_equal(b"abc", b"abc"));
+        assert!(!secrets_equal(b"abd", b"abc"));
+        assert!(!secrets_equal(b"ab", b"abc"));
+        assert!(!secrets_equal(b"abcd", b"abc"));
+        assert!(!secrets_equal(b"", b"abc"));
+    }
 
     #[test]
     fn canonical_names_match_go() {

@@ -1,17 +1,25 @@
 //! The router: one task that owns everything about backends — which are live, which backend each
-//! client is pinned to, the queue of events waiting for a backend, and the connection requests
-//! waiting for an answer. Being a single task, it needs no locks and keeps a strict order: the
-//! events of one client reach one backend in the order the client produced them.
+//! client is pinned to, the events a v2 backend has not acknowledged yet, the queue of events
+//! waiting for a backend, and the connection requests waiting for an answer. Being a single task,
+//! it needs no locks and keeps a strict order: the events of one client reach one backend in the
+//! order the client produced them, and redelivered events go ahead of anything newer.
 //!
 //! * Sticky routing: a client is pinned to the backend that accepted it; if that backend goes
 //!   away, the client's next event pins it to another live backend (round robin).
+//! * Never blocking: lines go into each backend's [`Outbox`] without waiting. A backend that
+//!   falls too far behind overflows its outbox and is dropped like a dead one, so one stalled
+//!   backend cannot hold up routing for the others.
+//! * v2 backends: each event carries a per-connection `seq` and stays in the backend's unacked
+//!   buffer until a cumulative `ack` covers it. When the backend is lost, those events are
+//!   redelivered in order (marked `redelivered`) to the backends that take over their clients.
 //! * No backend: events wait in a bounded queue (`queue_size`, drop-oldest, counted) and are
 //!   flushed in order to the first backend that connects. Connection requests are answered 503.
 //! * A connection request whose backend dies is re-sent to another live backend.
 
-use crate::protocol::AcceptResponse;
+use crate::backend::Outbox;
+use crate::protocol::{self, AcceptResponse};
 use crate::shutdown::Signal;
-use crate::stats::{incr, Counters};
+use crate::stats::{add, incr, Counters};
 use bytes::Bytes;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
@@ -39,7 +47,10 @@ pub enum RouterMsg {
     CancelRequest { request_id: String },
     /// A backend answered a connection request.
     Response { backend: BackendId, resp: AcceptResponse },
-    BackendUp { id: BackendId, addr: String, tx: mpsc::Sender<Bytes> },
+    /// A backend connected; `v2` when it negotiated acknowledgements.
+    BackendUp { id: BackendId, addr: String, outbox: Arc<Outbox>, v2: bool },
+    /// A v2 backend handled every event up to `seq`.
+    Ack { backend: BackendId, seq: u64 },
     BackendDown { id: BackendId },
 }
 
@@ -49,6 +60,16 @@ pub struct Gauges {
     pub backends: AtomicUsize,
     pub queued_events: AtomicUsize,
     pub pending_requests: AtomicUsize,
+    pub unacked_events: AtomicUsize,
+}
+
+/// Router settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Events kept while no backend is up.
+    pub queue_size: usize,
+    /// Unacknowledged events kept per v2 backend.
+    pub max_unacked: usize,
 }
 
 struct Pending {
@@ -58,74 +79,104 @@ struct Pending {
     reply: oneshot::Sender<Decision>,
 }
 
+/// An event a v2 backend has not acknowledged yet.
+struct Unacked {
+    seq: u64,
+    event: Queued,
+}
+
+/// An event on its way to a backend: the v1 line plus what routing needs to know.
+struct Queued {
+    client_id: Arc<str>,
+    line: Bytes,
+    last: bool,
+    redelivered: bool,
+}
+
+struct Backend {
+    id: BackendId,
+    outbox: Arc<Outbox>,
+    v2: bool,
+    next_seq: u64,
+    unacked: VecDeque<Unacked>,
+    overflow_warned: bool,
+}
+
 struct Router {
-    backends: Vec<(BackendId, String, mpsc::Sender<Bytes>)>,
+    backends: Vec<Backend>,
     next: usize,
     pinned: HashMap<Arc<str>, BackendId>,
-    queue: VecDeque<(Arc<str>, Bytes, bool)>,
-    queue_size: usize,
+    queue: VecDeque<Queued>,
+    limits: Limits,
     pending: HashMap<String, Pending>,
+    unacked_total: usize,
     counters: Arc<Counters>,
     gauges: Arc<Gauges>,
 }
 
 /// Runs the router until `stop` fires, then handles what is already in its inbox and returns,
-/// dropping the backends' queues so their writers flush and finish.
-pub async fn run(mut rx: mpsc::Receiver<RouterMsg>, queue_size: usize, counters: Arc<Counters>, gauges: Arc<Gauges>, mut stop: Signal) {
+/// telling every backend's writer to flush what it has and finish.
+pub async fn run(mut rx: mpsc::Receiver<RouterMsg>, limits: Limits, counters: Arc<Counters>, gauges: Arc<Gauges>, mut stop: Signal) {
     let mut r = Router {
         backends: Vec::new(),
         next: 0,
         pinned: HashMap::new(),
         queue: VecDeque::new(),
-        queue_size,
+        limits,
         pending: HashMap::new(),
+        unacked_total: 0,
         counters,
         gauges,
     };
     loop {
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(m) => r.handle(m).await,
+                Some(m) => r.handle(m),
                 None => break,
             },
             _ = stop.fired() => {
                 rx.close();
                 while let Some(m) = rx.recv().await {
-                    r.handle(m).await;
+                    r.handle(m);
                 }
                 break;
             }
         }
     }
+    for b in &r.backends {
+        b.outbox.finish();
+    }
     if !r.queue.is_empty() {
         tracing::warn!(events = r.queue.len(), "broker stopped with events still waiting for a backend; they are discarded");
-        crate::stats::add(&r.counters.queue_dropped, r.queue.len() as u64);
+        add(&r.counters.queue_dropped, r.queue.len() as u64);
     }
 }
 
 impl Router {
-    async fn handle(&mut self, msg: RouterMsg) {
+    fn handle(&mut self, msg: RouterMsg) {
         match msg {
-            RouterMsg::Event { client_id, line, last } => self.route(client_id, line, last).await,
-            RouterMsg::ConnRequest { request_id, url, line, reply } => self.ask(request_id, url, line, reply).await,
+            RouterMsg::Event { client_id, line, last } => self.route(Queued { client_id, line, last, redelivered: false }),
+            RouterMsg::ConnRequest { request_id, url, line, reply } => self.ask(request_id, url, line, reply),
             RouterMsg::CancelRequest { request_id } => {
                 self.pending.remove(&request_id);
             }
             RouterMsg::Response { backend, resp } => self.answer(backend, resp),
-            RouterMsg::BackendUp { id, addr, tx } => {
-                tracing::info!(backend = id, %addr, "backend connected");
-                self.backends.push((id, addr, tx));
-                self.flush_queue().await;
+            RouterMsg::BackendUp { id, addr, outbox, v2 } => {
+                tracing::info!(backend = id, %addr, protocol = if v2 { 2 } else { 1 }, "backend connected");
+                self.backends.push(Backend { id, outbox, v2, next_seq: 1, unacked: VecDeque::new(), overflow_warned: false });
+                self.flush_queue();
             }
-            RouterMsg::BackendDown { id } => self.backend_down(id).await,
+            RouterMsg::Ack { backend, seq } => self.ack(backend, seq),
+            RouterMsg::BackendDown { id } => self.drop_backend(id),
         }
         self.gauges.backends.store(self.backends.len(), Relaxed);
         self.gauges.queued_events.store(self.queue.len(), Relaxed);
         self.gauges.pending_requests.store(self.pending.len(), Relaxed);
+        self.gauges.unacked_events.store(self.unacked_total, Relaxed);
     }
 
-    fn is_live(&self, id: BackendId) -> bool {
-        self.backends.iter().any(|(b, _, _)| *b == id)
+    fn position(&self, id: BackendId) -> Option<usize> {
+        self.backends.iter().position(|b| b.id == id)
     }
 
     fn pick(&mut self) -> Option<BackendId> {
@@ -133,82 +184,111 @@ impl Router {
             return None;
         }
         self.next = (self.next + 1) % self.backends.len();
-        Some(self.backends[self.next].0)
+        Some(self.backends[self.next].id)
     }
 
-    /// Sends a line to a backend; on failure the backend is treated as gone.
-    async fn send_to(&mut self, id: BackendId, line: Bytes) -> Result<(), Bytes> {
-        let Some(tx) = self.backends.iter().find(|(b, _, _)| *b == id).map(|(_, _, tx)| tx.clone()) else {
-            return Err(line);
-        };
-        match tx.send(line).await {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::SendError(line)) => {
-                self.forget_backend(id);
-                Err(line)
-            }
-        }
-    }
-
-    fn enqueue(&mut self, client_id: Arc<str>, line: Bytes, last: bool) {
-        if self.queue_size == 0 {
+    fn enqueue(&mut self, ev: Queued) {
+        if self.limits.queue_size == 0 {
             incr(&self.counters.queue_dropped);
             return;
         }
-        if self.queue.len() >= self.queue_size {
+        if self.queue.len() >= self.limits.queue_size {
             self.queue.pop_front();
             incr(&self.counters.queue_dropped);
         }
-        self.queue.push_back((client_id, line, last));
+        self.queue.push_back(ev);
     }
 
-    async fn route(&mut self, client_id: Arc<str>, mut line: Bytes, last: bool) {
+    /// Sends one client event to the client's backend (pinning it on first use), or queues it.
+    fn route(&mut self, ev: Queued) {
         loop {
-            let target = match self.pinned.get(&client_id) {
-                Some(&b) if self.is_live(b) => Some(b),
+            let target = match self.pinned.get(&ev.client_id) {
+                Some(&b) if self.position(b).is_some() => Some(b),
                 _ => self.pick(),
             };
-            let Some(backend) = target else {
-                self.enqueue(client_id, line, last);
+            let Some(id) = target else {
+                self.enqueue(ev);
                 return;
             };
-            match self.send_to(backend, line).await {
-                Ok(()) => {
-                    incr(&self.counters.events_to_backends);
-                    if last {
-                        self.pinned.remove(&client_id);
-                    } else {
-                        self.pinned.insert(client_id, backend);
+            let Some(pos) = self.position(id) else { continue };
+            let b = &mut self.backends[pos];
+            if b.v2 {
+                // The event is kept until acknowledged; if the outbox refuses it, dropping the
+                // backend redelivers it together with the rest of the unacknowledged ones.
+                let seq = b.next_seq;
+                b.next_seq += 1;
+                let wire = protocol::with_seq(&ev.line, seq, ev.redelivered);
+                let (client_id, last) = (ev.client_id.clone(), ev.last);
+                if b.unacked.len() >= self.limits.max_unacked {
+                    b.unacked.pop_front();
+                    self.unacked_total -= 1;
+                    incr(&self.counters.unacked_overflow);
+                    if !b.overflow_warned {
+                        b.overflow_warned = true;
+                        tracing::warn!(backend = id, max_unacked = self.limits.max_unacked, "backend is not acknowledging events fast enough; the oldest are no longer kept for redelivery");
                     }
+                }
+                b.unacked.push_back(Unacked { seq, event: ev });
+                self.unacked_total += 1;
+                if b.outbox.push(wire, true).is_err() {
+                    self.drop_backend(id);
                     return;
                 }
-                Err(back) => line = back,
-            }
-        }
-    }
-
-    async fn flush_queue(&mut self) {
-        while let Some((client_id, line, last)) = self.queue.pop_front() {
-            if self.backends.is_empty() {
-                self.queue.push_front((client_id, line, last));
+                incr(&self.counters.events_to_backends);
+                self.pin(client_id, id, last);
                 return;
             }
-            self.route(client_id, line, last).await;
+            match b.outbox.push(ev.line.clone(), true) {
+                Ok(()) => {
+                    incr(&self.counters.events_to_backends);
+                    self.pin(ev.client_id, id, ev.last);
+                    return;
+                }
+                Err(()) => self.drop_backend(id),
+            }
         }
     }
 
-    async fn ask(&mut self, request_id: String, url: String, mut line: Bytes, reply: oneshot::Sender<Decision>) {
+    fn pin(&mut self, client_id: Arc<str>, backend: BackendId, last: bool) {
+        if last {
+            self.pinned.remove(&client_id);
+        } else {
+            self.pinned.insert(client_id, backend);
+        }
+    }
+
+    fn flush_queue(&mut self) {
+        while !self.backends.is_empty() {
+            let Some(ev) = self.queue.pop_front() else { return };
+            self.route(ev);
+        }
+    }
+
+    fn ack(&mut self, id: BackendId, seq: u64) {
+        let Some(pos) = self.position(id) else { return };
+        let b = &mut self.backends[pos];
+        if seq >= b.next_seq {
+            tracing::warn!(backend = id, seq, sent = b.next_seq - 1, "backend acknowledged events it was never sent");
+        }
+        while b.unacked.front().is_some_and(|u| u.seq <= seq) {
+            b.unacked.pop_front();
+            self.unacked_total -= 1;
+        }
+    }
+
+    fn ask(&mut self, request_id: String, url: String, line: Bytes, reply: oneshot::Sender<Decision>) {
         loop {
-            let Some(backend) = self.pick() else {
+            let Some(id) = self.pick() else {
                 let _ = reply.send(Decision::Unavailable("no backend connected"));
                 return;
             };
-            match self.send_to(backend, line.clone()).await {
+            let Some(pos) = self.position(id) else { continue };
+            match self.backends[pos].outbox.push(line.clone(), false) {
                 Ok(()) => {
-                    self.pending.insert(request_id, Pending { backend, url, line, reply });
+                    self.pending.insert(request_id, Pending { backend: id, url, line, reply });
                     return;
                 }
-                Err(back) => line = back,
+                Err(()) => self.drop_backend(id),
             }
         }
     }
@@ -221,7 +301,9 @@ impl Router {
         let decision = if resp.accepted {
             let client_id = resp.client_id.filter(|c| !c.is_empty()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let room_id = resp.room_id.unwrap_or(p.url);
-            self.pinned.insert(Arc::from(client_id.as_str()), backend);
+            if self.position(backend).is_some() {
+                self.pinned.insert(Arc::from(client_id.as_str()), backend);
+            }
             Decision::Accept { client_id, room_id, metadata: resp.metadata, backend }
         } else {
             Decision::Reject { reason: resp.reason }
@@ -229,23 +311,27 @@ impl Router {
         let _ = p.reply.send(decision);
     }
 
-    fn forget_backend(&mut self, id: BackendId) -> bool {
-        let before = self.backends.len();
-        self.backends.retain(|(b, _, _)| *b != id);
+    /// Forgets a backend (idempotent): its outbox is closed, its unacknowledged events are
+    /// redelivered in order, and its unanswered connection requests go to another backend.
+    fn drop_backend(&mut self, id: BackendId) {
+        let Some(pos) = self.position(id) else { return };
+        let b = self.backends.remove(pos);
         if self.next >= self.backends.len() {
             self.next = 0;
         }
-        before != self.backends.len()
-    }
-
-    async fn backend_down(&mut self, id: BackendId) {
-        if self.forget_backend(id) {
-            tracing::warn!(backend = id, remaining = self.backends.len(), "backend disconnected; its clients move to the remaining backends");
+        b.outbox.close();
+        tracing::warn!(backend = id, remaining = self.backends.len(), unacked = b.unacked.len(), "backend gone; its clients move to the remaining backends");
+        self.unacked_total -= b.unacked.len();
+        if !b.unacked.is_empty() {
+            add(&self.counters.events_redelivered, b.unacked.len() as u64);
+        }
+        for u in b.unacked {
+            self.route(Queued { redelivered: true, ..u.event });
         }
         let orphaned: Vec<String> = self.pending.iter().filter(|(_, p)| p.backend == id).map(|(k, _)| k.clone()).collect();
         for request_id in orphaned {
             if let Some(p) = self.pending.remove(&request_id) {
-                self.ask(request_id, p.url, p.line, p.reply).await;
+                self.ask(request_id, p.url, p.line, p.reply);
             }
         }
     }
@@ -257,15 +343,44 @@ mod tests {
     use crate::shutdown;
 
     fn start(queue_size: usize) -> (mpsc::Sender<RouterMsg>, Arc<Counters>, shutdown::Trigger, tokio::task::JoinHandle<()>) {
+        start_with(Limits { queue_size, max_unacked: 1000 })
+    }
+
+    fn start_with(limits: Limits) -> (mpsc::Sender<RouterMsg>, Arc<Counters>, shutdown::Trigger, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(64);
         let counters = Arc::new(Counters::default());
         let (trigger, sig) = shutdown::signal();
-        let h = tokio::spawn(run(rx, queue_size, counters.clone(), Arc::default(), sig));
+        let h = tokio::spawn(run(rx, limits, counters.clone(), Arc::default(), sig));
         (tx, counters, trigger, h)
     }
 
     fn ev(c: &str, n: u32, last: bool) -> RouterMsg {
         RouterMsg::Event { client_id: c.into(), line: Bytes::from(format!("{c}{n}")), last }
+    }
+
+    /// A backend as the router sees it, plus a way to read what it was sent.
+    async fn backend(tx: &mpsc::Sender<RouterMsg>, id: BackendId, v2: bool) -> Arc<Outbox> {
+        backend_with(tx, id, v2, 1_000_000).await
+    }
+
+    async fn backend_with(tx: &mpsc::Sender<RouterMsg>, id: BackendId, v2: bool, max_lines: usize) -> Arc<Outbox> {
+        let outbox = Arc::new(Outbox::new(None, max_lines, usize::MAX));
+        tx.send(RouterMsg::BackendUp { id, addr: id.to_string(), outbox: outbox.clone(), v2 }).await.unwrap();
+        outbox
+    }
+
+    /// The next line in an outbox, waiting for the router to put it there.
+    async fn next(outbox: &Outbox) -> Bytes {
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                if let Some(l) = outbox.pop() {
+                    return l;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("a line within 5 s")
     }
 
     #[tokio::test]
@@ -274,10 +389,9 @@ mod tests {
         for n in 0..5 {
             tx.send(ev("a", n, false)).await.unwrap();
         }
-        let (btx, mut brx) = mpsc::channel(16);
-        tx.send(RouterMsg::BackendUp { id: 1, addr: "x".into(), tx: btx }).await.unwrap();
+        let b = backend(&tx, 1, false).await;
         for want in ["a2", "a3", "a4"] {
-            assert_eq!(brx.recv().await.unwrap(), Bytes::from(want));
+            assert_eq!(next(&b).await, Bytes::from(want));
         }
         assert_eq!(counters.queue_dropped.load(Relaxed), 2);
         trigger.fire();
@@ -287,10 +401,8 @@ mod tests {
     #[tokio::test]
     async fn clients_stick_to_one_backend_and_move_when_it_dies() {
         let (tx, _c, trigger, h) = start(10);
-        let (b1, mut r1) = mpsc::channel(64);
-        let (b2, mut r2) = mpsc::channel(64);
-        tx.send(RouterMsg::BackendUp { id: 1, addr: "1".into(), tx: b1 }).await.unwrap();
-        tx.send(RouterMsg::BackendUp { id: 2, addr: "2".into(), tx: b2 }).await.unwrap();
+        let b1 = backend(&tx, 1, false).await;
+        let b2 = backend(&tx, 2, false).await;
         for n in 0..10 {
             tx.send(ev("a", n, false)).await.unwrap();
             tx.send(ev("b", n, false)).await.unwrap();
@@ -298,8 +410,8 @@ mod tests {
         let mut got1 = Vec::new();
         let mut got2 = Vec::new();
         for _ in 0..10 {
-            got1.push(r1.recv().await.unwrap());
-            got2.push(r2.recv().await.unwrap());
+            got1.push(next(&b1).await);
+            got2.push(next(&b2).await);
         }
         let first1 = got1[0][0];
         assert!(got1.iter().all(|l| l[0] == first1), "one client per backend");
@@ -307,10 +419,9 @@ mod tests {
         let expect: Vec<Bytes> = (0..10).map(|n| Bytes::from(format!("{}{n}", first1 as char))).collect();
         assert_eq!(got1, expect, "in order");
         // Backend 1 dies: its client continues on backend 2.
-        drop(r1);
         tx.send(RouterMsg::BackendDown { id: 1 }).await.unwrap();
         tx.send(ev(&(first1 as char).to_string(), 99, false)).await.unwrap();
-        assert_eq!(r2.recv().await.unwrap(), Bytes::from(format!("{}99", first1 as char)));
+        assert_eq!(next(&b2).await, Bytes::from(format!("{}99", first1 as char)));
         trigger.fire();
         h.await.unwrap();
     }
@@ -322,11 +433,10 @@ mod tests {
         tx.send(RouterMsg::ConnRequest { request_id: "r1".into(), url: "/a".into(), line: Bytes::from("q"), reply: otx }).await.unwrap();
         assert!(matches!(orx.await.unwrap(), Decision::Unavailable(_)));
 
-        let (b1, mut r1) = mpsc::channel(64);
-        tx.send(RouterMsg::BackendUp { id: 1, addr: "1".into(), tx: b1 }).await.unwrap();
+        let b1 = backend(&tx, 1, false).await;
         let (otx, orx) = oneshot::channel();
         tx.send(RouterMsg::ConnRequest { request_id: "r2".into(), url: "/room".into(), line: Bytes::from("q2"), reply: otx }).await.unwrap();
-        assert_eq!(r1.recv().await.unwrap(), Bytes::from("q2"));
+        assert_eq!(next(&b1).await, Bytes::from("q2"));
         let resp = AcceptResponse { request_id: "r2".into(), accepted: true, client_id: None, room_id: None, metadata: Value::Null, reason: None };
         tx.send(RouterMsg::Response { backend: 1, resp }).await.unwrap();
         match orx.await.unwrap() {
@@ -343,19 +453,118 @@ mod tests {
     #[tokio::test]
     async fn a_request_whose_backend_dies_goes_to_another() {
         let (tx, _c, trigger, h) = start(10);
-        let (b1, mut r1) = mpsc::channel(64);
-        let (b2, mut r2) = mpsc::channel(64);
-        tx.send(RouterMsg::BackendUp { id: 1, addr: "1".into(), tx: b1 }).await.unwrap();
-        tx.send(RouterMsg::BackendUp { id: 2, addr: "2".into(), tx: b2 }).await.unwrap();
+        let b1 = backend(&tx, 1, false).await;
+        let b2 = backend(&tx, 2, false).await;
         let (otx, _orx) = oneshot::channel();
         tx.send(RouterMsg::ConnRequest { request_id: "r".into(), url: "/".into(), line: Bytes::from("q"), reply: otx }).await.unwrap();
         let first = tokio::select! {
-            l = r1.recv() => { assert_eq!(l.unwrap(), Bytes::from("q")); 1 }
-            l = r2.recv() => { assert_eq!(l.unwrap(), Bytes::from("q")); 2 }
+            l = next(&b1) => { assert_eq!(l, Bytes::from("q")); 1 }
+            l = next(&b2) => { assert_eq!(l, Bytes::from("q")); 2 }
         };
-        let other_rx = if first == 1 { &mut r2 } else { &mut r1 };
+        let other = if first == 1 { &b2 } else { &b1 };
         tx.send(RouterMsg::BackendDown { id: first }).await.unwrap();
-        assert_eq!(other_rx.recv().await.unwrap(), Bytes::from("q"));
+        assert_eq!(next(other).await, Bytes::from("q"));
+        trigger.fire();
+        h.await.unwrap();
+    }
+
+    fn parse(line: &Bytes) -> Value {
+        serde_json::from_slice(line).unwrap()
+    }
+
+    fn v2_ev(c: &str, n: u32) -> RouterMsg {
+        let line = protocol::encode_new_message(&n.to_string(), &format!("{c}{n}"), &format!(r#"{{"client_id":"{c}"}}"#));
+        RouterMsg::Event { client_id: c.into(), line, last: false }
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_events_are_redelivered_in_order_ahead_of_newer_ones() {
+        let (tx, counters, trigger, h) = start(10);
+        let b1 = backend(&tx, 1, true).await;
+        for n in 0..5 {
+            tx.send(v2_ev("a", n)).await.unwrap();
+        }
+        for n in 0..5u64 {
+            let v = parse(&next(&b1).await);
+            assert_eq!(v["seq"].as_u64(), Some(n + 1));
+            assert_eq!(v["request_id"].as_str(), Some(n.to_string().as_str()));
+        }
+        tx.send(RouterMsg::Ack { backend: 1, seq: 2 }).await.unwrap();
+        let b2 = backend(&tx, 2, true).await;
+        tx.send(RouterMsg::BackendDown { id: 1 }).await.unwrap();
+        tx.send(v2_ev("a", 5)).await.unwrap();
+        // Events 2, 3, 4 (seq 3..5 on backend 1) come again, marked, with backend 2's seqs, then 5.
+        for (i, n) in [2u64, 3, 4, 5].iter().enumerate() {
+            let v = parse(&next(&b2).await);
+            assert_eq!(v["seq"].as_u64(), Some(i as u64 + 1));
+            assert_eq!(v["request_id"].as_str(), Some(n.to_string().as_str()), "same event id on redelivery");
+            assert_eq!(v.get("redelivered").is_some(), *n < 5);
+        }
+        assert_eq!(counters.events_redelivered.load(Relaxed), 3);
+        trigger.fire();
+        h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn redelivery_waits_in_the_queue_when_no_backend_is_up() {
+        let (tx, counters, trigger, h) = start(2);
+        let b1 = backend(&tx, 1, true).await;
+        for n in 0..3 {
+            tx.send(v2_ev("a", n)).await.unwrap();
+        }
+        for _ in 0..3 {
+            next(&b1).await;
+        }
+        tx.send(RouterMsg::BackendDown { id: 1 }).await.unwrap();
+        let b2 = backend(&tx, 2, true).await;
+        // Queue of 2: the oldest of the three redelivered events was dropped and counted.
+        for n in [1u64, 2] {
+            let v = parse(&next(&b2).await);
+            assert_eq!(v["request_id"].as_str(), Some(n.to_string().as_str()));
+            assert_eq!(v["redelivered"], Value::Bool(true));
+        }
+        assert_eq!(counters.queue_dropped.load(Relaxed), 1);
+        trigger.fire();
+        h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_overflowing_backend_is_dropped_without_stalling_the_router() {
+        let (tx, counters, trigger, h) = start_with(Limits { queue_size: 100_000, max_unacked: 100_000 });
+        let _stuck = backend_with(&tx, 1, true, OUTBOX_LIMIT_FOR_TESTS).await; // never read: overflows
+        let n = OUTBOX_LIMIT_FOR_TESTS + 10;
+        for i in 0..n {
+            tx.send(v2_ev("a", i as u32)).await.unwrap();
+        }
+        let b2 = backend(&tx, 2, true).await;
+        // Everything the stuck backend had, and what came after, reaches backend 2 in order.
+        for i in 0..n {
+            let v = parse(&next(&b2).await);
+            assert_eq!(v["request_id"].as_str(), Some(i.to_string().as_str()));
+        }
+        assert_eq!(counters.events_redelivered.load(Relaxed), OUTBOX_LIMIT_FOR_TESTS as u64 + 1);
+        trigger.fire();
+        h.await.unwrap();
+    }
+
+    const OUTBOX_LIMIT_FOR_TESTS: usize = 100;
+
+    #[tokio::test]
+    async fn max_unacked_releases_the_oldest_and_counts() {
+        let (tx, counters, trigger, h) = start_with(Limits { queue_size: 10, max_unacked: 2 });
+        let b1 = backend(&tx, 1, true).await;
+        for n in 0..5 {
+            tx.send(v2_ev("a", n)).await.unwrap();
+        }
+        for _ in 0..5 {
+            next(&b1).await;
+        }
+        assert_eq!(counters.unacked_overflow.load(Relaxed), 3);
+        let b2 = backend(&tx, 2, true).await;
+        tx.send(RouterMsg::BackendDown { id: 1 }).await.unwrap();
+        for n in [3u64, 4] {
+            assert_eq!(parse(&next(&b2).await)["request_id"].as_str(), Some(n.to_string().as_str()));
+        }
         trigger.fire();
         h.await.unwrap();
     }

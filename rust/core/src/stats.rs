@@ -49,8 +49,16 @@ counters! {
     client_protocol_errors,
     /// Backends declared dead because they could not be written to (stopped reading, write failed).
     backends_lost,
-    /// Events handed to a backend that was lost before they could be written (v1: not redelivered).
+    /// Events handed to a v1 backend that was lost before they could be written (not redelivered).
     events_lost,
+    /// Events redelivered after their v2 backend was lost before acknowledging them.
+    events_redelivered,
+    /// Events released from a v2 backend's redelivery buffer unacknowledged (`max_unacked`).
+    unacked_overflow,
+    /// Backend connections refused: missing or wrong `backend_secret`, unsupported `hello`.
+    backends_refused,
+    /// Messages from WebSocket clients over `client_rate_limit` (dropped, or the client closed).
+    rate_limited,
 }
 
 /// Adds one to a counter.
@@ -73,6 +81,8 @@ pub struct Stats {
     pub backends: usize,
     pub queued_events: usize,
     pub pending_requests: usize,
+    /// Events sent to v2 backends and not yet acknowledged (kept for redelivery).
+    pub unacked_events: usize,
     pub counters: Vec<(&'static str, u64)>,
 }
 

@@ -9,7 +9,9 @@
 
 use crate::http::{self, UpgradeRequest};
 use crate::hub::ClientSlot;
+use crate::config::LimitPolicy;
 use crate::protocol::{self, CLOSE_IDLE};
+use crate::ratelimit::TokenBucket;
 use crate::router::{Decision, RouterMsg};
 use crate::shutdown::{Signal, TaskGuard};
 use crate::stats::incr;
@@ -186,11 +188,23 @@ async fn run(mut ws: WebSocketStream<TcpStream>, slot: &ClientSlot, mut rx: mpsc
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every.max(Duration::from_millis(1)), ping_every.max(Duration::from_millis(1)));
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    let mut bucket = TokenBucket::new(shared.cfg.client_rate_limit, shared.cfg.rate_burst());
 
     let end = loop {
         tokio::select! {
             frame = ws.next() => {
                 last_heard = Instant::now();
+                let is_data = matches!(frame, Some(Ok(Message::Text(_) | Message::Binary(_))));
+                if is_data && bucket.as_mut().is_some_and(|b| !b.allow()) {
+                    incr(&shared.counters.rate_limited);
+                    match shared.cfg.rate_limit_policy {
+                        LimitPolicy::Drop => continue,
+                        LimitPolicy::Close => {
+                            let why = format!("message rate limit exceeded (client_rate_limit={})", shared.cfg.client_rate_limit);
+                            break End::Close(protocol::CLOSE_POLICY, "rate limit exceeded", Some(why));
+                        }
+                    }
+                }
                 match frame {
                     Some(Ok(Message::Text(text))) => forward(shared, slot, text.as_str()).await,
                     Some(Ok(Message::Binary(data))) => match std::str::from_utf8(&data) {

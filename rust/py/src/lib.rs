@@ -6,7 +6,7 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pystrands_core::config::{seconds, ConfigError};
-use pystrands_core::{BrokerHandle, Config, SlowClientPolicy, StartError};
+use pystrands_core::{BrokerHandle, Config, LimitPolicy, StartError};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -68,7 +68,26 @@ fn config_from(settings: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
             "log_level" => c.log_level = string("log_level", &v)?,
             "slow_client_policy" => {
                 let s = string("slow_client_policy", &v)?;
-                c.slow_client_policy = SlowClientPolicy::parse(&s).ok_or_else(|| invalid("slow_client_policy", &s, "must be 'close' or 'drop'"))?;
+                c.slow_client_policy = LimitPolicy::parse(&s).ok_or_else(|| invalid("slow_client_policy", &s, "must be 'close' or 'drop'"))?;
+            }
+            "rate_limit_policy" => {
+                let s = string("rate_limit_policy", &v)?;
+                c.rate_limit_policy = LimitPolicy::parse(&s).ok_or_else(|| invalid("rate_limit_policy", &s, "must be 'close' or 'drop'"))?;
+            }
+            "backend_secret" => {
+                let s = v.extract::<String>().map_err(|_| invalid("backend_secret", "<hidden>", "must be a string"))?;
+                // An empty secret (e.g. an unset environment variable) means none.
+                c.backend_secret = (!s.is_empty()).then_some(s);
+            }
+            "max_unacked" => c.max_unacked = int("max_unacked", &v, 0, i64::MAX)? as usize,
+            "client_rate_burst" => c.client_rate_burst = int("client_rate_burst", &v, 0, u32::MAX as i64)? as u32,
+            "client_rate_limit" => {
+                if v.is_instance_of::<pyo3::types::PyBool>() {
+                    return Err(invalid("client_rate_limit", &v, "must be a number of messages per second"));
+                }
+                c.client_rate_limit = v
+                    .extract()
+                    .map_err(|_| invalid("client_rate_limit", v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be a number of messages per second"))?;
             }
             "allowed_origins" => {
                 if v.is_instance_of::<pyo3::types::PyString>() {
@@ -105,6 +124,11 @@ fn default_settings(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("max_connections", c.max_connections)?;
     d.set_item("workers", c.workers)?;
     d.set_item("log_level", &c.log_level)?;
+    d.set_item("backend_secret", c.backend_secret.clone())?;
+    d.set_item("max_unacked", c.max_unacked)?;
+    d.set_item("client_rate_limit", c.client_rate_limit)?;
+    d.set_item("client_rate_burst", c.client_rate_burst)?;
+    d.set_item("rate_limit_policy", c.rate_limit_policy.as_str())?;
     Ok(d)
 }
 
@@ -181,6 +205,7 @@ impl NativeBroker {
             d.set_item("backends", s.backends)?;
             d.set_item("queued_events", s.queued_events)?;
             d.set_item("pending_requests", s.pending_requests)?;
+            d.set_item("unacked_events", s.unacked_events)?;
             for (name, value) in s.counters {
                 d.set_item(name, value)?;
             }
