@@ -1,4 +1,5 @@
-"""A backend speaking protocol v1 over a plain asyncio socket, for tests of the broker itself.
+"""A backend speaking protocol v1 (or, after `hello()`, v2) over a plain asyncio socket, for tests
+of the broker itself.
 
 Deliberately not our client: broker tests drive the wire protocol directly so they check exactly
 what goes over it.
@@ -49,6 +50,19 @@ class RawBackend:
     async def send(self, action: str, params: dict[str, Any], request_id: str = "t") -> None:
         await self.send_raw(json.dumps({"request_id": request_id, "action": action, "params": params}).encode() + b"\n")
 
+    async def hello(self, secret: str | None = None, version: int = 2) -> dict[str, Any]:
+        """Sends the v2 `hello` and returns the broker's answer (its params)."""
+        params: dict[str, Any] = {"version": version, "features": ["ack", "heartbeat"]}
+        if secret is not None:
+            params["secret"] = secret
+        await self.send("hello", params, "hello")
+        reply = await self.recv()
+        assert reply["action"] == "hello", reply
+        return reply["params"]
+
+    async def ack(self, seq: int) -> None:
+        await self.send("ack", {"seq": seq}, "ack")
+
     async def answer(self, request: dict[str, Any], accepted: bool = True, **fields: Any) -> None:
         await self.send("response", {"accepted": accepted, **fields}, request["request_id"])
 
@@ -75,6 +89,16 @@ async def connect_backend(broker: Any, **kwargs: Any) -> RawBackend:
     completes before the broker's accept loop and router have seen it)."""
     before = broker.stats()["backends"]
     backend = await RawBackend.connect(broker.tcp_port, **kwargs)
+    await wait_for(lambda: broker.stats()["backends"] > before, what="backend registered")
+    return backend
+
+
+async def connect_v2_backend(broker: Any, secret: str | None = None, **kwargs: Any) -> RawBackend:
+    """Connects a raw backend that negotiates protocol v2, and waits until it is registered."""
+    before = broker.stats()["backends"]
+    backend = await RawBackend.connect(broker.tcp_port, **kwargs)
+    reply = await backend.hello(secret)
+    assert reply["ok"] is True, reply
     await wait_for(lambda: broker.stats()["backends"] > before, what="backend registered")
     return backend
 
