@@ -430,3 +430,147 @@ def test_fifty_start_stop_cycles_leak_no_threads_or_fds():
     assert threading.active_count() == threads
     assert _fds() <= fds, f"file descriptors grew from {fds} to {_fds()}"
     assert len(os.listdir("/proc/self/task")) <= native_before, "native threads leaked"
+
+
+# --- slow consumers ---------------------------------------------------------------------------
+
+
+def _stalled_client(port: int) -> socket.socket:
+    """A WebSocket client that upgrades and then never reads (tiny receive buffer)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(DEADLINE)
+    s.connect(("127.0.0.1", port))
+    s.sendall(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    return s
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def _room_with_a_stalled_client(broker, backend, readers: int):
+    loop = asyncio.get_running_loop()
+    clients = []
+    for i in range(readers):
+        ws, _ = await connect_client(broker.ws_port, backend, client_id=f"r{i}", room_id="room", max_size=None)
+        clients.append(ws)
+    stalled = await loop.run_in_executor(None, _stalled_client, broker.ws_port)
+    req = await backend.expect("connection_request")
+    await backend.answer(req, True, client_id="stalled", room_id="room")
+    await backend.expect("new_connection")
+    return clients, stalled
+
+
+async def _collect(ws, until: str, progress: list[int], i: int) -> list[str]:
+    got = []
+    while True:
+        m = await recv(ws, 30)
+        if m == until:
+            return got
+        got.append(m[:8])
+        progress[i] += 1
+
+
+async def _paced(progress: list[int], sent: int, lag: int = 8) -> None:
+    """The producer waits for the healthy readers to keep within `lag` messages: the test is
+    about one client that stopped reading, not about readers slower than the producer."""
+    await wait_for(lambda: min(progress) >= sent - lag, timeout=30, what="readers caught up")
+
+
+def test_one_stalled_client_in_a_room_of_200_does_not_slow_the_others():
+    async def main():
+        with running_broker(client_queue_size=16, slow_client_policy="close") as broker:
+            backend = await connect_backend(broker)
+            clients, stalled = await _room_with_a_stalled_client(broker, backend, 199)
+            progress = [0] * len(clients)
+            readers = [asyncio.create_task(_collect(ws, "end", progress, i)) for i, ws in enumerate(clients)]
+            body = "x" * 16_376
+            sent = 0
+            while broker.stats()["slow_clients_closed"] == 0:
+                await backend.send("message_to_room", {"room_id": "room", "message": f"{sent:08d}{body}"})
+                sent += 1
+                assert sent < 20_000, "the stalled client was never closed"
+                if sent % 8 == 0:
+                    await _paced(progress, sent)
+            for _ in range(20):  # and the room keeps going after the close
+                await backend.send("message_to_room", {"room_id": "room", "message": f"{sent:08d}{body}"})
+                sent += 1
+                await _paced(progress, sent)
+            await backend.send("message_to_room", {"room_id": "room", "message": "end"})
+            results = await asyncio.gather(*readers)
+            want = [f"{i:08d}" for i in range(sent)]
+            assert all(r == want for r in results), "every reader got every message, in order"
+            # The stalled client is closed with 1013 (it sees the code once it reads again),
+            # and its backend is told.
+            loop = asyncio.get_running_loop()
+            stalled.settimeout(DEADLINE)
+            assert await loop.run_in_executor(None, _close_code_after_upgrade, stalled) == 1013
+            ev = await backend.recv()
+            while ev["action"] != "error":
+                ev = await backend.recv()
+            assert ev["params"]["context"]["client_id"] == "stalled"
+            assert "slow consumer" in ev["params"]["error"]
+            stats = broker.stats()
+            assert stats["slow_clients_closed"] == 1 and stats["slow_client_drops"] == 0
+            for ws in clients:
+                await ws.close()
+            await backend.close()
+
+    run(main())
+
+
+def _close_code_after_upgrade(s: socket.socket) -> int | None:
+    head = _read_until(s, b"\r\n\r\n")
+    assert b" 101 " in head.split(b"\r\n")[0] + b" "
+    rest = head.split(b"\r\n\r\n", 1)[1]
+
+    class Prefixed:
+        def __init__(self):
+            self.pending = rest
+
+        def recv(self, n):
+            if self.pending:
+                out, self.pending = self.pending[:n], self.pending[n:]
+                return out
+            return s.recv(n)
+
+    return _close_code(Prefixed())  # type: ignore[arg-type]
+
+
+def test_drop_policy_keeps_memory_bounded_under_a_long_stall():
+    async def main():
+        with running_broker(client_queue_size=16, slow_client_policy="drop") as broker:
+            backend = await connect_backend(broker)
+            (reader,), stalled = await _room_with_a_stalled_client(broker, backend, 1)
+            progress = [0]
+            collect = asyncio.create_task(_collect(reader, "end", progress, 0))
+            body = "x" * 16_376
+            rss_before = None
+            total = 6000  # ~96 MiB through the room, far beyond what any buffer may hold
+            for i in range(total):
+                await backend.send("message_to_room", {"room_id": "room", "message": f"{i:08d}{body}"})
+                if i % 8 == 7:
+                    await _paced(progress, i + 1)
+                if i == 1000:
+                    rss_before = _rss_kib()
+            await backend.send("message_to_room", {"room_id": "room", "message": "end"})
+            got = await collect
+            assert got == [f"{i:08d}" for i in range(total)]
+            grown = _rss_kib() - rss_before
+            assert grown < 48 * 1024, f"RSS grew by {grown} KiB while a client stalled"
+            stats = broker.stats()
+            assert stats["slow_client_drops"] > 4000, stats["slow_client_drops"]
+            assert stats["slow_clients_closed"] == 0
+            stalled.close()
+            await reader.close()
+            await backend.close()
+
+    run(main())
