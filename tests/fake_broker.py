@@ -1,9 +1,12 @@
-"""A local fake broker for client unit tests: a real threaded TCP server speaking v1 lines.
+"""A local fake broker for client unit tests: a real threaded TCP server speaking lines.
 
 This is the mocked side of the client unit tests (the tests are about the clients).
 It accepts backend connections, records every line a backend sends (decoded JSON) and
-lets the test push frames (or raw bytes) to the latest connection. Every wait has a
-deadline: a client bug fails the test instead of hanging it.
+lets the test push frames (or raw bytes) to the latest connection. It acts as a v1
+broker (ignores the backend's ``hello``) or, with ``version=2``, as a v2 broker
+(answers the hello, numbers events with ``seq``, records acks and heartbeat replies;
+see docs/protocol.md). Every wait has a deadline: a client bug fails the test instead
+of hanging it.
 """
 
 from __future__ import annotations
@@ -37,12 +40,31 @@ def ctx(client_id: str, room_id: str = "room", metadata: Any = None) -> dict[str
     return {"client_id": client_id, "room_id": room_id, "metadata": metadata or {}}
 
 
+V2_FEATURES = ["ack", "heartbeat"]
+
+
 class _Peer:
-    def __init__(self, sock: socket.socket, inbox: queue.Queue[dict[str, Any]]) -> None:
+    """One backend connection as the fake broker sees it.
+
+    Control frames from the backend are recorded here, not put in the inbox: the
+    ``hello`` (:attr:`hello`), ``ack`` seqs (:attr:`acks`) and heartbeat replies
+    (:attr:`heartbeat_replies`). Everything else goes to the broker's inbox.
+    """
+
+    def __init__(self, sock: socket.socket, broker: FakeBroker) -> None:
         self.sock = sock
-        self.inbox = inbox
+        self.broker = broker
+        self.inbox = broker.inbox
         self.closed = threading.Event()
         self.raw_lines: list[bytes] = []
+        self.hello: dict[str, Any] | None = None
+        self.answered = threading.Event()  # a v2 hello reply (ok or not) was sent
+        self.v2 = False  # the fake accepted the hello: events get a seq
+        self.acks: list[int] = []
+        self.heartbeat_replies = 0
+        self.changed = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._next_seq = 1
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -58,14 +80,92 @@ class _Peer:
                 for line in lines:
                     if line.strip():
                         self.raw_lines.append(line)
-                        self.inbox.put(json.loads(line))
+                        self._frame(json.loads(line))
         except OSError:
             pass
         finally:
             self.closed.set()
+            with self.changed:
+                self.changed.notify_all()
+
+    def _frame(self, obj: dict[str, Any]) -> None:
+        action = obj.get("action")
+        if action == "hello":
+            with self.changed:
+                self.hello = obj
+                self.changed.notify_all()
+            self.broker._got_hello(self, obj)
+        elif action == "ack":
+            with self.changed:
+                self.acks.append(obj["params"]["seq"])
+                self.changed.notify_all()
+        elif action == "heartbeat":
+            with self.changed:
+                self.heartbeat_replies += 1
+                self.changed.notify_all()
+        else:
+            self.inbox.put(obj)
+
+    # -- waiting ----------------------------------------------------------------------
+
+    def wait(self, predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
+        """Wait (with a deadline) until ``predicate()`` holds; it is re-checked on every recorded frame."""
+        end = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+                self.changed.wait(left)
+
+    def wait_hello(self, timeout: float = DEADLINE) -> dict[str, Any]:
+        return self.wait(lambda: self.hello, timeout, "the hello")
+
+    def wait_ack(self, seq: int, timeout: float = DEADLINE) -> list[int]:
+        """Wait until an ack of at least ``seq`` arrived; return all acks so far."""
+        self.wait(lambda: self.acks and self.acks[-1] >= seq, timeout, f"ack {seq} (have {self.acks})")
+        return list(self.acks)
+
+    def wait_heartbeat_replies(self, n: int, timeout: float = DEADLINE) -> None:
+        self.wait(lambda: self.heartbeat_replies >= n, timeout, f"{n} heartbeat replies")
+
+    # -- sending ----------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def send_obj(self, obj: dict[str, Any]) -> None:
+        self.send(json.dumps(obj).encode() + b"\n")
+
+    def event_frame(
+        self,
+        action: str,
+        params: dict[str, Any],
+        request_id: str | None = None,
+        seq: int | None = None,
+        redelivered: bool = False,
+    ) -> dict[str, Any]:
+        """Build an event frame; on an accepted v2 connection it gets the next seq (or ``seq``)."""
+        frame: dict[str, Any] = {"request_id": request_id or str(uuid.uuid4()), "action": action, "params": params}
+        if self.broker.version >= 2 and self.broker.refuse is None:
+            self.answered.wait(DEADLINE)
+        if self.v2 and action != "connection_request":
+            if seq is None:
+                seq = self._next_seq
+            self._next_seq = seq + 1
+            frame = {"seq": seq, **frame}
+            if redelivered:
+                frame["redelivered"] = True
+        return frame
+
+    def send_event(self, action: str, params: dict[str, Any], request_id: str | None = None, **kw: Any) -> dict[str, Any]:
+        frame = self.event_frame(action, params, request_id, **kw)
+        self.send_obj(frame)
+        return frame
 
     def close(self) -> None:
         try:
@@ -76,16 +176,68 @@ class _Peer:
 
 
 class FakeBroker:
-    """Threaded v1 fake broker on 127.0.0.1 (a free port unless given)."""
+    """Threaded fake broker on 127.0.0.1 (a free port unless given).
 
-    def __init__(self, port: int = 0) -> None:
+    ``version=1`` (default) acts as a v1 broker: a backend's ``hello`` is recorded
+    and never answered, events carry no ``seq``. ``version=2`` answers the hello
+    with ``ok: true`` and ``heartbeat_interval``, then numbers events (``seq``
+    1, 2, ... per connection); with ``secret`` set it refuses a hello without that
+    secret, with ``refuse`` set it refuses every hello with that error, closing the
+    connection after the refusal as the real broker does (unless
+    ``close_on_refuse=False``, to test that the backend stops by itself).
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        version: int = 1,
+        heartbeat_interval: float = 15.0,
+        secret: str | None = None,
+        refuse: str | None = None,
+        close_on_refuse: bool = True,
+    ) -> None:
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         self.peers: list[_Peer] = []
+        self.hellos: list[dict[str, Any]] = []
+        self.version = version
+        self.heartbeat_interval = heartbeat_interval
+        self.secret = secret
+        self.refuse = refuse
+        self.close_on_refuse = close_on_refuse
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._listener: socket.socket | None = None
         self.port = port
         self.listen()
+
+    def _got_hello(self, peer: _Peer, hello: dict[str, Any]) -> None:
+        with self._lock:
+            self.hellos.append(hello)
+        if self.version < 2:
+            return  # a v1 broker ignores the unknown action
+        error = self.refuse
+        if error is None and self.secret is not None and hello.get("params", {}).get("secret") != self.secret:
+            error = "wrong backend secret"
+        if error is not None:
+            peer.send_obj({"request_id": "hello", "action": "hello", "params": {"ok": False, "error": error}})
+            peer.answered.set()
+            if self.close_on_refuse:
+                peer.close()
+            return
+        with peer.changed:
+            peer.v2 = True
+            peer.changed.notify_all()
+        peer.send_obj(
+            {
+                "request_id": "hello",
+                "action": "hello",
+                "params": {"ok": True, "version": 2, "features": V2_FEATURES, "heartbeat_interval": self.heartbeat_interval},
+            }
+        )
+        with peer.changed:
+            peer.answered.set()
+            peer.changed.notify_all()
 
     # -- server lifecycle -----------------------------------------------------------
 
@@ -107,7 +259,7 @@ class FakeBroker:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._cond:
-                self.peers.append(_Peer(sock, self.inbox))
+                self.peers.append(_Peer(sock, self))
                 self._cond.notify_all()
 
     def stop_listening(self) -> None:
@@ -160,20 +312,28 @@ class FakeBroker:
 
     # -- traffic ------------------------------------------------------------------------
 
+    def wait_v2(self, count: int, timeout: float = DEADLINE) -> _Peer:
+        """Wait for backend connection #``count`` and until its hello was accepted."""
+        peer = self.wait_connections(count, timeout)
+        peer.wait(lambda: peer.v2 and peer.answered.is_set(), timeout, "the hello to be accepted")
+        return peer
+
     def send(self, obj: dict[str, Any]) -> None:
         """Send one frame to the latest backend connection."""
-        self.peer.send(json.dumps(obj).encode() + b"\n")
+        self.peer.send_obj(obj)
 
     def send_raw(self, data: bytes) -> None:
         self.peer.send(data)
 
-    def send_event(self, action: str, params: dict[str, Any], request_id: str | None = None) -> str:
-        rid = request_id or str(uuid.uuid4())
-        self.send({"request_id": rid, "action": action, "params": params})
-        return rid
+    def send_event(self, action: str, params: dict[str, Any], request_id: str | None = None, **kw: Any) -> str:
+        """Send an event to the latest connection (``seq``/``redelivered`` keywords for v2)."""
+        return self.peer.send_event(action, params, request_id, **kw)["request_id"]
 
-    def message(self, client_id: str, text: str, room: str = "room") -> None:
-        self.send_event("new_message", {"message": text, "context": ctx(client_id, room)})
+    def heartbeat(self) -> None:
+        self.send({"request_id": "heartbeat", "action": "heartbeat", "params": {}})
+
+    def message(self, client_id: str, text: str, room: str = "room", **kw: Any) -> str:
+        return self.send_event("new_message", {"message": text, "context": ctx(client_id, room)}, **kw)
 
     def connection_request(
         self,

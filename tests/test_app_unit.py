@@ -320,3 +320,51 @@ def test_send_result_is_awaitable_and_reusable() -> None:
         assert "done" in repr(SendResult())
 
     asyncio.run(body())
+
+
+# --------------------------------------------------------------------------- protocol v2
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYSTRANDS_BACKEND_SECRET", raising=False)
+
+
+def test_app_passes_backend_secret_and_exposes_event_ids(caplog: pytest.LogCaptureFixture) -> None:
+    broker = FakeBroker(version=2, secret="app-s3cret")
+    app = PyStrands("127.0.0.1", broker.port, backend_secret="app-s3cret", **FAST)
+    seen: list[tuple[str, str | None, bool, dict[str, object]]] = []
+
+    @app.on_message
+    def echo(message: str, context: Context) -> None:
+        seen.append((message, context.event_id, context.redelivered, context.to_json()))
+        app.send_private_message(context.client_id, message)
+
+    with caplog.at_level(logging.DEBUG, logger="pystrands"):
+        runner = AppRunner(app, broker)
+        try:
+            peer = broker.wait_v2(1)
+            assert peer.wait_hello()["params"]["secret"] == "app-s3cret"
+            wait_for(lambda: app.client.protocol_version == 2, what="v2 session")
+            broker.message("c1", "hi", request_id="ev-1")
+            broker.message("c1", "hi again", request_id="ev-1", redelivered=True)
+            assert [f["params"]["message"] for f in broker.recv_n(2)] == ["hi", "hi again"]
+            assert seen == [
+                ("hi", "ev-1", False, {"client_id": "c1", "room_id": "room", "metadata": {}}),
+                ("hi again", "ev-1", True, {"client_id": "c1", "room_id": "room", "metadata": {}}),
+            ]
+            assert peer.wait_ack(2)[-1] == 2
+        finally:
+            runner.stop()
+            broker.close()
+    assert "app-s3cret" not in caplog.text
+
+
+def test_app_reads_backend_secret_from_env(broker: FakeBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYSTRANDS_BACKEND_SECRET", "env-s3cret")
+    runner = AppRunner(PyStrands("127.0.0.1", broker.port, **FAST), broker)
+    try:
+        assert broker.peers[0].wait_hello()["params"]["secret"] == "env-s3cret"
+        assert runner.app.client.protocol_version == 1  # the v1 fake never answers
+    finally:
+        runner.stop()

@@ -1,14 +1,17 @@
 """Unit tests of PyStrandsClient (threading) and AsyncPyStrandsClient against a local fake broker.
 
-The fake broker (tests/fake_broker.py) is a real TCP server speaking v1 lines; it is the
-mocked side, since these tests are about the clients. Every wait has a deadline.
+The fake broker (tests/fake_broker.py) is a real TCP server speaking v1 lines (or v2 with
+``version=2``); it is the mocked side, since these tests are about the clients. Every wait
+has a deadline. The protocol v2 tests at the end run each case against both clients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -19,7 +22,9 @@ from typing import Any, TypeVar
 import pytest
 from fake_broker import DEADLINE, FakeBroker, ctx, wait_for
 
+import pystrands
 from pystrands import AsyncPyStrandsClient, ConnectionRequestContext, Context, PyStrandsClient
+from pystrands._protocol import BACKEND_SECRET_ENV
 
 T = TypeVar("T")
 FAST = {"reconnect_delay": 0.05, "max_reconnect_delay": 0.2}
@@ -1083,3 +1088,427 @@ def test_sync_double_connect_is_idempotent(broker: FakeBroker) -> None:
         assert broker.connection_count == 1
     finally:
         c.disconnect()
+
+
+# ============================================================== protocol v2 (both clients)
+#
+# One harness drives either client from plain test code (the async one on a loop in a
+# background thread), so every v2 behaviour is checked for both with the same assertions.
+
+KINDS = ["sync", "async"]
+HELLO_PARAMS = {"version": 2, "features": ["ack", "heartbeat"], "client": f"pystrands-python/{pystrands.__version__}"}
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(BACKEND_SECRET_ENV, raising=False)
+
+
+class Harness:
+    """A sync or async client whose ``on_message`` records what it saw.
+
+    Messages starting with ``echo`` are answered with ``send_private_message``, ``raise``
+    makes the handler raise, and a message registered with :meth:`gate` blocks its
+    handler until the gate opens (``started(message)`` is set when it blocks).
+    """
+
+    def __init__(self, kind: str, broker: FakeBroker, connect: bool = True, **kw: Any) -> None:
+        self.kind = kind
+        self.seen: list[tuple[str, str, str | None, bool, dict[str, Any]]] = []
+        self.cond = threading.Condition()
+        self.gates: dict[str, threading.Event] = {}
+        self.started: dict[str, threading.Event] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.stopped = False
+        h = self
+        options = {**FAST, **kw}
+        if kind == "sync":
+
+            class SyncClient(PyStrandsClient):
+                def on_message(self, message: str, context: Context) -> None:
+                    gate = h.gates.get(message)
+                    if gate is not None:
+                        h.started[message].set()
+                        gate.wait(DEADLINE)
+                    if message.startswith("echo"):
+                        self.send_private_message(context.client_id, message)
+                    h.record(message, context)
+                    if message.startswith("raise"):
+                        raise ValueError(message)
+
+            self.client: Any = SyncClient("127.0.0.1", broker.port, **options)
+        else:
+
+            class AsyncClient(AsyncPyStrandsClient):
+                async def on_message(self, message: str, context: Context) -> None:
+                    gate = h.gates.get(message)
+                    if gate is not None:
+                        h.started[message].set()
+                        await asyncio.get_running_loop().run_in_executor(None, gate.wait, DEADLINE)
+                    if message.startswith("echo"):
+                        await self.send_private_message(context.client_id, message)
+                    h.record(message, context)
+                    if message.startswith("raise"):
+                        raise ValueError(message)
+
+                async def on_error(self, error: str, context: Context) -> None:
+                    pass
+
+            self.client = AsyncClient("127.0.0.1", broker.port, **options)
+            self.loop = asyncio.new_event_loop()
+            self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+            self.thread.start()
+        if connect:
+            n = broker.connection_count
+            assert self.call(self.client.connect) is True
+            broker.wait_connections(n + 1)
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = DEADLINE) -> Any:
+        """Call a client method (awaiting it on the client's loop for the async client)."""
+        if self.loop is None:
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(fn(*args), self.loop).result(timeout)
+
+    def gate(self, message: str) -> threading.Event:
+        self.gates[message] = threading.Event()
+        self.started[message] = threading.Event()
+        return self.gates[message]
+
+    def record(self, message: str, context: Context) -> None:
+        with self.cond:
+            self.seen.append((message, context.client_id, context.event_id, context.redelivered, context.to_json()))
+            self.cond.notify_all()
+
+    def wait_seen(self, n: int, timeout: float = DEADLINE) -> list[tuple[str, str, str | None, bool, dict[str, Any]]]:
+        end = time.monotonic() + timeout
+        with self.cond:
+            while len(self.seen) < n:
+                left = end - time.monotonic()
+                assert left > 0, f"only {len(self.seen)} of {n} messages handled"
+                self.cond.wait(left)
+            return list(self.seen)
+
+    def run_forever(self) -> None:
+        """Start run_forever in the background (it reconnects with backoff)."""
+        if self.loop is None:
+            self.thread = threading.Thread(target=self.client.run_forever, daemon=True)
+            self.thread.start()
+        else:
+            asyncio.run_coroutine_threadsafe(self.client.run_forever(), self.loop)
+
+    def disconnect(self, timeout: float = DEADLINE) -> None:
+        for gate in self.gates.values():
+            gate.set()
+        self.stop(timeout)
+
+    def stop(self, timeout: float = DEADLINE) -> None:
+        """Disconnect without opening the gates (once)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.call(self.client.disconnect, timeout, timeout=timeout + DEADLINE)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            assert self.thread is not None
+            self.thread.join(DEADLINE)
+            self.loop.close()
+            self.loop = None
+
+
+def heartbeat_round_trips(broker: FakeBroker, peer: Any, n: int = 2) -> None:
+    """Let the client answer ``n`` heartbeats. A heartbeat reply carries any due ack, and
+    the second round trip guarantees that everything the client wrote with the first one
+    was recorded: afterwards ``peer.acks`` is complete up to that point."""
+    have = peer.heartbeat_replies
+    for i in range(1, n + 1):
+        broker.heartbeat()
+        peer.wait_heartbeat_replies(have + i)
+
+
+def message_lines(items: list[tuple[int, str, str]]) -> bytes:
+    """Raw v2 new_message lines for (seq, client_id, message)."""
+    return b"".join(
+        json.dumps(
+            {"seq": seq, "request_id": f"e{seq}", "action": "new_message", "params": {"message": text, "context": ctx(cid)}}
+        ).encode()
+        + b"\n"
+        for seq, cid, text in items
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hello_is_the_first_line_on_every_connect(broker: FakeBroker, kind: str) -> None:
+    h = Harness(kind, broker)
+    try:
+        first = broker.peers[0]
+        hello = first.wait_hello()
+        assert json.loads(first.raw_lines[0]) == hello
+        assert hello == {"request_id": "hello", "action": "hello", "params": HELLO_PARAMS}  # no secret configured
+        broker.drop_connections()
+        second = broker.wait_connections(2)
+        assert second.wait_hello() == hello and json.loads(second.raw_lines[0]) == hello
+        wait_for(lambda: h.client.connected, what="reconnected")
+        broker.message("c1", "echo after reconnect")
+        assert broker.recv()["params"]["message"] == "echo after reconnect"
+        assert h.client.protocol_version == 1  # a v1 broker never answers the hello
+    finally:
+        h.disconnect()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_v1_broker_gets_no_acks_and_no_heartbeat_replies(broker: FakeBroker, kind: str) -> None:
+    h = Harness(kind, broker)
+    peer = broker.peers[0]
+    try:
+        broker.heartbeat()
+        broker.message("c1", "echo 1")
+        # a seq on a v1 session (a broker bug) must not make the client acknowledge anything
+        broker.send({"seq": 2, "request_id": "x", "action": "new_message", "params": {"message": "two", "context": ctx("c2")}})
+        broker.send({"request_id": "hello", "action": "hello", "params": {"version": 2}})  # not a reply: ignored
+        broker.heartbeat()
+        broker.message("c1", "echo 3")
+        h.wait_seen(3)
+        assert [f["params"]["message"] for f in broker.recv_n(2)] == ["echo 1", "echo 3"]
+    finally:
+        h.disconnect()  # flushes everything the client still had to send, then closes
+    peer.closed.wait(DEADLINE)
+    assert peer.closed.is_set()
+    assert peer.acks == [] and peer.heartbeat_replies == 0
+    actions = [json.loads(line)["action"] for line in peer.raw_lines]
+    assert actions == ["hello", "message_to_connection", "message_to_connection"]
+    assert all(s[2] is None and s[3] is False for s in h.seen if s[0] != "two")  # no event ids from v1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hello_carries_the_backend_secret(broker: FakeBroker, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def hello_of(**kw: Any) -> dict[str, Any]:
+        h = Harness(kind, broker, **kw)
+        try:
+            return broker.peers[-1].wait_hello()["params"]
+        finally:
+            h.disconnect()
+
+    with caplog.at_level(logging.DEBUG, logger="pystrands"):
+        assert hello_of(backend_secret="arg-s3cret") == {**HELLO_PARAMS, "secret": "arg-s3cret"}
+        monkeypatch.setenv(BACKEND_SECRET_ENV, "env-s3cret")
+        assert hello_of() == {**HELLO_PARAMS, "secret": "env-s3cret"}
+        assert hello_of(backend_secret="arg-wins")["secret"] == "arg-wins"
+        monkeypatch.setenv(BACKEND_SECRET_ENV, "")
+        assert "secret" not in hello_of()
+    assert "s3cret" not in caplog.text  # never logged
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_v2_acks_are_cumulative_and_wait_for_a_slow_client(kind: str) -> None:
+    broker = FakeBroker(version=2)
+    h = Harness(kind, broker)
+    try:
+        peer = broker.wait_v2(1)
+        wait_for(lambda: h.client.protocol_version == 2, what="v2 session")
+        first, gate = h.gate("echo first"), h.gate("slow")
+        broker.message("C", "echo first")  # seq 1: blocks until released below
+        broker.message("A", "slow")  # seq 2: blocks until the end
+        assert h.started["echo first"].wait(DEADLINE) and h.started["slow"].wait(DEADLINE)
+        for i in range(9):
+            broker.message("B", f"echo b{i}")  # seq 3..11 finish first
+        assert [f["params"]["message"] for f in broker.recv_n(9)] == [f"echo b{i}" for i in range(9)]
+        heartbeat_round_trips(broker, peer)  # anything due would have been acknowledged by now
+        assert peer.acks == [], "the watermark passed an event whose handler is still running"
+        first.set()  # seq 1 done: the watermark reaches 1, not beyond the running seq 2
+        assert broker.recv()["params"]["message"] == "echo first"
+        peer.wait_ack(1)
+        heartbeat_round_trips(broker, peer)
+        assert peer.acks == [1], "the watermark must stop right before the event still running"
+        gate.set()
+        acks = peer.wait_ack(11)
+        assert acks == sorted(acks) and acks[-1] == 11 and len(set(acks)) == len(acks)
+        h.wait_seen(11)
+        broker.message("A", "raise after")  # seq 12: a handler that raises is handled too
+        assert peer.wait_ack(12)[-1] == 12
+    finally:
+        h.disconnect()
+        broker.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("echo", [False, True], ids=["quiet", "echo"])
+@pytest.mark.parametrize("clients", [1, 20])
+def test_v2_acks_are_batched(kind: str, echo: bool, clients: int) -> None:
+    """Many events at once: far fewer ack lines than events. With one WebSocket client
+    every completion moves the watermark, so acking per completion would show here."""
+    broker = FakeBroker(version=2)
+    h = Harness(kind, broker)
+    try:
+        peer = broker.wait_v2(1)
+        wait_for(lambda: h.client.protocol_version == 2, what="v2 session")
+        n = 2000
+        text = "echo" if echo else "quiet"
+        broker.send_raw(message_lines([(seq, f"c{seq % clients}", text) for seq in range(1, n + 1)]))
+        acks = peer.wait_ack(n, timeout=20)
+        assert acks[-1] == n and acks == sorted(acks)
+        assert len(acks) < n // 4, f"{len(acks)} ack lines for {n} events"
+        assert len(h.wait_seen(n)) == n
+        if echo:
+            assert len(broker.recv_n(n, timeout=20)) == n
+    finally:
+        h.disconnect()
+        broker.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_v2_heartbeats_are_answered_and_keep_the_connection_alive(kind: str) -> None:
+    broker = FakeBroker(version=2, heartbeat_interval=0.25)  # silence limit 0.75 s
+    h = Harness(kind, broker)
+    try:
+        peer = broker.wait_v2(1)
+        wait_for(lambda: h.client.protocol_version == 2, what="v2 session")
+        start = time.monotonic()
+        count = 0
+        while time.monotonic() - start < 1.6:  # twice the silence limit, heartbeats every 50 ms
+            broker.heartbeat()
+            count += 1
+            peer.wait_heartbeat_replies(count)
+            time.sleep(0.05)  # pacing of the broker's heartbeats, not synchronization
+        assert broker.connection_count == 1 and not peer.closed.is_set() and h.client.connected
+        assert peer.acks == []  # nothing was handled, nothing acknowledged
+    finally:
+        h.disconnect()
+        broker.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_v2_silence_for_three_intervals_reconnects(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    broker = FakeBroker(version=2, heartbeat_interval=0.05)  # the fake then stays silent
+    with caplog.at_level(logging.WARNING, logger="pystrands"):
+        h = Harness(kind, broker)
+        try:
+            first = broker.wait_v2(1)
+            t0 = time.monotonic()
+            first.closed.wait(DEADLINE)
+            assert first.closed.is_set(), "the client did not close a silent v2 connection"
+            assert time.monotonic() - t0 >= 0.1  # not before ~3 x 0.05 s of silence
+            second = broker.wait_v2(2)
+            assert second.wait_hello()["params"] == HELLO_PARAMS
+            wait_for(lambda: "Nothing received from the broker" in caplog.text, what="silence warning")
+        finally:
+            h.disconnect()
+            broker.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_refused_hello_logs_the_error_and_backs_off(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    broker = FakeBroker(version=2, secret="right-s3cret")
+    with caplog.at_level(logging.INFO, logger="pystrands"):
+        h = Harness(kind, broker, connect=False, backend_secret="bad-s3cret")
+        try:
+            h.run_forever()
+            broker.wait_connections(4)
+            wait_for(lambda: len(re.findall(r"Reconnecting to \S+ in ([0-9.]+)s", caplog.text)) >= 3, what="3 reconnects")
+            assert h.client.protocol_version == 1
+        finally:
+            h.disconnect()
+            broker.close()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and "refused" in r.getMessage()]
+    assert errors and "wrong backend secret" in errors[0].getMessage()
+    assert "s3cret" not in caplog.text.replace("wrong backend secret", "")
+    delays = [float(d) for d in re.findall(r"Reconnecting to \S+ in ([0-9.]+)s", caplog.text)]
+    # a refused hello is not a successful session: the backoff grows (0.05, 0.1, 0.2 +-15%)
+    assert delays[2] > delays[0], delays
+    assert all(p.acks == [] for p in broker.peers)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_refused_hello_stops_reading_even_if_the_broker_keeps_the_connection(kind: str) -> None:
+    broker = FakeBroker(version=2, refuse="unsupported version", close_on_refuse=False)
+    h = Harness(kind, broker, auto_reconnect=False)
+    try:
+        peer = broker.peers[0]
+        assert peer.answered.wait(DEADLINE)
+        try:
+            broker.message("c1", "echo must not be handled", seq=1)
+        except OSError:
+            pass  # the client may already have closed the connection
+        peer.closed.wait(DEADLINE)
+        assert peer.closed.is_set(), "the client must close a refused connection"
+    finally:
+        h.disconnect()
+        broker.close()
+    assert h.seen == [] and peer.acks == []
+    broker.expect_nothing(0.05)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_v2_context_event_id_and_redelivered(kind: str) -> None:
+    broker = FakeBroker(version=2)
+    h = Harness(kind, broker)
+    try:
+        broker.wait_v2(1)
+        wait_for(lambda: h.client.protocol_version == 2, what="v2 session")
+        broker.message("c1", "first", request_id="1007")
+        broker.message("c1", "again", request_id="1007", redelivered=True)
+        seen = h.wait_seen(2)
+        assert [(s[0], s[2], s[3]) for s in seen] == [("first", "1007", False), ("again", "1007", True)]
+        assert seen[0][4] == {"client_id": "c1", "room_id": "room", "metadata": {}}  # to_json unchanged
+        assert broker.peers[0].wait_ack(2)[-1] == 2
+    finally:
+        h.disconnect()
+        broker.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_v2_events_of_a_replaced_connection_are_not_acked_on_the_new_one(kind: str) -> None:
+    broker = FakeBroker(version=2)
+    h = Harness(kind, broker)
+    try:
+        broker.wait_v2(1)
+        gate = h.gate("echo slow")
+        broker.message("A", "echo slow")  # seq 1 of connection 1
+        assert h.started["echo slow"].wait(DEADLINE)
+        broker.drop_connections()
+        second = broker.wait_v2(2)
+        wait_for(lambda: h.client.connected and h.client.protocol_version == 2, what="v2 reconnect")
+        gate2 = h.gate("echo new")
+        broker.message("B", "echo new")  # seq 1 of connection 2, still running below
+        assert h.started["echo new"].wait(DEADLINE)
+        gate.set()  # the old connection's seq 1 finishes now; its reply goes out on the new one
+        assert broker.recv()["params"]["message"] == "echo slow"
+        heartbeat_round_trips(broker, second)
+        assert second.acks == [], "an event of the old connection was acknowledged on the new one"
+        gate2.set()
+        assert broker.recv()["params"]["message"] == "echo new"
+        assert second.wait_ack(1) == [1]
+    finally:
+        h.disconnect()
+        broker.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_v2_disconnect_acks_handled_events_but_not_abandoned_ones(kind: str) -> None:
+    broker = FakeBroker(version=2)
+    h = Harness(kind, broker)
+    try:
+        peer = broker.wait_v2(1)
+        for i in range(5):
+            broker.message(f"c{i}", f"m{i}")
+        h.wait_seen(5)
+    finally:
+        h.disconnect()
+    peer.closed.wait(DEADLINE)
+    assert peer.acks and peer.acks[-1] == 5  # the final ack goes out before the close
+
+    h2 = Harness(kind, broker)
+    try:
+        peer2 = broker.wait_v2(2)
+        h2.gate("stuck")
+        broker.message("A", "stuck")  # seq 1 never finishes before the deadline
+        broker.message("B", "fine")  # seq 2 does
+        assert h2.started["stuck"].wait(DEADLINE)
+        h2.wait_seen(1)
+        h2.stop(timeout=0.2)  # force-close: the stuck handler is abandoned
+        peer2.closed.wait(DEADLINE)
+        assert peer2.closed.is_set()
+        assert peer2.acks == [], "an abandoned event (and so everything after it) must not be acknowledged"
+    finally:
+        h2.disconnect()
+        broker.close()

@@ -207,8 +207,11 @@ def test_decode_garbage_is_skipped(line: bytes, caplog: pytest.LogCaptureFixture
 
 def test_decode_heartbeat_and_unknown_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="pystrands.protocol"):
-        assert p.decode_event(b'{"request_id": "heartbeat", "action": "heartbeat", "params": {}}') is None
+        hb = p.decode_event(b'{"request_id": "heartbeat", "action": "heartbeat", "params": {}}')
+        assert hb is p.HEARTBEAT and hb.control and hb.seq == 0
+        # a hello that is not a reply (no boolean ok), e.g. on a v1-only flow: ignored
         assert p.decode_event(b'{"request_id": "1", "action": "hello", "params": {"version": 2}}') is None
+        assert p.decode_event(b'{"request_id": "1", "action": "presence", "params": {"x": 1}}') is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -331,3 +334,179 @@ def test_headers_merge_names_differing_in_case() -> None:
     h = Headers({"X-Forwarded-For": ["1.1.1.1"], "x-forwarded-for": "2.2.2.2"})
     assert h.get("X-FORWARDED-FOR") == ["1.1.1.1", "2.2.2.2"]
     assert list(h) == ["X-Forwarded-For"]
+
+
+# --------------------------------------------------------------------------- protocol v2
+
+
+def test_encode_hello_with_and_without_secret() -> None:
+    import pystrands
+
+    plain = json.loads(p.encode_hello(None))
+    assert plain == {
+        "request_id": "hello",
+        "action": "hello",
+        "params": {"version": 2, "features": ["ack", "heartbeat"], "client": f"pystrands-python/{pystrands.__version__}"},
+    }
+    with_secret = p.encode_hello("s3cret")
+    assert with_secret.endswith(b"\n") and with_secret.count(b"\n") == 1
+    assert json.loads(with_secret)["params"]["secret"] == "s3cret"
+    assert "secret" not in json.loads(p.encode_hello(""))["params"]
+
+
+def test_encode_ack_and_heartbeat_reply() -> None:
+    assert json.loads(p.encode_ack(41)) == {"request_id": "ack", "action": "ack", "params": {"seq": 41}}
+    assert p.encode_ack(7).endswith(b"\n")
+    assert json.loads(p.HEARTBEAT_REPLY) == {"request_id": "heartbeat", "action": "heartbeat", "params": {}}
+    assert p.HEARTBEAT_REPLY.count(b"\n") == 1 and p.HEARTBEAT_REPLY.endswith(b"\n")
+
+
+def test_resolve_backend_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(p.BACKEND_SECRET_ENV, raising=False)
+    assert p.resolve_backend_secret(None) is None
+    assert p.resolve_backend_secret("given") == "given"
+    assert p.resolve_backend_secret("") is None
+    monkeypatch.setenv(p.BACKEND_SECRET_ENV, "from-env")
+    assert p.resolve_backend_secret(None) == "from-env"
+    assert p.resolve_backend_secret("given") == "given"  # an explicit value wins
+    monkeypatch.setenv(p.BACKEND_SECRET_ENV, "")
+    assert p.resolve_backend_secret(None) is None  # empty = none
+    with pytest.raises(TypeError):
+        p.resolve_backend_secret(5)  # type: ignore[arg-type]
+
+
+def test_decode_hello_replies(caplog: pytest.LogCaptureFixture) -> None:
+    ok = p.decode_event(
+        _line({"request_id": "hello", "action": "hello", "params": {"ok": True, "version": 2, "features": ["ack", "heartbeat"], "heartbeat_interval": 15.0}})
+    )
+    assert isinstance(ok, p.HelloReply) and ok.control
+    assert (ok.ok, ok.version, ok.features, ok.heartbeat_interval, ok.error) == (True, 2, ("ack", "heartbeat"), 15.0, "")
+    bad = p.decode_event(_line({"request_id": "hello", "action": "hello", "params": {"ok": False, "error": "wrong backend secret"}}))
+    assert isinstance(bad, p.HelloReply) and bad.ok is False and bad.error == "wrong backend secret"
+    with caplog.at_level(logging.WARNING, logger="pystrands.protocol"):
+        odd = p.decode_event(
+            _line({"action": "hello", "params": {"ok": True, "heartbeat_interval": "soon", "features": "ack", "version": "2"}})
+        )
+        assert isinstance(odd, p.HelloReply) and odd.ok and odd.heartbeat_interval == 0.0 and odd.features == () and odd.version == 0
+        for interval in (-1, 0, True, None, [1]):
+            r = p.decode_event(_line({"action": "hello", "params": {"ok": True, "heartbeat_interval": interval}}))
+            assert isinstance(r, p.HelloReply) and r.heartbeat_interval == 0.0
+        assert p.decode_event(_line({"action": "hello", "params": {"ok": "yes"}})) is None
+    assert not caplog.records
+
+
+def test_decode_v2_event_facts_and_context_json_unchanged() -> None:
+    c = {"client_id": "c1", "room_id": "r1", "metadata": {"k": "v"}}
+    ev = p.decode_event(
+        _line({"seq": 41, "request_id": "1007", "action": "new_message", "redelivered": True, "params": {"message": "hi", "context": c}})
+    )
+    assert isinstance(ev, p.NewMessage) and ev.seq == 41 and not ev.control
+    ctx = ev.context
+    assert ctx.event_id == "1007" and ctx.redelivered is True
+    assert ctx.to_json() == c  # delivery facts are not part of the JSON form
+    assert ctx == Context("c1", "r1", {"k": "v"})  # nor of equality
+    assert "1007" not in repr(ctx)
+    with pytest.raises(AttributeError):
+        ctx.event_id = "x"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        ctx.redelivered = False  # type: ignore[misc]
+
+    first = p.decode_event(_line({"seq": 1, "request_id": 9, "action": "disconnected", "params": {"context": c}}))
+    assert isinstance(first, p.Disconnected) and first.seq == 1
+    assert first.context.event_id == "9" and first.context.redelivered is False
+    for action, params in (("new_connection", {"context": c}), ("error", {"error": "e", "context": c})):
+        e = p.decode_event(_line({"seq": 3, "request_id": "x", "action": action, "params": params}))
+        assert e is not None and e.seq == 3 and e.context.event_id == "x"  # type: ignore[attr-defined]
+
+    # v1 events: no seq, no event id
+    v1 = p.decode_event(_line({"request_id": "5", "action": "new_message", "redelivered": True, "params": {"message": "m", "context": c}}))
+    assert isinstance(v1, p.NewMessage) and v1.seq == 0
+    assert v1.context.event_id is None and v1.context.redelivered is False
+
+    # hand-built and from_json contexts: defaults, JSON form as documented
+    built = Context.from_json(c)
+    assert built.event_id is None and built.redelivered is False
+    assert built.to_json() == c and Context("a").event_id is None
+
+
+def test_decode_seq_on_skipped_frames(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="pystrands.protocol"):
+        for frame in (
+            {"seq": 4, "action": "presence", "params": {}},  # unknown action
+            {"seq": 5, "action": "new_message", "params": {"message": 1}},  # malformed event
+            {"seq": 6, "action": "new_message", "params": "nope"},
+            {"seq": 7, "action": "heartbeat", "params": {}},
+        ):
+            ev = p.decode_event(_line(frame))
+            assert isinstance(ev, p.Skipped) and ev.control and ev.seq == frame["seq"], frame
+        # an invalid seq is ignored (logged), the event itself is kept
+        for bad in (0, -3, "5", 1.5, True):
+            ev = p.decode_event(_line({"seq": bad, "action": "new_message", "params": {"message": "m", "context": {"client_id": "c"}}}))
+            assert isinstance(ev, p.NewMessage) and ev.seq == 0 and ev.context.event_id is None
+    assert "invalid seq" in caplog.text
+
+
+def test_ack_tracker_in_order() -> None:
+    t = p.AckTracker()
+    assert (t.watermark, t.sent, t.due, t.take()) == (0, 0, False, 0)
+    for seq in (1, 2, 3):
+        assert t.dispatch(seq)
+    assert t.done(1) and t.watermark == 1
+    assert t.done(2) and t.done(3) and t.watermark == 3 and t.pending == 0
+    assert t.due and t.take() == 3 and not t.due and t.take() == 0
+
+
+def test_ack_tracker_out_of_order_waits_for_the_slow_one() -> None:
+    t = p.AckTracker()
+    for seq in range(1, 11):
+        t.dispatch(seq)
+    # seq 1 is slow; 2..10 finish first: the watermark must not move
+    for seq in range(10, 1, -1):
+        assert t.done(seq) is False
+        assert t.watermark == 0
+    assert t.done(1) is True and t.watermark == 10 and t.pending == 0
+    # slow one in the middle
+    for seq in range(11, 16):
+        t.dispatch(seq)
+    assert t.done(11) and t.watermark == 11
+    assert not t.done(13) and not t.done(14) and t.watermark == 11
+    assert t.done(12) and t.watermark == 14
+    assert t.done(15) and t.watermark == 15
+
+
+def test_ack_tracker_gaps_skips_and_duplicates(caplog: pytest.LogCaptureFixture) -> None:
+    t = p.AckTracker()
+    t.dispatch(1)
+    with caplog.at_level(logging.WARNING, logger="pystrands.protocol"):
+        assert t.dispatch(4)  # 2 and 3 were lost in undecodable lines
+        assert not t.dispatch(4) and not t.dispatch(2)  # duplicate / reordered: not tracked
+    assert "2..3" in caplog.text and "not be acknowledged" in caplog.text
+    assert t.done(1) and t.watermark == 3  # lost seqs count as handled
+    assert t.done(4) and t.watermark == 4
+    assert t.skip(5) and t.watermark == 5  # nothing in flight: a skipped seq moves it
+    t.dispatch(6)
+    assert not t.skip(7) and t.watermark == 5  # 6 still in flight
+    assert not t.skip(7)  # not above the top: ignored
+    assert t.done(6) and t.watermark == 7
+
+
+def test_ack_tracker_matches_a_reference_model() -> None:
+    rng = random.Random(1234)
+    for _ in range(50):
+        t = p.AckTracker()
+        n = rng.randint(1, 200)
+        order = list(range(1, n + 1))
+        rng.shuffle(order)
+        for seq in range(1, n + 1):
+            t.dispatch(seq)
+        finished: set[int] = set()
+        for seq in order:
+            moved_before = t.watermark
+            t.done(seq)
+            finished.add(seq)
+            expected = 0
+            while expected + 1 in finished:
+                expected += 1
+            assert t.watermark == expected
+            assert t.watermark >= moved_before
+        assert t.watermark == n and t.pending == 0

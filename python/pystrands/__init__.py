@@ -1,6 +1,7 @@
 """PyStrands: Python backends for a real-time WebSocket messaging broker.
 
-Clients (wire protocol v1, compatible with PyStrands 1.0):
+Clients (wire protocol v1, compatible with PyStrands 1.0; protocol v2 - acknowledgements,
+at-least-once redelivery, heartbeats, backend secret - when the broker accepts their ``hello``):
 
 * :class:`PyStrandsClient` - threading client,
 * :class:`AsyncPyStrandsClient` - asyncio client,

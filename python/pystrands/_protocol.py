@@ -1,4 +1,4 @@
-"""Wire protocol v1 core shared by the sync and async PyStrands clients.
+"""Wire protocol core (v1, and the negotiated v2) shared by the sync and async clients.
 
 Everything both clients need lives here once:
 
@@ -14,18 +14,35 @@ Everything both clients need lives here once:
 * :class:`Backoff`, the reconnect delay schedule with jitter,
 * :class:`DropTracker`, which logs sends dropped while disconnected once per
   disconnected period and counts them,
-* small helpers for connection-request replies.
+* small helpers for connection-request replies,
+* protocol v2 (``docs/protocol.md``): :func:`encode_hello`, :func:`encode_ack`,
+  :data:`HEARTBEAT_REPLY`, the control events :class:`HelloReply`,
+  :class:`Heartbeat` and :class:`Skipped`, :class:`AckTracker` (the cumulative
+  acknowledgement watermark over out-of-order handler completions) and
+  :func:`resolve_backend_secret`.
 
 The per-client ordering key of an event is :attr:`Event.key`: the ``client_id`` of
 its context; connection requests have ``key = None`` and may run concurrently.
+Control events (:attr:`Event.control` true) are for the connection itself and are
+never handed to user callbacks. An event from a v2 broker carries its sequence
+number in :attr:`Event.seq` (``0`` when it has none) and its id / redelivery flag
+on its context (:attr:`Context.event_id`, :attr:`Context.redelivered`).
+
+v2 session rules both clients follow: send the ``hello`` first on every connection
+and do not wait for the answer; the session is v1 until a ``hello`` reply with
+``ok: true`` arrives, then v2 until the connection ends. Only in v2 are ``ack``
+and heartbeat replies sent, and is silence for ``SILENCE_FACTOR`` heartbeat
+intervals a dead connection.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,27 +51,43 @@ from .context import ConnectionRequestContext, Context
 logger = logging.getLogger("pystrands.protocol")
 
 __all__ = [
+    "ACK_DELAY",
+    "BACKEND_SECRET_ENV",
     "DEFAULT_MAX_LINE_SIZE",
+    "HEARTBEAT",
+    "HEARTBEAT_REPLY",
+    "PROTOCOL_VERSION",
     "READ_CHUNK_SIZE",
+    "SILENCE_FACTOR",
+    "V2_FEATURES",
+    "AckTracker",
     "Backoff",
     "ConnectionRequest",
     "Disconnected",
     "DropTracker",
     "ErrorEvent",
     "Event",
+    "Heartbeat",
+    "HelloReply",
     "LineFramer",
     "NewConnection",
     "NewMessage",
+    "Skipped",
+    "client_name",
     "decode_event",
     "dumps",
     "encode",
+    "encode_ack",
     "encode_broadcast",
+    "encode_hello",
     "encode_private_message",
     "encode_reject",
     "encode_response",
     "encode_room_message",
     "loads",
+    "log_refusal",
     "resolve_accepted",
+    "resolve_backend_secret",
 ]
 
 DEFAULT_MAX_LINE_SIZE = 64 * 1024 * 1024
@@ -62,6 +95,24 @@ DEFAULT_MAX_LINE_SIZE = 64 * 1024 * 1024
 
 READ_CHUNK_SIZE = 256 * 1024
 """Bytes asked for per ``recv``."""
+
+PROTOCOL_VERSION = 2
+"""Highest protocol version the clients speak (announced in the ``hello``)."""
+
+V2_FEATURES = ("ack", "heartbeat")
+"""v2 features the clients announce."""
+
+BACKEND_SECRET_ENV = "PYSTRANDS_BACKEND_SECRET"
+"""Environment variable read when no ``backend_secret`` is given (empty = none)."""
+
+SILENCE_FACTOR = 3.0
+"""In v2, this many announced heartbeat intervals without any byte from the broker
+mean the connection is dead."""
+
+ACK_DELAY = 0.005
+"""Longest time (seconds) the threading client holds a due ``ack`` back hoping to
+send it along with other frames; the asyncio client sends it with the loop
+iteration's flush instead."""
 
 # --------------------------------------------------------------------------- codec
 
@@ -241,6 +292,61 @@ def encode_reject(request_id: Any) -> bytes:
     return encode("response", {"accepted": False}, request_id)
 
 
+HEARTBEAT_REPLY = b'{"request_id":"heartbeat","action":"heartbeat","params":{}}\n'
+"""A v2 backend's answer to a broker ``heartbeat``."""
+
+
+def encode_ack(seq: int) -> bytes:
+    """Frame a cumulative ``ack``: every event with ``seq`` <= ``seq`` was handled."""
+    return b'{"request_id":"ack","action":"ack","params":{"seq":%d}}\n' % seq
+
+
+def client_name() -> str:
+    """The ``client`` announced in the hello: ``pystrands-python/<version>``."""
+    from . import __version__  # late: the package is fully imported by connect time
+
+    return f"pystrands-python/{__version__}"
+
+
+def encode_hello(secret: str | None = None) -> bytes:
+    """Frame the ``hello`` a backend sends first on every connection.
+
+    ``secret`` (the backend secret) is included only when given. The returned
+    bytes contain the secret: never log them.
+    """
+    params: dict[str, Any] = {
+        "version": PROTOCOL_VERSION,
+        "features": list(V2_FEATURES),
+        "client": client_name(),
+    }
+    if secret:
+        params["secret"] = secret
+    return encode("hello", params, "hello")
+
+
+def resolve_backend_secret(secret: str | None) -> str | None:
+    """The backend secret to use: ``secret``, else ``$PYSTRANDS_BACKEND_SECRET``.
+
+    An empty string (given or from the environment) means no secret.
+    """
+    if secret is None:
+        secret = os.environ.get(BACKEND_SECRET_ENV)
+    elif not isinstance(secret, str):
+        raise TypeError(f"backend_secret must be a str or None, not {type(secret).__name__}")
+    return secret or None
+
+
+def log_refusal(log: logging.Logger, reply: HelloReply, address: str) -> None:
+    """Log (ERROR) that the broker at ``address`` refused our ``hello``, with its reason."""
+    log.error(
+        "The broker at %s refused this backend: %s (check backend_secret / %s); "
+        "closing the connection",
+        address,
+        reply.error or "no reason given",
+        BACKEND_SECRET_ENV,
+    )
+
+
 def resolve_accepted(result: Any, request: ConnectionRequestContext) -> bool:
     """Return the decision: ``result`` if it is a bool, else ``request.accepted``."""
     if isinstance(result, bool):
@@ -270,13 +376,20 @@ def response_for(request_id: Any, result: Any, request: ConnectionRequestContext
 
 
 class Event:
-    """Base of the inbound events. ``key`` orders handling: same key, same order."""
+    """Base of the inbound events. ``key`` orders handling: same key, same order.
 
-    __slots__ = ("key",)
+    ``seq`` is the v2 sequence number (``0``: none, never acknowledged).
+    ``control`` is true for frames about the connection itself (hello replies,
+    heartbeats, skipped frames), which the clients handle inline.
+    """
+
+    __slots__ = ("key", "seq")
     kind: str = ""
+    control: bool = False
 
     def __init__(self, key: str | None) -> None:
         self.key = key
+        self.seq = 0
 
 
 class ConnectionRequest(Event):
@@ -337,6 +450,66 @@ class ErrorEvent(Event):
         self.context = context
 
 
+class HelloReply(Event):
+    """The broker's answer to our ``hello`` (control).
+
+    ``ok`` true: the connection is v2 from now on; ``heartbeat_interval`` is the
+    announced interval in seconds (``0.0`` if absent or invalid). ``ok`` false:
+    refused (``error`` says why) and the broker closes the connection.
+    """
+
+    __slots__ = ("ok", "error", "version", "features", "heartbeat_interval")
+    kind = "hello"
+    control = True
+
+    def __init__(
+        self,
+        ok: bool,
+        error: str = "",
+        version: int = 0,
+        features: tuple[str, ...] = (),
+        heartbeat_interval: float = 0.0,
+    ) -> None:
+        super().__init__(None)
+        self.ok = ok
+        self.error = error
+        self.version = version
+        self.features = features
+        self.heartbeat_interval = heartbeat_interval
+
+
+class Heartbeat(Event):
+    """A broker ``heartbeat`` (control): answered in v2, ignored in v1."""
+
+    __slots__ = ()
+    kind = "heartbeat"
+    control = True
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+
+HEARTBEAT = Heartbeat()
+"""The (stateless) heartbeat event :func:`decode_event` returns for every heartbeat."""
+
+
+class Skipped(Event):
+    """A frame carrying a v2 ``seq`` that no handler will see (control).
+
+    Unknown actions and malformed events are logged and skipped as in v1; when
+    they carry a ``seq`` it still counts as handled, so acknowledgements do not
+    stall behind it.
+    """
+
+    __slots__ = ()
+    kind = "skipped"
+    control = True
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(None)
+        self.seq = seq
+
+
 def _snippet(line: bytes | bytearray) -> str:
     text = bytes(line[:200]).decode("utf-8", "replace")
     return text + ("..." if len(line) > 200 else "")
@@ -360,12 +533,48 @@ def _context(
     return Context(client_id, room_id, {} if metadata is None else metadata)
 
 
+def _hello_reply(params: dict[str, Any], line: bytes | bytearray) -> HelloReply | None:
+    ok = params.get("ok")
+    if not isinstance(ok, bool):
+        # not a reply (e.g. a peer echoing a hello): harmless, ignore it
+        logger.debug("Ignoring a hello frame without a boolean ok: %s", _snippet(line))
+        return None
+    error = params.get("error")
+    version = params.get("version")
+    features = params.get("features")
+    interval = params.get("heartbeat_interval")
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not (
+        0.0 < interval < float("inf")
+    ):
+        interval = 0.0
+    return HelloReply(
+        ok,
+        error if isinstance(error, str) else ("" if error is None else str(error)),
+        version if type(version) is int else 0,
+        tuple(f for f in features if isinstance(f, str)) if isinstance(features, list) else (),
+        float(interval),
+    )
+
+
+def _event_facts(event: Event, frame: dict[str, Any], seq: int) -> None:
+    """Attach the v2 delivery facts of ``frame`` to ``event`` (it has a context)."""
+    event.seq = seq
+    context = event.context  # type: ignore[attr-defined]
+    rid = frame.get("request_id")
+    context._event_id = rid if isinstance(rid, str) or rid is None else str(rid)
+    context._redelivered = frame.get("redelivered") is True
+
+
 def decode_event(line: bytes | bytearray) -> Event | None:
     """Decode one inbound line into an :class:`Event`.
 
-    Returns ``None`` (never raises) for heartbeats, unknown actions (debug log)
-    and malformed input: invalid JSON or UTF-8, non-object frames, wrong field
-    types (warning log).
+    Returns ``None`` (never raises) for unknown actions (debug log) and malformed
+    input: invalid JSON or UTF-8, non-object frames, wrong field types (warning
+    log); such a frame that carries a valid v2 ``seq`` comes back as
+    :class:`Skipped` instead. Heartbeats return :data:`HEARTBEAT` and hello
+    replies a :class:`HelloReply` (control events). Events with a top-level
+    positive integer ``seq`` get it in :attr:`Event.seq`, and their context gets
+    ``event_id`` (the ``request_id``) and ``redelivered``.
     """
     try:
         frame = loads(line)
@@ -375,24 +584,30 @@ def decode_event(line: bytes | bytearray) -> Event | None:
     if not isinstance(frame, dict):
         logger.warning("Skipping a frame that is not a JSON object: %s", _snippet(line))
         return None
+    seq = frame.get("seq")
+    if seq is not None and (type(seq) is not int or seq <= 0):
+        logger.warning("Ignoring an invalid seq in: %s", _snippet(line))
+        seq = None
     action = frame.get("action")
     params = frame.get("params")
     if params is None:
         params = {}
     elif not isinstance(params, dict):
         logger.warning("Skipping a frame whose params is not an object: %s", _snippet(line))
-        return None
+        return None if seq is None else Skipped(seq)
 
+    event: Event | None
     if action == "new_message":
         message = params.get("message")
         if not isinstance(message, str):
             logger.warning("Skipping new_message without a string message: %s", _snippet(line))
-            return None
-        ctx = _context(params, action, line)
-        return None if ctx is None else NewMessage(message, ctx)
-    if action == "heartbeat":
-        return None
-    if action == "connection_request":
+            event = None
+        else:
+            ctx = _context(params, action, line)
+            event = None if ctx is None else NewMessage(message, ctx)
+    elif action == "heartbeat":
+        return HEARTBEAT if seq is None else Skipped(seq)
+    elif action == "connection_request":
         request_id = frame.get("request_id")
         if request_id is None or isinstance(request_id, (dict, list)):
             logger.warning("Skipping connection_request without a request_id: %s", _snippet(line))
@@ -416,24 +631,126 @@ def decode_event(line: bytes | bytearray) -> Event | None:
         except Exception as exc:  # defensive: odd header values
             logger.warning("Skipping a malformed connection_request (%s): %s", exc, _snippet(line))
             return None
+        # connection requests carry no seq (the spec): one that does is not acknowledged
         return ConnectionRequest(request_id, request)
-    if action == "new_connection":
+    elif action == "new_connection":
         ctx = _context(params, action, line)
-        return None if ctx is None else NewConnection(ctx)
-    if action == "disconnected":
+        event = None if ctx is None else NewConnection(ctx)
+    elif action == "disconnected":
         ctx = _context(params, action, line)
-        return None if ctx is None else Disconnected(ctx)
-    if action == "error":
+        event = None if ctx is None else Disconnected(ctx)
+    elif action == "error":
         error = params.get("error", "")
         ctx = _context(params, action, line, required=False)
-        if ctx is None:
-            return None
-        return ErrorEvent(error if isinstance(error, str) else str(error), ctx)
-    if isinstance(action, str):
-        logger.debug("Ignoring unknown action %r", action)
+        event = None if ctx is None else ErrorEvent(error if isinstance(error, str) else str(error), ctx)
+    elif action == "hello":
+        return _hello_reply(params, line) if seq is None else Skipped(seq)
     else:
-        logger.warning("Skipping a frame without an action: %s", _snippet(line))
-    return None
+        if isinstance(action, str):
+            logger.debug("Ignoring unknown action %r", action)
+        else:
+            logger.warning("Skipping a frame without an action: %s", _snippet(line))
+        event = None
+    if seq is None:
+        return event
+    if event is None:
+        return Skipped(seq)
+    _event_facts(event, frame, seq)
+    return event
+
+
+# --------------------------------------------------------------- acknowledgements
+
+
+class AckTracker:
+    """Cumulative acknowledgement watermark of one v2 connection.
+
+    The reader calls :meth:`dispatch` for every event it hands to a handler, in
+    arrival order (so in ``seq`` order), and :meth:`skip` for ``seq``-carrying
+    frames no handler will see. Handlers of different WebSocket clients finish
+    in any order; each completion calls :meth:`done`. :attr:`watermark` is the
+    highest ``seq`` such that every event with a ``seq`` at or below it was
+    handled (``seq`` values never dispatched, e.g. lost in an undecodable line,
+    count as handled). :attr:`sent` is the last watermark written in an ``ack``;
+    :meth:`take` moves it.
+
+    Not thread-safe: the threading client calls it under its connection lock,
+    the asyncio client from the loop thread only. Costs O(1) per event when
+    handlers finish in order; a completion ahead of an unfinished event is parked
+    in a set until the watermark reaches it.
+    """
+
+    __slots__ = ("_inflight", "_finished", "_top", "watermark", "sent")
+
+    def __init__(self) -> None:
+        """Start a connection's tracking: nothing dispatched, nothing acknowledged."""
+        self._inflight: deque[int] = deque()  # dispatched, not yet behind the watermark
+        self._finished: set[int] = set()  # done, but behind an unfinished event
+        self._top = 0  # highest seq seen
+        self.watermark = 0
+        self.sent = 0
+
+    @property
+    def due(self) -> bool:
+        """True when the watermark moved past the last ``ack`` sent."""
+        return self.watermark > self.sent
+
+    @property
+    def pending(self) -> int:
+        """Events dispatched and not yet behind the watermark."""
+        return len(self._inflight)
+
+    def dispatch(self, seq: int) -> bool:
+        """Record that the event ``seq`` goes to a handler.
+
+        Returns ``False`` (the event must then not be acknowledged) for a ``seq``
+        not above every one seen before: duplicates or reordering by the broker.
+        """
+        top = self._top
+        if seq <= top:
+            logger.warning("Event seq %d arrived after seq %d; it will not be acknowledged", seq, top)
+            return False
+        if seq != top + 1:
+            logger.warning(
+                "Events seq %d..%d were not received intact; acknowledging them as skipped",
+                top + 1,
+                seq - 1,
+            )
+        self._top = seq
+        self._inflight.append(seq)
+        return True
+
+    def skip(self, seq: int) -> bool:
+        """Record a ``seq`` that no handler will see; ``True`` if the watermark moved."""
+        if seq <= self._top:
+            return False
+        self._top = seq
+        if self._inflight:
+            return False
+        self.watermark = seq
+        return True
+
+    def done(self, seq: int) -> bool:
+        """Record that the handler of ``seq`` finished; ``True`` if the watermark moved."""
+        inflight = self._inflight
+        if not inflight or inflight[0] != seq:
+            self._finished.add(seq)
+            return False
+        inflight.popleft()
+        finished = self._finished
+        if finished:
+            while inflight and inflight[0] in finished:
+                finished.discard(inflight.popleft())
+        self.watermark = inflight[0] - 1 if inflight else self._top
+        return True
+
+    def take(self) -> int:
+        """Return the watermark to acknowledge now (``0``: nothing new) and mark it sent."""
+        watermark = self.watermark
+        if watermark <= self.sent:
+            return 0
+        self.sent = watermark
+        return watermark
 
 
 # ------------------------------------------------------------------------- backoff

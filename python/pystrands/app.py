@@ -36,6 +36,10 @@ Design:
   socket buffer is full, in which case it waits for room). They work from any
   thread; sends while disconnected are dropped (logged once per period) and
   never raise.
+* Protocol v2 (acknowledgements, heartbeats, ``backend_secret``) is the async
+  client's: with a v2 broker delivery is at least once, and a handler can
+  deduplicate on ``context.event_id`` (``context.redelivered`` marks
+  redeliveries); an event counts as handled when its handler returned or raised.
 """
 
 from __future__ import annotations
@@ -130,6 +134,9 @@ class PyStrands:
         connect_timeout: Seconds allowed per TCP connect attempt (keyword only).
         max_pending: Unhandled events above which reading pauses (keyword only).
         max_line_size: Largest inbound frame in bytes (keyword only).
+        backend_secret: Secret sent in the ``hello`` to a broker that requires
+            one (keyword only); ``None`` reads ``$PYSTRANDS_BACKEND_SECRET``.
+            Never logged.
     """
 
     def __init__(
@@ -146,6 +153,7 @@ class PyStrands:
         connect_timeout: float = 10.0,
         max_pending: int = 10_000,
         max_line_size: int = DEFAULT_MAX_LINE_SIZE,
+        backend_secret: str | None = None,
     ) -> None:
         """Create the app; nothing connects until :meth:`run` / :meth:`run_async`."""
         self.run_sync_in_thread = run_sync_in_thread
@@ -164,6 +172,7 @@ class PyStrands:
             connect_timeout=connect_timeout,
             max_pending=max_pending,
             max_line_size=max_line_size,
+            backend_secret=backend_secret,
         )
 
     # ---------------------------------------------------------------- properties

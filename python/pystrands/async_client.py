@@ -20,6 +20,15 @@ transport's buffer is above its high-water mark.
 No asyncio object is created in ``__init__``: a client may be constructed at import
 time, outside any running loop (e.g. a FastAPI module), and is bound to the loop
 that first calls :meth:`connect` / :meth:`run_forever`.
+
+Protocol v2 (``docs/protocol.md``): every connection opens with a ``hello``
+(carrying ``backend_secret`` when one is configured); reading does not wait for
+the answer. When a v2 broker accepts it, handled events are acknowledged
+cumulatively with at most one ``ack`` per write flush (so per loop iteration,
+usually in the same ``transport.write`` as the handlers' sends), heartbeats are
+answered, and a ``loop.call_later`` timer closes the connection after 3
+heartbeat intervals without a byte from the broker. Delivery from a v2 broker is
+at least once: see :attr:`Context.event_id`.
 """
 
 from __future__ import annotations
@@ -33,20 +42,30 @@ from typing import Any
 
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
+    HEARTBEAT_REPLY,
+    SILENCE_FACTOR,
+    AckTracker,
     Backoff,
     ConnectionRequest,
     Disconnected,
     DropTracker,
     ErrorEvent,
     Event,
+    Heartbeat,
+    HelloReply,
     LineFramer,
     NewConnection,
     NewMessage,
+    Skipped,
     decode_event,
+    encode_ack,
     encode_broadcast,
+    encode_hello,
     encode_private_message,
     encode_reject,
     encode_room_message,
+    log_refusal,
+    resolve_backend_secret,
     response_for,
 )
 from .context import ConnectionRequestContext, Context
@@ -62,11 +81,24 @@ _WRITE_LOW_WATER = 1024 * 1024
 
 
 class _AsyncConnection(asyncio.Protocol):
-    """One broker connection: line framing on read, coalescing on write."""
+    """One broker connection: line framing on read, coalescing on write, v2 state.
 
-    def __init__(self, client: AsyncPyStrandsClient, loop: asyncio.AbstractEventLoop) -> None:
+    ``acks`` is ``None`` while the session is v1; once the broker accepts the
+    hello it tracks handler completions, and every :meth:`flush` appends the
+    due ``ack``.
+    """
+
+    def __init__(
+        self, client: AsyncPyStrandsClient, loop: asyncio.AbstractEventLoop, hello: bytes = b""
+    ) -> None:
         self._client = client
         self._loop = loop
+        self._hello = hello
+        self.acks: AckTracker | None = None
+        self.refused = False
+        self.last_read = loop.time()
+        self.silence_limit = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self.framer = LineFramer(client.max_line_size)
         self.transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
@@ -85,13 +117,27 @@ class _AsyncConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
+        if self._hello:
+            # The hello goes first on every connection; nobody waits for its answer.
+            transport.write(self._hello)
+            self._hello = b""
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = self._loop.time()
         dispatch = self._client._dispatch
         for line in self.framer.feed(data):
             event = decode_event(line)
-            if event is not None:
-                dispatch(self, event)
+            if event is None:
+                continue
+            if event.control:
+                if not self._control(event):
+                    return
+                continue
+            if event.seq:
+                acks = self.acks
+                if acks is None or not acks.dispatch(event.seq):
+                    event.seq = 0  # v1 session or out of order: never acknowledged
+            dispatch(self, event)
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -100,6 +146,9 @@ class _AsyncConnection(asyncio.Protocol):
         self.closed = True
         self._out = []
         self._out_bytes = 0
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._wake_drainers()
         if not self.closing:
             if exc is None:
@@ -115,6 +164,69 @@ class _AsyncConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._wake_drainers()
+
+    # -- v2 -------------------------------------------------------------------------
+
+    @property
+    def v2(self) -> bool:
+        """True once the broker accepted our hello on this connection."""
+        return self.acks is not None
+
+    def _control(self, event: Event) -> bool:
+        """Handle a control frame inline; ``False`` stops reading."""
+        if isinstance(event, Heartbeat):
+            if self.acks is not None:
+                self.write(HEARTBEAT_REPLY)
+        elif isinstance(event, Skipped):
+            acks = self.acks
+            if acks is not None and acks.skip(event.seq):
+                self._ack_due()
+        elif isinstance(event, HelloReply):
+            client = self._client
+            if not event.ok:
+                log_refusal(logger, event, f"{client.host}:{client.port}")
+                self.refused = True
+                self.closing = True
+                self.abort()
+                return False
+            if self.acks is None:
+                self.acks = AckTracker()
+                logger.info(
+                    "Protocol v2 with the broker (acks, heartbeats every %ss)",
+                    event.heartbeat_interval or "?",
+                )
+                if event.heartbeat_interval > 0:
+                    self.silence_limit = SILENCE_FACTOR * event.heartbeat_interval
+                    self._watchdog = self._loop.call_later(self.silence_limit, self._check_silence)
+        return True
+
+    def _check_silence(self) -> None:
+        """Timer: close the connection if the broker was silent for ``silence_limit``."""
+        self._watchdog = None
+        if self.closed:
+            return
+        silent = self._loop.time() - self.last_read
+        if silent < self.silence_limit:
+            self._watchdog = self._loop.call_later(self.silence_limit - silent, self._check_silence)
+            return
+        logger.warning(
+            "Nothing received from the broker for %.1fs (3 heartbeat intervals); "
+            "closing the connection",
+            silent,
+        )
+        self.closing = True  # connection_lost stays quiet; reconnecting follows
+        self.abort()
+
+    def complete(self, seq: int) -> None:
+        """Record that the handler of event ``seq`` finished (returned or raised)."""
+        acks = self.acks
+        if acks is not None and not self.closed and acks.done(seq):
+            self._ack_due()
+
+    def _ack_due(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
 
     # -- writing ----------------------------------------------------------------
 
@@ -137,10 +249,15 @@ class _AsyncConnection(asyncio.Protocol):
         return True
 
     def flush(self) -> None:
-        """Hand everything queued to the transport in one write."""
+        """Hand everything queued, and the due ack (v2), to the transport in one write."""
         self._flush_scheduled = False
         out = self._out
-        if not out or self.closed or self.transport is None:
+        if self.closed or self.transport is None:
+            return
+        acks = self.acks
+        if acks is not None and acks.watermark > acks.sent:
+            out.append(encode_ack(acks.take()))
+        if not out:
             return
         self._out = []
         self._out_bytes = 0
@@ -187,7 +304,7 @@ class _AsyncConnection(asyncio.Protocol):
 
 
 class AsyncPyStrandsClient:
-    """Asyncio backend client for the PyStrands broker (wire protocol v1).
+    """Asyncio backend client for the PyStrands broker (wire protocol v1, v2 when offered).
 
     Override the ``async def`` callbacks :meth:`on_connection_request`,
     :meth:`on_new_connection`, :meth:`on_message`, :meth:`on_disconnect` and
@@ -195,6 +312,15 @@ class AsyncPyStrandsClient:
     :meth:`send_room_message`, :meth:`send_private_message` and
     :meth:`broadcast_message`. Sending while disconnected never raises: the send
     is dropped, counted, and logged once per disconnected period.
+
+    Delivery: from a v1 broker every event arrives at most once. A v2 broker
+    (negotiated automatically, see ``docs/protocol.md``) delivers **at least
+    once**: events not yet acknowledged when a connection dies are delivered
+    again (to this or another backend) with the same
+    :attr:`Context.event_id` and :attr:`Context.redelivered` set, so handlers
+    with effects that must not repeat can deduplicate on ``context.event_id``.
+    An event is acknowledged once its handler returned or raised; handlers
+    cancelled by :meth:`disconnect` are not.
 
     Args:
         host: Broker host.
@@ -210,6 +336,10 @@ class AsyncPyStrandsClient:
             (keyword only).
         max_line_size: Largest inbound frame in bytes; larger ones are dropped
             with a warning (keyword only).
+        backend_secret: Shared secret sent in the ``hello`` on every connection,
+            for a broker started with a ``backend_secret`` (keyword only).
+            ``None`` reads ``$PYSTRANDS_BACKEND_SECRET``; empty means none. It is
+            never logged.
     """
 
     def __init__(
@@ -224,6 +354,7 @@ class AsyncPyStrandsClient:
         connect_timeout: float = 10.0,
         max_pending: int = 10_000,
         max_line_size: int = DEFAULT_MAX_LINE_SIZE,
+        backend_secret: str | None = None,
     ) -> None:
         """Configure the client; no asyncio object is created until it runs."""
         self.host = host
@@ -236,6 +367,7 @@ class AsyncPyStrandsClient:
         self.connect_timeout = connect_timeout
         self.max_pending = max(1, int(max_pending))
         self.max_line_size = max_line_size
+        self._backend_secret = resolve_backend_secret(backend_secret)
 
         self._drops = DropTracker(logger)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -278,15 +410,24 @@ class AsyncPyStrandsClient:
 
     async def _open(self, log: Any) -> _AsyncConnection | None:
         loop = asyncio.get_running_loop()
+        hello = encode_hello(self._backend_secret)
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _AsyncConnection(self, loop), self.host, self.port),
+                loop.create_connection(
+                    lambda: _AsyncConnection(self, loop, hello), self.host, self.port
+                ),
                 timeout=self.connect_timeout,
             )
         except (OSError, asyncio.TimeoutError) as exc:
             log("Cannot connect to the broker at %s:%s: %s", self.host, self.port, exc or "timeout")
             return None
         return conn
+
+    @property
+    def protocol_version(self) -> int:
+        """Protocol of the current connection: ``2`` once the broker accepted our hello, else ``1``."""
+        conn = self._conn
+        return 2 if conn is not None and conn.v2 else 1
 
     def _install(self, conn: _AsyncConnection) -> None:
         self._conn = conn
@@ -335,6 +476,8 @@ class AsyncPyStrandsClient:
                 if conn is not None:
                     await asyncio.shield(conn.lost)
                     self._lost(conn)
+                    if not conn.refused:  # a refused hello keeps backing off
+                        backoff.reset()
                     conn = None
                 if self._stopping:
                     break
@@ -363,7 +506,6 @@ class AsyncPyStrandsClient:
                     continue
                 self._install(new)
                 conn = new
-                backoff.reset()
         finally:
             if self._manager is asyncio.current_task():
                 self._manager = None
@@ -569,6 +711,8 @@ class AsyncPyStrandsClient:
                 conn, event = dq.popleft()
                 try:
                     await handle(conn, event)
+                    if event.seq:  # handled (returned or raised); not when cancelled
+                        conn.complete(event.seq)
                 finally:
                     self._finished()
                 budget -= 1

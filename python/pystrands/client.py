@@ -16,6 +16,17 @@ after the other, in arrival order; events of different clients run concurrently,
 so a slow handler only delays its own client. Connection requests run on any free
 worker. Writes from any thread are coalesced: whichever thread finds the socket
 idle sends everything queued so far with one ``sendall``.
+
+Protocol v2 (``docs/protocol.md``): every connection opens with a ``hello``
+(carrying ``backend_secret`` when one is configured); reading does not wait for
+the answer. When a v2 broker accepts it, the client acknowledges handled events
+cumulatively, answers heartbeats, and treats 3 heartbeat intervals of silence
+from the broker as a dead connection. A small per-connection housekeeping thread
+sends the due ``ack`` :data:`~pystrands._protocol.ACK_DELAY` after it became due
+(inside the running ``sendall`` when there is one), so there is at most one ack
+per ``ACK_DELAY`` whatever the event rate, and does the silence check; it sleeps
+until there is work. Delivery from a v2 broker is at least once: see
+:attr:`Context.event_id`.
 """
 
 from __future__ import annotations
@@ -30,22 +41,33 @@ from collections.abc import Callable
 from typing import Any
 
 from ._protocol import (
+    ACK_DELAY,
     DEFAULT_MAX_LINE_SIZE,
+    HEARTBEAT_REPLY,
     READ_CHUNK_SIZE,
+    SILENCE_FACTOR,
+    AckTracker,
     Backoff,
     ConnectionRequest,
     Disconnected,
     DropTracker,
     ErrorEvent,
     Event,
+    Heartbeat,
+    HelloReply,
     LineFramer,
     NewConnection,
     NewMessage,
+    Skipped,
     decode_event,
+    encode_ack,
     encode_broadcast,
+    encode_hello,
     encode_private_message,
     encode_reject,
     encode_room_message,
+    log_refusal,
+    resolve_backend_secret,
     response_for,
 )
 from .context import ConnectionRequestContext, Context
@@ -71,22 +93,56 @@ def _configure_socket(sock: socket.socket) -> None:
 
 
 class _Connection:
-    """One broker connection: the socket and its coalescing writer."""
+    """One broker connection: the socket, its coalescing writer and its v2 state.
 
-    __slots__ = ("sock", "_lock", "_cond", "_pending", "_sending", "_closed", "closing")
+    v2 state (``acks`` is ``None`` while the session is v1): the acknowledgement
+    tracker, guarded by the writer lock, and the silence limit. The housekeeping
+    thread (:meth:`housekeep`) sends the due ack ``ACK_DELAY`` after it became
+    due, in the running ``sendall`` if there is one (so at most one ack per
+    ``ACK_DELAY``, never a syscall per event), and watches for silence.
+    """
+
+    __slots__ = (
+        "sock",
+        "_lock",
+        "_cond",
+        "_tick",
+        "_pending",
+        "_sending",
+        "_closed",
+        "closing",
+        "acks",
+        "_ack_now",
+        "_hk_idle",
+        "last_read",
+        "silence_limit",
+        "refused",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)  # writer idle (flush waits)
+        self._tick = threading.Condition(self._lock)  # wakes the housekeeping thread
         self._pending: list[bytes] = []
         self._sending = False
         self._closed = False  # no further writes accepted
         self.closing = False  # an intentional close is under way (quieter logs)
+        self.acks: AckTracker | None = None  # set when the broker accepted our hello
+        self._ack_now = False  # the next pump iteration appends the due ack
+        self._hk_idle = False  # housekeeper waits for an ack to become due
+        self.last_read = time.monotonic()
+        self.silence_limit = 0.0
+        self.refused = False  # the broker refused our hello
 
     @property
     def writable(self) -> bool:
         return not self._closed
+
+    @property
+    def v2(self) -> bool:
+        """True once the broker accepted our hello on this connection."""
+        return self.acks is not None
 
     def write(self, data: bytes) -> bool:
         """Queue ``data``; send it now unless another thread is sending.
@@ -104,11 +160,16 @@ class _Connection:
         return True
 
     def _pump(self) -> None:
-        """Send queued data until the queue is empty (called by the sending thread)."""
+        """Send queued data (and a due ack) until there is none (called by the sending thread)."""
         sendall = self.sock.sendall
         while True:
             with self._lock:
                 chunks = self._pending
+                if self._ack_now:
+                    self._ack_now = False
+                    acks = self.acks
+                    if acks is not None and acks.watermark > acks.sent:
+                        chunks.append(encode_ack(acks.take()))
                 if not chunks:
                     self._sending = False
                     self._cond.notify_all()
@@ -123,6 +184,7 @@ class _Connection:
                     self._closed = True
                     self._sending = False
                     self._cond.notify_all()
+                    self._tick.notify_all()
                 log = logger.debug if self.closing else logger.warning
                 log("Send failed (%s); %d frame(s) lost", exc, lost)
                 self.abort()
@@ -139,11 +201,125 @@ class _Connection:
                 self._cond.wait(remaining)
             return not self._pending
 
+    # -- v2 ---------------------------------------------------------------------
+
+    def start_v2(self, heartbeat_interval: float) -> bool:
+        """Switch this connection to v2; ``False`` if it already was."""
+        with self._lock:
+            if self.acks is not None:
+                return False
+            self.acks = AckTracker()
+            self.silence_limit = SILENCE_FACTOR * heartbeat_interval
+            return True
+
+    def track(self, seq: int) -> bool:
+        """Record that event ``seq`` goes to a handler; ``False``: do not acknowledge it."""
+        with self._lock:
+            acks = self.acks
+            return acks is not None and acks.dispatch(seq)
+
+    def complete(self, seq: int) -> None:
+        """Record that the handler of event ``seq`` finished (returned or raised)."""
+        with self._lock:
+            acks = self.acks
+            if acks is None or self._closed or not acks.done(seq):
+                return
+            if self._hk_idle:
+                self._hk_idle = False
+                self._tick.notify()
+
+    def skip(self, seq: int) -> None:
+        """Record a ``seq`` no handler sees (it counts as handled)."""
+        with self._lock:
+            acks = self.acks
+            if acks is None or self._closed or not acks.skip(seq):
+                return
+            if self._hk_idle:
+                self._hk_idle = False
+                self._tick.notify()
+
+    def flush_ack(self) -> None:
+        """Send the due ack now (with anything queued, or in the running send)."""
+        with self._lock:
+            acks = self.acks
+            if acks is None or self._closed or acks.watermark <= acks.sent:
+                return
+            self._ack_now = True
+            if self._sending:
+                return  # the running send appends it before it stops
+            self._sending = True
+        self._pump()
+
+    def answer_heartbeat(self) -> None:
+        """Queue a heartbeat reply; the due ack, if any, goes in the same send."""
+        with self._lock:
+            if self._closed:
+                return
+            self._pending.append(HEARTBEAT_REPLY)
+            self._ack_now = True
+            if self._sending:
+                return
+            self._sending = True
+        self._pump()
+
+    def housekeep(self) -> bool:
+        """v2 housekeeping thread body: delayed acks and the silence watchdog.
+
+        Sleeps until an ack becomes due, then sends it ``ACK_DELAY`` later
+        (appended to the running send, or by itself), covering every
+        completion of that period; or until the silence limit could be
+        reached. Returns ``True`` if the broker was silent for
+        ``silence_limit`` seconds, ``False`` once the connection is closed.
+        """
+        lock = self._lock
+        tick = self._tick
+        acks = self.acks
+        assert acks is not None
+        limit = self.silence_limit
+        ack_at = 0.0
+        lock.acquire()
+        try:
+            while not self._closed:
+                now = time.monotonic()
+                if limit and now - self.last_read >= limit:
+                    return True
+                timeout: float | None = None
+                if acks.watermark > acks.sent:
+                    if not ack_at:
+                        ack_at = now + ACK_DELAY
+                    elif now >= ack_at:
+                        ack_at = 0.0
+                        self._ack_now = True
+                        if not self._sending:  # else the running send appends the ack
+                            self._sending = True
+                            lock.release()
+                            try:
+                                self._pump()
+                            finally:
+                                lock.acquire()
+                        continue
+                    timeout = ack_at - now
+                else:
+                    ack_at = 0.0
+                    self._hk_idle = True
+                if limit:
+                    silent_in = self.last_read + limit - now
+                    timeout = silent_in if timeout is None else min(timeout, silent_in)
+                tick.wait(timeout)
+                self._hk_idle = False
+            return False
+        finally:
+            self._hk_idle = False
+            lock.release()
+
+    # -- closing ----------------------------------------------------------------
+
     def close_writes(self) -> None:
         """Refuse further writes (queued data is dropped if not yet sent)."""
         with self._lock:
             self._closed = True
             self._pending = []
+            self._tick.notify_all()
 
     def shutdown_read(self) -> None:
         """Stop reading: a blocked ``recv`` returns EOF; writing still works."""
@@ -288,13 +464,22 @@ class _KeyedWorkerPool:
 
 
 class PyStrandsClient:
-    """Threading backend client for the PyStrands broker (wire protocol v1).
+    """Threading backend client for the PyStrands broker (wire protocol v1, v2 when offered).
 
     Override :meth:`on_connection_request`, :meth:`on_new_connection`,
     :meth:`on_message`, :meth:`on_disconnect` and :meth:`on_error`; send with
     :meth:`send_room_message`, :meth:`send_private_message` and
     :meth:`broadcast_message` from any thread. Sending while disconnected never
     raises: the send is dropped, counted, and logged once per disconnected period.
+
+    Delivery: from a v1 broker every event arrives at most once. A v2 broker
+    (negotiated automatically, see ``docs/protocol.md``) delivers **at least
+    once**: events not yet acknowledged when a connection dies are delivered
+    again (to this or another backend) with the same
+    :attr:`Context.event_id` and :attr:`Context.redelivered` set, so handlers
+    with effects that must not repeat can deduplicate on ``context.event_id``.
+    An event is acknowledged once its handler returned or raised; events whose
+    handlers :meth:`disconnect` abandons are not.
 
     Args:
         host: Broker host.
@@ -308,6 +493,10 @@ class PyStrandsClient:
         connect_timeout: Seconds allowed for one TCP connect attempt (keyword only).
         max_line_size: Largest inbound frame in bytes; larger ones are dropped
             with a warning (keyword only).
+        backend_secret: Shared secret sent in the ``hello`` on every connection,
+            for a broker started with a ``backend_secret`` (keyword only).
+            ``None`` reads ``$PYSTRANDS_BACKEND_SECRET``; empty means none. It is
+            never logged.
     """
 
     def __init__(
@@ -322,6 +511,7 @@ class PyStrandsClient:
         workers: int = 16,
         connect_timeout: float = 10.0,
         max_line_size: int = DEFAULT_MAX_LINE_SIZE,
+        backend_secret: str | None = None,
     ) -> None:
         """Configure the client; nothing connects until :meth:`connect`/:meth:`run_forever`."""
         self.host = host
@@ -334,6 +524,7 @@ class PyStrandsClient:
         self.workers = max(1, int(workers))
         self.connect_timeout = connect_timeout
         self.max_line_size = max_line_size
+        self._backend_secret = resolve_backend_secret(backend_secret)
 
         self._lifecycle = threading.RLock()
         self._disconnect_lock = threading.Lock()
@@ -359,7 +550,16 @@ class PyStrandsClient:
             log("Cannot connect to the broker at %s:%s: %s", self.host, self.port, exc)
             return None
         _configure_socket(sock)
-        return _Connection(sock)
+        conn = _Connection(sock)
+        # The hello goes first on every connection; nobody waits for its answer.
+        conn.write(encode_hello(self._backend_secret))
+        return conn
+
+    @property
+    def protocol_version(self) -> int:
+        """Protocol of the current connection: ``2`` once the broker accepted our hello, else ``1``."""
+        conn = self._conn
+        return 2 if conn is not None and conn.v2 else 1
 
     def _install(self, conn: _Connection) -> None:
         # caller holds self._lifecycle
@@ -414,6 +614,8 @@ class PyStrandsClient:
             if conn is not None:
                 self._read_loop(conn)
                 self._lost(conn)
+                if not conn.refused:  # a refused hello keeps backing off
+                    backoff.reset()
                 conn = None
             with self._lifecycle:
                 if self._stopping:
@@ -445,7 +647,6 @@ class PyStrandsClient:
                 else:
                     self._install(new)
                     conn = new
-            backoff.reset()
         if terminal:
             logger.info("Connection lost and auto_reconnect is off; stopping")
             self._done.set()
@@ -455,6 +656,7 @@ class PyStrandsClient:
         recv = conn.sock.recv
         feed = framer.feed
         decode = decode_event
+        monotonic = time.monotonic
         while True:
             try:
                 data = recv(READ_CHUNK_SIZE)
@@ -466,13 +668,61 @@ class PyStrandsClient:
                 if not conn.closing:
                     logger.warning("The broker closed the connection")
                 return
+            conn.last_read = monotonic()
             pool = self._pool
             if pool is None:  # pragma: no cover - disconnect raced us
                 return
             for line in feed(data):
                 event = decode(line)
-                if event is not None:
-                    pool.submit(event.key, (conn, event))
+                if event is None:
+                    continue
+                if event.control:
+                    if not self._control(conn, event):
+                        return
+                    continue
+                if event.seq and not conn.track(event.seq):
+                    event.seq = 0  # v1 session or out of order: never acknowledged
+                pool.submit(event.key, (conn, event))
+
+    def _control(self, conn: _Connection, event: Event) -> bool:
+        """Handle a control frame on the reader thread; ``False`` stops reading."""
+        if isinstance(event, Heartbeat):
+            if conn.v2:
+                conn.answer_heartbeat()
+        elif isinstance(event, Skipped):
+            conn.skip(event.seq)
+        elif isinstance(event, HelloReply):
+            if not event.ok:
+                log_refusal(logger, event, f"{self.host}:{self.port}")
+                conn.refused = True
+                conn.closing = True
+                conn.abort()
+                return False
+            if conn.start_v2(event.heartbeat_interval):
+                logger.info(
+                    "Protocol v2 with the broker (acks, heartbeats every %ss)",
+                    event.heartbeat_interval or "?",
+                )
+                threading.Thread(
+                    target=self._housekeep, args=(conn,), name="pystrands-v2", daemon=True
+                ).start()
+        return True
+
+    def _housekeep(self, conn: _Connection) -> None:
+        """Per-connection v2 thread: delayed acks; closes the connection on silence."""
+        try:
+            silent = conn.housekeep()
+        except Exception:  # pragma: no cover - defensive: never die silently
+            logger.exception("v2 housekeeping failed")
+            return
+        if silent and not conn.closing:
+            logger.warning(
+                "Nothing received from the broker for %.1fs (3 heartbeat intervals); "
+                "closing the connection",
+                conn.silence_limit,
+            )
+            conn.closing = True  # the reader ends quietly; reconnecting follows
+            conn.abort()
 
     def _lost(self, conn: _Connection) -> None:
         with self._lifecycle:
@@ -512,6 +762,8 @@ class PyStrandsClient:
                         pool.inflight,
                         timeout,
                     )
+            if conn is not None:
+                conn.flush_ack()  # acknowledge what was handled before closing (v2)
             if conn is not None and not conn.flush(deadline - time.monotonic()):
                 logger.warning("disconnect: unsent data dropped after %.1fs", timeout)
             if conn is not None:
@@ -585,28 +837,32 @@ class PyStrandsClient:
 
     def _handle(self, item: tuple[_Connection, Event]) -> None:
         conn, event = item
-        if isinstance(event, NewMessage):
-            try:
-                self.on_message(event.message, event.context)
-            except Exception as exc:
-                self._handler_failed("on_message", exc, event.context)
-        elif isinstance(event, ConnectionRequest):
-            self._decide(conn, event)
-        elif isinstance(event, NewConnection):
-            try:
-                self.on_new_connection(event.context)
-            except Exception as exc:
-                self._handler_failed("on_new_connection", exc, event.context)
-        elif isinstance(event, Disconnected):
-            try:
-                self.on_disconnect(event.context)
-            except Exception as exc:
-                self._handler_failed("on_disconnect", exc, event.context)
-        elif isinstance(event, ErrorEvent):
-            try:
-                self.on_error(event.error, event.context)
-            except Exception:
-                logger.exception("on_error raised")
+        try:
+            if isinstance(event, NewMessage):
+                try:
+                    self.on_message(event.message, event.context)
+                except Exception as exc:
+                    self._handler_failed("on_message", exc, event.context)
+            elif isinstance(event, ConnectionRequest):
+                self._decide(conn, event)
+            elif isinstance(event, NewConnection):
+                try:
+                    self.on_new_connection(event.context)
+                except Exception as exc:
+                    self._handler_failed("on_new_connection", exc, event.context)
+            elif isinstance(event, Disconnected):
+                try:
+                    self.on_disconnect(event.context)
+                except Exception as exc:
+                    self._handler_failed("on_disconnect", exc, event.context)
+            elif isinstance(event, ErrorEvent):
+                try:
+                    self.on_error(event.error, event.context)
+                except Exception:
+                    logger.exception("on_error raised")
+        finally:
+            if event.seq:  # v2: handled (returned or raised) -> acknowledgeable
+                conn.complete(event.seq)
 
     def _decide(self, conn: _Connection, event: ConnectionRequest) -> None:
         request = event.request

@@ -11,6 +11,11 @@
 
 All three have ``from_json`` / ``to_json`` converting from and to the plain JSON
 shapes of wire protocol v1.
+
+A :class:`Context` handed to an event callback by a client connected to a v2 broker
+also carries the event's delivery facts, :attr:`Context.event_id` and
+:attr:`Context.redelivered` (see ``docs/protocol.md``); they are not part of the
+JSON form.
 """
 
 from __future__ import annotations
@@ -146,9 +151,19 @@ class Context:
         room_id: The room the client is in.
         metadata: Exactly the value the backend set in ``on_connection_request``
             (a dict unless the backend chose otherwise; ``{}`` by default).
+        event_id: Read only. The id of the event this context came with, when the
+            broker speaks protocol v2 (``None`` otherwise). See :attr:`event_id`.
+        redelivered: Read only. ``True`` when a v2 broker marks the event as a
+            redelivery. See :attr:`redelivered`.
+
+    ``event_id`` and ``redelivered`` are delivery facts, not identity: they are
+    not part of :meth:`to_json`, :meth:`from_json` or equality.
     """
 
-    __slots__ = ("client_id", "room_id", "metadata", "__dict__")
+    __slots__ = ("client_id", "room_id", "metadata", "_event_id", "_redelivered", "__dict__")
+
+    _event_id: str | None  # set only by the clients, for events from a v2 broker
+    _redelivered: bool
 
     def __init__(
         self,
@@ -161,6 +176,32 @@ class Context:
         self.client_id: str = client_id
         self.room_id: str = room_id
         self.metadata: Any = {} if metadata is None else metadata
+        # _event_id / _redelivered stay unset (read as None / False) unless a client
+        # sets them for an event from a v2 broker: nothing to pay per v1 event.
+
+    @property
+    def event_id(self) -> str | None:
+        """Id of the event this context arrived with (``None`` unless the broker speaks v2).
+
+        A v2 broker delivers events **at least once**: after a backend's connection
+        dies, its unacknowledged events are delivered again, with the same
+        ``event_id`` and :attr:`redelivered` set, possibly to another backend. A
+        handler whose effects must not repeat can deduplicate on this id (unique
+        within one broker run). ``None`` for contexts built by hand, for
+        connection requests, and for events from a v1 broker (at most once).
+        """
+        try:
+            return self._event_id
+        except AttributeError:
+            return None
+
+    @property
+    def redelivered(self) -> bool:
+        """``True`` if a v2 broker marked this event as a redelivery (it may have been handled before)."""
+        try:
+            return self._redelivered
+        except AttributeError:
+            return False
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | Context | None) -> Context:
