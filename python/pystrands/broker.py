@@ -164,7 +164,9 @@ class Broker:
 
         The broker runs in native threads; this thread only waits, with the GIL released.
         """
-        self.start()
+        # Handlers go in before the listeners open, so a signal sent as soon as the broker
+        # logs "listening" still stops it cleanly.
+        self._stop_requested.clear()
         restore: list[tuple[int, Any]] = []
         if threading.current_thread() is threading.main_thread():
 
@@ -174,6 +176,12 @@ class Broker:
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 restore.append((sig, signal.signal(sig, _on_signal)))
+        try:
+            self._native.start()
+        except BaseException:
+            for sig, handler in restore:
+                signal.signal(sig, handler)
+            raise
         try:
             while not self._stop_requested.wait(1.0):
                 pass
