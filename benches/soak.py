@@ -51,7 +51,8 @@ def rss_kib(pid: int) -> int:
 
 
 def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    """Children run this interpreter with its installed pystrands (`pip install .`)."""
+    return dict(os.environ)
 
 
 BROKER_CHILD = """

@@ -5,7 +5,6 @@ with SIGKILL and restarted on the same ports (sync and async clients reconnect a
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -27,8 +26,8 @@ def run(coro):
 
 
 def spawn_backend(port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "python"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, str(HERE / "echo_backend.py"), str(port)], env=env, stdin=subprocess.DEVNULL)
+    # Children use this interpreter and its installed pystrands (in CI, the built wheel).
+    return subprocess.Popen([sys.executable, str(HERE / "echo_backend.py"), str(port)], stdin=subprocess.DEVNULL)
 
 
 def test_sigkill_of_one_of_two_backends_loses_no_event():
@@ -114,9 +113,8 @@ class SyncEcho(PyStrandsClient):
 
 
 def start_broker_process(ws_port: int, tcp_port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "python"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "pystrands", "server", "--host", "127.0.0.1", "--ws-port", str(ws_port), "--tcp-port", str(tcp_port), "--log-level", "warn"]
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
 
 async def echo_round_trip(ws_port: int, text: str, deadline: float = 30) -> str:
