@@ -8,8 +8,10 @@ nodes; the backend on the first node publishes to the room. For each setup it ru
 * a closed loop (at most `--window` messages in flight): deliveries per second sustained;
 * an open loop at `--rate` messages per second: delivery latency at a load both setups carry.
 
-Writes benches/results/cluster_fanout.json and prints a Markdown table with the 3-node/1-node
-ratios. Everything runs on 127.0.0.1 and stops by itself (about a minute).
+Runs alternate between the setups (`--runs`, default 2) and the best run of each counts (other
+load on the machine only ever slows a run down); the load average is recorded. Writes
+benches/results/cluster_fanout.json and prints a Markdown table with the 3-node/1-node ratios.
+Everything runs on 127.0.0.1 and stops by itself (about 80 s with the defaults).
 
     maturin develop --release          # or: pip install .
     cargo build --release -p pystrands-loadgen
@@ -99,7 +101,8 @@ def loadgen(urls: list[str], backends: list[str], args: argparse.Namespace, rate
 def main() -> None:
     ap = argparse.ArgumentParser(description="cross-node fan-out: 3 brokers over Redis vs 1 broker")
     ap.add_argument("--clients", type=int, default=3000)
-    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--seconds", type=float, default=4)
+    ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--window", type=int, default=16, help="closed loop: messages in flight")
     ap.add_argument("--rate", type=float, default=20, help="open loop: messages per second for the latency run")
@@ -110,27 +113,47 @@ def main() -> None:
     if redis_server is None:
         sys.exit("redis-server is not installed (apt-get install redis-server)")
 
-    results: dict[str, dict] = {}
+    runs: list[dict] = []
+    load_before = os.getloadavg()
     redis_port = free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     with process([redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]) as redis:
         wait_port(redis_port, redis)
-        for name, nodes, url in [("1 node", 1, None), ("3 nodes + Redis", 3, redis_url)]:
-            with setup(nodes, url) as (urls, backends):
-                for mode, rate in [("throughput", 0.0), ("latency", args.rate)]:
-                    r = loadgen(urls, backends, args, rate)
-                    results[f"{name} / {mode}"] = r
-                    if "error" in r:
-                        print(f"{name} {mode}: ERROR {r['error']}", file=sys.stderr)
-                    else:
-                        lat = r["latency_us"]
-                        print(f"{name} {mode}: {r['deliveries_per_sec']:,.0f} deliveries/s, {r['messages_per_sec']:,.1f} msg/s, "
-                              f"p50 {lat['p50'] / 1000:.1f} ms p99 {lat['p99'] / 1000:.1f} ms, missing {r['missing']}, errors {r['errors']}", file=sys.stderr)
+        for run in range(args.runs):
+            for name, nodes, url in [("1 node", 1, None), ("3 nodes + Redis", 3, redis_url)]:
+                with setup(nodes, url) as (urls, backends):
+                    for mode, rate in [("throughput", 0.0), ("latency", args.rate)]:
+                        r = loadgen(urls, backends, args, rate)
+                        r.update(setup=name, measure=mode, run=run)
+                        runs.append(r)
+                        if "error" in r:
+                            print(f"run {run} {name} {mode}: ERROR {r['error']}", file=sys.stderr)
+                        else:
+                            lat = r["latency_us"]
+                            print(f"run {run} {name} {mode}: {r['deliveries_per_sec']:,.0f} deliveries/s, {r['messages_per_sec']:,.1f} msg/s, "
+                                  f"p50 {lat['p50'] / 1000:.1f} ms p99 {lat['p99'] / 1000:.1f} ms, missing {r['missing']}, errors {r['errors']}", file=sys.stderr)
+
+    # Best run per setup and measure: most deliveries/s, or lowest median latency.
+    results: dict[str, dict] = {}
+    for r in runs:
+        key = f"{r['setup']} / {r['measure']}"
+        if "error" in r:
+            results.setdefault(key, r)
+            continue
+        best = results.get(key)
+        if best is None or "error" in best:
+            results[key] = r
+        elif r["measure"] == "throughput" and r["deliveries_per_sec"] > best["deliveries_per_sec"]:
+            results[key] = r
+        elif r["measure"] == "latency" and r["latency_us"]["p50"] < best["latency_us"]["p50"]:
+            results[key] = r
 
     summary = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "load_average_before_after": [load_before, os.getloadavg()],
         "settings": vars(args),
-        "results": results,
+        "best": results,
+        "runs": runs,
     }
     ok = all("error" not in r for r in results.values())
     if ok:
@@ -140,7 +163,7 @@ def main() -> None:
     out = ROOT / "benches" / "results" / "cluster_fanout.json"
     out.write_text(json.dumps(summary, indent=2))
 
-    print(f"| setup ({args.clients} clients in 1 room, {args.size} B) | deliveries/s (window {args.window}) | p50 / p99 ms at {args.rate:g} msg/s | missing |")
+    print(f"| setup ({args.clients} clients in 1 room, {args.size} B, best of {args.runs}) | deliveries/s (window {args.window}) | p50 / p99 ms at {args.rate:g} msg/s | missing |")
     print("|---|---|---|---|")
     for name in ("1 node", "3 nodes + Redis"):
         t, l = results[f"{name} / throughput"], results[f"{name} / latency"]

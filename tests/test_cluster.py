@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -374,3 +376,31 @@ def test_cluster_settings_are_validated():
     ]:
         with pytest.raises(ValueError, match=name):
             Broker(**kwargs)
+
+
+def test_cli_refuses_to_start_when_redis_is_unreachable_and_can_start_degraded():
+    port = free_port()
+    cmd = [sys.executable, "-m", "pystrands", "server", "--host", "127.0.0.1", "--ws-port", "0", "--tcp-port", "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYSTRANDS_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert f"cluster_url=redis://127.0.0.1:{port}/0" in out.stderr and "cluster_required" in out.stderr
+
+    bad = subprocess.run([*cmd, "--cluster-required", "maybe"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "cluster-required" in bad.stderr
+
+    env["PYSTRANDS_CLUSTER_REQUIRED"] = "false"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        seen: list[str] = []
+        while not any("listening" in line for line in seen):
+            try:
+                seen.append(lines.get(timeout=DEADLINE))
+            except queue.Empty:
+                raise AssertionError(f"no 'listening' line; saw {seen}")
+        assert any("starting without the cluster" in line for line in seen), seen
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=DEADLINE)
