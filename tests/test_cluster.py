@@ -69,9 +69,10 @@ class RedisServer:
                 raise RuntimeError("redis-server did not answer PING in time")
             time.sleep(0.02)
 
-    def command(self, *args: str) -> bytes:
+    def command(self, *args: str | bytes) -> bytes:
         """Sends one command (RESP) and returns the raw reply."""
-        req = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+        parts = [a.encode() if isinstance(a, str) else a for a in args]
+        req = f"*{len(parts)}\r\n".encode() + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
             s.sendall(req)
             return s.recv(65536)
@@ -404,3 +405,40 @@ def test_cli_refuses_to_start_when_redis_is_unreachable_and_can_start_degraded()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=DEADLINE)
+
+
+def envelope(origin: str, first_seq: int, records: list[tuple[bytes, str, bytes]]) -> bytes:
+    """A cluster payload as rust/core/src/cluster.rs encodes it (version 1)."""
+    out = bytes([1, len(origin)]) + origin.encode() + first_seq.to_bytes(8, "big") + len(records).to_bytes(4, "big")
+    for kind, target, body in records:
+        t = target.encode()
+        out += kind + len(t).to_bytes(4, "big") + t + len(body).to_bytes(4, "big") + body
+    return out
+
+
+def test_what_arrives_on_the_channel_is_checked_and_gaps_are_counted(redis):
+    async def main():
+        with brokers(redis.url, 1) as (a,):
+            backend = await connect_backend(a)
+            ws, _ = await connect_client(a.ws_port, backend, client_id="x", room_id="r")
+            # Garbage on the channel is counted and skipped; the node keeps working.
+            redis.command("PUBLISH", "pystrands:bus", b"\x00garbage")
+            redis.command("PUBLISH", "pystrands:bus", envelope("other", 1, [(b"Z", "r", b"?")]))
+            await wait_for(lambda: a.stats()["cluster_decode_errors"] == 2, what="bad payloads counted")
+            # A payload from another node reaches local members; a sequence gap is counted.
+            redis.command("PUBLISH", "pystrands:bus", envelope("other", 1, [(b"R", "r", "from other ü".encode())]))
+            assert await recv(ws) == "from other ü"
+            redis.command("PUBLISH", "pystrands:bus", envelope("other", 10, [(b"P", "x", b"private")]))
+            assert await recv(ws) == "private"
+            s = a.stats()
+            assert s["cluster_missed"] == 8  # records 2..9 of node "other" never came
+            assert s["cluster_received"] == 2 and s["cluster_decode_errors"] == 2
+            # Its own payloads coming back are skipped: a node never delivers twice.
+            redis.command("PUBLISH", "pystrands:bus", envelope("node-a", 1, [(b"R", "r", b"echo")]))
+            redis.command("PUBLISH", "pystrands:bus", envelope("other", 11, [(b"B", "", b"after-echo")]))
+            assert await recv(ws) == "after-echo"
+            assert a.stats()["cluster_missed"] == 8
+            await ws.close()
+            await backend.close()
+
+    run(main())

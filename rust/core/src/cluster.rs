@@ -11,8 +11,10 @@
 //!   records into payloads and PUBLISHes them, pipelined, on the one channel
 //!   `<cluster_name>:bus`. A full queue or an unreachable Redis drops the record — counted in
 //!   `cluster_publish_dropped`, logged rate-limited — and local delivery is unaffected.
-//! * **Receiving.** One subscriber task per node holds a dedicated pub/sub connection and delivers
-//!   every record of another node to local members. Each payload names its origin node (a node
+//! * **Receiving.** One subscriber task per node holds a dedicated pub/sub connection (RESP3,
+//!   so Redis' pushed messages land in a bounded queue: a node that falls behind drops and
+//!   counts instead of buffering without bound) and delivers every record of another node to
+//!   local members. Each payload names its origin node (a node
 //!   skips its own payloads: no double delivery where the message was sent) and carries the
 //!   sequence number of its first record, so a gap shows that this node missed records
 //!   (`cluster_missed`). Redis pub/sub is at-most-once; the counters say what was lost.
@@ -37,9 +39,9 @@ use crate::shutdown::{Signal, TaskGuard};
 use crate::stats::{add, incr, ClusterStats, Counters};
 use crate::Shared;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use parking_lot::{Mutex, RwLock};
-use redis::aio::{MultiplexedConnection, PubSub};
+use redis::aio::MultiplexedConnection;
+use std::sync::atomic::AtomicU64;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +51,10 @@ use tokio::sync::{mpsc, watch};
 
 /// Records that may wait for the publisher; beyond it they are dropped and counted.
 const PUBLISH_QUEUE: usize = 65_536;
+/// Payloads from Redis that may wait for this node's subscriber task. A node that cannot keep
+/// up drops beyond it (the records show up in `cluster_missed`) instead of buffering without
+/// bound: the pub/sub connection is RESP3 with a push handler feeding this bounded queue.
+const RECEIVE_QUEUE: usize = 4096;
 /// Records are packed into payloads of about this size (a larger record goes alone).
 const MAX_PAYLOAD: usize = 64 * 1024;
 /// Most payloads sent in one pipelined round trip.
@@ -341,6 +347,8 @@ struct View {
 struct State {
     publisher_up: AtomicBool,
     subscriber_up: AtomicBool,
+    /// Payloads Redis pushed that did not fit in the receive queue.
+    overflow: Arc<AtomicU64>,
     view: RwLock<View>,
 }
 
@@ -457,8 +465,11 @@ pub struct Starter {
     rx: mpsc::Receiver<Bytes>,
     state: Arc<State>,
     conn: Option<MultiplexedConnection>,
-    pubsub: Option<PubSub>,
+    pubsub: Option<Subscription>,
 }
+
+/// A subscribed RESP3 connection and the bounded queue its pushed messages arrive in.
+type Subscription = (MultiplexedConnection, mpsc::Receiver<redis::PushInfo>);
 
 /// Builds the cluster handle and its starter (no I/O yet). `cfg.cluster_url` must be set.
 pub fn build(cfg: &Config, counters: Arc<Counters>) -> Result<(Cluster, Starter), String> {
@@ -493,13 +504,35 @@ async fn open_publisher(client: &redis::Client) -> Result<MultiplexedConnection,
     Ok(conn)
 }
 
-async fn open_subscriber(client: &redis::Client, channel: &str) -> Result<PubSub, String> {
-    let subscribe = async {
-        let mut ps = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
-        ps.subscribe(channel).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(ps)
+/// The same server as `client`, spoken in RESP3: pushed pub/sub messages can then be handed to
+/// a bounded queue (RESP2's pub/sub connection buffers without bound). Needs Redis >= 6.
+fn resp3(client: &redis::Client) -> Result<redis::Client, String> {
+    let info = client.get_connection_info().clone();
+    let settings = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+    redis::Client::open(info.set_redis_settings(settings)).map_err(|e| e.to_string())
+}
+
+/// Opens the dedicated subscriber connection and subscribes to `channel`. Pushed messages go to
+/// a bounded queue; those that do not fit are dropped and counted in `overflow`.
+async fn open_subscriber(client: &redis::Client, channel: &str, overflow: Arc<AtomicU64>) -> Result<Subscription, String> {
+    let (tx, rx) = mpsc::channel(RECEIVE_QUEUE);
+    let push = move |info: redis::PushInfo| -> Result<(), ()> {
+        tx.try_send(info).map_err(|e| {
+            if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                overflow.fetch_add(1, Ordering::Relaxed);
+            }
+        })
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, subscribe).await.map_err(|_| format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))?
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_push_sender(push);
+    let subscribe = async {
+        let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
+        conn.subscribe(channel).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((conn, rx))
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT * 2, subscribe).await.map_err(|_| format!("no answer within {} s", CONNECT_TIMEOUT.as_secs() * 2))?
 }
 
 impl Starter {
@@ -512,7 +545,10 @@ impl Starter {
     pub async fn connect(&mut self) -> Result<(), String> {
         let conn = open_publisher(&self.client).await;
         let pubsub = match &conn {
-            Ok(_) => open_subscriber(&self.client, &self.channel).await,
+            Ok(_) => match resp3(&self.client) {
+                Ok(sub_client) => open_subscriber(&sub_client, &self.channel, self.state.overflow.clone()).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e.clone()),
         };
         match (conn, pubsub) {
@@ -530,6 +566,8 @@ impl Starter {
     /// Starts the publisher, subscriber and presence tasks (on the current runtime).
     pub fn spawn(self, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
         let Starter { client, url_shown, node_id, channel, name, rx, state, conn, pubsub } = self;
+        // The URL was accepted by `redis::Client::open`, so the RESP3 variant of it is too.
+        let sub_client = resp3(&client).unwrap_or_else(|_| client.clone());
         let (conn_tx, conn_rx) = watch::channel(conn.clone());
         let ever = conn.is_some();
         let publisher = Publisher {
@@ -549,7 +587,7 @@ impl Starter {
             down_log: LogLimit::default(),
         };
         let subscriber = Subscriber {
-            client,
+            client: sub_client,
             url_shown,
             channel,
             node_id: node_id.clone(),
@@ -563,6 +601,7 @@ impl Starter {
             bad_log: LogLimit::default(),
             gap_log: LogLimit::default(),
             down_log: LogLimit::default(),
+            overflow_seen: 0,
         };
         let presence = Presence {
             conn_rx,
@@ -642,6 +681,14 @@ impl Publisher {
         }
         self.state.publisher_up.store(false, Ordering::Release);
         self.conn_tx.send_replace(None);
+        self.rx.close();
+        let mut left = 0;
+        while self.rx.try_recv().is_ok() {
+            left += 1;
+        }
+        if left > 0 {
+            self.dropped(left);
+        }
     }
 
     /// Packs what is queued into payloads and publishes them in one pipelined round trip.
@@ -755,7 +802,7 @@ struct Subscriber {
     url_shown: String,
     channel: String,
     node_id: Arc<str>,
-    pubsub: Option<PubSub>,
+    pubsub: Option<Subscription>,
     shared: Arc<Shared>,
     state: Arc<State>,
     stop: Signal,
@@ -765,12 +812,13 @@ struct Subscriber {
     bad_log: LogLimit,
     gap_log: LogLimit,
     down_log: LogLimit,
+    overflow_seen: u64,
 }
 
 impl Subscriber {
     async fn run(mut self) {
         loop {
-            let pubsub = match self.pubsub.take() {
+            let (mut conn, mut pushed) = match self.pubsub.take() {
                 Some(p) => p,
                 None => match self.reconnect().await {
                     Some(Some(p)) => p,
@@ -779,7 +827,6 @@ impl Subscriber {
                 },
             };
             self.state.subscriber_up.store(true, Ordering::Release);
-            let (mut sink, mut stream) = pubsub.split();
             let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
             ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let why = loop {
@@ -788,16 +835,22 @@ impl Subscriber {
                         self.state.subscriber_up.store(false, Ordering::Release);
                         return;
                     }
-                    msg = stream.next() => match msg {
-                        Some(m) => self.handle(m.get_payload_bytes()),
+                    info = pushed.recv() => match info {
+                        Some(info) => match info.kind {
+                            redis::PushKind::Message => match info.data.get(1) {
+                                Some(redis::Value::BulkString(payload)) => self.handle(payload),
+                                _ => self.bad("pushed message without a payload"),
+                            },
+                            redis::PushKind::Disconnection => break "connection closed".to_string(),
+                            _ => {} // subscribe confirmations
+                        },
                         None => break "connection closed".to_string(),
                     },
                     _ = ping.tick() => {
                         self.seqs.forget_older_than(FORGET_ORIGIN);
-                        match tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping::<redis::Value>()).await {
-                            Ok(Ok(_)) => {}
-                            Ok(Err(e)) => break e.to_string(),
-                            Err(_) => break "no answer to PING".to_string(),
+                        self.report_overflow();
+                        if let Err(e) = redis::cmd("PING").query_async::<()>(&mut conn).await {
+                            break e.to_string();
                         }
                     }
                 }
@@ -808,13 +861,22 @@ impl Subscriber {
         }
     }
 
-    /// `None`: stopping. `Some(None)`: this attempt failed. `Some(Some(p))`: subscribed.
-    async fn reconnect(&mut self) -> Option<Option<PubSub>> {
+    fn report_overflow(&mut self) {
+        let total = self.state.overflow.load(Ordering::Relaxed);
+        if total > self.overflow_seen {
+            let n = total - self.overflow_seen;
+            self.overflow_seen = total;
+            tracing::warn!(payloads = n, "this node falls behind the cluster channel: payloads from Redis were dropped (their messages are counted in cluster_missed)");
+        }
+    }
+
+    /// `None`: stopping. `Some(None)`: this attempt failed. `Some(Some(s))`: subscribed.
+    async fn reconnect(&mut self) -> Option<Option<Subscription>> {
         tokio::select! {
             _ = self.stop.fired() => return None,
             _ = tokio::time::sleep(self.backoff.next_delay()) => {}
         }
-        match open_subscriber(&self.client, &self.channel).await {
+        match open_subscriber(&self.client, &self.channel, self.state.overflow.clone()).await {
             Ok(p) => {
                 self.backoff.reset();
                 if self.ever_connected {
