@@ -8,14 +8,14 @@ nodes; the backend on the first node publishes to the room. For each setup it ru
 * a closed loop (at most `--window` messages in flight): deliveries per second sustained;
 * an open loop at `--rate` messages per second: delivery latency at a load both setups carry.
 
-Runs alternate between the setups (`--runs`, default 2) and the best run of each counts (other
+Runs alternate between the setups (`--runs`, default 3) and the best run of each counts (other
 load on the machine only ever slows a run down); the load average is recorded. Writes
 benches/results/cluster_fanout.json and prints a Markdown table with the 3-node/1-node ratios.
-Everything runs on 127.0.0.1 and stops by itself (about 80 s with the defaults).
+Everything runs on 127.0.0.1 and stops by itself (about 90 s with the defaults).
 
     maturin develop --release          # or: pip install .
     cargo build --release -p pystrands-loadgen
-    python benches/cluster_fanout.py [--clients 3000] [--seconds 5]
+    python benches/cluster_fanout.py [--clients 3000] [--seconds 4] [--runs 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -102,10 +102,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="cross-node fan-out: 3 brokers over Redis vs 1 broker")
     ap.add_argument("--clients", type=int, default=3000)
     ap.add_argument("--seconds", type=float, default=4)
-    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--window", type=int, default=16, help="closed loop: messages in flight")
     ap.add_argument("--rate", type=float, default=20, help="open loop: messages per second for the latency run")
+    ap.add_argument("--out", type=Path, default=ROOT / "benches" / "results" / "cluster_fanout.json")
     args = ap.parse_args()
     if not LOADGEN.exists():
         sys.exit(f"build the load generator first: cargo build --release -p pystrands-loadgen ({LOADGEN} missing)")
@@ -160,8 +161,7 @@ def main() -> None:
         one, three = results["1 node / throughput"], results["3 nodes + Redis / throughput"]
         summary["ratio_3_nodes_vs_1_throughput"] = three["deliveries_per_sec"] / one["deliveries_per_sec"]
         summary["ratio_3_nodes_vs_1_latency_p50"] = results["3 nodes + Redis / latency"]["latency_us"]["p50"] / results["1 node / latency"]["latency_us"]["p50"]
-    out = ROOT / "benches" / "results" / "cluster_fanout.json"
-    out.write_text(json.dumps(summary, indent=2))
+    args.out.write_text(json.dumps(summary, indent=2, default=str))
 
     print(f"| setup ({args.clients} clients in 1 room, {args.size} B, best of {args.runs}) | deliveries/s (window {args.window}) | p50 / p99 ms at {args.rate:g} msg/s | missing |")
     print("|---|---|---|---|")
