@@ -732,7 +732,13 @@ impl Publisher {
                 // reuse the numbers so receivers do not also count a gap for them.
                 self.next_seq = first_seq;
                 self.dropped(total);
-                self.lost(&e.to_string());
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error() {
+                    self.lost(&e.to_string());
+                } else {
+                    // Redis answered, but refused (e.g. a payload over its proto-max-bulk-len):
+                    // the connection is fine.
+                    tracing::error!(error = %e, "Redis refused a publish; those messages did not reach other nodes");
+                }
             }
         }
     }
