@@ -57,6 +57,15 @@ class Broker:
         client_rate_burst: Burst allowed by the rate limit (0: one second's worth).
         rate_limit_policy: ``"drop"`` (drop and count in ``rate_limited``) or ``"close"``
             (close code 1008).
+        cluster_url: Redis URL (e.g. ``redis://127.0.0.1:6379/0``) of the cluster this broker
+            joins: clients on any node receive what backends on any node send. ``None`` (the
+            default) runs alone, with no Redis connection. See ``docs/deployment.md``.
+        cluster_required: With ``cluster_url``: if Redis cannot be reached at start, fail with
+            :class:`ConnectionError` (True, the default), or start with local delivery only
+            and keep retrying (False). Losing Redis later never stops the broker.
+        cluster_name: Prefix of the cluster's Redis keys and channel, so several clusters can
+            share one Redis server.
+        cluster_node_id: This node's id (unique per running broker); ``None`` picks a random one.
     """
 
     def __init__(
@@ -85,6 +94,10 @@ class Broker:
         client_rate_limit: float = 0.0,
         client_rate_burst: int = 0,
         rate_limit_policy: str = "drop",
+        cluster_url: str | None = None,
+        cluster_required: bool = True,
+        cluster_name: str = "pystrands",
+        cluster_node_id: str | None = None,
     ) -> None:
         from . import _core
 
@@ -113,6 +126,10 @@ class Broker:
             "client_rate_limit": client_rate_limit,
             "client_rate_burst": client_rate_burst,
             "rate_limit_policy": rate_limit_policy,
+            "cluster_url": cluster_url,
+            "cluster_required": cluster_required,
+            "cluster_name": cluster_name,
+            "cluster_node_id": cluster_node_id,
         }
         self._native = _core.NativeBroker(**self._settings)
         self._stop_requested = threading.Event()
@@ -143,6 +160,8 @@ class Broker:
         """Start serving in background threads; returns once both listeners are bound.
 
         Raises:
+            ConnectionError: ``cluster_url`` is set, Redis cannot be reached and
+                ``cluster_required`` is True.
             OSError: a port is in use or the address cannot be bound.
             RuntimeError: the broker is already running.
         """
@@ -192,14 +211,26 @@ class Broker:
                 signal.signal(sig, handler)
             self._native.stop(drain_timeout)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Clients, rooms, backends, queued events and every counter (empty when stopped).
 
         Counters include ``messages_in``, ``deliveries``, ``events_to_backends``,
         ``queue_dropped``, ``slow_client_drops``, ``slow_clients_closed``, ``no_route``,
         ``backend_errors``, ``events_lost`` and more; see ``docs/operations.md``.
+
+        ``clients`` and ``rooms`` are this node's. In a cluster there are also
+        ``cluster_node_id`` (str), ``cluster_connected`` (bool), ``cluster_nodes``,
+        ``cluster_clients``, ``cluster_rooms`` (every live node; other nodes' figures are at
+        most about a second old) and the counters ``cluster_published``,
+        ``cluster_publish_dropped``, ``cluster_received``, ``cluster_missed``,
+        ``cluster_decode_errors``, ``cluster_reconnects``; see ``docs/deployment.md``.
         """
         return dict(self._native.stats())
+
+    def room_members(self) -> dict[str, int]:
+        """Room id → number of members: on every live node in a cluster (other nodes' counts
+        as of their last report, at most about a second old), else on this broker."""
+        return dict(self._native.room_members())
 
     def __enter__(self) -> "Broker":
         if not self.running:

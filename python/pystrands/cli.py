@@ -15,6 +15,17 @@ from typing import Any, Callable, Sequence
 
 __all__ = ["main", "build_parser"]
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+_bool.__name__ = "bool"
+
 # (setting, type, help). The defaults come from the native core, so they cannot drift.
 _SETTINGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("ws_host", str, "interface of the WebSocket listener (default: --host)"),
@@ -38,11 +49,23 @@ _SETTINGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("client_rate_limit", float, "messages per second one WebSocket client may send (0: no limit)"),
     ("client_rate_burst", int, "burst allowed by the client rate limit (0: one second's worth)"),
     ("rate_limit_policy", str, "'drop' or 'close' (close code 1008) for a client over its rate limit"),
+    ("cluster_url", str, "Redis URL of the cluster to join, e.g. redis://127.0.0.1:6379/0 (default: run alone)"),
+    ("cluster_required", _bool, "true: exit if Redis is unreachable at start; false: start with local delivery only and keep retrying"),
+    ("cluster_name", str, "prefix of the cluster's Redis keys and channel"),
+    ("cluster_node_id", str, "this node's id in the cluster (default: random)"),
 ]
+
+# Settings whose flag or variable has another name too (the first one is documented).
+_FLAGS = {"cluster_url": ["--redis-url", "--cluster-url"]}
+_ENVS = {"cluster_url": ["PYSTRANDS_REDIS_URL", "PYSTRANDS_CLUSTER_URL"]}
 
 
 def _env_name(setting: str) -> str:
-    return "PYSTRANDS_" + setting.upper()
+    return _env_names(setting)[0]
+
+
+def _env_names(setting: str) -> list[str]:
+    return _ENVS.get(setting, ["PYSTRANDS_" + setting.upper()])
 
 
 def build_parser(prog: str = "pystrands-broker") -> argparse.ArgumentParser:
@@ -59,7 +82,7 @@ def build_parser(prog: str = "pystrands-broker") -> argparse.ArgumentParser:
     for setting, typ, help_text in _SETTINGS:
         default = None if setting in ("ws_host", "tcp_host") else defaults[setting]
         parser.add_argument(
-            "--" + setting.replace("_", "-"),
+            *_FLAGS.get(setting, ["--" + setting.replace("_", "-")]),
             dest=setting,
             type=typ,
             default=None,
@@ -81,12 +104,14 @@ def _settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     settings: dict[str, Any] = {"host": args.host}
     for setting, typ, _ in _SETTINGS:
         value = getattr(args, setting)
-        if value is None and _env_name(setting) in os.environ:
-            raw = os.environ[_env_name(setting)]
+        for env in _env_names(setting):
+            if value is not None or env not in os.environ:
+                continue
+            raw = os.environ[env]
             try:
                 value = typ(raw)
             except ValueError:
-                parser.error(f"environment variable {_env_name(setting)}={raw!r} is not a valid {typ.__name__}")
+                parser.error(f"environment variable {env}={raw!r} is not a valid {typ.__name__}")
         if value is not None:
             settings[setting] = value
     origins = args.allowed_origins

@@ -6,7 +6,11 @@
 //! * `echo`: every client sends a message and waits for the next message it receives (its echo)
 //!   before sending again (ping-pong); latency = round trip.
 //!
+//! * `fanout`: room fan-out through one broker or a cluster (see [`fanout`]).
+//!
 //! Usage: `pystrands-loadgen echo --url ws://127.0.0.1:8080/bench --clients 100 --seconds 10 --size 64`
+
+mod fanout;
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -84,6 +88,9 @@ async fn echo_client(url: String, payload: String, warmup_end: Instant, end: Ins
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("fanout") {
+        return fanout::main();
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

@@ -336,15 +336,15 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
 async fn handle_line(id: BackendId, v2: bool, line: &[u8], shared: &Shared, errors: &mut ErrorLog) {
     match protocol::decode_backend_line(line) {
         Ok(BackendCommand::MessageToRoom { room_id, message }) => {
-            shared.hub.send_room(&room_id, message);
+            crate::cluster::send_room(shared, &room_id, message);
         }
         Ok(BackendCommand::MessageToConnection { conn_id, message }) => {
-            if !shared.hub.send_to(&conn_id, message) {
+            if !crate::cluster::send_private(shared, &conn_id, message) {
                 tracing::debug!(backend = id, client_id = %conn_id, "private message for a client that is not connected");
             }
         }
         Ok(BackendCommand::Broadcast { message }) => {
-            shared.hub.broadcast(message);
+            crate::cluster::broadcast(shared, message);
         }
         Ok(BackendCommand::Response(resp)) => {
             let _ = shared.router.send(RouterMsg::Response { backend: id, resp }).await;

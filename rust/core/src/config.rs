@@ -86,6 +86,17 @@ pub struct Config {
     pub client_rate_burst: u32,
     /// What happens to a client over its rate limit.
     pub rate_limit_policy: LimitPolicy,
+    /// Redis URL (`redis://[:password@]host:port/db` or `unix:///path`) of the cluster this broker
+    /// joins; `None` runs alone with no Redis connection at all. See [`crate::cluster`].
+    pub cluster_url: Option<String>,
+    /// With `cluster_url`: refuse to start when Redis cannot be reached at start (true), or start
+    /// degraded — local delivery only — and keep retrying (false).
+    pub cluster_required: bool,
+    /// Prefix of every Redis channel and key of the cluster, so several clusters can share one
+    /// Redis server (pub/sub channels ignore the database number of the URL).
+    pub cluster_name: String,
+    /// This node's id in the cluster (unique per running broker); `None` picks a random one.
+    pub cluster_node_id: Option<String>,
 }
 
 impl Default for Config {
@@ -113,6 +124,10 @@ impl Default for Config {
             client_rate_limit: 0.0,
             client_rate_burst: 0,
             rate_limit_policy: LimitPolicy::Drop,
+            cluster_url: None,
+            cluster_required: true,
+            cluster_name: "pystrands".into(),
+            cluster_node_id: None,
         }
     }
 }
@@ -149,6 +164,27 @@ pub fn seconds(setting: &'static str, secs: f64) -> Result<Duration, ConfigError
 }
 
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+const NAME_RULE: &str = "must be 1 to 64 characters from A-Z a-z 0-9 - _ . :";
+
+/// Cluster and node names end up in Redis keys, channel names and every envelope.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Masks the password of a URL like `redis://user:secret@host:6379/0` → `redis://user:***@host:6379/0`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_string() };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_string() };
+    let userinfo = &rest[..at];
+    let masked = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => "***".to_string(), // `redis://secret@host`: the lone part is taken as the password
+    };
+    format!("{}{}{}", &url[..scheme_end], masked, &rest[at..])
+}
 
 impl Config {
     /// Checks every setting; the first bad one is returned.
@@ -205,6 +241,22 @@ impl Config {
         if self.client_rate_burst > 1_000_000_000 {
             return Err(bad("client_rate_burst", self.client_rate_burst, "must be between 0 and 1000000000"));
         }
+        if let Some(url) = &self.cluster_url {
+            if url.trim().is_empty() {
+                return Err(bad("cluster_url", "''", "must not be empty (leave it unset to run without a cluster)"));
+            }
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                return Err(bad("cluster_url", redact_url(url), &format!("is not a usable Redis URL ({e})")));
+            }
+        }
+        if !valid_name(&self.cluster_name) {
+            return Err(bad("cluster_name", &self.cluster_name, NAME_RULE));
+        }
+        if let Some(id) = &self.cluster_node_id {
+            if !valid_name(id) {
+                return Err(bad("cluster_node_id", id, NAME_RULE));
+            }
+        }
         let level = self.log_level.to_ascii_lowercase();
         let directive_ok = self.log_level.contains('=') && tracing_subscriber::EnvFilter::try_new(&self.log_level).is_ok();
         if !LOG_LEVELS.contains(&level.as_str()) && !directive_ok {
@@ -225,6 +277,11 @@ impl Config {
     /// How long a v2 backend may stay silent before it is declared dead.
     pub fn backend_silence_limit(&self) -> std::time::Duration {
         self.heartbeat_interval * 3
+    }
+
+    /// `cluster_url` fit for logs and error messages (a password in it is masked).
+    pub fn cluster_url_redacted(&self) -> Option<String> {
+        self.cluster_url.as_deref().map(redact_url)
     }
 
     /// Whether a WebSocket request carrying this `Origin` may connect.
@@ -275,6 +332,25 @@ mod tests {
     fn same_port_twice_is_refused() {
         let c = Config { ws_port: 9000, tcp_port: 9000, ..Config::default() };
         assert_eq!(c.validate().unwrap_err().setting, "tcp_port");
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_and_passwords_never_shown() {
+        let ok = Config { cluster_url: Some("redis://127.0.0.1:6379/0".into()), ..Config::default() };
+        ok.validate().unwrap();
+        let e = Config { cluster_url: Some("http://:hunter2@x/".into()), ..Config::default() }.validate().unwrap_err();
+        assert_eq!(e.setting, "cluster_url");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert_eq!(Config { cluster_url: Some(" ".into()), ..Config::default() }.validate().unwrap_err().setting, "cluster_url");
+        assert_eq!(Config { cluster_name: "a b".into(), ..Config::default() }.validate().unwrap_err().setting, "cluster_name");
+        assert_eq!(Config { cluster_node_id: Some(String::new()), ..Config::default() }.validate().unwrap_err().setting, "cluster_node_id");
+        Config { cluster_node_id: Some("node-1.eu:a_b".into()), ..Config::default() }.validate().unwrap();
+
+        assert_eq!(redact_url("redis://:hunter2@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact_url("redis://me:hunter2@h:1/0"), "redis://me:***@h:1/0");
+        assert_eq!(redact_url("redis://hunter2@h"), "redis://***@h");
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(redact_url("redis://h/x@y"), "redis://h/x@y");
     }
 
     #[test]

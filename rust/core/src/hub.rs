@@ -12,7 +12,7 @@ use crate::protocol::{CLOSE_REPLACED, CLOSE_SLOW_CONSUMER};
 use crate::stats::{incr, Counters};
 use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Message;
@@ -25,6 +25,9 @@ pub struct ClientSlot {
     pub room_id: Arc<str>,
     /// The `context` object sent to backends with every event of this client, encoded once.
     pub context_json: Arc<str>,
+    /// Wall-clock time of registration (ms since the Unix epoch); in a cluster it decides which
+    /// of two connections with the same `client_id` on different nodes is the newer one.
+    pub since_ms: u64,
     tx: mpsc::Sender<Message>,
     kick: Notify,
     kick_code: AtomicU16,
@@ -32,7 +35,8 @@ pub struct ClientSlot {
 
 impl ClientSlot {
     pub fn new(conn_id: u64, client_id: Arc<str>, room_id: Arc<str>, context_json: Arc<str>, tx: mpsc::Sender<Message>) -> Self {
-        ClientSlot { conn_id, client_id, room_id, context_json, tx, kick: Notify::new(), kick_code: AtomicU16::new(0) }
+        let since_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        ClientSlot { conn_id, client_id, room_id, context_json, since_ms, tx, kick: Notify::new(), kick_code: AtomicU16::new(0) }
     }
 
     /// Asks the connection task to close the socket with `code` (the first code asked wins).
@@ -63,6 +67,8 @@ struct State {
 /// Shared registry of clients and rooms.
 pub struct Hub {
     state: RwLock<State>,
+    /// Bumped on every register/unregister, so a reader can tell cheaply whether membership changed.
+    version: AtomicU64,
     policy: SlowClientPolicy,
     pub counters: Arc<Counters>,
 }
@@ -75,7 +81,7 @@ enum Delivery {
 
 impl Hub {
     pub fn new(policy: SlowClientPolicy, counters: Arc<Counters>) -> Self {
-        Hub { state: RwLock::new(State::default()), policy, counters }
+        Hub { state: RwLock::new(State::default()), version: AtomicU64::new(0), policy, counters }
     }
 
     /// Registers an accepted client. If its `client_id` was already connected, the older
@@ -89,6 +95,7 @@ impl Hub {
             remove_from_room(&mut st, old);
         }
         st.rooms.entry(slot.room_id.clone()).or_default().insert(slot.conn_id, slot.clone());
+        self.version.fetch_add(1, Ordering::Release);
         drop(st);
         if let Some(old) = &old {
             incr(&self.counters.connections_replaced);
@@ -105,6 +112,7 @@ impl Hub {
             Some(current) if current.conn_id == slot.conn_id => {
                 st.clients.remove(&slot.client_id);
                 remove_from_room(&mut st, slot);
+                self.version.fetch_add(1, Ordering::Release);
                 true
             }
             _ => false,
@@ -162,6 +170,18 @@ impl Hub {
 
     /// Sends to one client; false (and counted as `no_route`) when it is not connected.
     pub fn send_to(&self, client_id: &str, text: String) -> bool {
+        match self.try_send_to(client_id, text) {
+            Ok(queued) => queued,
+            Err(_) => {
+                incr(&self.counters.no_route);
+                false
+            }
+        }
+    }
+
+    /// Sends to one client if it is connected here: `Ok(queued)`; otherwise the text comes back
+    /// unsent (and uncounted) so the caller can route it elsewhere (the cluster).
+    pub fn try_send_to(&self, client_id: &str, text: String) -> Result<bool, String> {
         let st = self.state.read();
         match st.clients.get(client_id) {
             Some(slot) => {
@@ -169,12 +189,27 @@ impl Hub {
                 if queued {
                     incr(&self.counters.deliveries);
                 }
-                queued
+                Ok(queued)
             }
-            None => {
-                incr(&self.counters.no_route);
-                false
+            None => Err(text),
+        }
+    }
+
+    /// Another node registered `client_id` at `claim_ms`: closes the connection here with
+    /// [`CLOSE_REPLACED`] if it is older (ties go to `remote_wins_tie`), so the newest
+    /// connection wins cluster-wide as it does on one node. Returns whether one was closed.
+    pub fn replaced_elsewhere(&self, client_id: &str, claim_ms: u64, remote_wins_tie: bool) -> bool {
+        let st = self.state.read();
+        let Some(slot) = st.clients.get(client_id) else { return false };
+        if slot.since_ms < claim_ms || (slot.since_ms == claim_ms && remote_wins_tie) {
+            if slot.kick_code.load(Ordering::Acquire) == 0 {
+                incr(&self.counters.connections_replaced);
+                tracing::info!(client_id, "client_id connected on another node; closing the older connection here");
             }
+            slot.kick(CLOSE_REPLACED);
+            true
+        } else {
+            false
         }
     }
 
@@ -191,6 +226,17 @@ impl Hub {
 
     pub fn room_count(&self) -> usize {
         self.state.read().rooms.len()
+    }
+
+    /// Changes whenever a client registers or unregisters.
+    pub fn membership_version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Every room with its number of members, and the number of clients.
+    pub fn room_sizes(&self) -> (usize, Vec<(Arc<str>, usize)>) {
+        let st = self.state.read();
+        (st.clients.len(), st.rooms.iter().map(|(r, m)| (r.clone(), m.len())).collect())
     }
 
     /// Members of a room (for tests and stats).
@@ -267,6 +313,26 @@ mod tests {
         hub.send_room("r", "2".into());
         assert_eq!(hub.counters.slow_client_drops.load(Ordering::Relaxed), 1);
         assert_eq!(s.kick_code.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_newer_connection_on_another_node_closes_the_older_one_here() {
+        let hub = Hub::new(SlowClientPolicy::Close, Arc::default());
+        let (s, _r) = slot(1, "x", "r", 4);
+        hub.register(s.clone());
+        let v = hub.membership_version();
+        assert!(!hub.replaced_elsewhere("x", s.since_ms - 1, true), "an older claim elsewhere loses");
+        assert!(!hub.replaced_elsewhere("x", s.since_ms, false), "tie: only the side told it loses closes");
+        assert!(!hub.replaced_elsewhere("nobody", u64::MAX, true));
+        assert_eq!(s.kick_code.load(Ordering::Relaxed), 0);
+        assert!(hub.replaced_elsewhere("x", s.since_ms + 1, false));
+        assert_eq!(s.kicked().await, CLOSE_REPLACED);
+        assert_eq!(hub.counters.connections_replaced.load(Ordering::Relaxed), 1);
+        assert_eq!(hub.try_send_to("y", "m".into()), Err("m".to_string()), "unknown client: text handed back");
+        assert_eq!(hub.counters.no_route.load(Ordering::Relaxed), 0, "try_send_to does not count no_route");
+        assert!(hub.unregister(&s));
+        assert_ne!(hub.membership_version(), v);
+        assert_eq!(hub.room_sizes().0, 0);
     }
 
     #[tokio::test]

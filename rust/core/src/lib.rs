@@ -5,9 +5,11 @@
 //! Layout: [`config`] (settings), [`protocol`] (wire format), [`http`] (upgrade handshake),
 //! [`hub`] (clients and rooms — the only shared state), [`ws`] (WebSocket connections),
 //! [`backend`] (backend sessions, hello, outboxes), [`router`] (backend selection, redelivery,
-//! queue, pending requests), [`ratelimit`] (per-client token bucket), [`shutdown`], [`stats`].
+//! queue, pending requests), [`ratelimit`] (per-client token bucket), [`cluster`] (several
+//! brokers as one, over Redis), [`shutdown`], [`stats`].
 
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod hub;
@@ -69,6 +71,8 @@ pub struct Shared {
     pub counters: Arc<stats::Counters>,
     pub router: mpsc::Sender<router::RouterMsg>,
     pub gauges: Arc<router::Gauges>,
+    /// Set when this broker is a node of a cluster (`cluster_url`).
+    pub cluster: Option<cluster::Cluster>,
     ids: AtomicU64,
     stopping: AtomicBool,
 }
@@ -91,6 +95,8 @@ pub enum StartError {
     /// A listener could not bind (`which` is `ws_port` or `tcp_port`).
     Bind { which: &'static str, addr: String, source: std::io::Error },
     Runtime(std::io::Error),
+    /// Redis (`cluster_url`) could not be reached and `cluster_required` is set.
+    Cluster(String),
 }
 
 impl fmt::Display for StartError {
@@ -99,6 +105,7 @@ impl fmt::Display for StartError {
             StartError::Config(e) => e.fmt(f),
             StartError::Bind { which, addr, source } => write!(f, "cannot listen on {addr} ({which}): {source}"),
             StartError::Runtime(e) => write!(f, "cannot start the async runtime: {e}"),
+            StartError::Cluster(e) => write!(f, "{e} (set cluster_required=false to start without it and keep retrying)"),
         }
     }
 }
@@ -127,6 +134,8 @@ pub struct BrokerHandle {
     stop_router: shutdown::Trigger,
     clients: shutdown::TaskGroup,
     backends: shutdown::TaskGroup,
+    stop_cluster: shutdown::Trigger,
+    cluster_tasks: shutdown::TaskGroup,
 }
 
 impl BrokerHandle {
@@ -156,6 +165,20 @@ impl BrokerHandle {
         let tcp_addr = tcp_listener.local_addr().map_err(StartError::Runtime)?;
 
         let counters = Arc::new(stats::Counters::default());
+        let (cluster, cluster_starter) = match &cfg.cluster_url {
+            None => (None, None),
+            Some(_) => {
+                let (c, mut starter) = cluster::build(&cfg, counters.clone()).map_err(StartError::Cluster)?;
+                if let Err(e) = runtime.block_on(starter.connect()) {
+                    if cfg.cluster_required {
+                        return Err(StartError::Cluster(e));
+                    }
+                    tracing::warn!("{e}; starting without the cluster (cluster_required=false): local delivery only until Redis is reachable");
+                }
+                tracing::info!(node_id = starter.node_id(), redis = %cfg.cluster_url_redacted().unwrap_or_default(), "cluster node");
+                (Some(c), Some(starter))
+            }
+        };
         let gauges = Arc::new(router::Gauges::default());
         let (router_tx, router_rx) = mpsc::channel(ROUTER_QUEUE);
         let shared = Arc::new(Shared {
@@ -164,15 +187,21 @@ impl BrokerHandle {
             counters: counters.clone(),
             router: router_tx,
             gauges: gauges.clone(),
+            cluster,
             ids: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
         });
         let (stop_listeners, listeners_sig) = shutdown::signal();
         let (stop_router, router_sig) = shutdown::signal();
+        let (stop_cluster, cluster_sig) = shutdown::signal();
         let clients = shutdown::TaskGroup::default();
         let backends = shutdown::TaskGroup::default();
+        let cluster_tasks = shutdown::TaskGroup::default();
         {
             let _enter = runtime.enter();
+            if let Some(starter) = cluster_starter {
+                starter.spawn(shared.clone(), cluster_sig, cluster_tasks.guard());
+            }
             let guard = backends.guard();
             let limits = router::Limits { queue_size: shared.cfg.queue_size, max_unacked: shared.cfg.max_unacked };
             tokio::spawn(async move {
@@ -183,7 +212,7 @@ impl BrokerHandle {
             tokio::spawn(backend::listen(tcp_listener, shared.clone(), listeners_sig, backends.guard()));
         }
         tracing::info!(websocket = %ws_addr, backends = %tcp_addr, "PyStrands broker listening");
-        Ok(BrokerHandle { runtime: Some(runtime), shared, ws_addr, tcp_addr, stop_listeners, stop_router, clients, backends })
+        Ok(BrokerHandle { runtime: Some(runtime), shared, ws_addr, tcp_addr, stop_listeners, stop_router, clients, backends, stop_cluster, cluster_tasks })
     }
 
     pub fn ws_addr(&self) -> SocketAddr {
@@ -208,6 +237,16 @@ impl BrokerHandle {
             pending_requests: g.pending_requests.load(Ordering::Relaxed),
             unacked_events: g.unacked_events.load(Ordering::Relaxed),
             counters: self.shared.counters.snapshot(),
+            cluster: self.shared.cluster.as_ref().map(|c| c.stats(&self.shared.hub)),
+        }
+    }
+
+    /// Room → number of members: on every live node of the cluster (other nodes' counts as of
+    /// their last presence report), or on this broker when it runs alone.
+    pub fn room_members(&self) -> Vec<(String, usize)> {
+        match &self.shared.cluster {
+            Some(c) => c.room_members(&self.shared.hub).into_iter().collect(),
+            None => self.shared.hub.room_sizes().1.into_iter().map(|(r, n)| (r.to_string(), n)).collect(),
         }
     }
 
@@ -225,6 +264,8 @@ impl BrokerHandle {
         let clients = &mut self.clients;
         let backends = &mut self.backends;
         let stop_router = &self.stop_router;
+        let stop_cluster = &self.stop_cluster;
+        let cluster_tasks = &mut self.cluster_tasks;
         runtime.block_on(async {
             if tokio::time::timeout(left(), clients.wait()).await.is_err() {
                 tracing::warn!("some clients did not close in time");
@@ -232,6 +273,11 @@ impl BrokerHandle {
             stop_router.fire();
             if tokio::time::timeout(left(), backends.wait()).await.is_err() {
                 tracing::warn!("some backend connections did not finish flushing in time");
+            }
+            // Last: what backends sent is published, and this node leaves the cluster's presence.
+            stop_cluster.fire();
+            if tokio::time::timeout(left(), cluster_tasks.wait()).await.is_err() {
+                tracing::warn!("the cluster connection did not finish in time");
             }
         });
         runtime.shutdown_timeout(left().max(Duration::from_millis(100)));

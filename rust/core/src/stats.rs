@@ -59,6 +59,20 @@ counters! {
     backends_refused,
     /// Messages from WebSocket clients over `client_rate_limit` (dropped, or the client closed).
     rate_limited,
+    /// Cluster: room, private, broadcast and claim records published to Redis for other nodes.
+    cluster_published,
+    /// Cluster: records that could not be published (Redis unreachable, publish failed, or the
+    /// publisher's queue was full). Local delivery of those messages was not affected.
+    cluster_publish_dropped,
+    /// Cluster: records received from other nodes.
+    cluster_received,
+    /// Cluster: records other nodes published that this node never received (sequence gaps,
+    /// e.g. while its subscription was down).
+    cluster_missed,
+    /// Cluster: payloads from Redis that could not be decoded (skipped).
+    cluster_decode_errors,
+    /// Cluster: connections to Redis re-established after a loss.
+    cluster_reconnects,
 }
 
 /// Adds one to a counter.
@@ -84,6 +98,22 @@ pub struct Stats {
     /// Events sent to v2 backends and not yet acknowledged (kept for redelivery).
     pub unacked_events: usize,
     pub counters: Vec<(&'static str, u64)>,
+    /// Cluster figures; `None` when the broker runs alone.
+    pub cluster: Option<ClusterStats>,
+}
+
+/// What one node knows about its cluster (see [`crate::cluster`]).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterStats {
+    pub node_id: String,
+    /// Both the publishing and the subscribing connection to Redis are up.
+    pub connected: bool,
+    /// Live nodes, this one included (as of the last presence report, at most ~1 s old).
+    pub nodes: usize,
+    /// Clients on every live node (this node's count is live, the others' are cached).
+    pub clients: usize,
+    /// Distinct rooms with members on any live node.
+    pub rooms: usize,
 }
 
 impl Stats {

@@ -128,7 +128,11 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
     let (tx, rx) = mpsc::channel(shared.cfg.client_queue_size);
     let slot = Arc::new(ClientSlot::new(shared.next_id(), client_id.as_str().into(), room_id.as_str().into(), context_json.clone(), tx));
     incr(&shared.counters.connections_accepted);
-    if let Some(old) = shared.hub.register(slot.clone()) {
+    let replaced = shared.hub.register(slot.clone());
+    if let Some(cluster) = &shared.cluster {
+        cluster.claim(&slot);
+    }
+    if let Some(old) = replaced {
         tracing::info!(client_id = %client_id, "client_id reconnected; the older connection is replaced");
         send_event(shared, &client_id, "disconnected", &old.context_json, false).await;
     }

@@ -2,7 +2,7 @@
 //! a validated [`Config`], starts and stops a [`BrokerHandle`] with the GIL released, and reads
 //! its stats. No Python is ever called from the broker's tokio threads.
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pystrands_core::config::{seconds, ConfigError};
@@ -41,6 +41,13 @@ fn string(setting: &'static str, v: &Bound<'_, PyAny>) -> PyResult<String> {
     v.extract().map_err(|_| invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be a string"))
 }
 
+fn boolean(setting: &'static str, v: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if !v.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be True or False"));
+    }
+    v.extract()
+}
+
 /// Builds a validated [`Config`] from keyword settings (unknown names are refused).
 fn config_from(settings: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
     let mut c = Config::default();
@@ -66,6 +73,10 @@ fn config_from(settings: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
             "max_connections" => c.max_connections = int("max_connections", &v, 0, i64::MAX)? as usize,
             "workers" => c.workers = int("workers", &v, 0, 1024)? as usize,
             "log_level" => c.log_level = string("log_level", &v)?,
+            "cluster_url" => c.cluster_url = Some(string("cluster_url", &v)?),
+            "cluster_required" => c.cluster_required = boolean("cluster_required", &v)?,
+            "cluster_name" => c.cluster_name = string("cluster_name", &v)?,
+            "cluster_node_id" => c.cluster_node_id = Some(string("cluster_node_id", &v)?),
             "slow_client_policy" => {
                 let s = string("slow_client_policy", &v)?;
                 c.slow_client_policy = LimitPolicy::parse(&s).ok_or_else(|| invalid("slow_client_policy", &s, "must be 'close' or 'drop'"))?;
@@ -129,6 +140,10 @@ fn default_settings(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("client_rate_limit", c.client_rate_limit)?;
     d.set_item("client_rate_burst", c.client_rate_burst)?;
     d.set_item("rate_limit_policy", c.rate_limit_policy.as_str())?;
+    d.set_item("cluster_url", c.cluster_url.clone())?;
+    d.set_item("cluster_required", c.cluster_required)?;
+    d.set_item("cluster_name", &c.cluster_name)?;
+    d.set_item("cluster_node_id", c.cluster_node_id.clone())?;
     Ok(d)
 }
 
@@ -162,6 +177,7 @@ impl NativeBroker {
         let cfg = self.config.clone();
         let handle = py.detach(move || BrokerHandle::start(cfg)).map_err(|e| match e {
             StartError::Config(c) => value_error(c),
+            StartError::Cluster(_) => PyConnectionError::new_err(e.to_string()),
             StartError::Bind { .. } | StartError::Runtime(_) => PyOSError::new_err(e.to_string()),
         })?;
         *guard = Some(handle);
@@ -196,7 +212,9 @@ impl NativeBroker {
         self.with_handle(|h| h.tcp_addr().port())
     }
 
-    /// Clients, rooms, backends, queued events, pending requests and every counter.
+    /// Clients, rooms, backends, queued events, pending requests and every counter; in a
+    /// cluster also `cluster_node_id`, `cluster_connected`, `cluster_nodes`, `cluster_clients`
+    /// and `cluster_rooms`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         if let Some(s) = self.with_handle(|h| h.stats()) {
@@ -209,6 +227,22 @@ impl NativeBroker {
             for (name, value) in s.counters {
                 d.set_item(name, value)?;
             }
+            if let Some(c) = s.cluster {
+                d.set_item("cluster_node_id", c.node_id)?;
+                d.set_item("cluster_connected", c.connected)?;
+                d.set_item("cluster_nodes", c.nodes)?;
+                d.set_item("cluster_clients", c.clients)?;
+                d.set_item("cluster_rooms", c.rooms)?;
+            }
+        }
+        Ok(d)
+    }
+
+    /// Room → members, cluster-wide in a cluster (empty when not running).
+    fn room_members<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (room, n) in self.with_handle(|h| h.room_members()).unwrap_or_default() {
+            d.set_item(room, n)?;
         }
         Ok(d)
     }
