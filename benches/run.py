@@ -320,7 +320,20 @@ def settings(quick: bool) -> dict:
     }
 
 
-def loadgen(args: list[str], timeout: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def loadgen(args: list[str], timeout: float, run: "Running | None" = None) -> dict:
+    """Runs the load generator; adds how many cores it and the system's processes used meanwhile."""
+    t0, ru0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu0 = {k: cpu_seconds(pid) for k, pid in run.rss_pids.items()} if run else {}
     r = subprocess.run([str(LOADGEN), *map(str, args)], capture_output=True, text=True, timeout=timeout, preexec_fn=raise_nofile)
     lines = [l for l in r.stdout.splitlines() if l.strip()]
     if r.returncode != 0 or not lines:
@@ -328,6 +341,11 @@ def loadgen(args: list[str], timeout: float) -> dict:
     out = json.loads(lines[-1])
     if "error" in out:
         raise RuntimeError(f"loadgen: {out['error']}")
+    wall, ru1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cores = {"loadgen": (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall}
+    if run:
+        cores.update({k: (cpu_seconds(pid) - cpu0[k]) / wall for k, pid in run.rss_pids.items()})
+    out["cpu_cores"] = {k: round(v, 2) for k, v in cores.items()}
     return out
 
 
@@ -340,20 +358,20 @@ def measure(workload: str, mode: str, run: Running, cfg: dict) -> dict:
     if workload == "echo":
         c = cfg["echo"]
         out = loadgen(["echo", "--url", run.url("bench"), *proto(run), "--clients", c["clients"], "--seconds", c["seconds"],
-                       "--warmup", c["warmup"], "--size", c["size"]], timeout=c["seconds"] + 90)
+                       "--warmup", c["warmup"], "--size", c["size"]], timeout=c["seconds"] + 90, run=run)
     elif workload == "fanout":
         c = cfg["fanout"]
         rate = c["rate"] if mode == "fixed" else 0
         out = loadgen(["fanout", "--url", run.url("bench"), "--pub-url", run.url("pub"), *proto(run), "--clients", c["clients"],
                        "--seconds", c["seconds"], "--warmup", c["warmup"], "--size", c["size"], "--rate", rate,
-                       "--window", c["window"], "--drain", c["drain"]], timeout=c["seconds"] + 120)
+                       "--window", c["window"], "--drain", c["drain"]], timeout=c["seconds"] + 120, run=run)
     elif workload == "connect":
         c = cfg["connect"]
-        out = loadgen(["connect", "--url", run.url("bench"), *proto(run), "--clients", c["clients"], "--concurrency", c["concurrency"]], timeout=180)
+        out = loadgen(["connect", "--url", run.url("bench"), *proto(run), "--clients", c["clients"], "--concurrency", c["concurrency"]], timeout=180, run=run)
     elif workload == "broadcast":
         c = cfg["broadcast"]
         out = loadgen(["broadcast", "--url", run.url("bench"), "--pub-url", run.url("pub"), *proto(run), "--clients", c["clients"],
-                       "--triggers", c["triggers"], "--gap-ms", c["gap_ms"], "--warmup", 0.5], timeout=300)
+                       "--triggers", c["triggers"], "--gap-ms", c["gap_ms"], "--warmup", 0.5], timeout=300, run=run)
     else:
         raise ValueError(workload)
     run.check()
@@ -460,6 +478,11 @@ def lat(r: dict, key: str = "latency_us") -> dict:
     return r.get(key) or {}
 
 
+def cpu(r: dict) -> str:
+    c = r.get("cpu_cores") or {}
+    return " / ".join(f"{c[k]:.2f}" if k in c else "-" for k in ("loadgen", "server", "backend"))
+
+
 def provisional(r: dict) -> str:
     la = r.get("load_avg_1m") or [0, 0]
     return " ⚠" if max(la) > PROVISIONAL_LOAD else ""
@@ -485,11 +508,11 @@ def write_summary(data: dict, path: Path) -> None:
     if "echo" in res:
         c = cfg["echo"]
         L.append(f"\n## W1 echo round trip ({c['clients']} clients ping-pong, {c['size']} B, {c['seconds']} s)\n")
-        L.append("| system | msg/s | p50 ms | p99 ms | p99.9 ms | errors |")
-        L.append("|---|---:|---:|---:|---:|---:|")
+        L.append("| system | msg/s | p50 ms | p99 ms | p99.9 ms | errors | CPU cores: load gen / server / backend |")
+        L.append("|---|---:|---:|---:|---:|---:|---|")
         for name, r in rows("echo"):
             la = lat(r)
-            L.append(f"| {name} | {r['msgs_per_sec']:,.0f}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {fmt_ms(la.get('p999'))} | {r['errors']['count']} |")
+            L.append(f"| {name} | {r['msgs_per_sec']:,.0f}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {fmt_ms(la.get('p999'))} | {r['errors']['count']} | {cpu(r)} |")
     for mode in ("fixed", "max"):
         key = f"fanout_{mode}"
         if key not in res:
@@ -498,11 +521,11 @@ def write_summary(data: dict, path: Path) -> None:
         what = f"publisher at {c['rate']} msg/s" if mode == "fixed" else f"publisher as fast as delivered (≤ {c['window']} messages in flight)"
         L.append(f"\n## W2 room fan-out, {mode} rate (1 room × {c['clients']} clients, {what}, {c['seconds']} s)\n")
         L.append(f"Missing = sent to the room but not delivered within the {c['drain']:g} s drain after the publisher stopped.\n")
-        L.append("| system | deliveries/s | published msg/s | p50 ms | p99 ms | p99.9 ms | missing | errors |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        L.append("| system | deliveries/s | published msg/s | p50 ms | p99 ms | p99.9 ms | missing | errors | CPU cores: load gen / server / backend |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for name, r in rows(key):
             la = lat(r)
-            L.append(f"| {name} | {r['deliveries_per_sec']:,.0f}{provisional(r)} | {r['publish_rate']:,.1f} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {fmt_ms(la.get('p999'))} | {r['missing']:,} | {r['errors']['count']} |")
+            L.append(f"| {name} | {r['deliveries_per_sec']:,.0f}{provisional(r)} | {r['publish_rate']:,.1f} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {fmt_ms(la.get('p999'))} | {r['missing']:,} | {r['errors']['count']} | {cpu(r)} |")
     if "idle" in res:
         L.append("\n## W3 idle connections (RSS growth per connection)\n")
         L.append("| system | connections | server KiB/conn | backend KiB/conn | total KiB/conn | server RSS MiB | errors |")
@@ -517,20 +540,23 @@ def write_summary(data: dict, path: Path) -> None:
     if "connect" in res:
         c = cfg["connect"]
         L.append(f"\n## W4 connect storm ({c['clients']} connections, {c['concurrency']} at a time, held until the end)\n")
-        L.append("| system | connects/s | p50 ms | p99 ms | errors |")
-        L.append("|---|---:|---:|---:|---:|")
+        L.append("| system | connects/s | p50 ms | p99 ms | errors | CPU cores: load gen / server / backend |")
+        L.append("|---|---:|---:|---:|---:|---|")
         for name, r in rows("connect"):
             la = lat(r)
-            L.append(f"| {name} | {r['connects_per_sec']:,.0f}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {r['errors']['count']} |")
+            L.append(f"| {name} | {r['connects_per_sec']:,.0f}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {r['errors']['count']} | {cpu(r)} |")
     if "broadcast" in res:
         c = cfg["broadcast"]
         L.append(f"\n## W5 broadcast to all ({c['clients']} clients, {c['triggers']} messages one after the other)\n")
-        L.append("| system | last delivery p50 ms | last delivery p99 ms | all deliveries p50 ms | p99 ms | incomplete | errors |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        L.append("| system | last delivery p50 ms | last delivery p99 ms | all deliveries p50 ms | p99 ms | incomplete | errors | CPU cores: load gen / server / backend |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---|")
         for name, r in rows("broadcast"):
             ld, la = lat(r, "last_delivery_us"), lat(r)
-            L.append(f"| {name} | {fmt_ms(ld.get('p50'))} | {fmt_ms(ld.get('p99'))}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {r['incomplete_triggers']} | {r['errors']['count']} |")
+            L.append(f"| {name} | {fmt_ms(ld.get('p50'))} | {fmt_ms(ld.get('p99'))}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {r['incomplete_triggers']} | {r['errors']['count']} | {cpu(r)} |")
 
+    L.append("\nCPU cores = CPU time used during the load generator's whole run (connect, warm-up, measurement) divided by its "
+             "wall time; the machine has " + str(m["cores"]) + ". A load generator near 1.0 is saturated (it runs on one thread): "
+             "then the load generator, not the system, sets the number.\n")
     L.append("\n## Targets (issue 5), ratios from this run\n")
     L.append("| target | measured | met? |")
     L.append("|---|---|---|")
