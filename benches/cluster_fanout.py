@@ -2,7 +2,7 @@
 
 Starts a real redis-server and the brokers (`python -m pystrands server`, so install a release
 build first) on free loopback ports. The Rust load generator (`benches/loadgen`, workload
-`fanout`) is the backend of every node and opens the WebSocket clients, spread evenly over the
+`cluster-fanout`) is the backend of every node and opens the WebSocket clients, spread evenly over the
 nodes; the backend on the first node publishes to the room. For each setup it runs
 
 * a closed loop (at most `--window` messages in flight): deliveries per second sustained;
@@ -89,7 +89,7 @@ def setup(nodes: int, redis_url: str | None) -> Iterator[tuple[list[str], list[s
 
 
 def loadgen(urls: list[str], backends: list[str], args: argparse.Namespace, rate: float) -> dict:
-    cmd = [str(LOADGEN), "fanout", "--urls", ",".join(urls), "--backends", ",".join(backends), "--clients", str(args.clients),
+    cmd = [str(LOADGEN), "cluster-fanout", "--urls", ",".join(urls), "--backends", ",".join(backends), "--clients", str(args.clients),
            "--seconds", str(args.seconds), "--warmup", "1", "--size", str(args.size), "--window", str(args.window), "--rate", str(rate)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds + 120)
     try:

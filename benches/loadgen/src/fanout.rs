@@ -306,7 +306,7 @@ async fn run(a: Args) -> serde_json::Value {
     errors.truncate(5);
     let delivered = delivered_to - delivered_from.unwrap_or(delivered_to);
     serde_json::json!({
-        "workload": "fanout",
+        "workload": "cluster-fanout",
         "mode": if a.rate > 0.0 { format!("open loop, {} msg/s", a.rate) } else { format!("closed loop, window {}", a.window) },
         "nodes": a.urls.len(),
         "clients": a.clients,

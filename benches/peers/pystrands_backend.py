@@ -1,0 +1,38 @@
+"""Benchmark backend for the PyStrands broker, run with our package or with PyStrands 1.0.
+
+Implements the load generator's message convention (benches/loadgen): `e…` is sent back to its
+sender, `r…` to room `bench`, `b…` to everyone. Every connection is accepted (in Python, in
+`on_connection_request`) into the room named by its path (`/bench` → `bench`, `/pub` → `pub`).
+The same source runs on our `AsyncPyStrandsClient` and on the PyStrands 1.0 one from PyPI, so
+the comparison isolates the client library. Usage: python pystrands_backend.py TCP_PORT
+"""
+
+import asyncio
+import sys
+
+from pystrands import AsyncPyStrandsClient
+
+
+class Bench(AsyncPyStrandsClient):
+    async def on_connection_request(self, request):
+        request.context.room_id = request.url.split("?", 1)[0].strip("/")
+        return True
+
+    async def on_new_connection(self, context):
+        pass
+
+    async def on_disconnect(self, context):
+        pass
+
+    async def on_message(self, message, context):
+        kind = message[:1]
+        if kind == "r":
+            await self.send_room_message("bench", message)
+        elif kind == "b":
+            await self.broadcast_message(message)
+        else:
+            await self.send_private_message(context.client_id, message)
+
+
+if __name__ == "__main__":
+    asyncio.run(Bench(host="127.0.0.1", port=int(sys.argv[1])).run_forever())

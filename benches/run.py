@@ -1,0 +1,818 @@
+#!/usr/bin/env python3
+"""Benchmark suite: our broker side by side with real peers, in one run on one machine.
+
+    python benches/run.py            # full run (about 15 minutes on 2 cores)
+    python benches/run.py --quick    # under 3 minutes: fewer clients, seconds and runs
+
+What it does, all on 127.0.0.1, everything started here and stopped here (process groups):
+
+1. Environment: `benches/.venv-bench` (peers + matplotlib, benches/requirements-bench.txt),
+   `.venv-v1` (PyStrands 1.0 from PyPI), `.venv` (this package, release build via maturin),
+   and `cargo build --release -p pystrands-loadgen` (the load generator, the bare tokio ceiling
+   and a Rust backend). Missing pieces are created; a peer that cannot be installed is reported
+   in the summary, not silently left out.
+2. Systems under test, each started on free ports as its own process (group):
+   * `pystrands`: our broker (`python -m pystrands server`) + our AsyncPyStrandsClient backend
+   * `pystrands+v1-client`: our broker + the PyStrands 1.0 async client (PyPI) as the backend
+   * `pystrands+rust-backend`: our broker + a Rust backend (accepting/handling done in Rust)
+   * `python-socketio`: python-socketio on aiohttp + uvloop (or uvicorn, `--socketio-server`)
+   * `websockets`: a hand-written broker on the `websockets` package
+   * `tokio-ceiling`: a bare tokio WebSocket server (no rooms, no protocol, no Python)
+   * `picows`: a picows echo server (echo only): the ceiling with Python in the loop
+3. Workloads (benches/loadgen): W1 echo, W2 room fan-out (fixed and max rate), W3 idle RSS,
+   W4 connect storm, W5 broadcast. Each is run `--runs` times per system (median reported).
+4. Writes benches/results/<workload>.json, benches/results/summary.md (tables, ratios vs the
+   targets of issue 5, machine info) and PNG plots (throughput, latency curves, RSS).
+
+Numbers measured while the 1-minute load average is above 1.5 (other work on the machine) are
+marked provisional in the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHES = ROOT / "benches"
+RESULTS = BENCHES / "results"
+PEERS = BENCHES / "peers"
+BENCH_VENV = BENCHES / ".venv-bench"
+OUR_VENV = ROOT / ".venv"
+V1_VENV = ROOT / ".venv-v1"
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+BIN = TARGET / "release"
+LOADGEN = BIN / "pystrands-loadgen"
+
+PROVISIONAL_LOAD = 1.5
+
+# ------------------------------------------------------------------ environment
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def ensure_env(skip_build: bool) -> dict[str, str]:
+    """Creates what is missing (unless skip_build: then only checks). Returns {component: problem}."""
+    problems: dict[str, str] = {}
+    req = BENCHES / "requirements-bench.txt"
+    marker = BENCH_VENV / ".installed"
+    env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET))
+    if not skip_build:
+        if not venv_python(BENCH_VENV).exists():
+            log(f"creating {BENCH_VENV} (peers + matplotlib)")
+            subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+        if not marker.exists() or marker.read_text() != req.read_text():
+            log("installing the peers into the bench venv (benches/requirements-bench.txt)")
+            r = subprocess.run([str(venv_python(BENCH_VENV)), "-m", "pip", "install", "-q", "-r", str(req)])
+            if r.returncode == 0:
+                marker.write_text(req.read_text())
+        if not venv_python(V1_VENV).exists():
+            log(f"creating {V1_VENV} with pystrands==1.0.0 from PyPI")
+            subprocess.run([sys.executable, "-m", "venv", str(V1_VENV)], check=True)
+            subprocess.run([str(venv_python(V1_VENV)), "-m", "pip", "install", "-q", "pystrands==1.0.0"])
+        if not _imports(OUR_VENV, "pystrands._core"):
+            log(f"building our package into {OUR_VENV} (maturin develop --release)")
+            if not venv_python(OUR_VENV).exists():
+                subprocess.run([sys.executable, "-m", "venv", str(OUR_VENV)], check=True)
+            subprocess.run([str(venv_python(OUR_VENV)), "-m", "pip", "install", "-q", "maturin"], check=True)
+            subprocess.run([str(OUR_VENV / "bin" / "maturin"), "develop", "--release"], cwd=ROOT, env=env)
+        log("cargo build --release -p pystrands-loadgen")
+        if subprocess.run(["cargo", "build", "--release", "-q", "-p", "pystrands-loadgen"], cwd=ROOT, env=env).returncode != 0:
+            sys.exit("building the load generator failed")
+    if not LOADGEN.exists():
+        sys.exit(f"{LOADGEN} missing: run without --no-build")
+    if not marker.exists() or marker.read_text() != req.read_text():
+        problems["bench venv"] = f"pip install -r {req.name} into {BENCH_VENV.name} did not succeed"
+    if not _imports(V1_VENV, "pystrands"):
+        problems["pystrands 1.0"] = "pip install pystrands==1.0.0 did not succeed"
+    if not _imports(OUR_VENV, "pystrands._core"):
+        problems["pystrands"] = f"{OUR_VENV} has no built pystrands (maturin develop --release failed?)"
+    return problems
+
+
+def _imports(venv: Path, module: str) -> bool:
+    py = venv_python(venv)
+    return py.exists() and subprocess.run([str(py), "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+# ------------------------------------------------------------------ processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Proc:
+    """A child in its own process group, output to a log file."""
+
+    def __init__(self, name: str, argv: list[str], logdir: Path, cwd: Path | None = None):
+        self.name = name
+        self.log_path = logdir / f"{name}.log"
+        self.log = open(self.log_path, "ab")
+        self.p = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  start_new_session=True, preexec_fn=raise_nofile, cwd=cwd or tempfile.gettempdir())
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.p.wait(timeout=5)
+        self.log.close()
+
+    def tail(self, n: int = 8) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_tcp(port: int, proc: Proc, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise RuntimeError(f"{proc.name}: port {port} not open after {timeout} s")
+            time.sleep(0.05)
+
+
+def wait_upgrade(port: int, path: str, procs: list[Proc], timeout: float = 30.0) -> None:
+    """Waits until a WebSocket upgrade on `path` answers 101 (our broker: 503 until a backend is up)."""
+    end = time.monotonic() + timeout
+    req = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+    status = ""
+    while time.monotonic() < end:
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited: {p.tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(req)
+                status = s.recv(200).decode(errors="replace").split("\r\n", 1)[0]
+                if " 101 " in status + " ":
+                    return
+        except OSError as e:
+            status = str(e)
+        time.sleep(0.1)
+    raise RuntimeError(f"no WebSocket upgrade on port {port}{path} after {timeout} s (last: {status})")
+
+
+# ------------------------------------------------------------------ systems under test
+
+
+class Running:
+    def __init__(self, system: "System", procs: list[Proc], ws_port: int, rss_pids: dict[str, int]):
+        self.system, self.procs, self.ws_port, self.rss_pids = system, procs, ws_port, rss_pids
+
+    def url(self, room: str) -> str:
+        if self.system.socketio:
+            return f"ws://127.0.0.1:{self.ws_port}/socket.io/?EIO=4&transport=websocket&room={room}"
+        return f"ws://127.0.0.1:{self.ws_port}/{room}"
+
+    def rss(self) -> dict[str, int]:
+        return {k: rss_kib(pid) for k, pid in self.rss_pids.items()}
+
+    def check(self) -> None:
+        for p in self.procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} died: {p.tail()}")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+class System:
+    def __init__(self, name: str, kind: str, workloads: set[str], description: str, socketio: bool = False, backend: str = ""):
+        self.name, self.kind, self.workloads, self.description = name, kind, workloads, description
+        self.socketio, self.backend = socketio, backend
+
+    def start(self, logdir: Path, socketio_server: str) -> Running:
+        ws_port = free_port()
+        procs: list[Proc] = []
+        try:
+            if self.kind == "pystrands":
+                tcp_port = free_port()
+                broker = Proc(f"{self.name}-broker", [str(venv_python(OUR_VENV)), "-m", "pystrands", "server", "--host", "127.0.0.1",
+                                                      "--ws-port", str(ws_port), "--tcp-port", str(tcp_port), "--log-level", "error"], logdir)
+                procs.append(broker)
+                wait_tcp(tcp_port, broker)
+                if self.backend == "rust":
+                    be = Proc(f"{self.name}-backend", [str(BIN / "bench-rust-backend"), "--port", str(tcp_port)], logdir)
+                else:
+                    python = venv_python(OUR_VENV if self.backend == "ours" else V1_VENV)
+                    be = Proc(f"{self.name}-backend", [str(python), str(PEERS / "pystrands_backend.py"), str(tcp_port)], logdir)
+                procs.append(be)
+                rss = {"server": broker.pid, "backend": be.pid}
+            elif self.kind == "socketio":
+                p = Proc(self.name, [str(venv_python(BENCH_VENV)), str(PEERS / "socketio_server.py"), "--port", str(ws_port), "--server", socketio_server], logdir)
+                procs.append(p)
+                rss = {"server": p.pid}
+            elif self.kind == "websockets":
+                p = Proc(self.name, [str(venv_python(BENCH_VENV)), str(PEERS / "websockets_broker.py"), "--port", str(ws_port)], logdir)
+                procs.append(p)
+                rss = {"server": p.pid}
+            elif self.kind == "picows":
+                p = Proc(self.name, [str(venv_python(BENCH_VENV)), str(PEERS / "picows_echo.py"), "--port", str(ws_port)], logdir)
+                procs.append(p)
+                rss = {"server": p.pid}
+            elif self.kind == "ceiling":
+                p = Proc(self.name, [str(BIN / "bench-ceiling"), "--port", str(ws_port)], logdir)
+                procs.append(p)
+                rss = {"server": p.pid}
+            else:
+                raise ValueError(self.kind)
+            path = "/socket.io/?EIO=4&transport=websocket&room=probe" if self.socketio else "/probe"
+            wait_upgrade(ws_port, path, procs)
+            time.sleep(0.3)
+            return Running(self, procs, ws_port, rss)
+        except BaseException:
+            for p in reversed(procs):
+                p.stop()
+            raise
+
+
+ALL = {"echo", "fanout", "idle", "connect", "broadcast"}
+SYSTEMS = [
+    System("pystrands", "pystrands", ALL, "our broker (release) + our AsyncPyStrandsClient backend", backend="ours"),
+    System("pystrands+v1-client", "pystrands", {"echo", "fanout", "connect", "broadcast"}, "our broker + PyStrands 1.0 async client (PyPI) as backend", backend="v1"),
+    System("pystrands+rust-backend", "pystrands", {"echo", "fanout", "connect", "broadcast"}, "our broker + a Rust backend (no Python in the loop)", backend="rust"),
+    System("python-socketio", "socketio", ALL, "python-socketio (server chosen by --socketio-server)", socketio=True),
+    System("websockets", "websockets", ALL, "hand-written broker on the websockets package (asyncio)"),
+    System("tokio-ceiling", "ceiling", ALL, "bare tokio + tungstenite server: the ceiling"),
+    System("picows", "picows", {"echo"}, "picows echo server (uvloop): the ceiling with Python in the loop"),
+]
+
+# ------------------------------------------------------------------ workloads
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {
+            "runs": 1,
+            "echo": {"clients": 100, "seconds": 2.0, "warmup": 0.5, "size": 64},
+            "fanout": {"clients": 1000, "seconds": 2.0, "warmup": 0.5, "size": 64, "rate": 50, "window": 16, "drain": 3.0},
+            "idle": {"sizes": [1000, 3000], "hold": 1.0},
+            "connect": {"clients": 1000, "concurrency": 50},
+            "broadcast": {"clients": 2000, "triggers": 10, "gap_ms": 20},
+        }
+    return {
+        "runs": 3,
+        "echo": {"clients": 100, "seconds": 10, "warmup": 2.0, "size": 64},
+        "fanout": {"clients": 1000, "seconds": 8, "warmup": 2.0, "size": 64, "rate": 50, "window": 16, "drain": 10.0},
+        # 19,800 not 20,000: this machine's hard limit of open files per process is 20,000
+        "idle": {"sizes": [2000, 10000, 19800], "hold": 3.0},
+        "connect": {"clients": 2000, "concurrency": 50},
+        "broadcast": {"clients": 10000, "triggers": 20, "gap_ms": 100},
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def loadgen(args: list[str], timeout: float, run: "Running | None" = None) -> dict:
+    """Runs the load generator; adds how many cores it and the system's processes used meanwhile."""
+    t0, ru0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu0 = {k: cpu_seconds(pid) for k, pid in run.rss_pids.items()} if run else {}
+    r = subprocess.run([str(LOADGEN), *map(str, args)], capture_output=True, text=True, timeout=timeout, preexec_fn=raise_nofile)
+    lines = [l for l in r.stdout.splitlines() if l.strip()]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"loadgen {args[0]} failed (exit {r.returncode}): {r.stderr.strip()[-400:]}")
+    out = json.loads(lines[-1])
+    if "error" in out:
+        raise RuntimeError(f"loadgen: {out['error']}")
+    wall, ru1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cores = {"loadgen": (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall}
+    if run:
+        cores.update({k: (cpu_seconds(pid) - cpu0[k]) / wall for k, pid in run.rss_pids.items()})
+    out["cpu_cores"] = {k: round(v, 2) for k, v in cores.items()}
+    return out
+
+
+def proto(run: Running) -> list[str]:
+    return ["--protocol", "socketio" if run.system.socketio else "plain"]
+
+
+def measure(workload: str, mode: str, run: Running, cfg: dict) -> dict:
+    load = os.getloadavg()[0]
+    if workload == "echo":
+        c = cfg["echo"]
+        out = loadgen(["echo", "--url", run.url("bench"), *proto(run), "--clients", c["clients"], "--seconds", c["seconds"],
+                       "--warmup", c["warmup"], "--size", c["size"]], timeout=c["seconds"] + 90, run=run)
+    elif workload == "fanout":
+        c = cfg["fanout"]
+        rate = c["rate"] if mode == "fixed" else 0
+        out = loadgen(["fanout", "--url", run.url("bench"), "--pub-url", run.url("pub"), *proto(run), "--clients", c["clients"],
+                       "--seconds", c["seconds"], "--warmup", c["warmup"], "--size", c["size"], "--rate", rate,
+                       "--window", c["window"], "--drain", c["drain"]], timeout=c["seconds"] + 120, run=run)
+    elif workload == "connect":
+        c = cfg["connect"]
+        out = loadgen(["connect", "--url", run.url("bench"), *proto(run), "--clients", c["clients"], "--concurrency", c["concurrency"]], timeout=180, run=run)
+    elif workload == "broadcast":
+        c = cfg["broadcast"]
+        out = loadgen(["broadcast", "--url", run.url("bench"), "--pub-url", run.url("pub"), *proto(run), "--clients", c["clients"],
+                       "--triggers", c["triggers"], "--gap-ms", c["gap_ms"], "--warmup", 0.5], timeout=300, run=run)
+    else:
+        raise ValueError(workload)
+    run.check()
+    out["load_avg_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    return out
+
+
+def measure_idle(run: Running, n: int, hold: float) -> dict:
+    """Opens n idle clients, samples RSS of the server (and backend) before and while they are held."""
+    load = os.getloadavg()[0]
+    time.sleep(0.5)
+    base = run.rss()
+    sources = max(1, -(-n // 25000))  # one source address per 25k connections
+    p = subprocess.Popen([str(LOADGEN), "idle", "--url", run.url("bench"), *proto(run), "--clients", str(n), "--concurrency", "100",
+                          "--hold", str(hold + 2.0), "--sources", str(sources)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=raise_nofile)
+    try:
+        ready = json.loads(p.stdout.readline() or "{}")
+        if ready.get("event") != "ready":
+            raise RuntimeError(f"loadgen idle failed: {p.stderr.read()[-400:]}")
+        time.sleep(hold)
+        loaded = run.rss()
+        out_lines = [l for l in p.stdout.read().splitlines() if l.strip()]
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    out = json.loads(out_lines[-1]) if out_lines else {}
+    run.check()
+    opened = max(ready.get("open", 0), 1)
+    out.update({
+        "rss_base_kib": base, "rss_loaded_kib": loaded,
+        "rss_per_connection_kib": {k: round((loaded[k] - base[k]) / opened, 2) for k in base},
+        "server_rss_per_connection_kib": round((loaded["server"] - base["server"]) / opened, 2),
+        "total_rss_per_connection_kib": round((sum(loaded.values()) - sum(base.values())) / opened, 2),
+        "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)],
+    })
+    return out
+
+
+MAIN_METRIC = {  # (key path, higher is better)
+    "echo": (("msgs_per_sec",), True),
+    "fanout": (("deliveries_per_sec",), True),
+    "connect": (("connects_per_sec",), True),
+    "broadcast": (("last_delivery_us", "p99"), False),
+}
+
+
+def metric(workload: str, r: dict) -> float | None:
+    path, _ = MAIN_METRIC[workload]
+    v = r
+    for k in path:
+        if not isinstance(v, dict) or k not in v:
+            return None
+        v = v[k]
+    return float(v)
+
+
+def median_run(workload: str, runs: list[dict]) -> dict:
+    ok = [r for r in runs if metric(workload, r) is not None]
+    if not ok:
+        return runs[-1] if runs else {}
+    ok.sort(key=lambda r: metric(workload, r))
+    return ok[(len(ok) - 1) // 2] if MAIN_METRIC[workload][1] else ok[len(ok) // 2]
+
+
+# ------------------------------------------------------------------ report
+
+
+def sh(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine_info() -> dict:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = sh([str(venv_python(BENCH_VENV)), "-c",
+                   "import importlib.metadata as m\nfor p in ['python-socketio','python-engineio','aiohttp','uvicorn','websockets','picows','uvloop']:\n"
+                   "  try: print(p, m.version(p))\n  except Exception: print(p, 'missing')"])
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+        "rustc": sh(["rustc", "--version"]),
+        "pystrands_v1": sh([str(venv_python(V1_VENV)), "-c", "import importlib.metadata as m; print(m.version('pystrands'))"]),
+        "peers": dict(l.split(" ", 1) for l in versions.splitlines() if " " in l),
+        "nofile_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    }
+
+
+def fmt_ms(us) -> str:
+    return "-" if us is None else f"{us / 1000:,.2f}"
+
+
+def lat(r: dict, key: str = "latency_us") -> dict:
+    return r.get(key) or {}
+
+
+def cpu(r: dict) -> str:
+    c = r.get("cpu_cores") or {}
+    return " / ".join(f"{c[k]:.2f}" if k in c else "-" for k in ("loadgen", "server", "backend"))
+
+
+def provisional(r: dict) -> str:
+    la = r.get("load_avg_1m") or [0, 0]
+    return " ⚠" if max(la) > PROVISIONAL_LOAD else ""
+
+
+def write_summary(data: dict, path: Path) -> None:
+    m, cfg, res = data["machine"], data["settings"], data["results"]
+    L: list[str] = []
+    L.append(f"# Benchmark results ({'quick' if data['quick'] else 'full'} run)\n")
+    L.append(f"Run {data['started']} – {data['finished']} with `python benches/run.py{' --quick' if data['quick'] else ''}`. "
+             f"Machine: {m['cpu']}, {m['cores']} cores (shared by the system under test and the load generator), "
+             f"Linux {m['kernel']}, Python {m['python']}, {m['rustc']}; 1-minute load average at start {data['load_start']}, "
+             f"at end {data['load_end']}. Median of {cfg['runs']} run(s) per system; ⚠ marks a number measured while the "
+             f"1-minute load average was above {PROVISIONAL_LOAD} (other work on the machine): provisional.\n")
+    peers = ", ".join(f"{k} {v}" for k, v in m["peers"].items())
+    L.append(f"Peers: {peers}; PyStrands 1.0 client {m['pystrands_v1']}; python-socketio served by {data['socketio_server']}.\n")
+    if data["problems"]:
+        L.append("**Not measured:** " + "; ".join(f"{k}: {v}" for k, v in data["problems"].items()) + "\n")
+
+    def rows(workload: str) -> list[tuple[str, dict]]:
+        return [(name, r["median"]) for name, r in res.get(workload, {}).items() if r.get("median")]
+
+    if "echo" in res:
+        c = cfg["echo"]
+        L.append(f"\n## W1 echo round trip ({c['clients']} clients ping-pong, {c['size']} B, {c['seconds']} s)\n")
+        L.append("| system | msg/s | p50 ms | p99 ms | p99.9 ms | errors | CPU cores: load gen / server / backend |")
+        L.append("|---|---:|---:|---:|---:|---:|---|")
+        for name, r in rows("echo"):
+            la = lat(r)
+            L.append(f"| {name} | {r['msgs_per_sec']:,.0f}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {fmt_ms(la.get('p999'))} | {r['errors']['count']} | {cpu(r)} |")
+    for mode in ("fixed", "max"):
+        key = f"fanout_{mode}"
+        if key not in res:
+            continue
+        c = cfg["fanout"]
+        what = f"publisher at {c['rate']} msg/s" if mode == "fixed" else f"publisher as fast as delivered (≤ {c['window']} messages in flight)"
+        L.append(f"\n## W2 room fan-out, {mode} rate (1 room × {c['clients']} clients, {what}, {c['seconds']} s)\n")
+        L.append(f"Missing = sent to the room but not delivered within the {c['drain']:g} s drain after the publisher stopped.\n")
+        L.append("| system | deliveries/s | published msg/s | p50 ms | p99 ms | p99.9 ms | missing | errors | CPU cores: load gen / server / backend |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for name, r in rows(key):
+            la = lat(r)
+            L.append(f"| {name} | {r['deliveries_per_sec']:,.0f}{provisional(r)} | {r['publish_rate']:,.1f} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {fmt_ms(la.get('p999'))} | {r['missing']:,} | {r['errors']['count']} | {cpu(r)} |")
+    if "idle" in res:
+        L.append("\n## W3 idle connections (RSS growth per connection)\n")
+        L.append("| system | connections | server KiB/conn | backend KiB/conn | total KiB/conn | server RSS MiB | errors |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for name, per_n in res["idle"].items():
+            for n, r in sorted(per_n.items(), key=lambda kv: int(kv[0])):
+                if "rss_per_connection_kib" not in r:
+                    L.append(f"| {name} | {n} | failed: {r.get('failed', '?')[:80]} | | | | |")
+                    continue
+                pc = r["rss_per_connection_kib"]
+                L.append(f"| {name} | {r.get('open', n):,} | {pc['server']:.2f}{provisional(r)} | {pc.get('backend', '-') if 'backend' in pc else '-'} | {r['total_rss_per_connection_kib']:.2f} | {r['rss_loaded_kib']['server'] / 1024:,.1f} | {r['errors']['count']} |")
+    if "connect" in res:
+        c = cfg["connect"]
+        L.append(f"\n## W4 connect storm ({c['clients']} connections, {c['concurrency']} at a time, held until the end)\n")
+        L.append("| system | connects/s | p50 ms | p99 ms | errors | CPU cores: load gen / server / backend |")
+        L.append("|---|---:|---:|---:|---:|---|")
+        for name, r in rows("connect"):
+            la = lat(r)
+            L.append(f"| {name} | {r['connects_per_sec']:,.0f}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {r['errors']['count']} | {cpu(r)} |")
+    if "broadcast" in res:
+        c = cfg["broadcast"]
+        L.append(f"\n## W5 broadcast to all ({c['clients']} clients, {c['triggers']} messages one after the other)\n")
+        L.append("| system | last delivery p50 ms | last delivery p99 ms | all deliveries p50 ms | p99 ms | incomplete | errors | CPU cores: load gen / server / backend |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---|")
+        for name, r in rows("broadcast"):
+            ld, la = lat(r, "last_delivery_us"), lat(r)
+            L.append(f"| {name} | {fmt_ms(ld.get('p50'))} | {fmt_ms(ld.get('p99'))}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {r['incomplete_triggers']} | {r['errors']['count']} | {cpu(r)} |")
+
+    L.append("\nCPU cores = CPU time used during the load generator's whole run (connect, warm-up, measurement) divided by its "
+             "wall time; the machine has " + str(m["cores"]) + ". A load generator near 1.0 is saturated (it runs on one thread): "
+             "then the load generator, not the system, sets the number.\n")
+    L.append("\n## Targets (issue 5), ratios from this run\n")
+    L.append("| target | measured | met? |")
+    L.append("|---|---|---|")
+    for t in data["targets"]:
+        if t["ratio"] is None:
+            L.append(f"| {t['what']} | not measured ({t['why']}) | - |")
+        else:
+            L.append(f"| {t['what']} | {t['ratio']:.2f}x ({t['detail']}) | {'yes' if t['met'] else '**no**'} |")
+    L.append("\nPlots: `throughput.png`, `latency.png`, `rss.png` beside this file. Raw runs: `<workload>.json`.\n")
+    path.write_text("\n".join(L) + "\n")
+
+
+def targets(res: dict) -> list[dict]:
+    def med(workload: str, system: str) -> dict | None:
+        return (res.get(workload, {}).get(system) or {}).get("median") or None
+
+    out = []
+
+    def ratio(what: str, num: tuple, den: tuple, need: float, higher: bool = True) -> None:
+        a, b = med(num[0], num[1]), med(den[0], den[1])
+        va = metric(num[0].split("_")[0], a) if a else None
+        vb = metric(den[0].split("_")[0], b) if b else None
+        if not va or not vb:
+            missing = num[1] if not va else den[1]
+            out.append({"what": what, "ratio": None, "why": f"{missing} has no result"})
+            return
+        if higher:
+            r = va / vb
+            out.append({"what": what, "ratio": r, "met": r >= need, "detail": f"{va:,.0f} vs {vb:,.0f}"})
+        else:  # latency: the target is num <= need * den; report num/den
+            r = va / vb
+            out.append({"what": what, "ratio": r, "met": r <= need, "detail": f"{va / 1000:,.1f} ms vs {vb / 1000:,.1f} ms"})
+
+    ratio("W1 ours ≥ 70% of picows echo", ("echo", "pystrands"), ("echo", "picows"), 0.70)
+    ratio("W2 (max rate) ≥ 85% of the tokio ceiling", ("fanout_max", "pystrands"), ("fanout_max", "tokio-ceiling"), 0.85)
+    ratio("W4 Python accept ≥ 80% of the same broker accepting in Rust", ("connect", "pystrands"), ("connect", "pystrands+rust-backend"), 0.80)
+    ratio("W5 p99 of last delivery ≤ 2x the ceiling's", ("broadcast", "pystrands"), ("broadcast", "tokio-ceiling"), 2.0, higher=False)
+    ratio("W1 ≥ 4x PyStrands 1.0 async client as backend", ("echo", "pystrands"), ("echo", "pystrands+v1-client"), 4.0)
+    ratio("W1 ≥ 3x python-socketio", ("echo", "pystrands"), ("echo", "python-socketio"), 3.0)
+    ratio("W2 (max rate) ≥ 10x python-socketio", ("fanout_max", "pystrands"), ("fanout_max", "python-socketio"), 10.0)
+    ratio("W4 ≥ 3x python-socketio", ("connect", "pystrands"), ("connect", "python-socketio"), 3.0)
+    return out
+
+
+def plots(data: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = data["results"]
+    made = []
+    colors = {}
+    palette = plt.get_cmap("tab10")
+    for i, s in enumerate(SYSTEMS):
+        colors[s.name] = palette(i)
+    tag = "quick run" if data["quick"] else "full run"
+
+    # throughput bars
+    panels = [("echo", "W1 echo: msg/s", lambda r: r["msgs_per_sec"]),
+              ("fanout_max", "W2 fan-out (max rate): deliveries/s", lambda r: r["deliveries_per_sec"]),
+              ("connect", "W4 connect storm: connects/s", lambda r: r["connects_per_sec"]),
+              ("broadcast", "W5 broadcast: p99 of last delivery, ms (lower is better)", lambda r: r["last_delivery_us"]["p99"] / 1000)]
+    panels = [p for p in panels if res.get(p[0])]
+    if panels:
+        fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), squeeze=False)
+        for ax, (key, title, get) in zip(axes[:, 0], panels):
+            names, vals = [], []
+            for name, r in res[key].items():
+                try:
+                    vals.append(get(r["median"]))
+                    names.append(name)
+                except (KeyError, TypeError):
+                    pass
+            ax.barh(names, vals, color=[colors.get(n) for n in names])
+            ax.invert_yaxis()
+            ax.set_title(title, fontsize=10)
+            for y, v in enumerate(vals):
+                ax.text(v, y, f" {v:,.0f}" if v >= 100 else f" {v:,.1f}", va="center", fontsize=8)
+            ax.margins(x=0.15)
+        fig.suptitle(f"PyStrands vs peers, {tag} ({data['machine']['cores']} cores, loopback)", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "throughput.png", dpi=110)
+        plt.close(fig)
+        made.append("throughput.png")
+
+    # latency percentile curves
+    panels = [(k, t) for k, t in [("echo", "W1 echo round trip"), ("fanout_fixed", "W2 fan-out delivery, fixed rate"),
+                                  ("fanout_max", "W2 fan-out delivery, max rate"), ("broadcast", "W5 broadcast, every delivery")] if res.get(k)]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+        for ax, (key, title) in zip(axes[0], panels):
+            for name, r in res[key].items():
+                curve = ((r.get("median") or {}).get("latency_us") or {}).get("curve")
+                if not curve:
+                    continue
+                pts = [(q, v) for q, v in curve if 0 < q < 1]
+                xs = [1 / (1 - q) for q, _ in pts]
+                ax.plot(xs, [v / 1000 for _, v in pts], marker="o", ms=3, label=name, color=colors.get(name))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks([2, 10, 100, 1000, 10000])
+            ax.set_xticklabels(["p50", "p90", "p99", "p99.9", "p99.99"])
+            ax.set_ylabel("latency, ms")
+            ax.set_title(title, fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"Latency percentiles, {tag}", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "latency.png", dpi=110)
+        plt.close(fig)
+        made.append("latency.png")
+
+    # RSS vs connections
+    if res.get("idle"):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, per_n in res["idle"].items():
+            pts = sorted((int(n), r) for n, r in per_n.items() if "rss_loaded_kib" in r)
+            if not pts:
+                continue
+            xs = [r.get("open", n) for n, r in pts]
+            ax1.plot(xs, [sum(r["rss_loaded_kib"].values()) / 1024 for _, r in pts], marker="o", label=name, color=colors.get(name))
+            ax2.plot(xs, [r["total_rss_per_connection_kib"] for _, r in pts], marker="o", label=name, color=colors.get(name))
+        ax1.set_xlabel("idle connections")
+        ax1.set_ylabel("RSS, MiB (server + backend)")
+        ax1.set_title("W3 RSS vs connections", fontsize=10)
+        ax2.set_xlabel("idle connections")
+        ax2.set_ylabel("KiB per connection (growth over baseline)")
+        ax2.set_title("W3 RSS growth per connection", fontsize=10)
+        for ax in (ax1, ax2):
+            ax.grid(True, alpha=0.3)
+        ax1.legend(fontsize=8)
+        fig.suptitle(f"Idle connections, {tag}", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "rss.png", dpi=110)
+        plt.close(fig)
+        made.append("rss.png")
+    return made
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    global RESULTS
+    ap = argparse.ArgumentParser(description="PyStrands benchmark suite against real peers")
+    ap.add_argument("--quick", action="store_true", help="small and short: finishes in under 3 minutes")
+    ap.add_argument("--runs", type=int, help="runs per system and workload (default 3, quick 1)")
+    ap.add_argument("--workloads", default="echo,fanout,idle,connect,broadcast", help="comma-separated subset")
+    ap.add_argument("--systems", default="", help="comma-separated subset of: " + ", ".join(s.name for s in SYSTEMS))
+    ap.add_argument("--socketio-server", choices=["aiohttp", "uvicorn"], default="aiohttp")
+    ap.add_argument("--no-build", action="store_true", help="don't create venvs or build; use what is there")
+    ap.add_argument("--out", default=str(RESULTS), help="results directory")
+    args = ap.parse_args()
+
+    problems = ensure_env(args.no_build)
+    # Plots need matplotlib from the bench venv: continue under that interpreter.
+    if Path(sys.prefix).resolve() != BENCH_VENV.resolve() and venv_python(BENCH_VENV).exists():
+        os.execv(str(venv_python(BENCH_VENV)), [str(venv_python(BENCH_VENV)), __file__, *sys.argv[1:], "--no-build"])
+
+    RESULTS = Path(args.out)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    logdir = RESULTS / "logs"
+    logdir.mkdir(exist_ok=True)
+    raise_nofile()
+    cfg = settings(args.quick)
+    if args.runs:
+        cfg["runs"] = args.runs
+    workloads = [w for w in args.workloads.split(",") if w]
+    chosen = [s for s in SYSTEMS if not args.systems or s.name in args.systems.split(",")]
+    if "pystrands" in problems:
+        chosen = [s for s in chosen if s.kind != "pystrands"]
+    if "pystrands 1.0" in problems:
+        chosen = [s for s in chosen if s.backend != "v1"]
+    if "bench venv" in problems:
+        for s in chosen:
+            if s.kind in ("socketio", "websockets", "picows"):
+                problems[s.name] = "not installed (bench venv failed)"
+        chosen = [s for s in chosen if s.kind not in ("socketio", "websockets", "picows")]
+
+    t_start = time.time()
+    data = {
+        "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": cfg, "machine": machine_info(),
+        "socketio_server": f"{args.socketio_server} + uvloop" if args.socketio_server == "aiohttp" else "uvicorn + uvloop + httptools + websockets (ASGI)",
+        "load_start": round(os.getloadavg()[0], 2), "problems": problems, "results": {},
+    }
+    res = data["results"]
+    log(f"systems: {', '.join(s.name for s in chosen)}; workloads: {', '.join(workloads)}; runs: {cfg['runs']}")
+    for workload in workloads:
+        for system in chosen:
+            if workload not in system.workloads:
+                continue
+            if workload == "idle":
+                for n in cfg["idle"]["sizes"]:
+                    entry = res.setdefault("idle", {}).setdefault(system.name, {})
+                    run = None
+                    try:
+                        run = system.start(logdir, args.socketio_server)
+                        r = measure_idle(run, n, cfg["idle"]["hold"])
+                        entry[str(n)] = r
+                        log(f"idle {system.name} {n}: server {r['rss_per_connection_kib']['server']} KiB/conn, total {r['total_rss_per_connection_kib']} KiB/conn, open {r.get('open')}, load {r['load_avg_1m']}")
+                    except Exception as e:  # a failed system is reported, the suite goes on
+                        entry[str(n)] = {"failed": str(e)[:500]}
+                        log(f"idle {system.name} {n}: FAILED {e}")
+                    finally:
+                        if run:
+                            run.stop()
+                continue
+            modes = ["fixed", "max"] if workload == "fanout" else [""]
+            run = None
+            try:
+                run = system.start(logdir, args.socketio_server)
+                for mode in modes:
+                    key = f"{workload}_{mode}" if mode else workload
+                    entry = res.setdefault(key, {}).setdefault(system.name, {"runs": []})
+                    for i in range(cfg["runs"]):
+                        try:
+                            r = measure(workload, mode, run, cfg)
+                        except Exception as e:
+                            entry["runs"].append({"failed": str(e)[:500]})
+                            log(f"{key} {system.name} run {i}: FAILED {e}")
+                            run.check()
+                            continue
+                        entry["runs"].append(r)
+                        m = metric(workload, r)
+                        log(f"{key} {system.name} run {i}: {MAIN_METRIC[workload][0][-1]} {m if m is not None else '-'}"
+                            f"{' p99 ' + fmt_ms(r['latency_us'].get('p99')) + ' ms' if 'latency_us' in r else ''}"
+                            f" errors {r.get('errors', {}).get('count')} load {r['load_avg_1m']}")
+                        if workload == "connect":
+                            time.sleep(1.0)  # let the server see the previous storm's disconnects
+                    entry["median"] = median_run(workload, [r for r in entry["runs"] if "failed" not in r])
+            except Exception as e:
+                log(f"{workload} {system.name}: FAILED {e}")
+                for mode in modes:
+                    key = f"{workload}_{mode}" if mode else workload
+                    res.setdefault(key, {}).setdefault(system.name, {"runs": []})["failed"] = str(e)[:500]
+            finally:
+                if run:
+                    run.stop()
+        # write each workload's results as soon as it is done
+        for key in [k for k in res if k.split("_")[0] == workload]:
+            (RESULTS / f"{key}.json").write_text(json.dumps({"machine": data["machine"], "settings": cfg, "quick": args.quick, "results": res[key]}, indent=1))
+    data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    data["load_end"] = round(os.getloadavg()[0], 2)
+    data["elapsed_seconds"] = round(time.time() - t_start, 1)
+    data["targets"] = targets(res)
+    (RESULTS / "run.json").write_text(json.dumps({k: v for k, v in data.items() if k != "results"}, indent=1))
+    try:
+        made = plots(data)
+    except Exception as e:  # plots are a convenience; the numbers are already written
+        made = []
+        log(f"plots failed: {e}")
+    write_summary(data, RESULTS / "summary.md")
+    log(f"done in {data['elapsed_seconds']} s: {RESULTS / 'summary.md'}, plots {', '.join(made)}")
+    print((RESULTS / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
