@@ -56,6 +56,7 @@ BIN = TARGET / "release"
 LOADGEN = BIN / "pystrands-loadgen"
 
 PROVISIONAL_LOAD = 1.5
+PROVISIONAL_OTHERS = 0.25  # cores used by processes that are not part of the measurement
 
 # ------------------------------------------------------------------ environment
 
@@ -330,10 +331,19 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all processes on the machine have used so far (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def loadgen(args: list[str], timeout: float, run: "Running | None" = None) -> dict:
     """Runs the load generator; adds how many cores it and the system's processes used meanwhile."""
     t0, ru0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0 = {k: cpu_seconds(pid) for k, pid in run.rss_pids.items()} if run else {}
+    busy0 = machine_busy_seconds()
     r = subprocess.run([str(LOADGEN), *map(str, args)], capture_output=True, text=True, timeout=timeout, preexec_fn=raise_nofile)
     lines = [l for l in r.stdout.splitlines() if l.strip()]
     if r.returncode != 0 or not lines:
@@ -345,6 +355,8 @@ def loadgen(args: list[str], timeout: float, run: "Running | None" = None) -> di
     cores = {"loadgen": (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall}
     if run:
         cores.update({k: (cpu_seconds(pid) - cpu0[k]) / wall for k, pid in run.rss_pids.items()})
+    # everything else the machine did meanwhile: other people's builds and tests
+    cores["others"] = max(0.0, (machine_busy_seconds() - busy0) / wall - sum(cores.values()))
     out["cpu_cores"] = {k: round(v, 2) for k, v in cores.items()}
     return out
 
@@ -480,10 +492,14 @@ def lat(r: dict, key: str = "latency_us") -> dict:
 
 def cpu(r: dict) -> str:
     c = r.get("cpu_cores") or {}
-    return " / ".join(f"{c[k]:.2f}" if k in c else "-" for k in ("loadgen", "server", "backend"))
+    return " / ".join(f"{c[k]:.2f}" if k in c else "-" for k in ("loadgen", "server", "backend", "others"))
 
 
 def provisional(r: dict) -> str:
+    """⚠ when other work on the machine took CPU during the measurement (or, for RSS, the load was high)."""
+    others = (r.get("cpu_cores") or {}).get("others")
+    if others is not None:
+        return " ⚠" if others > PROVISIONAL_OTHERS else ""
     la = r.get("load_avg_1m") or [0, 0]
     return " ⚠" if max(la) > PROVISIONAL_LOAD else ""
 
@@ -495,8 +511,10 @@ def write_summary(data: dict, path: Path) -> None:
     L.append(f"Run {data['started']} – {data['finished']} with `python benches/run.py{' --quick' if data['quick'] else ''}`. "
              f"Machine: {m['cpu']}, {m['cores']} cores (shared by the system under test and the load generator), "
              f"Linux {m['kernel']}, Python {m['python']}, {m['rustc']}; 1-minute load average at start {data['load_start']}, "
-             f"at end {data['load_end']}. Median of {cfg['runs']} run(s) per system; ⚠ marks a number measured while the "
-             f"1-minute load average was above {PROVISIONAL_LOAD} (other work on the machine): provisional.\n")
+             f"at end {data['load_end']} (the benchmark itself keeps it near 2). Median of {cfg['runs']} run(s) per system. "
+             f"⚠ marks a provisional number: other processes on the machine (not the load generator, server or backend) used more "
+             f"than {PROVISIONAL_OTHERS} cores during that measurement (for W3, which has no CPU accounting: the 1-minute load "
+             f"average was above {PROVISIONAL_LOAD}).\n")
     peers = ", ".join(f"{k} {v}" for k, v in m["peers"].items())
     L.append(f"Peers: {peers}; PyStrands 1.0 client {m['pystrands_v1']}; python-socketio served by {data['socketio_server']}.\n")
     if data["problems"]:
@@ -508,7 +526,7 @@ def write_summary(data: dict, path: Path) -> None:
     if "echo" in res:
         c = cfg["echo"]
         L.append(f"\n## W1 echo round trip ({c['clients']} clients ping-pong, {c['size']} B, {c['seconds']} s)\n")
-        L.append("| system | msg/s | p50 ms | p99 ms | p99.9 ms | errors | CPU cores: load gen / server / backend |")
+        L.append("| system | msg/s | p50 ms | p99 ms | p99.9 ms | errors | CPU cores: load gen / server / backend / others |")
         L.append("|---|---:|---:|---:|---:|---:|---|")
         for name, r in rows("echo"):
             la = lat(r)
@@ -521,7 +539,7 @@ def write_summary(data: dict, path: Path) -> None:
         what = f"publisher at {c['rate']} msg/s" if mode == "fixed" else f"publisher as fast as delivered (≤ {c['window']} messages in flight)"
         L.append(f"\n## W2 room fan-out, {mode} rate (1 room × {c['clients']} clients, {what}, {c['seconds']} s)\n")
         L.append(f"Missing = sent to the room but not delivered within the {c['drain']:g} s drain after the publisher stopped.\n")
-        L.append("| system | deliveries/s | published msg/s | p50 ms | p99 ms | p99.9 ms | missing | errors | CPU cores: load gen / server / backend |")
+        L.append("| system | deliveries/s | published msg/s | p50 ms | p99 ms | p99.9 ms | missing | errors | CPU cores: load gen / server / backend / others |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for name, r in rows(key):
             la = lat(r)
@@ -540,7 +558,7 @@ def write_summary(data: dict, path: Path) -> None:
     if "connect" in res:
         c = cfg["connect"]
         L.append(f"\n## W4 connect storm ({c['clients']} connections, {c['concurrency']} at a time, held until the end)\n")
-        L.append("| system | connects/s | p50 ms | p99 ms | errors | CPU cores: load gen / server / backend |")
+        L.append("| system | connects/s | p50 ms | p99 ms | errors | CPU cores: load gen / server / backend / others |")
         L.append("|---|---:|---:|---:|---:|---|")
         for name, r in rows("connect"):
             la = lat(r)
@@ -548,15 +566,15 @@ def write_summary(data: dict, path: Path) -> None:
     if "broadcast" in res:
         c = cfg["broadcast"]
         L.append(f"\n## W5 broadcast to all ({c['clients']} clients, {c['triggers']} messages one after the other)\n")
-        L.append("| system | last delivery p50 ms | last delivery p99 ms | all deliveries p50 ms | p99 ms | incomplete | errors | CPU cores: load gen / server / backend |")
+        L.append("| system | last delivery p50 ms | last delivery p99 ms | all deliveries p50 ms | p99 ms | incomplete | errors | CPU cores: load gen / server / backend / others |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---|")
         for name, r in rows("broadcast"):
             ld, la = lat(r, "last_delivery_us"), lat(r)
             L.append(f"| {name} | {fmt_ms(ld.get('p50'))} | {fmt_ms(ld.get('p99'))}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {r['incomplete_triggers']} | {r['errors']['count']} | {cpu(r)} |")
 
     L.append("\nCPU cores = CPU time used during the load generator's whole run (connect, warm-up, measurement) divided by its "
-             "wall time; the machine has " + str(m["cores"]) + ". A load generator near 1.0 is saturated (it runs on one thread): "
-             "then the load generator, not the system, sets the number.\n")
+             "wall time; the machine has " + str(m["cores"]) + "; `others` is every other process on the machine. A load generator "
+             "near 1.0 is saturated (it runs on one thread): then the load generator, not the system, sets the number.\n")
     L.append("\n## Targets (issue 5), ratios from this run\n")
     L.append("| target | measured | met? |")
     L.append("|---|---|---|")
