@@ -22,7 +22,8 @@ What it does, all on 127.0.0.1, everything started here and stopped here (proces
 3. Workloads (benches/loadgen): W1 echo, W2 room fan-out (fixed and max rate), W3 idle RSS,
    W4 connect storm, W5 broadcast. Each is run `--runs` times per system (median reported).
 4. Writes benches/results/<workload>.json, benches/results/summary.md (tables, ratios vs the
-   targets of issue 5, machine info) and PNG plots (throughput, latency curves, RSS).
+   targets of issue 5, machine info, CPU used by each part) and PNG plots (throughput, latency
+   curves, RSS); `--quick` writes the same into benches/results/quick/.
 
 Numbers measured while the 1-minute load average is above 1.5 (other work on the machine) are
 marked provisional in the summary.
@@ -749,7 +750,7 @@ def main() -> None:
     ap.add_argument("--systems", default="", help="comma-separated subset of: " + ", ".join(s.name for s in SYSTEMS))
     ap.add_argument("--socketio-server", choices=["aiohttp", "uvicorn"], default="aiohttp")
     ap.add_argument("--no-build", action="store_true", help="don't create venvs or build; use what is there")
-    ap.add_argument("--out", default=str(RESULTS), help="results directory")
+    ap.add_argument("--out", help="results directory (default benches/results, with --quick benches/results/quick)")
     args = ap.parse_args()
 
     problems = ensure_env(args.no_build)
@@ -757,7 +758,7 @@ def main() -> None:
     if Path(sys.prefix).resolve() != BENCH_VENV.resolve() and venv_python(BENCH_VENV).exists():
         os.execv(str(venv_python(BENCH_VENV)), [str(venv_python(BENCH_VENV)), __file__, *sys.argv[1:], "--no-build"])
 
-    RESULTS = Path(args.out)
+    RESULTS = Path(args.out) if args.out else (RESULTS / "quick" if args.quick else RESULTS)
     RESULTS.mkdir(parents=True, exist_ok=True)
     logdir = RESULTS / "logs"
     logdir.mkdir(exist_ok=True)
