@@ -38,7 +38,6 @@ import platform
 import resource
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -356,8 +355,12 @@ def cpu_split(wall: float, ru0, busy0: tuple[float, float], cpu0: dict, run: "Ru
     return {k: round(v, 2) for k, v in cores.items()}
 
 
+LOADGEN_THREADS = 1
+
+
 def loadgen(args: list[str], timeout: float, run: "Running | None" = None) -> dict:
     """Runs the load generator; adds how many cores it and the system's processes used meanwhile."""
+    args = [*args, "--threads", LOADGEN_THREADS]
     t0, ru0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0 = {k: cpu_seconds(pid) for k, pid in run.rss_pids.items()} if run else {}
     busy0 = machine_busy_seconds()
@@ -410,7 +413,7 @@ def measure_idle(run: Running, n: int, hold: float) -> dict:
     sources = max(1, -(-n // 25000))  # one source address per 25k connections
     t0, ru0, busy0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN), machine_busy_seconds()
     cpu0 = {k: cpu_seconds(pid) for k, pid in run.rss_pids.items()}
-    p = subprocess.Popen([str(LOADGEN), "idle", "--url", run.url("bench"), *proto(run), "--clients", str(n), "--concurrency", "100",
+    p = subprocess.Popen([str(LOADGEN), "idle", "--url", run.url("bench"), *proto(run), "--clients", str(n), "--concurrency", "100", "--threads", str(LOADGEN_THREADS),
                           "--hold", str(hold + 2.0), "--sources", str(sources)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, preexec_fn=raise_nofile)
     try:
@@ -538,7 +541,8 @@ def write_summary(data: dict, path: Path) -> None:
              f"⚠ marks a provisional number: other processes on the machine (not the load generator, server or backend) used more "
              f"than {PROVISIONAL_OTHERS} cores during that measurement.\n")
     peers = ", ".join(f"{k} {v}" for k, v in m["peers"].items())
-    L.append(f"Peers: {peers}; PyStrands 1.0 client {m['pystrands_v1']}; python-socketio served by {data['socketio_server']}.\n")
+    L.append(f"Peers: {peers}; PyStrands 1.0 client {m['pystrands_v1']}; python-socketio served by {data['socketio_server']}. "
+             f"Load generator threads: {cfg.get('loadgen_threads', 1)}.\n")
     if data["problems"]:
         L.append("**Not measured:** " + "; ".join(f"{k}: {v}" for k, v in data["problems"].items()) + "\n")
 
@@ -742,13 +746,14 @@ def plots(data: dict) -> list[str]:
 
 
 def main() -> None:
-    global RESULTS
+    global RESULTS, LOADGEN_THREADS
     ap = argparse.ArgumentParser(description="PyStrands benchmark suite against real peers")
     ap.add_argument("--quick", action="store_true", help="small and short: finishes in under 3 minutes")
     ap.add_argument("--runs", type=int, help="runs per system and workload (default 3, quick 1)")
     ap.add_argument("--workloads", default="echo,fanout,idle,connect,broadcast", help="comma-separated subset")
     ap.add_argument("--systems", default="", help="comma-separated subset of: " + ", ".join(s.name for s in SYSTEMS))
     ap.add_argument("--socketio-server", choices=["aiohttp", "uvicorn"], default="aiohttp")
+    ap.add_argument("--loadgen-threads", type=int, default=1, help="threads of the load generator (default 1; more only pays on more than 2 cores)")
     ap.add_argument("--no-build", action="store_true", help="don't create venvs or build; use what is there")
     ap.add_argument("--out", help="results directory (default benches/results, with --quick benches/results/quick)")
     args = ap.parse_args()
@@ -763,7 +768,9 @@ def main() -> None:
     logdir = RESULTS / "logs"
     logdir.mkdir(exist_ok=True)
     raise_nofile()
+    LOADGEN_THREADS = max(1, args.loadgen_threads)
     cfg = settings(args.quick)
+    cfg["loadgen_threads"] = LOADGEN_THREADS
     if args.runs:
         cfg["runs"] = args.runs
     workloads = [w for w in args.workloads.split(",") if w]
