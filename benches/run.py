@@ -22,7 +22,8 @@ What it does, all on 127.0.0.1, everything started here and stopped here (proces
 3. Workloads (benches/loadgen): W1 echo, W2 room fan-out (fixed and max rate), W3 idle RSS,
    W4 connect storm, W5 broadcast. Each is run `--runs` times per system (median reported).
 4. Writes benches/results/<workload>.json, benches/results/summary.md (tables, ratios vs the
-   targets of issue 5, machine info) and PNG plots (throughput, latency curves, RSS).
+   targets of issue 5, machine info, CPU used by each part) and PNG plots (throughput, latency
+   curves, RSS); `--quick` writes the same into benches/results/quick/.
 
 Numbers measured while the 1-minute load average is above 1.5 (other work on the machine) are
 marked provisional in the summary.
@@ -37,7 +38,6 @@ import platform
 import resource
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -331,16 +331,36 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def machine_busy_seconds() -> float:
-    """CPU time all processes on the machine have used so far (from /proc/stat)."""
+def machine_busy_seconds() -> tuple[float, float]:
+    """CPU time used so far on the machine (from /proc/stat): (by processes, by interrupts).
+
+    Interrupt time (irq + softirq) is mostly the kernel moving our own loopback packets, so it
+    is reported apart (`irq`) and not counted as other people's work."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system) / tck, (irq + softirq) / tck
+
+
+def cpu_split(wall: float, ru0, busy0: tuple[float, float], cpu0: dict, run: "Running | None") -> dict:
+    """Cores used during `wall` seconds by the load generator, each process of the system, the
+    kernel's interrupt handling, and every other process on the machine (`others`)."""
+    ru1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_busy_seconds()
+    cores = {"loadgen": (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall}
+    if run:
+        cores.update({k: (cpu_seconds(pid) - cpu0[k]) / wall for k, pid in run.rss_pids.items()})
+    cores["others"] = max(0.0, (busy1[0] - busy0[0]) / wall - sum(cores.values()))
+    cores["irq"] = (busy1[1] - busy0[1]) / wall
+    return {k: round(v, 2) for k, v in cores.items()}
+
+
+LOADGEN_THREADS = 1
 
 
 def loadgen(args: list[str], timeout: float, run: "Running | None" = None) -> dict:
     """Runs the load generator; adds how many cores it and the system's processes used meanwhile."""
+    args = [*args, "--threads", LOADGEN_THREADS]
     t0, ru0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0 = {k: cpu_seconds(pid) for k, pid in run.rss_pids.items()} if run else {}
     busy0 = machine_busy_seconds()
@@ -351,13 +371,7 @@ def loadgen(args: list[str], timeout: float, run: "Running | None" = None) -> di
     out = json.loads(lines[-1])
     if "error" in out:
         raise RuntimeError(f"loadgen: {out['error']}")
-    wall, ru1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
-    cores = {"loadgen": (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall}
-    if run:
-        cores.update({k: (cpu_seconds(pid) - cpu0[k]) / wall for k, pid in run.rss_pids.items()})
-    # everything else the machine did meanwhile: other people's builds and tests
-    cores["others"] = max(0.0, (machine_busy_seconds() - busy0) / wall - sum(cores.values()))
-    out["cpu_cores"] = {k: round(v, 2) for k, v in cores.items()}
+    out["cpu_cores"] = cpu_split(time.monotonic() - t0, ru0, busy0, cpu0, run)
     return out
 
 
@@ -399,7 +413,7 @@ def measure_idle(run: Running, n: int, hold: float) -> dict:
     sources = max(1, -(-n // 25000))  # one source address per 25k connections
     t0, ru0, busy0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN), machine_busy_seconds()
     cpu0 = {k: cpu_seconds(pid) for k, pid in run.rss_pids.items()}
-    p = subprocess.Popen([str(LOADGEN), "idle", "--url", run.url("bench"), *proto(run), "--clients", str(n), "--concurrency", "100",
+    p = subprocess.Popen([str(LOADGEN), "idle", "--url", run.url("bench"), *proto(run), "--clients", str(n), "--concurrency", "100", "--threads", str(LOADGEN_THREADS),
                           "--hold", str(hold + 2.0), "--sources", str(sources)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, preexec_fn=raise_nofile)
     try:
@@ -414,12 +428,9 @@ def measure_idle(run: Running, n: int, hold: float) -> dict:
         if p.poll() is None:
             p.kill()
             p.wait()
-    wall, ru1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
-    cores = {"loadgen": (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall}
-    cores.update({k: (cpu_seconds(pid) - cpu0[k]) / wall for k, pid in run.rss_pids.items()})
-    cores["others"] = max(0.0, (machine_busy_seconds() - busy0) / wall - sum(cores.values()))
+    cores = cpu_split(time.monotonic() - t0, ru0, busy0, cpu0, run)
     out = json.loads(out_lines[-1]) if out_lines else {}
-    out["cpu_cores"] = {k: round(v, 2) for k, v in cores.items()}
+    out["cpu_cores"] = cores
     run.check()
     opened = max(ready.get("open", 0), 1)
     out.update({
@@ -506,7 +517,7 @@ def lat(r: dict, key: str = "latency_us") -> dict:
 
 def cpu(r: dict) -> str:
     c = r.get("cpu_cores") or {}
-    return " / ".join(f"{c[k]:.2f}" if k in c else "-" for k in ("loadgen", "server", "backend", "others"))
+    return " / ".join(f"{c[k]:.2f}" if k in c else "-" for k in ("loadgen", "server", "backend", "irq", "others"))
 
 
 def provisional(r: dict) -> str:
@@ -530,7 +541,8 @@ def write_summary(data: dict, path: Path) -> None:
              f"⚠ marks a provisional number: other processes on the machine (not the load generator, server or backend) used more "
              f"than {PROVISIONAL_OTHERS} cores during that measurement.\n")
     peers = ", ".join(f"{k} {v}" for k, v in m["peers"].items())
-    L.append(f"Peers: {peers}; PyStrands 1.0 client {m['pystrands_v1']}; python-socketio served by {data['socketio_server']}.\n")
+    L.append(f"Peers: {peers}; PyStrands 1.0 client {m['pystrands_v1']}; python-socketio served by {data['socketio_server']}. "
+             f"Load generator threads: {cfg.get('loadgen_threads', 1)}.\n")
     if data["problems"]:
         L.append("**Not measured:** " + "; ".join(f"{k}: {v}" for k, v in data["problems"].items()) + "\n")
 
@@ -540,7 +552,7 @@ def write_summary(data: dict, path: Path) -> None:
     if "echo" in res:
         c = cfg["echo"]
         L.append(f"\n## W1 echo round trip ({c['clients']} clients ping-pong, {c['size']} B, {c['seconds']} s)\n")
-        L.append("| system | msg/s | p50 ms | p99 ms | p99.9 ms | errors | CPU cores: load gen / server / backend / others |")
+        L.append("| system | msg/s | p50 ms | p99 ms | p99.9 ms | errors | CPU cores: load gen / server / backend / irq / others |")
         L.append("|---|---:|---:|---:|---:|---:|---|")
         for name, r in rows("echo"):
             la = lat(r)
@@ -553,7 +565,7 @@ def write_summary(data: dict, path: Path) -> None:
         what = f"publisher at {c['rate']} msg/s" if mode == "fixed" else f"publisher as fast as delivered (≤ {c['window']} messages in flight)"
         L.append(f"\n## W2 room fan-out, {mode} rate (1 room × {c['clients']} clients, {what}, {c['seconds']} s)\n")
         L.append(f"Missing = sent to the room but not delivered within the {c['drain']:g} s drain after the publisher stopped.\n")
-        L.append("| system | deliveries/s | published msg/s | p50 ms | p99 ms | p99.9 ms | missing | errors | CPU cores: load gen / server / backend / others |")
+        L.append("| system | deliveries/s | published msg/s | p50 ms | p99 ms | p99.9 ms | missing | errors | CPU cores: load gen / server / backend / irq / others |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for name, r in rows(key):
             la = lat(r)
@@ -572,7 +584,7 @@ def write_summary(data: dict, path: Path) -> None:
     if "connect" in res:
         c = cfg["connect"]
         L.append(f"\n## W4 connect storm ({c['clients']} connections, {c['concurrency']} at a time, held until the end)\n")
-        L.append("| system | connects/s | p50 ms | p99 ms | errors | CPU cores: load gen / server / backend / others |")
+        L.append("| system | connects/s | p50 ms | p99 ms | errors | CPU cores: load gen / server / backend / irq / others |")
         L.append("|---|---:|---:|---:|---:|---|")
         for name, r in rows("connect"):
             la = lat(r)
@@ -580,14 +592,15 @@ def write_summary(data: dict, path: Path) -> None:
     if "broadcast" in res:
         c = cfg["broadcast"]
         L.append(f"\n## W5 broadcast to all ({c['clients']} clients, {c['triggers']} messages one after the other)\n")
-        L.append("| system | last delivery p50 ms | last delivery p99 ms | all deliveries p50 ms | p99 ms | incomplete | errors | CPU cores: load gen / server / backend / others |")
+        L.append("| system | last delivery p50 ms | last delivery p99 ms | all deliveries p50 ms | p99 ms | incomplete | errors | CPU cores: load gen / server / backend / irq / others |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---|")
         for name, r in rows("broadcast"):
             ld, la = lat(r, "last_delivery_us"), lat(r)
             L.append(f"| {name} | {fmt_ms(ld.get('p50'))} | {fmt_ms(ld.get('p99'))}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {r['incomplete_triggers']} | {r['errors']['count']} | {cpu(r)} |")
 
     L.append("\nCPU cores = CPU time used during the load generator's whole run (connect, warm-up, measurement) divided by its "
-             "wall time; the machine has " + str(m["cores"]) + "; `others` is every other process on the machine. A load generator "
+             "wall time; the machine has " + str(m["cores"]) + "; `irq` is the kernel's interrupt work (mostly moving the loopback "
+             "packets of the benchmark itself); `others` is every other process on the machine. A load generator "
              "near 1.0 is saturated (it runs on one thread): then the load generator, not the system, sets the number.\n")
     L.append("\n## Targets (issue 5), ratios from this run\n")
     L.append("| target | measured | met? |")
@@ -733,15 +746,16 @@ def plots(data: dict) -> list[str]:
 
 
 def main() -> None:
-    global RESULTS
+    global RESULTS, LOADGEN_THREADS
     ap = argparse.ArgumentParser(description="PyStrands benchmark suite against real peers")
     ap.add_argument("--quick", action="store_true", help="small and short: finishes in under 3 minutes")
     ap.add_argument("--runs", type=int, help="runs per system and workload (default 3, quick 1)")
     ap.add_argument("--workloads", default="echo,fanout,idle,connect,broadcast", help="comma-separated subset")
     ap.add_argument("--systems", default="", help="comma-separated subset of: " + ", ".join(s.name for s in SYSTEMS))
     ap.add_argument("--socketio-server", choices=["aiohttp", "uvicorn"], default="aiohttp")
+    ap.add_argument("--loadgen-threads", type=int, default=1, help="threads of the load generator (default 1; more only pays on more than 2 cores)")
     ap.add_argument("--no-build", action="store_true", help="don't create venvs or build; use what is there")
-    ap.add_argument("--out", default=str(RESULTS), help="results directory")
+    ap.add_argument("--out", help="results directory (default benches/results, with --quick benches/results/quick)")
     args = ap.parse_args()
 
     problems = ensure_env(args.no_build)
@@ -749,12 +763,14 @@ def main() -> None:
     if Path(sys.prefix).resolve() != BENCH_VENV.resolve() and venv_python(BENCH_VENV).exists():
         os.execv(str(venv_python(BENCH_VENV)), [str(venv_python(BENCH_VENV)), __file__, *sys.argv[1:], "--no-build"])
 
-    RESULTS = Path(args.out)
+    RESULTS = Path(args.out) if args.out else (RESULTS / "quick" if args.quick else RESULTS)
     RESULTS.mkdir(parents=True, exist_ok=True)
     logdir = RESULTS / "logs"
     logdir.mkdir(exist_ok=True)
     raise_nofile()
+    LOADGEN_THREADS = max(1, args.loadgen_threads)
     cfg = settings(args.quick)
+    cfg["loadgen_threads"] = LOADGEN_THREADS
     if args.runs:
         cfg["runs"] = args.runs
     workloads = [w for w in args.workloads.split(",") if w]
@@ -828,13 +844,14 @@ def main() -> None:
             finally:
                 if run:
                     run.stop()
-        # write each workload's results as soon as it is done
-        for key in [k for k in res if k.split("_")[0] == workload]:
-            (RESULTS / f"{key}.json").write_text(json.dumps({"machine": data["machine"], "settings": cfg, "quick": args.quick, "results": res[key]}, indent=1))
+        # progress, in case the run is interrupted; the result files are only replaced at the end
+        (logdir / "partial.json").write_text(json.dumps(data, indent=1))
     data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     data["load_end"] = round(os.getloadavg()[0], 2)
     data["elapsed_seconds"] = round(time.time() - t_start, 1)
     data["targets"] = targets(res)
+    for key in res:
+        (RESULTS / f"{key}.json").write_text(json.dumps({"machine": data["machine"], "settings": cfg, "quick": args.quick, "results": res[key]}, indent=1))
     (RESULTS / "run.json").write_text(json.dumps({k: v for k, v in data.items() if k != "results"}, indent=1))
     try:
         made = plots(data)

@@ -3,7 +3,6 @@ Usage: python picows_echo.py --port PORT
 """
 
 import argparse
-import asyncio
 
 import uvloop
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server

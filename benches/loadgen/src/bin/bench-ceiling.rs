@@ -39,6 +39,7 @@ impl Hub {
     }
 }
 
+#[allow(clippy::result_large_err)] // the handshake callback's signature is tungstenite's
 async fn serve(stream: TcpStream, hub: Arc<Hub>) {
     let _ = stream.set_nodelay(true);
     let mut path = String::new();
