@@ -25,36 +25,26 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from benchutil import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "target" / "release" / "pystrands-loadgen"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def exited(proc: subprocess.Popen):
+    """A `wait_port` check that fails once `proc` has exited."""
 
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while True:
+    def check() -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.05)
+
+    return check
 
 
 @contextmanager
@@ -82,7 +72,7 @@ def setup(nodes: int, redis_url: str | None) -> Iterator[tuple[list[str], list[s
             if redis_url:
                 cmd += ["--redis-url", redis_url, "--cluster-node-id", f"bench-{i}"]
             proc = stack.enter_context(process(cmd))
-            wait_port(tcp, proc)
+            wait_port(tcp, check=exited(proc))
             urls.append(f"ws://127.0.0.1:{ws}/bench")
             backends.append(f"127.0.0.1:{tcp}")
         yield urls, backends
@@ -119,7 +109,7 @@ def main() -> None:
     redis_port = free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     with process([redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]) as redis:
-        wait_port(redis_port, redis)
+        wait_port(redis_port, check=exited(redis))
         for run in range(args.runs):
             for name, nodes, url in [("1 node", 1, None), ("3 nodes + Redis", 3, redis_url)]:
                 with setup(nodes, url) as (urls, backends):

@@ -17,11 +17,12 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchutil import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "target" / "release" / "pystrands-loadgen"
@@ -54,24 +55,6 @@ BACKENDS = [
     ("pystrands-1.0-async", str(V1_PYTHON), ASYNC_ECHO),
     ("pystrands-1.0-sync", str(V1_PYTHON), SYNC_ECHO),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.05)
 
 
 def measure(name: str, python: str, source: str, tcp_port: int, ws_port: int, args: argparse.Namespace) -> dict:

@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import free_port, rss_kib, wait_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ROOT / "benches"
 RESULTS = BENCHES / "results"
@@ -116,12 +118,6 @@ def _imports(venv: Path, module: str) -> bool:
 # ------------------------------------------------------------------ processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -144,6 +140,11 @@ class Proc:
     def alive(self) -> bool:
         return self.p.poll() is None
 
+    def check_alive(self) -> None:
+        """Raises if the child has exited (a `wait_port` check)."""
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited: {self.tail()}")
+
     def stop(self) -> None:
         if self.p.poll() is None:
             try:
@@ -165,28 +166,6 @@ class Proc:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def wait_tcp(port: int, proc: Proc, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise RuntimeError(f"{proc.name}: port {port} not open after {timeout} s")
-            time.sleep(0.05)
 
 
 def wait_upgrade(port: int, path: str, procs: list[Proc], timeout: float = 30.0) -> None:
@@ -224,7 +203,7 @@ class Running:
         return f"ws://127.0.0.1:{self.ws_port}/{room}"
 
     def rss(self) -> dict[str, int]:
-        return {k: rss_kib(pid) for k, pid in self.rss_pids.items()}
+        return {k: rss_kib(pid, default=0) for k, pid in self.rss_pids.items()}
 
     def check(self) -> None:
         for p in self.procs:
@@ -250,7 +229,7 @@ class System:
                 broker = Proc(f"{self.name}-broker", [str(venv_python(OUR_VENV)), "-m", "pystrands", "server", "--host", "127.0.0.1",
                                                       "--ws-port", str(ws_port), "--tcp-port", str(tcp_port), "--log-level", "error"], logdir)
                 procs.append(broker)
-                wait_tcp(tcp_port, broker)
+                wait_port(tcp_port, 30.0, broker.check_alive)
                 if self.backend == "rust":
                     be = Proc(f"{self.name}-backend", [str(BIN / "bench-rust-backend"), "--port", str(tcp_port)], logdir)
                 else:

@@ -21,38 +21,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import websockets
+from benchutil import free_port, rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benches" / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def child_env() -> dict[str, str]:
-    """Children run this interpreter with its installed pystrands (`pip install .`)."""
-    return dict(os.environ)
 
 
 BROKER_CHILD = """
@@ -86,7 +66,7 @@ class BrokerProc:
     def __init__(self, ws_port: int, tcp_port: int) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", BROKER_CHILD, str(ws_port), str(tcp_port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         assert self.proc.stdout is not None and json.loads(self.proc.stdout.readline())["ready"]
 
@@ -104,7 +84,8 @@ class BrokerProc:
 
 
 def start_backend(tcp_port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", BACKEND_CHILD, str(tcp_port)], env=child_env(), stdin=subprocess.DEVNULL)
+    # Children run this interpreter with its installed pystrands (`pip install .`).
+    return subprocess.Popen([sys.executable, "-c", BACKEND_CHILD, str(tcp_port)], stdin=subprocess.DEVNULL)
 
 
 class Tally:
@@ -180,7 +161,7 @@ async def soak(seconds: float, clients: int, kill_every: float) -> dict:
         next_kill = start + kill_every
         while loop.time() < until:
             await asyncio.sleep(1.0)
-            rss.append((round(loop.time() - start, 1), rss_kib(broker.proc.pid)))
+            rss.append((round(loop.time() - start, 1), rss_kib(broker.proc.pid, default=0)))
             if loop.time() >= next_kill:
                 victim = backends.pop(0)
                 victim.send_signal(signal.SIGKILL)
@@ -190,7 +171,7 @@ async def soak(seconds: float, clients: int, kill_every: float) -> dict:
                 next_kill += kill_every
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
         stats = broker.stats()
-        rss.append((round(loop.time() - start, 1), rss_kib(broker.proc.pid)))
+        rss.append((round(loop.time() - start, 1), rss_kib(broker.proc.pid, default=0)))
     finally:
         for b in backends:
             b.kill()
