@@ -179,12 +179,13 @@ impl Router {
         self.backends.iter().position(|b| b.id == id)
     }
 
-    fn pick(&mut self) -> Option<BackendId> {
+    /// The next backend in round-robin order, as a position in `backends`.
+    fn pick(&mut self) -> Option<usize> {
         if self.backends.is_empty() {
             return None;
         }
         self.next = (self.next + 1) % self.backends.len();
-        Some(self.backends[self.next].id)
+        Some(self.next)
     }
 
     fn enqueue(&mut self, ev: Queued) {
@@ -202,16 +203,13 @@ impl Router {
     /// Sends one client event to the client's backend (pinning it on first use), or queues it.
     fn route(&mut self, ev: Queued) {
         loop {
-            let target = match self.pinned.get(&ev.client_id) {
-                Some(&b) if self.position(b).is_some() => Some(b),
-                _ => self.pick(),
-            };
-            let Some(id) = target else {
+            let pinned = self.pinned.get(&ev.client_id).and_then(|&b| self.position(b));
+            let Some(pos) = pinned.or_else(|| self.pick()) else {
                 self.enqueue(ev);
                 return;
             };
-            let Some(pos) = self.position(id) else { continue };
             let b = &mut self.backends[pos];
+            let id = b.id;
             if b.v2 {
                 // The event is kept until acknowledged; if the outbox refuses it, dropping the
                 // backend redelivers it together with the rest of the unacknowledged ones.
@@ -278,11 +276,11 @@ impl Router {
 
     fn ask(&mut self, request_id: String, url: String, line: Bytes, reply: oneshot::Sender<Decision>) {
         loop {
-            let Some(id) = self.pick() else {
+            let Some(pos) = self.pick() else {
                 let _ = reply.send(Decision::Unavailable("no backend connected"));
                 return;
             };
-            let Some(pos) = self.position(id) else { continue };
+            let id = self.backends[pos].id;
             match self.backends[pos].outbox.push(line.clone(), false) {
                 Ok(()) => {
                     self.pending.insert(request_id, Pending { backend: id, url, line, reply });
@@ -369,14 +367,15 @@ mod tests {
         outbox
     }
 
-    /// The next line in an outbox, waiting for the router to put it there.
+    /// The next line in an outbox, waiting (on the outbox's own wake-up) for the router to put
+    /// it there.
     async fn next(outbox: &Outbox) -> Bytes {
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
             loop {
                 if let Some(l) = outbox.pop() {
                     return l;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                outbox.wait().await;
             }
         })
         .await
