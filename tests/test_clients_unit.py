@@ -756,6 +756,62 @@ def test_async_sleeping_handler_on_a_does_not_block_b(broker: FakeBroker) -> Non
     run_async(body)
 
 
+def test_async_handlers_run_inside_a_task(broker: FakeBroker) -> None:
+    """Handlers run inline until they first wait, but always inside a real task: asyncio.timeout,
+    TaskGroup and current_task work, before and after the first suspension, and a handler that
+    raises after suspending is reported like any other."""
+
+    async def body() -> None:
+        errors: list[str] = []
+
+        class Tasky(AsyncPyStrandsClient):
+            async def on_message(self, message: str, context: Context) -> None:
+                before = asyncio.current_task()
+                assert before is not None
+                if message == "timeout":
+                    try:
+                        async with asyncio.timeout(0.01):
+                            await asyncio.Event().wait()
+                        reply = "no timeout"
+                    except TimeoutError:
+                        reply = "timed out"
+                elif message == "group":
+                    async with asyncio.TaskGroup() as tg:
+                        a = tg.create_task(asyncio.sleep(0, "x"))
+                        b = tg.create_task(asyncio.sleep(0.001, "y"))
+                    reply = a.result() + b.result()
+                elif message == "raise-late":
+                    await asyncio.sleep(0)
+                    raise RuntimeError("late failure")
+                else:
+                    reply = "plain"
+                assert asyncio.current_task() is before
+                await self.send_private_message(context.client_id, reply)
+
+            async def on_error(self, error: str, context: Context) -> None:
+                await asyncio.sleep(0)
+                errors.append(f"{context.client_id}:{error}")
+                await self.send_private_message(context.client_id, "reported")
+
+        c = await connected_async(broker, Tasky)
+        try:
+            broker.message("A", "timeout")
+            broker.message("B", "group")
+            broker.message("C", "raise-late")
+            broker.message("D", "plain")
+            frames = await athread(broker.recv_n, 4)
+            got = {f["params"]["conn_id"]: f["params"]["message"] for f in frames}
+            assert got == {"A": "timed out", "B": "xy", "C": "reported", "D": "plain"}
+            assert errors == ["C:late failure"]
+            assert not c._queues and c._pending == 0
+        finally:
+            await c.disconnect()
+
+    if sys.version_info < (3, 11):
+        pytest.skip("asyncio.timeout and TaskGroup need Python 3.11")
+    run_async(body)
+
+
 def test_async_many_clients_interleaved_keep_order(broker: FakeBroker) -> None:
     async def body() -> None:
         class Echo(AsyncPyStrandsClient):

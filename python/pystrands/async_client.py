@@ -37,7 +37,9 @@ import asyncio
 import inspect
 import logging
 import threading
+import types
 from collections import deque
+from collections.abc import Awaitable, Generator
 from typing import Any
 
 from ._protocol import (
@@ -74,7 +76,59 @@ logger = logging.getLogger("pystrands.async_client")
 
 __all__ = ["AsyncPyStrandsClient"]
 
-_FAIRNESS_BATCH = 64  # events of one client handled before yielding to the loop
+_FAIRNESS_BATCH = 64  # events handled in a row before yielding to the loop
+
+
+class _Run:
+    """One dispatcher task's state: the key of the event it is handling, and
+    whether that event's handler suspended and took the task over."""
+
+    __slots__ = ("key", "handed_off")
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.handed_off = False
+
+
+def _is_awaitable(value: Any) -> bool:
+    return type(value) is types.CoroutineType or inspect.isawaitable(value)
+
+
+@types.coroutine
+def _watched(
+    client: AsyncPyStrandsClient, awaitable: Awaitable[Any], run: _Run | None
+) -> Generator[Any, Any, Any]:
+    """Await a handler's result; at its first real suspension, hand the task to it.
+
+    Equivalent to ``await awaitable``, except that when the awaitable first yields
+    to the event loop while a dispatcher (``run``) is running it,
+    :meth:`AsyncPyStrandsClient._hand_off` is called before the task suspends.
+    """
+    it: Any = awaitable if type(awaitable) is types.CoroutineType else awaitable.__await__()
+    try:
+        pending = it.send(None)
+    except StopIteration as stop:
+        return stop.value
+    if run is not None and not run.handed_off:
+        client._hand_off(run)
+    while True:
+        try:
+            value = yield pending
+        except GeneratorExit:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+            raise
+        except BaseException as exc:
+            try:
+                pending = it.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                pending = it.send(value)
+            except StopIteration as stop:
+                return stop.value
 _FLUSH_NOW_BYTES = 256 * 1024  # coalesced bytes that trigger an immediate write
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _WRITE_LOW_WATER = 1024 * 1024
@@ -378,6 +432,8 @@ class AsyncPyStrandsClient:
         self._wake: asyncio.Event | None = None
         self._disconnect_lock: asyncio.Lock | None = None
         self._queues: dict[str, deque[tuple[_AsyncConnection, Event]]] = {}
+        self._ready: deque[tuple[_AsyncConnection, Event]] = deque()
+        self._dispatcher: _Run | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending = 0
         self._stopping = False
@@ -396,6 +452,8 @@ class AsyncPyStrandsClient:
             self._conn = None
             self._manager = None
             self._queues = {}
+            self._ready = deque()
+            self._dispatcher = None
             self._tasks = set()
             self._pending = 0
             self.connected = False
@@ -575,6 +633,8 @@ class AsyncPyStrandsClient:
                 self._conn = None
             self._abandoned = True
             self._queues.clear()
+            self._ready.clear()
+            self._dispatcher = None
             self._pending = 0
             if conn is not None:
                 logger.info("Disconnected from the broker")
@@ -631,24 +691,34 @@ class AsyncPyStrandsClient:
         except RuntimeError:  # loop closed meanwhile
             self._drops.drop(what)
 
-    async def _send(self, data: bytes, what: str) -> None:
-        conn = self._send_nowait(data, what)
-        if conn is not None and conn.write_paused:
-            waiter = conn.drain_future()
-            if waiter is not None:
-                await waiter
+    @staticmethod
+    async def _drained(conn: _AsyncConnection) -> None:
+        """Wait until the transport's buffer is below its low-water mark again."""
+        waiter = conn.drain_future()
+        if waiter is not None:
+            await waiter
+
+    # The three sends inline _send's fast path: no nested coroutine per message.
 
     async def broadcast_message(self, message: str) -> None:
         """Send ``message`` to every connected WebSocket client."""
-        await self._send(encode_broadcast(message), "broadcast")
+        conn = self._send_nowait(encode_broadcast(message), "broadcast")
+        if conn is not None and conn.write_paused:
+            await self._drained(conn)
 
     async def send_room_message(self, room_id: str, message: str) -> None:
         """Send ``message`` to every client in room ``room_id``."""
-        await self._send(encode_room_message(room_id, message), "message_to_room")
+        conn = self._send_nowait(encode_room_message(room_id, message), "message_to_room")
+        if conn is not None and conn.write_paused:
+            await self._drained(conn)
 
     async def send_private_message(self, client_id: str, message: str) -> None:
         """Send ``message`` to the client ``client_id`` only."""
-        await self._send(encode_private_message(client_id, message), "message_to_connection")
+        conn = self._send_nowait(
+            encode_private_message(client_id, message), "message_to_connection"
+        )
+        if conn is not None and conn.write_paused:
+            await self._drained(conn)
 
     @property
     def dropped_sends(self) -> int:
@@ -662,26 +732,37 @@ class AsyncPyStrandsClient:
         task.add_done_callback(self._tasks.discard)
 
     def _dispatch(self, conn: _AsyncConnection, event: Event) -> None:
-        """Route one decoded event (called from ``data_received``)."""
+        """Queue one decoded event for the dispatcher (called from ``data_received``)."""
         loop = self._loop
         if loop is None or self._abandoned:
             return
         self._pending += 1
-        key = event.key
-        if key is None:
-            assert isinstance(event, ConnectionRequest)
-            self._track(loop.create_task(self._run_request(conn, event)))
-        else:
-            dq = self._queues.get(key)
-            if dq is None:
-                dq = deque()
-                dq.append((conn, event))
-                self._queues[key] = dq
-                self._track(loop.create_task(self._drain_client(key, dq)))
-            else:
-                dq.append((conn, event))
+        self._ready.append((conn, event))
+        if self._dispatcher is None:
+            self._start_dispatcher(loop)
         if self._pending >= self.max_pending:
             conn.pause_reading()
+
+    def _start_dispatcher(self, loop: asyncio.AbstractEventLoop) -> None:
+        run = _Run()
+        self._dispatcher = run
+        self._track(loop.create_task(self._dispatch_ready(run)))
+
+    def _hand_off(self, run: _Run) -> None:
+        """The handler being run by dispatcher ``run`` suspended: that task keeps it.
+
+        Later events of the same client queue up behind it, and a new task takes
+        over the ready events, so a slow handler never stalls other clients.
+        """
+        run.handed_off = True
+        key = run.key
+        if key is not None and key not in self._queues:
+            self._queues[key] = deque()
+        if self._dispatcher is run:
+            self._dispatcher = None
+            loop = self._loop
+            if self._ready and loop is not None and not self._abandoned:
+                self._start_dispatcher(loop)
 
     def _finished(self, count: int = 1) -> None:
         self._pending = max(0, self._pending - count)
@@ -694,24 +775,72 @@ class AsyncPyStrandsClient:
         ):
             conn.resume_reading()
 
-    async def _run_request(self, conn: _AsyncConnection, event: ConnectionRequest) -> None:
-        try:
-            await self._decide(conn, event)
-        finally:
-            self._finished()
+    async def _dispatch_ready(self, run: _Run) -> None:
+        """Handle the ready events in arrival order, in this task, one after the other.
 
-    async def _drain_client(
-        self, key: str, dq: deque[tuple[_AsyncConnection, Event]]
-    ) -> None:
-        """Handle one client's queued events in order; exit when the queue is empty."""
+        A handler that completes without suspending (the common case: it only
+        queues sends) costs no task and no loop iteration of its own. The first
+        time a handler really waits, :meth:`_hand_off` leaves this task to it and
+        starts another dispatcher; this task then finishes that handler, handles
+        what its client sent meanwhile, and ends. Handlers therefore always run
+        inside a task (``asyncio.timeout``, ``TaskGroup`` work in them), events of
+        one client never overlap, and events of different clients run concurrently
+        whenever one of them waits.
+        """
+        ready = self._ready
+        queues = self._queues
+        handle = self._handle
+        budget = _FAIRNESS_BATCH
+        try:
+            while ready and not self._abandoned:
+                conn, event = ready.popleft()
+                key = event.key
+                if key is not None:
+                    dq = queues.get(key)
+                    if dq is not None:  # that client's handler is still running elsewhere
+                        dq.append((conn, event))
+                        continue
+                run.key = key
+                try:
+                    if type(event) is NewMessage:  # the hot path, without a coroutine of its own
+                        try:
+                            result = self.on_message(event.message, event.context)  # type: ignore[attr-defined]
+                            if result is not None and _is_awaitable(result):
+                                await _watched(self, result, run)
+                        except Exception as exc:
+                            await self._handler_failed("on_message", exc, event.context, run)  # type: ignore[attr-defined]
+                    else:
+                        await handle(conn, event, run)
+                    if event.seq:  # handled (returned or raised); not when cancelled
+                        conn.complete(event.seq)
+                finally:
+                    self._finished()
+                if run.handed_off:
+                    if key is not None:
+                        await self._drain_client(key)
+                    return
+                budget -= 1
+                if budget <= 0 and ready:
+                    budget = _FAIRNESS_BATCH
+                    await asyncio.sleep(0)  # let the loop read and write meanwhile
+        finally:
+            if self._dispatcher is run:
+                self._dispatcher = None
+
+    async def _drain_client(self, key: str) -> None:
+        """Handle, in this task and in order, what client ``key`` sent while its
+        handler was running; then release the client to the dispatcher."""
+        dq = self._queues.get(key)
+        if dq is None:
+            return
         handle = self._handle
         budget = _FAIRNESS_BATCH
         try:
             while dq and not self._abandoned:
                 conn, event = dq.popleft()
                 try:
-                    await handle(conn, event)
-                    if event.seq:  # handled (returned or raised); not when cancelled
+                    await handle(conn, event, None)
+                    if event.seq:
                         conn.complete(event.seq)
                 finally:
                     self._finished()
@@ -723,44 +852,50 @@ class AsyncPyStrandsClient:
             if self._queues.get(key) is dq:
                 del self._queues[key]
 
-    async def _call(self, result: Any) -> Any:
-        if inspect.isawaitable(result):
-            return await result
-        return result
+    async def _call(self, result: Any, run: _Run | None = None) -> Any:
+        if result is None or not _is_awaitable(result):
+            return result
+        return await _watched(self, result, run)
 
-    async def _handle(self, conn: _AsyncConnection, event: Event) -> None:
-        if isinstance(event, NewMessage):
+    async def _handle(self, conn: _AsyncConnection, event: Event, run: _Run | None) -> None:
+        cls = type(event)
+        if cls is NewMessage:
+            assert isinstance(event, NewMessage)
             try:
                 result = self.on_message(event.message, event.context)
-                if inspect.isawaitable(result):
-                    await result
+                if result is not None and _is_awaitable(result):
+                    await _watched(self, result, run)
             except Exception as exc:
-                await self._handler_failed("on_message", exc, event.context)
-        elif isinstance(event, NewConnection):
+                await self._handler_failed("on_message", exc, event.context, run)
+        elif cls is NewConnection:
+            assert isinstance(event, NewConnection)
             try:
-                await self._call(self.on_new_connection(event.context))
+                await self._call(self.on_new_connection(event.context), run)
             except Exception as exc:
-                await self._handler_failed("on_new_connection", exc, event.context)
-        elif isinstance(event, Disconnected):
+                await self._handler_failed("on_new_connection", exc, event.context, run)
+        elif cls is Disconnected:
+            assert isinstance(event, Disconnected)
             try:
-                await self._call(self.on_disconnect(event.context))
+                await self._call(self.on_disconnect(event.context), run)
             except Exception as exc:
-                await self._handler_failed("on_disconnect", exc, event.context)
-        elif isinstance(event, ErrorEvent):
+                await self._handler_failed("on_disconnect", exc, event.context, run)
+        elif cls is ErrorEvent:
+            assert isinstance(event, ErrorEvent)
             try:
-                await self._call(self.on_error(event.error, event.context))
+                await self._call(self.on_error(event.error, event.context), run)
             except Exception:
                 logger.exception("on_error raised")
-        elif isinstance(event, ConnectionRequest):  # pragma: no cover - routed elsewhere
-            await self._decide(conn, event)
+        elif cls is ConnectionRequest:
+            assert isinstance(event, ConnectionRequest)
+            await self._decide(conn, event, run)
 
-    async def _decide(self, conn: _AsyncConnection, event: ConnectionRequest) -> None:
+    async def _decide(self, conn: _AsyncConnection, event: ConnectionRequest, run: _Run | None) -> None:
         request = event.request
         try:
-            result = await self._call(self.on_connection_request(request))
+            result = await self._call(self.on_connection_request(request), run)
         except Exception as exc:
             self._reply(conn, encode_reject(event.request_id))
-            await self._handler_failed("on_connection_request", exc, request.context)
+            await self._handler_failed("on_connection_request", exc, request.context, run)
             return
         self._reply(conn, response_for(event.request_id, result, request))
 
@@ -768,10 +903,12 @@ class AsyncPyStrandsClient:
         if not conn.write(data):
             self._drops.drop("response to a connection request")
 
-    async def _handler_failed(self, name: str, exc: Exception, context: Context) -> None:
+    async def _handler_failed(
+        self, name: str, exc: Exception, context: Context, run: _Run | None = None
+    ) -> None:
         logger.error("%s raised for client %r", name, context.client_id, exc_info=exc)
         try:
-            await self._call(self.on_error(str(exc), context))
+            await self._call(self.on_error(str(exc), context), run)
         except Exception:
             logger.exception("on_error raised while reporting an error")
 
