@@ -273,7 +273,7 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
     };
     let outbox = Arc::new(Outbox::new((!v2).then(|| shared.counters.clone()), outbox_lines(&shared.cfg), OUTBOX_MAX_BYTES));
     let dead = Arc::new(Dead::default());
-    if shared.router.send(RouterMsg::BackendUp { id, addr: addr.clone(), outbox: outbox.clone(), v2 }).await.is_err() {
+    if shared.router.send(RouterMsg::BackendUp { id, addr: addr.clone(), outbox: outbox.clone(), v2 }).is_err() {
         return; // broker is stopping
     }
     let write_deadline = (shared.cfg.heartbeat_interval * 2).max(Duration::from_secs(5));
@@ -329,7 +329,7 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
     }
     dead.set();
     outbox.close();
-    let _ = shared.router.send(RouterMsg::BackendDown { id }).await;
+    let _ = shared.router.send(RouterMsg::BackendDown { id });
     let _ = writer.await;
 }
 
@@ -347,11 +347,11 @@ async fn handle_line(id: BackendId, v2: bool, line: &[u8], shared: &Shared, erro
             crate::cluster::broadcast(shared, message);
         }
         Ok(BackendCommand::Response(resp)) => {
-            let _ = shared.router.send(RouterMsg::Response { backend: id, resp }).await;
+            let _ = shared.router.send(RouterMsg::Response { backend: id, resp });
         }
         Ok(BackendCommand::Heartbeat) => {}
         Ok(BackendCommand::Ack { seq }) if v2 => {
-            let _ = shared.router.send(RouterMsg::Ack { backend: id, seq }).await;
+            let _ = shared.router.send(RouterMsg::Ack { backend: id, seq });
         }
         Ok(BackendCommand::Ack { .. }) => {
             incr(&shared.counters.backend_errors);
@@ -395,7 +395,12 @@ async fn write_loop(
             Take::Done => break,
             Take::Empty => {
                 tokio::select! {
-                    _ = outbox.wait() => continue,
+                    _ = outbox.wait() => {
+                        // Let the tasks that are ready now (other clients' events) queue theirs
+                        // first: one write then carries many lines instead of one each.
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
                     _ = ticker.tick() => {
                         batch.push(protocol::heartbeat_line());
                         last_beat = Instant::now();

@@ -30,10 +30,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
-
-/// Messages that may wait for the router (clients wait when it is full: backpressure).
-const ROUTER_QUEUE: usize = 65_536;
 
 /// Accepts connections until `stop` fires, running `serve` for each in its own task. Each task
 /// holds a clone of `guard`, so shutdown can wait for the connections to finish.
@@ -69,7 +65,7 @@ pub struct Shared {
     pub cfg: Config,
     pub hub: hub::Hub,
     pub counters: Arc<stats::Counters>,
-    pub router: mpsc::Sender<router::RouterMsg>,
+    pub router: router::RouterHandle,
     pub gauges: Arc<router::Gauges>,
     /// Set when this broker is a node of a cluster (`cluster_url`).
     pub cluster: Option<cluster::Cluster>,
@@ -131,7 +127,6 @@ pub struct BrokerHandle {
     ws_addr: SocketAddr,
     tcp_addr: SocketAddr,
     stop_listeners: shutdown::Trigger,
-    stop_router: shutdown::Trigger,
     clients: shutdown::TaskGroup,
     backends: shutdown::TaskGroup,
     stop_cluster: shutdown::Trigger,
@@ -180,19 +175,19 @@ impl BrokerHandle {
             }
         };
         let gauges = Arc::new(router::Gauges::default());
-        let (router_tx, router_rx) = mpsc::channel(ROUTER_QUEUE);
+        let limits = router::Limits { queue_size: cfg.queue_size, max_unacked: cfg.max_unacked };
+        let router = router::RouterHandle::new(limits, counters.clone(), gauges.clone());
         let shared = Arc::new(Shared {
             hub: hub::Hub::new(cfg.slow_client_policy, counters.clone()),
             cfg,
             counters: counters.clone(),
-            router: router_tx,
+            router,
             gauges: gauges.clone(),
             cluster,
             ids: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
         });
         let (stop_listeners, listeners_sig) = shutdown::signal();
-        let (stop_router, router_sig) = shutdown::signal();
         let (stop_cluster, cluster_sig) = shutdown::signal();
         let clients = shutdown::TaskGroup::default();
         let backends = shutdown::TaskGroup::default();
@@ -202,17 +197,11 @@ impl BrokerHandle {
             if let Some(starter) = cluster_starter {
                 starter.spawn(shared.clone(), cluster_sig, cluster_tasks.guard());
             }
-            let guard = backends.guard();
-            let limits = router::Limits { queue_size: shared.cfg.queue_size, max_unacked: shared.cfg.max_unacked };
-            tokio::spawn(async move {
-                router::run(router_rx, limits, counters, gauges, router_sig).await;
-                drop(guard);
-            });
             tokio::spawn(ws::listen(ws_listener, shared.clone(), listeners_sig.clone(), clients.guard()));
             tokio::spawn(backend::listen(tcp_listener, shared.clone(), listeners_sig, backends.guard()));
         }
         tracing::info!(websocket = %ws_addr, backends = %tcp_addr, "PyStrands broker listening");
-        Ok(BrokerHandle { runtime: Some(runtime), shared, ws_addr, tcp_addr, stop_listeners, stop_router, clients, backends, stop_cluster, cluster_tasks })
+        Ok(BrokerHandle { runtime: Some(runtime), shared, ws_addr, tcp_addr, stop_listeners, clients, backends, stop_cluster, cluster_tasks })
     }
 
     pub fn ws_addr(&self) -> SocketAddr {
@@ -263,14 +252,14 @@ impl BrokerHandle {
         self.shared.hub.kick_all(protocol::CLOSE_GOING_AWAY);
         let clients = &mut self.clients;
         let backends = &mut self.backends;
-        let stop_router = &self.stop_router;
+        let router = &self.shared.router;
         let stop_cluster = &self.stop_cluster;
         let cluster_tasks = &mut self.cluster_tasks;
         runtime.block_on(async {
             if tokio::time::timeout(left(), clients.wait()).await.is_err() {
                 tracing::warn!("some clients did not close in time");
             }
-            stop_router.fire();
+            router.stop();
             if tokio::time::timeout(left(), backends.wait()).await.is_err() {
                 tracing::warn!("some backend connections did not finish flushing in time");
             }

@@ -1,8 +1,13 @@
-//! The router: one task that owns everything about backends — which are live, which backend each
+//! The router: the one owner of everything about backends — which are live, which backend each
 //! client is pinned to, the events a v2 backend has not acknowledged yet, the queue of events
-//! waiting for a backend, and the connection requests waiting for an answer. Being a single task,
-//! it needs no locks and keeps a strict order: the events of one client reach one backend in the
-//! order the client produced them, and redelivered events go ahead of anything newer.
+//! waiting for a backend, and the connection requests waiting for an answer.
+//!
+//! It is a state machine behind one lock, not a task: whoever has a message for it (a client's
+//! connection task, a backend's reader) handles it in place with [`RouterHandle::send`]. No
+//! handling ever waits on I/O (lines go into outboxes without waiting), so the lock is held for
+//! microseconds, and an event costs no hop through another task. The lock gives a strict order:
+//! the events of one client reach one backend in the order the client produced them, and
+//! redelivered events go ahead of anything newer.
 //!
 //! * Sticky routing: a client is pinned to the backend that accepted it; if that backend goes
 //!   away, the client's next event pins it to another live backend (round robin).
@@ -18,14 +23,13 @@
 
 use crate::backend::Outbox;
 use crate::protocol::{self, AcceptResponse};
-use crate::shutdown::Signal;
 use crate::stats::{add, incr, Counters};
 use bytes::Bytes;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::oneshot;
 
 pub type BackendId = u64;
 
@@ -37,7 +41,7 @@ pub enum Decision {
     Unavailable(&'static str),
 }
 
-/// Messages to the router task.
+/// Messages to the router.
 pub enum RouterMsg {
     /// An event of a client, already encoded as a v1 line. `last` ends the client's pinning.
     Event { client_id: Arc<str>, line: Bytes, last: bool },
@@ -114,41 +118,56 @@ struct Router {
     gauges: Arc<Gauges>,
 }
 
-/// Runs the router until `stop` fires, then handles what is already in its inbox and returns,
-/// telling every backend's writer to flush what it has and finish.
-pub async fn run(mut rx: mpsc::Receiver<RouterMsg>, limits: Limits, counters: Arc<Counters>, gauges: Arc<Gauges>, mut stop: Signal) {
-    let mut r = Router {
-        backends: Vec::new(),
-        next: 0,
-        pinned: HashMap::new(),
-        queue: VecDeque::new(),
-        limits,
-        pending: HashMap::new(),
-        unacked_total: 0,
-        counters,
-        gauges,
-    };
-    loop {
-        tokio::select! {
-            msg = rx.recv() => match msg {
-                Some(m) => r.handle(m),
-                None => break,
-            },
-            _ = stop.fired() => {
-                rx.close();
-                while let Some(m) = rx.recv().await {
-                    r.handle(m);
-                }
-                break;
+/// The router is stopped: the broker is shutting down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+/// The shared router: [`send`](RouterHandle::send) handles a message at once, under the lock.
+pub struct RouterHandle {
+    state: Mutex<Option<Router>>,
+}
+
+impl RouterHandle {
+    pub fn new(limits: Limits, counters: Arc<Counters>, gauges: Arc<Gauges>) -> Self {
+        let router = Router {
+            backends: Vec::new(),
+            next: 0,
+            pinned: HashMap::new(),
+            queue: VecDeque::new(),
+            limits,
+            pending: HashMap::new(),
+            unacked_total: 0,
+            counters,
+            gauges,
+        };
+        RouterHandle { state: Mutex::new(Some(router)) }
+    }
+
+    /// Handles `msg` now; after [`stop`](RouterHandle::stop) it is refused (a connection
+    /// request's reply channel is dropped with it, which its waiter sees as "stopping").
+    pub fn send(&self, msg: RouterMsg) -> Result<(), Stopped> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match state.as_mut() {
+            Some(router) => {
+                router.handle(msg);
+                Ok(())
             }
+            None => Err(Stopped),
         }
     }
-    for b in &r.backends {
-        b.outbox.finish();
-    }
-    if !r.queue.is_empty() {
-        tracing::warn!(events = r.queue.len(), "broker stopped with events still waiting for a backend; they are discarded");
-        add(&r.counters.queue_dropped, r.queue.len() as u64);
+
+    /// Stops routing (idempotent): every backend's writer is told to flush what it has and
+    /// finish, and events still waiting for a backend are discarded and counted.
+    pub fn stop(&self) {
+        let router = self.state.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(r) = router else { return };
+        for b in &r.backends {
+            b.outbox.finish();
+        }
+        if !r.queue.is_empty() {
+            tracing::warn!(events = r.queue.len(), "broker stopped with events still waiting for a backend; they are discarded");
+            add(&r.counters.queue_dropped, r.queue.len() as u64);
+        }
     }
 }
 
@@ -338,18 +357,14 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shutdown;
 
-    fn start(queue_size: usize) -> (mpsc::Sender<RouterMsg>, Arc<Counters>, shutdown::Trigger, tokio::task::JoinHandle<()>) {
+    fn start(queue_size: usize) -> (RouterHandle, Arc<Counters>) {
         start_with(Limits { queue_size, max_unacked: 1000 })
     }
 
-    fn start_with(limits: Limits) -> (mpsc::Sender<RouterMsg>, Arc<Counters>, shutdown::Trigger, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(64);
+    fn start_with(limits: Limits) -> (RouterHandle, Arc<Counters>) {
         let counters = Arc::new(Counters::default());
-        let (trigger, sig) = shutdown::signal();
-        let h = tokio::spawn(run(rx, limits, counters.clone(), Arc::default(), sig));
-        (tx, counters, trigger, h)
+        (RouterHandle::new(limits, counters.clone(), Arc::default()), counters)
     }
 
     fn ev(c: &str, n: u32, last: bool) -> RouterMsg {
@@ -357,13 +372,13 @@ mod tests {
     }
 
     /// A backend as the router sees it, plus a way to read what it was sent.
-    async fn backend(tx: &mpsc::Sender<RouterMsg>, id: BackendId, v2: bool) -> Arc<Outbox> {
+    async fn backend(tx: &RouterHandle, id: BackendId, v2: bool) -> Arc<Outbox> {
         backend_with(tx, id, v2, 1_000_000).await
     }
 
-    async fn backend_with(tx: &mpsc::Sender<RouterMsg>, id: BackendId, v2: bool, max_lines: usize) -> Arc<Outbox> {
+    async fn backend_with(tx: &RouterHandle, id: BackendId, v2: bool, max_lines: usize) -> Arc<Outbox> {
         let outbox = Arc::new(Outbox::new(None, max_lines, usize::MAX));
-        tx.send(RouterMsg::BackendUp { id, addr: id.to_string(), outbox: outbox.clone(), v2 }).await.unwrap();
+        tx.send(RouterMsg::BackendUp { id, addr: id.to_string(), outbox: outbox.clone(), v2 }).unwrap();
         outbox
     }
 
@@ -384,27 +399,26 @@ mod tests {
 
     #[tokio::test]
     async fn queue_flushes_in_order_and_drops_oldest() {
-        let (tx, counters, trigger, h) = start(3);
+        let (tx, counters) = start(3);
         for n in 0..5 {
-            tx.send(ev("a", n, false)).await.unwrap();
+            tx.send(ev("a", n, false)).unwrap();
         }
         let b = backend(&tx, 1, false).await;
         for want in ["a2", "a3", "a4"] {
             assert_eq!(next(&b).await, Bytes::from(want));
         }
         assert_eq!(counters.queue_dropped.load(Relaxed), 2);
-        trigger.fire();
-        h.await.unwrap();
+        tx.stop();
     }
 
     #[tokio::test]
     async fn clients_stick_to_one_backend_and_move_when_it_dies() {
-        let (tx, _c, trigger, h) = start(10);
+        let (tx, _c) = start(10);
         let b1 = backend(&tx, 1, false).await;
         let b2 = backend(&tx, 2, false).await;
         for n in 0..10 {
-            tx.send(ev("a", n, false)).await.unwrap();
-            tx.send(ev("b", n, false)).await.unwrap();
+            tx.send(ev("a", n, false)).unwrap();
+            tx.send(ev("b", n, false)).unwrap();
         }
         let mut got1 = Vec::new();
         let mut got2 = Vec::new();
@@ -418,26 +432,25 @@ mod tests {
         let expect: Vec<Bytes> = (0..10).map(|n| Bytes::from(format!("{}{n}", first1 as char))).collect();
         assert_eq!(got1, expect, "in order");
         // Backend 1 dies: its client continues on backend 2.
-        tx.send(RouterMsg::BackendDown { id: 1 }).await.unwrap();
-        tx.send(ev(&(first1 as char).to_string(), 99, false)).await.unwrap();
+        tx.send(RouterMsg::BackendDown { id: 1 }).unwrap();
+        tx.send(ev(&(first1 as char).to_string(), 99, false)).unwrap();
         assert_eq!(next(&b2).await, Bytes::from(format!("{}99", first1 as char)));
-        trigger.fire();
-        h.await.unwrap();
+        tx.stop();
     }
 
     #[tokio::test]
     async fn connection_requests_are_answered_or_refused() {
-        let (tx, _c, trigger, h) = start(10);
+        let (tx, _c) = start(10);
         let (otx, orx) = oneshot::channel();
-        tx.send(RouterMsg::ConnRequest { request_id: "r1".into(), url: "/a".into(), line: Bytes::from("q"), reply: otx }).await.unwrap();
+        tx.send(RouterMsg::ConnRequest { request_id: "r1".into(), url: "/a".into(), line: Bytes::from("q"), reply: otx }).unwrap();
         assert!(matches!(orx.await.unwrap(), Decision::Unavailable(_)));
 
         let b1 = backend(&tx, 1, false).await;
         let (otx, orx) = oneshot::channel();
-        tx.send(RouterMsg::ConnRequest { request_id: "r2".into(), url: "/room".into(), line: Bytes::from("q2"), reply: otx }).await.unwrap();
+        tx.send(RouterMsg::ConnRequest { request_id: "r2".into(), url: "/room".into(), line: Bytes::from("q2"), reply: otx }).unwrap();
         assert_eq!(next(&b1).await, Bytes::from("q2"));
         let resp = AcceptResponse { request_id: "r2".into(), accepted: true, client_id: None, room_id: None, metadata: Value::Null, reason: None };
-        tx.send(RouterMsg::Response { backend: 1, resp }).await.unwrap();
+        tx.send(RouterMsg::Response { backend: 1, resp }).unwrap();
         match orx.await.unwrap() {
             Decision::Accept { client_id, room_id, .. } => {
                 assert_eq!(client_id.len(), 36, "a fresh uuid when the backend gave none");
@@ -445,26 +458,24 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        trigger.fire();
-        h.await.unwrap();
+        tx.stop();
     }
 
     #[tokio::test]
     async fn a_request_whose_backend_dies_goes_to_another() {
-        let (tx, _c, trigger, h) = start(10);
+        let (tx, _c) = start(10);
         let b1 = backend(&tx, 1, false).await;
         let b2 = backend(&tx, 2, false).await;
         let (otx, _orx) = oneshot::channel();
-        tx.send(RouterMsg::ConnRequest { request_id: "r".into(), url: "/".into(), line: Bytes::from("q"), reply: otx }).await.unwrap();
+        tx.send(RouterMsg::ConnRequest { request_id: "r".into(), url: "/".into(), line: Bytes::from("q"), reply: otx }).unwrap();
         let first = tokio::select! {
             l = next(&b1) => { assert_eq!(l, Bytes::from("q")); 1 }
             l = next(&b2) => { assert_eq!(l, Bytes::from("q")); 2 }
         };
         let other = if first == 1 { &b2 } else { &b1 };
-        tx.send(RouterMsg::BackendDown { id: first }).await.unwrap();
+        tx.send(RouterMsg::BackendDown { id: first }).unwrap();
         assert_eq!(next(other).await, Bytes::from("q"));
-        trigger.fire();
-        h.await.unwrap();
+        tx.stop();
     }
 
     fn parse(line: &Bytes) -> Value {
@@ -478,20 +489,20 @@ mod tests {
 
     #[tokio::test]
     async fn unacknowledged_events_are_redelivered_in_order_ahead_of_newer_ones() {
-        let (tx, counters, trigger, h) = start(10);
+        let (tx, counters) = start(10);
         let b1 = backend(&tx, 1, true).await;
         for n in 0..5 {
-            tx.send(v2_ev("a", n)).await.unwrap();
+            tx.send(v2_ev("a", n)).unwrap();
         }
         for n in 0..5u64 {
             let v = parse(&next(&b1).await);
             assert_eq!(v["seq"].as_u64(), Some(n + 1));
             assert_eq!(v["request_id"].as_str(), Some(n.to_string().as_str()));
         }
-        tx.send(RouterMsg::Ack { backend: 1, seq: 2 }).await.unwrap();
+        tx.send(RouterMsg::Ack { backend: 1, seq: 2 }).unwrap();
         let b2 = backend(&tx, 2, true).await;
-        tx.send(RouterMsg::BackendDown { id: 1 }).await.unwrap();
-        tx.send(v2_ev("a", 5)).await.unwrap();
+        tx.send(RouterMsg::BackendDown { id: 1 }).unwrap();
+        tx.send(v2_ev("a", 5)).unwrap();
         // Events 2, 3, 4 (seq 3..5 on backend 1) come again, marked, with backend 2's seqs, then 5.
         for (i, n) in [2u64, 3, 4, 5].iter().enumerate() {
             let v = parse(&next(&b2).await);
@@ -500,21 +511,20 @@ mod tests {
             assert_eq!(v.get("redelivered").is_some(), *n < 5);
         }
         assert_eq!(counters.events_redelivered.load(Relaxed), 3);
-        trigger.fire();
-        h.await.unwrap();
+        tx.stop();
     }
 
     #[tokio::test]
     async fn redelivery_waits_in_the_queue_when_no_backend_is_up() {
-        let (tx, counters, trigger, h) = start(2);
+        let (tx, counters) = start(2);
         let b1 = backend(&tx, 1, true).await;
         for n in 0..3 {
-            tx.send(v2_ev("a", n)).await.unwrap();
+            tx.send(v2_ev("a", n)).unwrap();
         }
         for _ in 0..3 {
             next(&b1).await;
         }
-        tx.send(RouterMsg::BackendDown { id: 1 }).await.unwrap();
+        tx.send(RouterMsg::BackendDown { id: 1 }).unwrap();
         let b2 = backend(&tx, 2, true).await;
         // Queue of 2: the oldest of the three redelivered events was dropped and counted.
         for n in [1u64, 2] {
@@ -523,17 +533,16 @@ mod tests {
             assert_eq!(v["redelivered"], Value::Bool(true));
         }
         assert_eq!(counters.queue_dropped.load(Relaxed), 1);
-        trigger.fire();
-        h.await.unwrap();
+        tx.stop();
     }
 
     #[tokio::test]
     async fn an_overflowing_backend_is_dropped_without_stalling_the_router() {
-        let (tx, counters, trigger, h) = start_with(Limits { queue_size: 100_000, max_unacked: 100_000 });
+        let (tx, counters) = start_with(Limits { queue_size: 100_000, max_unacked: 100_000 });
         let _stuck = backend_with(&tx, 1, true, OUTBOX_LIMIT_FOR_TESTS).await; // never read: overflows
         let n = OUTBOX_LIMIT_FOR_TESTS + 10;
         for i in 0..n {
-            tx.send(v2_ev("a", i as u32)).await.unwrap();
+            tx.send(v2_ev("a", i as u32)).unwrap();
         }
         let b2 = backend(&tx, 2, true).await;
         // Everything the stuck backend had, and what came after, reaches backend 2 in order.
@@ -542,29 +551,27 @@ mod tests {
             assert_eq!(v["request_id"].as_str(), Some(i.to_string().as_str()));
         }
         assert_eq!(counters.events_redelivered.load(Relaxed), OUTBOX_LIMIT_FOR_TESTS as u64 + 1);
-        trigger.fire();
-        h.await.unwrap();
+        tx.stop();
     }
 
     const OUTBOX_LIMIT_FOR_TESTS: usize = 100;
 
     #[tokio::test]
     async fn max_unacked_releases_the_oldest_and_counts() {
-        let (tx, counters, trigger, h) = start_with(Limits { queue_size: 10, max_unacked: 2 });
+        let (tx, counters) = start_with(Limits { queue_size: 10, max_unacked: 2 });
         let b1 = backend(&tx, 1, true).await;
         for n in 0..5 {
-            tx.send(v2_ev("a", n)).await.unwrap();
+            tx.send(v2_ev("a", n)).unwrap();
         }
         for _ in 0..5 {
             next(&b1).await;
         }
         assert_eq!(counters.unacked_overflow.load(Relaxed), 3);
         let b2 = backend(&tx, 2, true).await;
-        tx.send(RouterMsg::BackendDown { id: 1 }).await.unwrap();
+        tx.send(RouterMsg::BackendDown { id: 1 }).unwrap();
         for n in [3u64, 4] {
             assert_eq!(parse(&next(&b2).await)["request_id"].as_str(), Some(n.to_string().as_str()));
         }
-        trigger.fire();
-        h.await.unwrap();
+        tx.stop();
     }
 }

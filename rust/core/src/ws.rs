@@ -71,9 +71,9 @@ async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     if shared.hub.unregister(&slot) {
         if let Some(error) = outcome {
             let line = protocol::encode_error(&shared.next_id().to_string(), &error, &slot.context_json);
-            let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false }).await;
+            let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false });
         }
-        send_event(&shared, &slot.client_id, "disconnected", &slot.context_json, true).await;
+        send_event(&shared, &slot.client_id, "disconnected", &slot.context_json, true);
     }
 }
 
@@ -119,7 +119,7 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
     let context_json: Arc<str> = protocol::encode_context(&client_id, &room_id, &metadata).into();
     if stream.write_all(&http::switching_protocols(&req.key)).await.is_err() {
         // The client left while we were asking: tell the backend it came and went.
-        send_event(shared, &client_id, "disconnected", &context_json, true).await;
+        send_event(shared, &client_id, "disconnected", &context_json, true);
         return None;
     }
     drop(req);
@@ -134,18 +134,18 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
     }
     if let Some(old) = replaced {
         tracing::info!(client_id = %client_id, "client_id reconnected; the older connection is replaced");
-        send_event(shared, &client_id, "disconnected", &old.context_json, false).await;
+        send_event(shared, &client_id, "disconnected", &old.context_json, false);
     }
-    send_event(shared, &client_id, "new_connection", &context_json, false).await;
+    send_event(shared, &client_id, "new_connection", &context_json, false);
     if shared.stopping() {
         slot.kick(protocol::CLOSE_GOING_AWAY);
     }
     Some((ws, slot, rx))
 }
 
-async fn send_event(shared: &Shared, client_id: &str, action: &str, context_json: &str, last: bool) {
+fn send_event(shared: &Shared, client_id: &str, action: &str, context_json: &str, last: bool) {
     let line = protocol::encode_context_event(&shared.next_id().to_string(), action, context_json);
-    let _ = shared.router.send(RouterMsg::Event { client_id: client_id.into(), line, last }).await;
+    let _ = shared.router.send(RouterMsg::Event { client_id: client_id.into(), line, last });
 }
 
 /// Sends the `connection_request` and waits for the decision within `request_timeout`.
@@ -154,14 +154,14 @@ async fn ask_backend(req: &UpgradeRequest, addr: SocketAddr, shared: &Shared) ->
     let line = protocol::encode_connection_request(&request_id, &req.headers, &req.path, &req.query, &addr.to_string());
     let (reply, answer) = oneshot::channel();
     let msg = RouterMsg::ConnRequest { request_id: request_id.clone(), url: req.path.clone(), line, reply };
-    if shared.router.send(msg).await.is_err() {
+    if shared.router.send(msg).is_err() {
         return Decision::Unavailable("broker is stopping");
     }
     match tokio::time::timeout(shared.cfg.request_timeout, answer).await {
         Ok(Ok(decision)) => decision,
         Ok(Err(_)) => Decision::Unavailable("broker is stopping"),
         Err(_) => {
-            let _ = shared.router.send(RouterMsg::CancelRequest { request_id }).await;
+            let _ = shared.router.send(RouterMsg::CancelRequest { request_id });
             Decision::Unavailable("no answer from a backend within request_timeout")
         }
     }
@@ -210,9 +210,9 @@ async fn run(mut ws: WebSocketStream<TcpStream>, slot: &ClientSlot, mut rx: mpsc
                     }
                 }
                 match frame {
-                    Some(Ok(Message::Text(text))) => forward(shared, slot, text.as_str()).await,
+                    Some(Ok(Message::Text(text))) => forward(shared, slot, text.as_str()),
                     Some(Ok(Message::Binary(data))) => match std::str::from_utf8(&data) {
-                        Ok(text) => forward(shared, slot, text).await,
+                        Ok(text) => forward(shared, slot, text),
                         Err(_) => break End::Close(1003, "binary data must be UTF-8", Some("binary message that is not UTF-8".into())),
                     },
                     Some(Ok(Message::Close(_))) | None => break End::Gone,
@@ -265,10 +265,10 @@ fn kicked(code: u16) -> End {
     End::Close(code, reason, report)
 }
 
-async fn forward(shared: &Shared, slot: &ClientSlot, text: &str) {
+fn forward(shared: &Shared, slot: &ClientSlot, text: &str) {
     incr(&shared.counters.messages_in);
     let line = protocol::encode_new_message(&shared.next_id().to_string(), text, &slot.context_json);
-    let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false }).await;
+    let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false });
 }
 
 async fn write_batch(ws: &mut WebSocketStream<TcpStream>, first: Message, rx: &mut mpsc::Receiver<Message>) -> Result<(), WsError> {
