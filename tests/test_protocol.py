@@ -61,6 +61,33 @@ def test_framer_max_line_size_drops_and_resyncs(caplog: pytest.LogCaptureFixture
     assert "max_line_size" in caplog.text
 
 
+def test_framer_any_chunking_gives_the_lines_of_a_model() -> None:
+    """Random streams (blank, whitespace and CRLF lines, a partial tail) cut at random points
+    give exactly the lines a one-shot split gives; lines over the limit are dropped, counted,
+    and do not disturb the lines around them."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        limit = rng.choice([8, 16, 1000])
+        lines = [bytes(rng.choice(b"ab \r{}") for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(0, 15))]
+        stream = b"\n".join(lines) + rng.choice([b"", b"\n", b"tail"])
+        want, too_long = [], 0
+        for raw in stream.split(b"\n")[:-1]:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if len(line) > limit:  # the limit counts the content, not the CR of a CRLF
+                too_long += 1
+            elif line and not line.isspace():
+                want.append(line)
+        framer = p.LineFramer(limit)
+        got: list[bytes] = []
+        i = 0
+        while i < len(stream):
+            n = rng.randint(1, 9)
+            got += framer.feed(stream[i : i + n])
+            i += n
+        assert got == want, stream
+        assert framer.dropped_lines >= too_long
+
+
 def test_framer_rejects_bad_limit() -> None:
     with pytest.raises(ValueError):
         p.LineFramer(0)

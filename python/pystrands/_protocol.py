@@ -161,14 +161,13 @@ class LineFramer:
     discards input up to the next newline and carries on (resync).
     """
 
-    __slots__ = ("_buf", "_scan", "_discarding", "max_line_size", "dropped_lines")
+    __slots__ = ("_buf", "_discarding", "max_line_size", "dropped_lines")
 
     def __init__(self, max_line_size: int = DEFAULT_MAX_LINE_SIZE) -> None:
         """Create an empty framer accepting lines of at most ``max_line_size`` bytes."""
         if max_line_size <= 0:
             raise ValueError("max_line_size must be positive")
-        self._buf = bytearray()
-        self._scan = 0  # bytes of _buf already known to contain no newline
+        self._buf = bytearray()  # an incomplete line, without a newline
         self._discarding = False
         self.max_line_size = max_line_size
         self.dropped_lines = 0
@@ -181,7 +180,6 @@ class LineFramer:
     def reset(self) -> None:
         """Drop any partial line (e.g. after the connection was lost)."""
         self._buf.clear()
-        self._scan = 0
         self._discarding = False
 
     def _drop(self, size: int) -> None:
@@ -195,47 +193,48 @@ class LineFramer:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add ``data`` and return the complete non-blank lines it finished."""
-        buf = self._buf
-        lines: list[bytes] = []
-        if isinstance(data, memoryview):
-            data = data.tobytes()
+        if not isinstance(data, bytes):
+            data = bytes(data)
         if self._discarding:
             nl = data.find(b"\n")
             if nl < 0:
-                return lines
+                return []
             self._discarding = False
             data = data[nl + 1 :]
-        buf += data
+        buf = self._buf
         limit = self.max_line_size
-        start = 0
-        pos = self._scan
-        find = buf.find
-        nl = find(b"\n", pos)
-        if nl >= 0:
-            view = memoryview(buf)
-            try:
-                while nl >= 0:
-                    end = nl
-                    if end > start and buf[end - 1] == 13:  # "\r"
-                        end -= 1
-                    if end - start > limit:
-                        self._drop(end - start)
-                    elif end > start:
-                        line = bytes(view[start:end])
-                        if not line.isspace():
-                            lines.append(line)
-                    start = nl + 1
-                    nl = find(b"\n", start)
-            finally:
-                view.release()
-            del buf[:start]
-        self._scan = len(buf)
-        if len(buf) > limit:
-            self._drop(len(buf))
+        if buf:
+            if data.find(b"\n") < 0:  # the pending line goes on
+                buf += data
+                if len(buf) > limit + 1:  # + 1: room for the CR of a CRLF
+                    self._overflow()
+                return []
+            buf += data
+            data = bytes(buf)
             buf.clear()
-            self._scan = 0
-            self._discarding = True
-        return lines
+        parts = data.split(b"\n")  # one C-level split instead of a find() per line
+        tail = parts.pop()  # the incomplete last line (b"" when data ended with a newline)
+        if tail:
+            buf += tail
+            if len(buf) > limit + 1:
+                self._overflow()
+        if b"\r" in data:
+            parts = [p[:-1] if p.endswith(b"\r") else p for p in parts]
+        if len(data) > limit:
+            kept = []
+            for line in parts:
+                if len(line) > limit:
+                    self._drop(len(line))
+                else:
+                    kept.append(line)
+            parts = kept
+        return [line for line in parts if line and not line.isspace()]
+
+    def _overflow(self) -> None:
+        """The pending line outgrew the limit: drop it and skip to the next newline."""
+        self._drop(len(self._buf))
+        self._buf.clear()
+        self._discarding = True
 
 
 # ------------------------------------------------------------------------ encoding

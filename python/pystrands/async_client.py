@@ -111,6 +111,13 @@ def _watched(
         return stop.value
     if run is not None and not run.handed_off:
         client._hand_off(run)
+    return (yield from _resumed(it, pending))
+
+
+@types.coroutine
+def _resumed(it: Any, pending: Any) -> Generator[Any, Any, Any]:
+    """Continue awaiting ``it`` (a coroutine or ``__await__`` iterator) that already
+    yielded ``pending`` to the event loop, as a plain ``await`` would."""
     while True:
         try:
             value = yield pending
@@ -805,7 +812,15 @@ class AsyncPyStrandsClient:
                     if type(event) is NewMessage:  # the hot path, without a coroutine of its own
                         try:
                             result = self.on_message(event.message, event.context)  # type: ignore[attr-defined]
-                            if result is not None and _is_awaitable(result):
+                            if type(result) is types.CoroutineType:
+                                try:  # its first step, inline (usually all of it)
+                                    waiting = result.send(None)
+                                except StopIteration:
+                                    pass
+                                else:
+                                    self._hand_off(run)
+                                    await _resumed(result, waiting)
+                            elif result is not None and _is_awaitable(result):
                                 await _watched(self, result, run)
                         except Exception as exc:
                             await self._handler_failed("on_message", exc, event.context, run)  # type: ignore[attr-defined]
