@@ -337,6 +337,35 @@ def test_hostile_frames_close_only_that_client(frame, code):
     run(main())
 
 
+@pytest.mark.parametrize("how", ["reset", "eof"])
+def test_a_client_that_vanishes_without_a_close_frame_just_leaves(how):
+    """Tabs get killed and networks drop: a connection reset or a bare EOF is a departure, not
+    an error. The backend gets `disconnected` and no `error` event; nothing counts as a
+    protocol error."""
+
+    async def main():
+        with running_broker() as broker:
+            backend = await connect_backend(broker)
+            loop = asyncio.get_running_loop()
+            s = await loop.run_in_executor(None, _raw_upgrade, broker.ws_port)
+            req = await backend.expect("connection_request")
+            await backend.answer(req, True, client_id="gone", room_id="r")
+            assert b" 101 " in await loop.run_in_executor(None, _read_until, s, b"\r\n\r\n")
+            await backend.expect("new_connection")
+            await loop.run_in_executor(None, s.sendall, _masked(0x1, b"last words"))
+            assert (await backend.expect("new_message"))["params"]["message"] == "last words"
+            if how == "reset":  # RST instead of FIN
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+            frame = await backend.recv()
+            assert frame["action"] == "disconnected", frame
+            assert frame["params"]["context"]["client_id"] == "gone"
+            assert broker.stats()["client_protocol_errors"] == 0
+            await backend.close()
+
+    run(main())
+
+
 def test_slow_and_oversized_handshakes_get_http_errors():
     async def main():
         with running_broker(handshake_timeout=0.3) as broker:

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Everything the hub and the backends need to know about one accepted connection.
 pub struct ClientSlot {
@@ -28,13 +28,13 @@ pub struct ClientSlot {
     /// Wall-clock time of registration (ms since the Unix epoch); in a cluster it decides which
     /// of two connections with the same `client_id` on different nodes is the newer one.
     pub since_ms: u64,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Utf8Bytes>,
     kick: Notify,
     kick_code: AtomicU16,
 }
 
 impl ClientSlot {
-    pub fn new(conn_id: u64, client_id: Arc<str>, room_id: Arc<str>, context_json: Arc<str>, tx: mpsc::Sender<Message>) -> Self {
+    pub fn new(conn_id: u64, client_id: Arc<str>, room_id: Arc<str>, context_json: Arc<str>, tx: mpsc::Sender<Utf8Bytes>) -> Self {
         let since_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         ClientSlot { conn_id, client_id, room_id, context_json, since_ms, tx, kick: Notify::new(), kick_code: AtomicU16::new(0) }
     }
@@ -119,7 +119,7 @@ impl Hub {
         }
     }
 
-    fn deliver(&self, slot: &ClientSlot, msg: Message) -> Delivery {
+    fn deliver(&self, slot: &ClientSlot, msg: Utf8Bytes) -> Delivery {
         match slot.tx.try_send(msg) {
             Ok(()) => Delivery::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -140,7 +140,7 @@ impl Hub {
         }
     }
 
-    fn deliver_all<'a>(&self, slots: impl Iterator<Item = &'a Arc<ClientSlot>>, msg: &Message) -> usize {
+    fn deliver_all<'a>(&self, slots: impl Iterator<Item = &'a Arc<ClientSlot>>, msg: &Utf8Bytes) -> usize {
         let mut n = 0;
         for slot in slots {
             if let Delivery::Queued = self.deliver(slot, msg.clone()) {
@@ -153,7 +153,7 @@ impl Hub {
 
     /// Sends to every member of a room; returns how many got it.
     pub fn send_room(&self, room_id: &str, text: String) -> usize {
-        let msg = Message::text(text);
+        let msg = Utf8Bytes::from(text);
         let st = self.state.read();
         match st.rooms.get(room_id) {
             Some(members) => self.deliver_all(members.values(), &msg),
@@ -163,7 +163,7 @@ impl Hub {
 
     /// Sends to every connected client; returns how many got it.
     pub fn broadcast(&self, text: String) -> usize {
-        let msg = Message::text(text);
+        let msg = Utf8Bytes::from(text);
         let st = self.state.read();
         self.deliver_all(st.clients.values(), &msg)
     }
@@ -185,7 +185,7 @@ impl Hub {
         let st = self.state.read();
         match st.clients.get(client_id) {
             Some(slot) => {
-                let queued = matches!(self.deliver(slot, Message::text(text)), Delivery::Queued);
+                let queued = matches!(self.deliver(slot, Utf8Bytes::from(text)), Delivery::Queued);
                 if queued {
                     incr(&self.counters.deliveries);
                 }
@@ -258,7 +258,7 @@ fn remove_from_room(st: &mut State, slot: &ClientSlot) {
 mod tests {
     use super::*;
 
-    fn slot(conn: u64, id: &str, room: &str, cap: usize) -> (Arc<ClientSlot>, mpsc::Receiver<Message>) {
+    fn slot(conn: u64, id: &str, room: &str, cap: usize) -> (Arc<ClientSlot>, mpsc::Receiver<Utf8Bytes>) {
         let (tx, rx) = mpsc::channel(cap);
         (Arc::new(ClientSlot::new(conn, id.into(), room.into(), "{}".into(), tx)), rx)
     }
@@ -276,11 +276,11 @@ mod tests {
         assert!(hub.send_to("c", "private".into()));
         assert!(!hub.send_to("nobody", "x".into()));
         assert_eq!(hub.broadcast("all".into()), 3);
-        assert_eq!(ra.recv().await.unwrap(), Message::text("room"));
-        assert_eq!(rb.recv().await.unwrap(), Message::text("room"));
-        assert_eq!(rc.recv().await.unwrap(), Message::text("private"));
+        assert_eq!(ra.recv().await.unwrap(), Utf8Bytes::from_static("room"));
+        assert_eq!(rb.recv().await.unwrap(), Utf8Bytes::from_static("room"));
+        assert_eq!(rc.recv().await.unwrap(), Utf8Bytes::from_static("private"));
         for r in [&mut ra, &mut rb, &mut rc] {
-            assert_eq!(r.recv().await.unwrap(), Message::text("all"));
+            assert_eq!(r.recv().await.unwrap(), Utf8Bytes::from_static("all"));
         }
         assert_eq!(hub.counters.no_route.load(Ordering::Relaxed), 1);
         assert!(hub.unregister(&a));
@@ -299,8 +299,8 @@ mod tests {
         hub.send_room("r", "1".into());
         hub.send_room("r", "2".into());
         assert_eq!(slow.kicked().await, CLOSE_SLOW_CONSUMER);
-        assert_eq!(rf.recv().await.unwrap(), Message::text("1"));
-        assert_eq!(rf.recv().await.unwrap(), Message::text("2"));
+        assert_eq!(rf.recv().await.unwrap(), Utf8Bytes::from_static("1"));
+        assert_eq!(rf.recv().await.unwrap(), Utf8Bytes::from_static("2"));
         assert_eq!(hub.counters.slow_clients_closed.load(Ordering::Relaxed), 1);
     }
 
@@ -347,6 +347,6 @@ mod tests {
         assert!(!hub.unregister(&old), "the replaced connection must not unregister the new one");
         assert_eq!(hub.room_size("r"), 1);
         assert!(hub.send_to("dup", "hi".into()));
-        assert_eq!(r2.recv().await.unwrap(), Message::text("hi"));
+        assert_eq!(r2.recv().await.unwrap(), Utf8Bytes::from_static("hi"));
     }
 }

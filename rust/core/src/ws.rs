@@ -26,7 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 /// Per-connection read buffer (tungstenite allocates it eagerly; its default is 128 KiB).
@@ -77,7 +78,7 @@ async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
-type Accepted = (WebSocketStream<TcpStream>, Arc<ClientSlot>, mpsc::Receiver<Message>);
+type Accepted = (WebSocketStream<TcpStream>, Arc<ClientSlot>, mpsc::Receiver<Utf8Bytes>);
 
 /// Reads the upgrade request, asks a backend, and either refuses with an HTTP status or upgrades
 /// and registers the client (announcing it to its backend).
@@ -179,6 +180,8 @@ fn read_error(e: &WsError, max: usize) -> End {
     match e {
         WsError::Capacity(_) => End::Close(1009, "message too big", Some(format!("message too big (max_message_size={max})"))),
         WsError::Utf8(_) => End::Close(1007, "invalid UTF-8", Some("invalid UTF-8 in a text message".into())),
+        // A client that vanished without a close frame (tab killed, network lost) just left.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
         WsError::Protocol(p) => End::Close(1002, "protocol error", Some(format!("WebSocket protocol error: {p}"))),
         _ => End::Gone,
     }
@@ -186,7 +189,7 @@ fn read_error(e: &WsError, max: usize) -> End {
 
 /// Serves an upgraded connection; returns an error text for the backend if the broker closed it
 /// because of something the client did.
-async fn run(mut ws: WebSocketStream<TcpStream>, slot: &ClientSlot, mut rx: mpsc::Receiver<Message>, shared: &Shared) -> Option<String> {
+async fn run(mut ws: WebSocketStream<TcpStream>, slot: &ClientSlot, mut rx: mpsc::Receiver<Utf8Bytes>, shared: &Shared) -> Option<String> {
     let max = shared.cfg.max_message_size;
     let ping_every = shared.cfg.ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every.max(Duration::from_millis(1)), ping_every.max(Duration::from_millis(1)));
@@ -271,11 +274,11 @@ fn forward(shared: &Shared, slot: &ClientSlot, text: &str) {
     let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false });
 }
 
-async fn write_batch(ws: &mut WebSocketStream<TcpStream>, first: Message, rx: &mut mpsc::Receiver<Message>) -> Result<(), WsError> {
-    ws.feed(first).await?;
+async fn write_batch(ws: &mut WebSocketStream<TcpStream>, first: Utf8Bytes, rx: &mut mpsc::Receiver<Utf8Bytes>) -> Result<(), WsError> {
+    ws.feed(Message::Text(first)).await?;
     for _ in 1..WRITE_BATCH {
         match rx.try_recv() {
-            Ok(m) => ws.feed(m).await?,
+            Ok(m) => ws.feed(Message::Text(m)).await?,
             Err(_) => break,
         }
     }
