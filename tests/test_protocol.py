@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import uuid
 
 import pytest
 
@@ -173,20 +174,19 @@ def test_decode_all_event_kinds() -> None:
     ev5 = p.decode_event(_line({"request_id": "5", "action": "error", "params": {"error": "no ctx"}}))
     assert isinstance(ev5, p.ErrorEvent) and ev5.context == Context()
 
-    req = p.decode_event(
-        _line(
-            {
-                "request_id": "abc",
-                "action": "connection_request",
-                "params": {
-                    "headers": {"X-Token": ["secret"], "Sec-Websocket-Key": ["k"]},
-                    "url": "/ws/chat",
-                    "remote_addr": "1.2.3.4:5",
-                    "query": "a=1",
-                },
-            }
-        )
+    request_line = _line(
+        {
+            "request_id": "abc",
+            "action": "connection_request",
+            "params": {
+                "headers": {"X-Token": ["secret"], "Sec-Websocket-Key": ["k"]},
+                "url": "/ws/chat",
+                "remote_addr": "1.2.3.4:5",
+                "query": "a=1",
+            },
+        }
     )
+    req = p.decode_event(request_line)
     assert isinstance(req, p.ConnectionRequest)
     assert req.key is None and req.request_id == "abc"
     r = req.request
@@ -194,7 +194,11 @@ def test_decode_all_event_kinds() -> None:
     assert r.headers.get("x-token") == ["secret"]
     assert r.accepted is True
     assert r.context.room_id == "/ws/chat" and r.context.metadata == {}
-    assert len(r.context.client_id) == 36  # uuid4
+    default_id = uuid.UUID(r.context.client_id)  # a random version-4 UUID, in the canonical form
+    assert default_id.version == 4 and default_id.variant == uuid.RFC_4122
+    assert str(default_id) == r.context.client_id
+    others = {p.decode_event(request_line).request.context.client_id for _ in range(1000)}  # type: ignore[union-attr]
+    assert len(others) == 1000 and r.context.client_id not in others
 
 
 def test_decode_metadata_is_kept_exactly() -> None:

@@ -20,7 +20,7 @@ JSON form.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -34,6 +34,16 @@ def _as_str(value: Any, default: str = "") -> str:
     if value is None:
         return default
     return str(value)
+
+
+def new_client_id() -> str:
+    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` gives, from the same
+    source (``os.urandom``) at a fraction of the cost."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Headers(MutableMapping[str, list[str]]):
@@ -62,7 +72,9 @@ class Headers(MutableMapping[str, list[str]]):
         if data is None:
             return
         items: Iterable[tuple[str, Any]]
-        if isinstance(data, Headers):
+        if type(data) is dict:  # checked first: isinstance() against the ABCs is slow
+            items = data.items()
+        elif isinstance(data, Headers):
             items = [(name, list(values)) for name, values in data.items()]
         elif isinstance(data, Mapping):
             items = data.items()
@@ -70,12 +82,21 @@ class Headers(MutableMapping[str, list[str]]):
             items = data
         store = self._store
         for name, value in items:
-            name = _as_str(name)
-            key = name.lower()
-            if key in store:  # same header in another case: merge the values
-                store[key][1].extend(self._values(value))
+            if (
+                type(name) is str
+                and type(value) is list
+                and all(type(v) is str for v in value)
+            ):
+                values = value.copy()  # the wire form: taken as is (fast path)
             else:
-                store[key] = (name, self._values(value))
+                name = _as_str(name)
+                values = self._values(value)
+            key = name.lower()
+            entry = store.get(key)
+            if entry is not None:  # same header in another case: merge the values
+                entry[1].extend(values)
+            else:
+                store[key] = (name, values)
 
     @staticmethod
     def _values(value: Any) -> list[str]:
@@ -276,11 +297,11 @@ class ConnectionRequestContext:
         **_ignored: Any,
     ) -> None:
         """Create a request context; unknown keyword arguments are ignored."""
-        self.headers: Headers = headers if isinstance(headers, Headers) else Headers(headers)
+        self.headers: Headers = headers if type(headers) is Headers else Headers(headers)
         self.url: str = _as_str(url)
         self.remote_addr: str = _as_str(remote_addr)
         if context is None:
-            context = Context(client_id=str(uuid.uuid4()), room_id=self.url, metadata={})
+            context = Context(client_id=new_client_id(), room_id=self.url, metadata={})
         self.context: Context = Context.from_json(context)
         self.accepted: bool = True if accepted is None else bool(accepted)
         self.query: str = _as_str(query)
