@@ -508,6 +508,12 @@ def provisional(r: dict) -> str:
     return " ⚠" if max(la) > PROVISIONAL_LOAD else ""
 
 
+def backend_us_per_msg(r: dict) -> float | None:
+    """CPU time of the backend process per message of the run (None without a backend)."""
+    cores, rate = (r.get("cpu_cores") or {}).get("backend"), r.get("msgs_per_sec")
+    return cores / rate * 1e6 if cores and rate else None
+
+
 def write_summary(data: dict, path: Path) -> None:
     m, cfg, res = data["machine"], data["settings"], data["results"]
     L: list[str] = []
@@ -531,11 +537,14 @@ def write_summary(data: dict, path: Path) -> None:
     if "echo" in res:
         c = cfg["echo"]
         L.append(f"\n## W1 echo round trip ({c['clients']} clients ping-pong, {c['size']} B, {c['seconds']} s)\n")
-        L.append("| system | msg/s | p50 ms | p99 ms | p99.9 ms | errors | CPU cores: load gen / server / backend / irq / others |")
-        L.append("|---|---:|---:|---:|---:|---:|---|")
+        L.append("Backend µs/msg = the backend process's CPU time per echoed message: the client library's own cost, "
+                 "whatever limits the throughput.\n")
+        L.append("| system | msg/s | p50 ms | p99 ms | p99.9 ms | errors | backend µs/msg | CPU cores: load gen / server / backend / irq / others |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---|")
         for name, r in rows("echo"):
             la = lat(r)
-            L.append(f"| {name} | {r['msgs_per_sec']:,.0f}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {fmt_ms(la.get('p999'))} | {r['errors']['count']} | {cpu(r)} |")
+            per = backend_us_per_msg(r)
+            L.append(f"| {name} | {r['msgs_per_sec']:,.0f}{provisional(r)} | {fmt_ms(la.get('p50'))} | {fmt_ms(la.get('p99'))} | {fmt_ms(la.get('p999'))} | {r['errors']['count']} | {'-' if per is None else f'{per:.1f}'} | {cpu(r)} |")
     for mode in ("fixed", "max"):
         key = f"fanout_{mode}"
         if key not in res:
@@ -589,6 +598,11 @@ def write_summary(data: dict, path: Path) -> None:
             L.append(f"| {t['what']} | not measured ({t['why']}) | - |")
         else:
             L.append(f"| {t['what']} | {t['ratio']:.2f}x ({t['detail']}){' ⚠ provisional' if t.get('provisional') else ''} | {'yes' if t['met'] else '**no**'} |")
+    ours, v1 = (res.get("echo", {}).get(k, {}).get("median") for k in ("pystrands", "pystrands+v1-client"))
+    if ours and v1 and backend_us_per_msg(ours) and backend_us_per_msg(v1):
+        a, b = backend_us_per_msg(ours), backend_us_per_msg(v1)
+        L.append(f"\nClient-side cost in W1 (not a target, the measure behind the 4x one): the PyStrands 1.0 async client "
+                 f"spends {b:.1f} µs of CPU per echoed message, ours {a:.1f} µs: {b / a:.2f}x less.\n")
     L.append("\nPlots: `throughput.png`, `latency.png`, `rss.png` beside this file. Raw runs: `<workload>.json`.\n")
     path.write_text("\n".join(L) + "\n")
 
@@ -721,6 +735,19 @@ def plots(data: dict) -> list[str]:
     return made
 
 
+def resummarize(results: Path) -> None:
+    """Rebuilds summary.md and the plots of a finished run from run.json and <workload>.json."""
+    data = json.loads((results / "run.json").read_text())
+    data["results"] = {f.stem: json.loads(f.read_text())["results"] for f in sorted(results.glob("*.json"))
+                       if f.stem in {"echo", "fanout_fixed", "fanout_max", "idle", "connect", "broadcast"}}
+    data["targets"] = targets(data["results"])
+    global RESULTS
+    RESULTS = results
+    plots(data)
+    write_summary(data, results / "summary.md")
+    print((results / "summary.md").read_text())
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -735,7 +762,11 @@ def main() -> None:
     ap.add_argument("--loadgen-threads", type=int, default=1, help="threads of the load generator (default 1; more only pays on more than 2 cores)")
     ap.add_argument("--no-build", action="store_true", help="don't create venvs or build; use what is there")
     ap.add_argument("--out", help="results directory (default benches/results, with --quick benches/results/quick)")
+    ap.add_argument("--summary-only", action="store_true", help="rewrite summary.md and the plots from the results directory's JSON; run nothing")
     args = ap.parse_args()
+    if args.summary_only:
+        resummarize(Path(args.out) if args.out else (RESULTS / "quick" if args.quick else RESULTS))
+        return
 
     problems = ensure_env(args.no_build)
     # Plots need matplotlib from the bench venv: continue under that interpreter.
