@@ -196,6 +196,10 @@ async fn run(mut ws: WebSocketStream<TcpStream>, slot: &ClientSlot, mut rx: mpsc
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut bucket = TokenBucket::new(shared.cfg.client_rate_limit, shared.cfg.rate_burst());
+    // One wait for a kick for the whole connection: registering a fresh waiter on every turn
+    // of the loop cost two locked list operations per message.
+    let kick = slot.kicked();
+    tokio::pin!(kick);
 
     let end = loop {
         tokio::select! {
@@ -233,10 +237,10 @@ async fn run(mut ws: WebSocketStream<TcpStream>, slot: &ClientSlot, mut rx: mpsc
                 let Some(msg) = msg else { break End::Gone };
                 tokio::select! {
                     r = write_batch(&mut ws, msg, &mut rx) => if r.is_err() { break End::Gone },
-                    code = slot.kicked() => break kicked(code),
+                    code = &mut kick => break kicked(code),
                 }
             }
-            code = slot.kicked() => break kicked(code),
+            code = &mut kick => break kicked(code),
             _ = ping.tick(), if !ping_every.is_zero() => {
                 if last_heard.elapsed() > ping_every * 2 {
                     break End::Close(CLOSE_IDLE, "no pong", Some("client stopped answering pings".into()));
