@@ -39,7 +39,7 @@ import logging
 import threading
 import types
 from collections import deque
-from collections.abc import Awaitable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 from ._protocol import (
@@ -83,7 +83,7 @@ class _Run:
     """One dispatcher task's state: the key of the event it is handling, and
     whether that event's handler suspended and took the task over."""
 
-    __slots__ = ("key", "handed_off")
+    __slots__ = ("handed_off", "key")
 
     def __init__(self) -> None:
         self.key: str | None = None
@@ -111,14 +111,7 @@ def _watched(
         return stop.value
     if run is not None and not run.handed_off:
         client._hand_off(run)
-    return (yield from _resumed(it, pending))
-
-
-@types.coroutine
-def _resumed(it: Any, pending: Any) -> Generator[Any, Any, Any]:
-    """Continue awaiting ``it`` (a coroutine or ``__await__`` iterator) that already
-    yielded ``pending`` to the event loop, as a plain ``await`` would."""
-    while True:
+    while True:  # from here on, exactly what a plain ``await`` would do
         try:
             value = yield pending
         except GeneratorExit:
@@ -126,7 +119,7 @@ def _resumed(it: Any, pending: Any) -> Generator[Any, Any, Any]:
             if close is not None:
                 close()
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaited coroutine (cancellation included)
             try:
                 pending = it.throw(exc)
             except StopIteration as stop:
@@ -809,23 +802,7 @@ class AsyncPyStrandsClient:
                         continue
                 run.key = key
                 try:
-                    if type(event) is NewMessage:  # the hot path, without a coroutine of its own
-                        try:
-                            result = self.on_message(event.message, event.context)  # type: ignore[attr-defined]
-                            if type(result) is types.CoroutineType:
-                                try:  # its first step, inline (usually all of it)
-                                    waiting = result.send(None)
-                                except StopIteration:
-                                    pass
-                                else:
-                                    self._hand_off(run)
-                                    await _resumed(result, waiting)
-                            elif result is not None and _is_awaitable(result):
-                                await _watched(self, result, run)
-                        except Exception as exc:
-                            await self._handler_failed("on_message", exc, event.context, run)  # type: ignore[attr-defined]
-                    else:
-                        await handle(conn, event, run)
+                    await handle(conn, event, run)
                     if event.seq:  # handled (returned or raised); not when cancelled
                         conn.complete(event.seq)
                 finally:
@@ -873,36 +850,33 @@ class AsyncPyStrandsClient:
         return await _watched(self, result, run)
 
     async def _handle(self, conn: _AsyncConnection, event: Event, run: _Run | None) -> None:
-        cls = type(event)
-        if cls is NewMessage:
-            assert isinstance(event, NewMessage)
-            try:
-                result = self.on_message(event.message, event.context)
-                if result is not None and _is_awaitable(result):
-                    await _watched(self, result, run)
-            except Exception as exc:
-                await self._handler_failed("on_message", exc, event.context, run)
-        elif cls is NewConnection:
-            assert isinstance(event, NewConnection)
-            try:
-                await self._call(self.on_new_connection(event.context), run)
-            except Exception as exc:
-                await self._handler_failed("on_new_connection", exc, event.context, run)
-        elif cls is Disconnected:
-            assert isinstance(event, Disconnected)
-            try:
-                await self._call(self.on_disconnect(event.context), run)
-            except Exception as exc:
-                await self._handler_failed("on_disconnect", exc, event.context, run)
-        elif cls is ErrorEvent:
-            assert isinstance(event, ErrorEvent)
-            try:
-                await self._call(self.on_error(event.error, event.context), run)
-            except Exception:
-                logger.exception("on_error raised")
-        elif cls is ConnectionRequest:
-            assert isinstance(event, ConnectionRequest)
+        """Run the callback for ``event``; an exception goes to :meth:`_handler_failed`."""
+        if isinstance(event, ConnectionRequest):
             await self._decide(conn, event, run)
+            return
+        context: Context = event.context  # type: ignore[attr-defined]
+        cls = type(event)
+        call: Callable[..., Any]
+        args: tuple[Any, ...]
+        if cls is NewMessage:
+            name, call, args = "on_message", self.on_message, (event.message, context)  # type: ignore[attr-defined]
+        elif cls is NewConnection:
+            name, call, args = "on_new_connection", self.on_new_connection, (context,)
+        elif cls is Disconnected:
+            name, call, args = "on_disconnect", self.on_disconnect, (context,)
+        elif cls is ErrorEvent:
+            name, call, args = "on_error", self.on_error, (event.error, context)  # type: ignore[attr-defined]
+        else:  # pragma: no cover - control events never get here
+            return
+        try:
+            result = call(*args)
+            if result is not None and _is_awaitable(result):
+                await _watched(self, result, run)
+        except Exception as exc:
+            if cls is ErrorEvent:  # reporting the failure would call on_error again
+                logger.exception("on_error raised")
+            else:
+                await self._handler_failed(name, exc, context, run)
 
     async def _decide(self, conn: _AsyncConnection, event: ConnectionRequest, run: _Run | None) -> None:
         request = event.request
