@@ -201,6 +201,27 @@ def test_decode_all_event_kinds() -> None:
     assert len(others) == 1000 and r.context.client_id not in others
 
 
+def test_decoded_request_headers_behave_like_constructed_ones() -> None:
+    """Headers of a decoded request: same view, reads, replacement and JSON form as a
+    request built by hand, including values that are not lists of strings."""
+    wire = {"X-Token": ["secret"], "x-token": ["again"], "Num": 5, "Many": ["a", 1], "None": None}
+    req = p.decode_event(
+        _line({"request_id": "r", "action": "connection_request", "params": {"headers": wire, "url": "/u", "remote_addr": "a:1"}})
+    )
+    assert isinstance(req, p.ConnectionRequest)
+    r = req.request
+    by_hand = ConnectionRequestContext(headers=wire, url="/u", remote_addr="a:1")
+    assert r.headers == by_hand.headers
+    assert r.headers is r.headers  # one view: changes through it stay
+    assert r.headers["X-TOKEN"] == ["secret", "again"] and r.headers["num"] == ["5"] and r.headers["many"] == ["a", "1"]
+    r.headers["X-Extra"] = "1"
+    assert r.to_json()["headers"]["X-Extra"] == ["1"]
+    r.headers = {"Only": ["this"]}
+    assert dict(r.headers) == {"Only": ["this"]} and r.to_json()["headers"] == {"Only": ["this"]}
+    empty = p.decode_event(_line({"request_id": "e", "action": "connection_request", "params": {"url": "/u"}}))
+    assert isinstance(empty, p.ConnectionRequest) and len(empty.request.headers) == 0
+
+
 def test_decode_metadata_is_kept_exactly() -> None:
     meta = {"user": {"id": 7, "roles": ["a", "b"]}, "x": None}
     ev = p.decode_event(

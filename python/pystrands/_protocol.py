@@ -623,13 +623,7 @@ def decode_event(line: bytes | bytearray) -> Event | None:
         ):
             logger.warning("Skipping a malformed connection_request: %s", _snippet(line))
             return None
-        try:
-            request = ConnectionRequestContext(
-                headers=headers, url=url, remote_addr=remote_addr, query=query or ""
-            )
-        except Exception as exc:  # defensive: odd header values
-            logger.warning("Skipping a malformed connection_request (%s): %s", exc, _snippet(line))
-            return None
+        request = ConnectionRequestContext._from_wire(headers, url, remote_addr, query or "")
         # connection requests carry no seq (the spec): one that does is not acknowledged
         return ConnectionRequest(request_id, request)
     elif action == "new_connection":
