@@ -295,7 +295,7 @@ def settings(quick: bool) -> dict:
         "fanout": {"clients": 1000, "seconds": 8, "warmup": 2.0, "size": 64, "rate": 50, "window": 16, "drain": 10.0},
         # 19,800 not 20,000: this machine's hard limit of open files per process is 20,000
         "idle": {"sizes": [2000, 10000, 19800], "hold": 3.0},
-        "connect": {"clients": 2000, "concurrency": 50, "runs": 5},  # a storm lasts 0.1-3 s: more runs
+        "connect": {"clients": 2000, "concurrency": 50, "runs": 9},  # a storm lasts 0.1-3 s: more runs
         "broadcast": {"clients": 10000, "triggers": 20, "gap_ms": 100},
     }
 
@@ -308,6 +308,18 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def settle(run: "Running", deadline: float = 10.0, window: float = 0.2, busy: float = 0.1) -> None:
+    """Wait (at most `deadline` s) until the system's processes are idle: below `busy` cores over
+    `window` s. After a run a server may still be closing its clients, and with the systems
+    taking turns that work must not land in the next system's measurement."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        c0 = sum(cpu_seconds(pid) for pid in run.rss_pids.values())
+        time.sleep(window)
+        if sum(cpu_seconds(pid) for pid in run.rss_pids.values()) - c0 < busy * window:
+            return
 
 
 def machine_busy_seconds() -> tuple[float, float]:
@@ -523,6 +535,8 @@ def write_summary(data: dict, path: Path) -> None:
              f"Linux {m['kernel']}, Python {m['python']}, {m['rustc']}; 1-minute load average at start {data['load_start']}, "
              f"at end {data['load_end']} (the benchmark itself keeps it near 2). Median of {cfg['runs']} run(s) per system "
              f"(W4: {cfg['connect'].get('runs', cfg['runs'])}), taken among the runs other processes did not disturb when there is one. "
+             f"The systems of a workload (except W3) are all started and take turns, one run each in a rotating order, "
+             f"so a slow spell of the machine hits all of them; W4 starts with one unrecorded storm per system. "
              f"⚠ marks a provisional number: other processes on the machine (not the load generator, server or backend) used more "
              f"than {PROVISIONAL_OTHERS} cores during that measurement.\n")
     peers = ", ".join(f"{k} {v}" for k, v in m["peers"].items())
@@ -804,10 +818,10 @@ def main() -> None:
     res = data["results"]
     log(f"systems: {', '.join(s.name for s in chosen)}; workloads: {', '.join(workloads)}; runs: {cfg['runs']}")
     for workload in workloads:
-        for system in chosen:
-            if workload not in system.workloads:
-                continue
-            if workload == "idle":
+        if workload == "idle":  # one system at a time: RSS growth of a lone server
+            for system in chosen:
+                if workload not in system.workloads:
+                    continue
                 for n in cfg["idle"]["sizes"]:
                     entry = res.setdefault("idle", {}).setdefault(system.name, {})
                     run = None
@@ -822,38 +836,63 @@ def main() -> None:
                     finally:
                         if run:
                             run.stop()
-                continue
-            modes = ["fixed", "max"] if workload == "fanout" else [""]
-            run = None
-            try:
-                run = system.start(logdir, args.socketio_server)
-                for mode in modes:
-                    key = f"{workload}_{mode}" if mode else workload
-                    entry = res.setdefault(key, {}).setdefault(system.name, {"runs": []})
-                    for i in range(cfg[workload].get("runs", cfg["runs"]) if not args.runs else cfg["runs"]):
+            continue
+        # The systems of one workload run side by side and take turns, one run each in a
+        # rotating order: a slow spell of the machine then hits every system, not just one,
+        # and the ratios between them hold better than the absolute numbers.
+        contenders = [s for s in chosen if workload in s.workloads]
+        modes = ["fixed", "max"] if workload == "fanout" else [""]
+        started: dict[str, Running] = {}
+        try:
+            for system in contenders:
+                try:
+                    started[system.name] = system.start(logdir, args.socketio_server)
+                except Exception as e:
+                    log(f"{workload} {system.name}: FAILED {e}")
+                    for mode in modes:
+                        key = f"{workload}_{mode}" if mode else workload
+                        res.setdefault(key, {}).setdefault(system.name, {"runs": []})["failed"] = str(e)[:500]
+            if workload == "connect":  # an unrecorded storm first: the first one also warms up allocators
+                for system in contenders:
+                    if system.name in started:
                         try:
+                            measure(workload, "", started[system.name], cfg)
+                        except Exception as e:
+                            log(f"connect warm-up {system.name}: {e}")
+                        settle(started[system.name])
+            for mode in modes:
+                key = f"{workload}_{mode}" if mode else workload
+                n_runs = cfg[workload].get("runs", cfg["runs"]) if not args.runs else cfg["runs"]
+                order = [s for s in contenders if s.name in started]
+                for i in range(n_runs):
+                    for system in order[i % len(order):] + order[:i % len(order)] if order else []:
+                        run = started[system.name]
+                        entry = res.setdefault(key, {}).setdefault(system.name, {"runs": []})
+                        if "failed" in entry:
+                            continue
+                        try:
+                            run.check()
                             r = measure(workload, mode, run, cfg)
                         except Exception as e:
                             entry["runs"].append({"failed": str(e)[:500]})
                             log(f"{key} {system.name} run {i}: FAILED {e}")
-                            run.check()
+                            try:
+                                run.check()
+                            except Exception as dead:  # the system is gone: no more runs for it
+                                entry["failed"] = str(dead)[:500]
                             continue
                         entry["runs"].append(r)
                         m = metric(workload, r)
                         log(f"{key} {system.name} run {i}: {MAIN_METRIC[workload][0][-1]} {m if m is not None else '-'}"
                             f"{' p99 ' + fmt_ms(r['latency_us'].get('p99')) + ' ms' if 'latency_us' in r else ''}"
                             f" errors {r.get('errors', {}).get('count')} cpu {r.get('cpu_cores')}")
-                        if workload == "connect":
-                            time.sleep(1.0)  # let the server see the previous storm's disconnects
+                        settle(run)  # e.g. the previous storm's disconnects
+                for system in order:
+                    entry = res.setdefault(key, {}).setdefault(system.name, {"runs": []})
                     entry["median"] = median_run(workload, [r for r in entry["runs"] if "failed" not in r])
-            except Exception as e:
-                log(f"{workload} {system.name}: FAILED {e}")
-                for mode in modes:
-                    key = f"{workload}_{mode}" if mode else workload
-                    res.setdefault(key, {}).setdefault(system.name, {"runs": []})["failed"] = str(e)[:500]
-            finally:
-                if run:
-                    run.stop()
+        finally:
+            for run in started.values():
+                run.stop()
         # progress, in case the run is interrupted; the result files are only replaced at the end
         (logdir / "partial.json").write_text(json.dumps(data, indent=1))
     data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
