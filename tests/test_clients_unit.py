@@ -645,8 +645,18 @@ def test_async_connection_requests(broker: FakeBroker) -> None:
             def raises(r: ConnectionRequestContext) -> bool:
                 raise RuntimeError("auth backend down")
 
+            async def async_set_ctx(r: ConnectionRequestContext) -> bool:
+                await asyncio.sleep(0)
+                return set_ctx(r)
+
+            async def async_raises(r: ConnectionRequestContext) -> bool:
+                await asyncio.sleep(0)
+                raise RuntimeError("token check failed")
+
             cases = [
                 (set_ctx, {"accepted": True, "client_id": "bob", "room_id": "chat", "metadata": {"user": "secret"}}),
+                (async_set_ctx, {"accepted": True, "client_id": "bob", "room_id": "chat", "metadata": {"user": "secret"}}),
+                (async_raises, {"accepted": False}),
                 (async_reject, {"accepted": False}),
                 (lambda r: setattr(r, "accepted", False), {"accepted": False}),
                 (lambda r: None, {"accepted": True}),
@@ -660,8 +670,9 @@ def test_async_connection_requests(broker: FakeBroker) -> None:
                 for key, value in expected.items():
                     assert resp["params"][key] == value
             assert resp["params"] == {"accepted": False}  # exception: bare rejection
-            events = await c.wait_events(6)
-            assert events[-1][:2] == ("error", "auth backend down")
+            events = await c.wait_events(9)
+            errors = [e[1] for e in events if e[0] == "error"]
+            assert errors == ["token check failed", "auth backend down"]
         finally:
             await c.disconnect()
 

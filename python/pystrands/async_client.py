@@ -39,7 +39,7 @@ import logging
 import threading
 import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 from ._protocol import (
@@ -95,23 +95,10 @@ def _is_awaitable(value: Any) -> bool:
 
 
 @types.coroutine
-def _watched(
-    client: AsyncPyStrandsClient, awaitable: Awaitable[Any], run: _Run | None
-) -> Generator[Any, Any, Any]:
-    """Await a handler's result; at its first real suspension, hand the task to it.
-
-    Equivalent to ``await awaitable``, except that when the awaitable first yields
-    to the event loop while a dispatcher (``run``) is running it,
-    :meth:`AsyncPyStrandsClient._hand_off` is called before the task suspends.
-    """
-    it: Any = awaitable if type(awaitable) is types.CoroutineType else awaitable.__await__()
-    try:
-        pending = it.send(None)
-    except StopIteration as stop:
-        return stop.value
-    if run is not None and not run.handed_off:
-        client._hand_off(run)
-    while True:  # from here on, exactly what a plain ``await`` would do
+def _resume(it: Any, pending: Any) -> Generator[Any, Any, Any]:
+    """Go on awaiting the iterator ``it`` of an awaitable that already yielded
+    ``pending`` to the event loop: from there on, exactly what ``await`` does."""
+    while True:
         try:
             value = yield pending
         except GeneratorExit:
@@ -129,6 +116,28 @@ def _watched(
                 pending = it.send(value)
             except StopIteration as stop:
                 return stop.value
+
+
+@types.coroutine
+def _watched(
+    client: AsyncPyStrandsClient, awaitable: Awaitable[Any], run: _Run | None
+) -> Generator[Any, Any, Any]:
+    """Await a handler's result; at its first real suspension, hand the task to it.
+
+    Equivalent to ``await awaitable``, except that when the awaitable first yields
+    to the event loop while a dispatcher (``run``) is running it,
+    :meth:`AsyncPyStrandsClient._hand_off` is called before the task suspends.
+    """
+    it: Any = awaitable if type(awaitable) is types.CoroutineType else awaitable.__await__()
+    try:
+        pending = it.send(None)
+    except StopIteration as stop:
+        return stop.value
+    if run is not None and not run.handed_off:
+        client._hand_off(run)
+    return (yield from _resume(it, pending))
+
+
 _FLUSH_NOW_BYTES = 256 * 1024  # coalesced bytes that trigger an immediate write
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
 _WRITE_LOW_WATER = 1024 * 1024
@@ -789,7 +798,7 @@ class AsyncPyStrandsClient:
         """
         ready = self._ready
         queues = self._queues
-        handle = self._handle
+        begin = self._begin
         budget = _FAIRNESS_BATCH
         try:
             while ready and not self._abandoned:
@@ -802,7 +811,9 @@ class AsyncPyStrandsClient:
                         continue
                 run.key = key
                 try:
-                    await handle(conn, event, run)
+                    rest = begin(conn, event, run)
+                    if rest is not None:
+                        await rest
                     if event.seq:  # handled (returned or raised); not when cancelled
                         conn.complete(event.seq)
                 finally:
@@ -825,13 +836,15 @@ class AsyncPyStrandsClient:
         dq = self._queues.get(key)
         if dq is None:
             return
-        handle = self._handle
+        begin = self._begin
         budget = _FAIRNESS_BATCH
         try:
             while dq and not self._abandoned:
                 conn, event = dq.popleft()
                 try:
-                    await handle(conn, event, None)
+                    rest = begin(conn, event, None)
+                    if rest is not None:
+                        await rest
                     if event.seq:
                         conn.complete(event.seq)
                 finally:
@@ -849,44 +862,76 @@ class AsyncPyStrandsClient:
             return result
         return await _watched(self, result, run)
 
-    async def _handle(self, conn: _AsyncConnection, event: Event, run: _Run | None) -> None:
-        """Run the callback for ``event``; an exception goes to :meth:`_handler_failed`."""
-        if isinstance(event, ConnectionRequest):
-            await self._decide(conn, event, run)
-            return
-        context: Context = event.context  # type: ignore[attr-defined]
+    def _begin(
+        self, conn: _AsyncConnection, event: Event, run: _Run | None
+    ) -> Coroutine[Any, Any, None] | None:
+        """Run the callback for ``event`` up to its first real wait, right here.
+
+        Returns ``None`` when it is done (the common case: a handler that only
+        queues sends finishes without waiting), else the coroutine that finishes
+        it, for the caller to await in the same task. A callback that waits hands
+        the dispatcher's task over first (:meth:`_hand_off`). The reply to a
+        connection request is written as soon as it is decided; an exception goes
+        to :meth:`_handler_failed`.
+        """
         cls = type(event)
         call: Callable[..., Any]
         args: tuple[Any, ...]
         if cls is NewMessage:
-            name, call, args = "on_message", self.on_message, (event.message, context)  # type: ignore[attr-defined]
+            name, call, args = "on_message", self.on_message, (event.message, event.context)  # type: ignore[attr-defined]
+        elif cls is ConnectionRequest:
+            name, call, args = "on_connection_request", self.on_connection_request, (event.request,)  # type: ignore[attr-defined]
         elif cls is NewConnection:
-            name, call, args = "on_new_connection", self.on_new_connection, (context,)
+            name, call, args = "on_new_connection", self.on_new_connection, (event.context,)  # type: ignore[attr-defined]
         elif cls is Disconnected:
-            name, call, args = "on_disconnect", self.on_disconnect, (context,)
+            name, call, args = "on_disconnect", self.on_disconnect, (event.context,)  # type: ignore[attr-defined]
         elif cls is ErrorEvent:
-            name, call, args = "on_error", self.on_error, (event.error, context)  # type: ignore[attr-defined]
+            name, call, args = "on_error", self.on_error, (event.error, event.context)  # type: ignore[attr-defined]
         else:  # pragma: no cover - control events never get here
-            return
+            return None
         try:
             result = call(*args)
             if result is not None and _is_awaitable(result):
-                await _watched(self, result, run)
+                it: Any = result if type(result) is types.CoroutineType else result.__await__()
+                try:
+                    pending = it.send(None)
+                except StopIteration as stop:
+                    result = stop.value
+                else:
+                    if run is not None and not run.handed_off:
+                        self._hand_off(run)
+                    return self._finish(conn, event, name, _resume(it, pending), run)
         except Exception as exc:
-            if cls is ErrorEvent:  # reporting the failure would call on_error again
-                logger.exception("on_error raised")
-            else:
-                await self._handler_failed(name, exc, context, run)
+            return self._failed(conn, event, name, exc, run)
+        if cls is ConnectionRequest:
+            self._reply(conn, response_for(event.request_id, result, event.request))  # type: ignore[attr-defined]
+        return None
 
-    async def _decide(self, conn: _AsyncConnection, event: ConnectionRequest, run: _Run | None) -> None:
-        request = event.request
+    async def _finish(
+        self, conn: _AsyncConnection, event: Event, name: str, rest: Awaitable[Any], run: _Run | None
+    ) -> None:
+        """The rest of a callback that waited (see :meth:`_begin`)."""
         try:
-            result = await self._call(self.on_connection_request(request), run)
+            result = await rest
         except Exception as exc:
-            self._reply(conn, encode_reject(event.request_id))
-            await self._handler_failed("on_connection_request", exc, request.context, run)
+            await self._failed(conn, event, name, exc, run)
             return
-        self._reply(conn, response_for(event.request_id, result, request))
+        if type(event) is ConnectionRequest:
+            self._reply(conn, response_for(event.request_id, result, event.request))
+
+    async def _failed(
+        self, conn: _AsyncConnection, event: Event, name: str, exc: Exception, run: _Run | None
+    ) -> None:
+        """A callback raised: a connection request is rejected, the error is reported."""
+        if type(event) is ConnectionRequest:
+            self._reply(conn, encode_reject(event.request_id))
+            context = event.request.context
+        elif type(event) is ErrorEvent:  # reporting the failure would call on_error again
+            logger.error("on_error raised", exc_info=exc)
+            return
+        else:
+            context = event.context  # type: ignore[attr-defined]
+        await self._handler_failed(name, exc, context, run)
 
     def _reply(self, conn: _AsyncConnection, data: bytes) -> None:
         if not conn.write(data):
