@@ -853,13 +853,12 @@ def main() -> None:
                         key = f"{workload}_{mode}" if mode else workload
                         res.setdefault(key, {}).setdefault(system.name, {"runs": []})["failed"] = str(e)[:500]
             if workload == "connect":  # an unrecorded storm first: the first one also warms up allocators
-                for system in contenders:
-                    if system.name in started:
-                        try:
-                            measure(workload, "", started[system.name], cfg)
-                        except Exception as e:
-                            log(f"connect warm-up {system.name}: {e}")
-                        settle(started[system.name])
+                for run in started.values():
+                    try:
+                        measure(workload, "", run, cfg)
+                    except Exception as e:
+                        log(f"connect warm-up {run.system.name}: {e}")
+                    settle(run)
             for mode in modes:
                 key = f"{workload}_{mode}" if mode else workload
                 n_runs = cfg[workload].get("runs", cfg["runs"]) if not args.runs else cfg["runs"]

@@ -94,6 +94,19 @@ def _is_awaitable(value: Any) -> bool:
     return type(value) is types.CoroutineType or inspect.isawaitable(value)
 
 
+def _first_step(awaitable: Awaitable[Any]) -> tuple[Any, Any]:
+    """Run ``awaitable`` up to its first suspension, right here.
+
+    Returns ``(None, result)`` if it finished, else ``(iterator, yielded)``: what
+    :func:`_resume` needs to go on awaiting it.
+    """
+    it: Any = awaitable if type(awaitable) is types.CoroutineType else awaitable.__await__()
+    try:
+        return it, it.send(None)
+    except StopIteration as stop:
+        return None, stop.value
+
+
 @types.coroutine
 def _resume(it: Any, pending: Any) -> Generator[Any, Any, Any]:
     """Go on awaiting the iterator ``it`` of an awaitable that already yielded
@@ -128,14 +141,11 @@ def _watched(
     to the event loop while a dispatcher (``run``) is running it,
     :meth:`AsyncPyStrandsClient._hand_off` is called before the task suspends.
     """
-    it: Any = awaitable if type(awaitable) is types.CoroutineType else awaitable.__await__()
-    try:
-        pending = it.send(None)
-    except StopIteration as stop:
-        return stop.value
-    if run is not None and not run.handed_off:
-        client._hand_off(run)
-    return (yield from _resume(it, pending))
+    it, value = _first_step(awaitable)
+    if it is None:
+        return value
+    client._hand_off(run)
+    return (yield from _resume(it, value))
 
 
 _FLUSH_NOW_BYTES = 256 * 1024  # coalesced bytes that trigger an immediate write
@@ -757,12 +767,14 @@ class AsyncPyStrandsClient:
         self._dispatcher = run
         self._track(loop.create_task(self._dispatch_ready(run)))
 
-    def _hand_off(self, run: _Run) -> None:
+    def _hand_off(self, run: _Run | None) -> None:
         """The handler being run by dispatcher ``run`` suspended: that task keeps it.
 
         Later events of the same client queue up behind it, and a new task takes
         over the ready events, so a slow handler never stalls other clients.
         """
+        if run is None or run.handed_off:  # not run by a dispatcher, or already handed over
+            return
         run.handed_off = True
         key = run.key
         if key is not None and key not in self._queues:
@@ -892,15 +904,10 @@ class AsyncPyStrandsClient:
         try:
             result = call(*args)
             if result is not None and _is_awaitable(result):
-                it: Any = result if type(result) is types.CoroutineType else result.__await__()
-                try:
-                    pending = it.send(None)
-                except StopIteration as stop:
-                    result = stop.value
-                else:
-                    if run is not None and not run.handed_off:
-                        self._hand_off(run)
-                    return self._finish(conn, event, name, _resume(it, pending), run)
+                it, result = _first_step(result)
+                if it is not None:  # it waits: ``result`` is what it yielded
+                    self._hand_off(run)
+                    return self._finish(conn, event, name, _resume(it, result), run)
         except Exception as exc:
             return self._failed(conn, event, name, exc, run)
         if cls is ConnectionRequest:
