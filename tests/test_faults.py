@@ -458,7 +458,11 @@ def test_fifty_start_stop_cycles_leak_no_threads_or_fds():
         cycle()
     assert threading.active_count() == threads
     assert _fds() <= fds, f"file descriptors grew from {fds} to {_fds()}"
-    assert len(os.listdir("/proc/self/task")) <= native_before, "native threads leaked"
+    # A stopped runtime's last threads may still be exiting when stop() returns: allow them the
+    # deadline to go (a leaked thread stays, and fails this).
+    asyncio.run(
+        wait_for(lambda: len(os.listdir("/proc/self/task")) <= native_before, what="native threads of stopped brokers to exit")
+    )
 
 
 # --- slow consumers ---------------------------------------------------------------------------
