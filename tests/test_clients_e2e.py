@@ -5,6 +5,7 @@ a slow handler does not stall other clients; reconnect after a broker restart.""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
 import threading
 
@@ -17,8 +18,22 @@ from pystrands.testing import running_broker, ws_url
 from v1peer import DEADLINE, wait_for
 
 
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 90))
+# The asyncio client and the decorator app must work on any asyncio event loop; uvloop's
+# transports, for one, do not derive from asyncio's classes.
+NEEDS_UVLOOP = pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed")
+LOOPS = ["asyncio", pytest.param("uvloop", marks=NEEDS_UVLOOP)]
+
+
+def run(coro, loop="asyncio"):
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        if loop == "uvloop":
+            assert type(runner.get_loop()).__module__.startswith("uvloop")
+        return runner.run(asyncio.wait_for(coro, 90))
 
 
 async def recv(ws, timeout=DEADLINE):
@@ -113,7 +128,8 @@ async def exercise(broker, backend_connected, release_slow):
     await wait_for(lambda: broker.stats()["clients"] == 0)
 
 
-def test_async_client_end_to_end():
+@pytest.mark.parametrize("loop", LOOPS)
+def test_async_client_end_to_end(loop):
     async def main():
         with running_broker() as broker:
             client = AsyncChat(host="127.0.0.1", port=broker.tcp_port)
@@ -124,7 +140,7 @@ def test_async_client_end_to_end():
             assert not client.connected
             assert client.errors == []
 
-    run(main())
+    run(main(), loop)
 
 
 class SyncChat(PyStrandsClient):
@@ -176,7 +192,8 @@ def test_sync_client_end_to_end():
     run(main())
 
 
-def test_decorator_app_with_sync_and_async_handlers():
+@pytest.mark.parametrize("loop", LOOPS)
+def test_decorator_app_with_sync_and_async_handlers(loop):
     async def main():
         with running_broker() as broker:
             app = PyStrands(host="127.0.0.1", port=broker.tcp_port)
@@ -219,7 +236,7 @@ def test_decorator_app_with_sync_and_async_handlers():
                 await app.disconnect()
                 await asyncio.wait_for(task, DEADLINE)
 
-    run(main())
+    run(main(), loop)
 
 
 def free_ports(n):
@@ -232,8 +249,9 @@ def free_ports(n):
     return ports
 
 
-@pytest.mark.parametrize("flavour", ["async", "sync"])
-def test_clients_reconnect_after_a_broker_restart(flavour):
+@pytest.mark.parametrize(("flavour", "loop"), [
+    ("async", "asyncio"), ("sync", "asyncio"), pytest.param("async", "uvloop", marks=NEEDS_UVLOOP)])
+def test_clients_reconnect_after_a_broker_restart(flavour, loop):
     async def main():
         ws_port, tcp_port = free_ports(2)
         settings = dict(host="127.0.0.1", ws_port=ws_port, tcp_port=tcp_port, log_level="warn")
@@ -264,4 +282,4 @@ def test_clients_reconnect_after_a_broker_restart(flavour):
             await asyncio.wait_for(runner, DEADLINE)
             broker.stop()
 
-    run(main())
+    run(main(), loop)

@@ -40,7 +40,7 @@ import threading
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
@@ -187,12 +187,13 @@ class _AsyncConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
+        # Not an isinstance check: other event loops' stream transports (uvloop's) implement
+        # the asyncio.Transport interface without deriving from the class.
+        stream = self.transport = cast(asyncio.Transport, transport)
+        stream.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
         if self._hello:
             # The hello goes first on every connection; nobody waits for its answer.
-            transport.write(self._hello)
+            stream.write(self._hello)
             self._hello = b""
 
     def data_received(self, data: bytes) -> None:
