@@ -13,6 +13,7 @@ What it does, all on 127.0.0.1, everything started here and stopped here (proces
    in the summary, not silently left out.
 2. Systems under test, each started on free ports as its own process (group):
    * `pystrands`: our broker (`python -m pystrands server`) + our AsyncPyStrandsClient backend
+   * `pystrands+uvloop`: the same, with the backend on uvloop instead of asyncio's own loop
    * `pystrands+v1-client`: our broker + the PyStrands 1.0 async client (PyPI) as the backend
    * `pystrands+rust-backend`: our broker + a Rust backend (accepting/handling done in Rust)
    * `python-socketio`: python-socketio on aiohttp + uvloop (or uvicorn, `--socketio-server`)
@@ -96,6 +97,10 @@ def ensure_env(skip_build: bool) -> dict[str, str]:
                 subprocess.run([sys.executable, "-m", "venv", str(OUR_VENV)], check=True)
             subprocess.run([str(venv_python(OUR_VENV)), "-m", "pip", "install", "-q", "maturin"], check=True)
             subprocess.run([str(OUR_VENV / "bin" / "maturin"), "develop", "--release"], cwd=ROOT, env=env)
+        if venv_python(OUR_VENV).exists() and not _imports(OUR_VENV, "uvloop"):
+            log(f"installing uvloop into {OUR_VENV} (the pystrands+uvloop backend), the version the bench venv pins")
+            pin = next((line.strip() for line in req.read_text().splitlines() if line.startswith("uvloop")), "uvloop")
+            subprocess.run([str(venv_python(OUR_VENV)), "-m", "pip", "install", "-q", pin])
         log("cargo build --release -p pystrands-loadgen")
         if subprocess.run(["cargo", "build", "--release", "-q", "-p", "pystrands-loadgen"], cwd=ROOT, env=env).returncode != 0:
             sys.exit("building the load generator failed")
@@ -107,6 +112,8 @@ def ensure_env(skip_build: bool) -> dict[str, str]:
         problems["pystrands 1.0"] = "pip install pystrands==1.0.0 did not succeed"
     if not _imports(OUR_VENV, "pystrands._core"):
         problems["pystrands"] = f"{OUR_VENV} has no built pystrands (maturin develop --release failed?)"
+    if not _imports(OUR_VENV, "uvloop"):
+        problems["pystrands+uvloop"] = f"uvloop is not installed in {OUR_VENV}"
     return problems
 
 
@@ -233,8 +240,9 @@ class System:
                 if self.backend == "rust":
                     be = Proc(f"{self.name}-backend", [str(BIN / "bench-rust-backend"), "--port", str(tcp_port)], logdir)
                 else:
-                    python = venv_python(OUR_VENV if self.backend == "ours" else V1_VENV)
-                    be = Proc(f"{self.name}-backend", [str(python), str(PEERS / "pystrands_backend.py"), str(tcp_port)], logdir)
+                    python = venv_python(V1_VENV if self.backend == "v1" else OUR_VENV)
+                    loop = "uvloop" if self.backend == "ours-uvloop" else "asyncio"
+                    be = Proc(f"{self.name}-backend", [str(python), str(PEERS / "pystrands_backend.py"), str(tcp_port), loop], logdir)
                 procs.append(be)
                 rss = {"server": broker.pid, "backend": be.pid}
             elif self.kind == "socketio":
@@ -268,6 +276,7 @@ class System:
 ALL = {"echo", "fanout", "idle", "connect", "broadcast"}
 SYSTEMS = [
     System("pystrands", "pystrands", ALL, "our broker (release) + our AsyncPyStrandsClient backend", backend="ours"),
+    System("pystrands+uvloop", "pystrands", {"echo", "connect"}, "our broker + our AsyncPyStrandsClient backend on uvloop", backend="ours-uvloop"),
     System("pystrands+v1-client", "pystrands", {"echo", "fanout", "connect", "broadcast"}, "our broker + PyStrands 1.0 async client (PyPI) as backend", backend="v1"),
     System("pystrands+rust-backend", "pystrands", {"echo", "fanout", "connect", "broadcast"}, "our broker + a Rust backend (no Python in the loop)", backend="rust"),
     System("python-socketio", "socketio", ALL, "python-socketio (server chosen by --socketio-server)", socketio=True),
@@ -650,6 +659,10 @@ def targets(res: dict) -> list[dict]:
     ratio("W1 ≥ 3x python-socketio", ("echo", "pystrands"), ("echo", "python-socketio"), 3.0)
     ratio("W2 (max rate) ≥ 10x python-socketio", ("fanout_max", "pystrands"), ("fanout_max", "python-socketio"), 10.0)
     ratio("W4 ≥ 3x python-socketio", ("connect", "pystrands"), ("connect", "python-socketio"), 3.0)
+    # The same targets with our backend on uvloop (how picows and python-socketio run here too).
+    ratio("W1 ours on uvloop ≥ 70% of picows echo", ("echo", "pystrands+uvloop"), ("echo", "picows"), 0.70)
+    ratio("W4 Python accept on uvloop ≥ 80% of the same broker accepting in Rust", ("connect", "pystrands+uvloop"),
+          ("connect", "pystrands+rust-backend"), 0.80)
     return out
 
 
@@ -803,6 +816,8 @@ def main() -> None:
         chosen = [s for s in chosen if s.kind != "pystrands"]
     if "pystrands 1.0" in problems:
         chosen = [s for s in chosen if s.backend != "v1"]
+    if "pystrands+uvloop" in problems:
+        chosen = [s for s in chosen if s.backend != "ours-uvloop"]
     if "bench venv" in problems:
         for s in chosen:
             if s.kind in ("socketio", "websockets", "picows"):

@@ -4,7 +4,8 @@ Implements the load generator's message convention (benches/loadgen): `e…` is 
 sender, `r…` to room `bench`, `b…` to everyone. Every connection is accepted (in Python, in
 `on_connection_request`) into the room named by its path (`/bench` → `bench`, `/pub` → `pub`).
 The same source runs on our `AsyncPyStrandsClient` and on the PyStrands 1.0 one from PyPI, so
-the comparison isolates the client library. Usage: python pystrands_backend.py TCP_PORT
+the comparison isolates the client library. Usage: python pystrands_backend.py TCP_PORT [asyncio|uvloop]
+(the event loop; default asyncio, the standard library's).
 """
 
 import asyncio
@@ -35,4 +36,13 @@ class Bench(AsyncPyStrandsClient):
 
 
 if __name__ == "__main__":
-    asyncio.run(Bench(host="127.0.0.1", port=int(sys.argv[1])).run_forever())
+    backend = Bench(host="127.0.0.1", port=int(sys.argv[1]))
+    loop = sys.argv[2] if len(sys.argv) > 2 else "asyncio"
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(backend.run_forever())
+    elif loop == "asyncio":
+        asyncio.run(backend.run_forever())
+    else:
+        sys.exit(f"unknown event loop {loop!r}: asyncio or uvloop")

@@ -9,13 +9,14 @@ and run :meth:`AsyncPyStrandsClient.run_forever`::
 
     asyncio.run(ChatBackend(host="localhost", port=8081).run_forever())
 
-Reading uses an :class:`asyncio.Protocol` (no read timeouts, no polling). Events of
-one WebSocket client are handled in arrival order by one short-lived drainer task
-per *active* client (it exits when that client's queue is empty), so a slow
-handler delays only its own client; connection requests each get their own task
-and run concurrently. Sends are coalesced: frames written during one loop
-iteration go to the socket in one ``transport.write``; a send only waits when the
-transport's buffer is above its high-water mark.
+Reading uses an :class:`asyncio.Protocol` (no read timeouts, no polling) and runs
+on any asyncio event loop, uvloop included. One dispatcher task handles the
+decoded events in arrival order, each callback up to its first real wait; a
+callback that waits keeps that task (with the later events of its client, so
+they stay in order) and a new dispatcher takes over the others, so a slow
+handler delays only its own client. Sends are coalesced: frames written during
+one loop iteration go to the socket in one ``transport.write``; a send only
+waits when the transport's buffer is above its high-water mark.
 
 No asyncio object is created in ``__init__``: a client may be constructed at import
 time, outside any running loop (e.g. a FastAPI module), and is bound to the loop
