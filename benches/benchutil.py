@@ -1,9 +1,10 @@
 """Small helpers every benchmark script shares: free loopback ports, a process's RSS, waiting
-for a port to open."""
+for a port to open, stopping a child process."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from typing import Callable
 
@@ -41,3 +42,13 @@ def wait_port(port: int, timeout: float = 20.0, check: Callable[[], None] | None
             if time.monotonic() > end:
                 raise RuntimeError(f"port {port} not open after {timeout} s") from None
             time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM `proc` and wait for it; SIGKILL it if it is still running after `timeout` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

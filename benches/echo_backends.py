@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchutil import free_port, wait_port
+from benchutil import free_port, stop_process, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "target" / "release" / "pystrands-loadgen"
@@ -70,11 +70,7 @@ def measure(name: str, python: str, source: str, tcp_port: int, ws_port: int, ar
         result["backend"] = name
         return result
     finally:
-        backend.terminate()
-        try:
-            backend.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            backend.kill()
+        stop_process(backend, timeout=10)
 
 
 def main() -> None:
@@ -100,8 +96,7 @@ def main() -> None:
                 results.append(r)
                 print(f"run {run} {name}: {r['msgs_per_sec']:.0f} msg/s p50 {r['latency_us']['p50']} us p99 {r['latency_us']['p99']} us errors {r['errors']}", file=sys.stderr)
     finally:
-        broker.terminate()
-        broker.wait(timeout=30)
+        stop_process(broker, timeout=30)
     best: dict[str, dict] = {}
     for r in results:
         if r["backend"] not in best or r["msgs_per_sec"] > best[r["backend"]]["msgs_per_sec"]:

@@ -19,7 +19,7 @@ import sys
 import time
 
 import websockets
-from benchutil import free_port, rss_kib
+from benchutil import free_port, rss_kib, stop_process
 
 
 async def accept_everyone(port: int, stop: asyncio.Event) -> None:
@@ -77,8 +77,7 @@ async def main(n: int, batch: int) -> dict:
         backend.cancel()
         return result
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_process(proc, timeout=30)
 
 
 if __name__ == "__main__":

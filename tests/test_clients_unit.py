@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import pytest
@@ -1283,6 +1284,20 @@ class Harness:
             self.loop = None
 
 
+@contextmanager
+def session(kind: str, broker: FakeBroker, **kw: Any) -> Iterator[Harness]:
+    """A :class:`Harness` client on ``broker``; afterwards the client disconnects and the
+    fake broker closes (the broker also when the client could not be built)."""
+    try:
+        h = Harness(kind, broker, **kw)
+        try:
+            yield h
+        finally:
+            h.disconnect()
+    finally:
+        broker.close()
+
+
 def heartbeat_round_trips(broker: FakeBroker, peer: Any, n: int = 2) -> None:
     """Let the client answer ``n`` heartbeats. A heartbeat reply carries any due ack, and
     the second round trip guarantees that everything the client wrote with the first one
@@ -1369,8 +1384,7 @@ def test_hello_carries_the_backend_secret(broker: FakeBroker, kind: str, monkeyp
 @pytest.mark.parametrize("kind", KINDS)
 def test_v2_acks_are_cumulative_and_wait_for_a_slow_client(kind: str) -> None:
     broker = FakeBroker(version=2)
-    h = Harness(kind, broker)
-    try:
+    with session(kind, broker) as h:
         peer = broker.wait_v2(1)
         wait_for(lambda: h.client.protocol_version == 2, what="v2 session")
         first, gate = h.gate("echo first"), h.gate("slow")
@@ -1393,9 +1407,6 @@ def test_v2_acks_are_cumulative_and_wait_for_a_slow_client(kind: str) -> None:
         h.wait_seen(11)
         broker.message("A", "raise after")  # seq 12: a handler that raises is handled too
         assert peer.wait_ack(12)[-1] == 12
-    finally:
-        h.disconnect()
-        broker.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -1405,8 +1416,7 @@ def test_v2_acks_are_batched(kind: str, echo: bool, clients: int) -> None:
     """Many events at once: far fewer ack lines than events. With one WebSocket client
     every completion moves the watermark, so acking per completion would show here."""
     broker = FakeBroker(version=2)
-    h = Harness(kind, broker)
-    try:
+    with session(kind, broker) as h:
         peer = broker.wait_v2(1)
         wait_for(lambda: h.client.protocol_version == 2, what="v2 session")
         n = 2000
@@ -1418,16 +1428,12 @@ def test_v2_acks_are_batched(kind: str, echo: bool, clients: int) -> None:
         assert len(h.wait_seen(n)) == n
         if echo:
             assert len(broker.recv_n(n, timeout=20)) == n
-    finally:
-        h.disconnect()
-        broker.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_v2_heartbeats_are_answered_and_keep_the_connection_alive(kind: str) -> None:
     broker = FakeBroker(version=2, heartbeat_interval=0.25)  # silence limit 0.75 s
-    h = Harness(kind, broker)
-    try:
+    with session(kind, broker) as h:
         peer = broker.wait_v2(1)
         wait_for(lambda: h.client.protocol_version == 2, what="v2 session")
         start = time.monotonic()
@@ -1439,17 +1445,13 @@ def test_v2_heartbeats_are_answered_and_keep_the_connection_alive(kind: str) -> 
             time.sleep(0.05)  # pacing of the broker's heartbeats, not synchronization
         assert broker.connection_count == 1 and not peer.closed.is_set() and h.client.connected
         assert peer.acks == []  # nothing was handled, nothing acknowledged
-    finally:
-        h.disconnect()
-        broker.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_v2_silence_for_three_intervals_reconnects(kind: str, caplog: pytest.LogCaptureFixture) -> None:
     broker = FakeBroker(version=2, heartbeat_interval=0.05)  # the fake then stays silent
     with caplog.at_level(logging.WARNING, logger="pystrands"):
-        h = Harness(kind, broker)
-        try:
+        with session(kind, broker) as h:
             first = broker.wait_v2(1)
             t0 = time.monotonic()
             first.closed.wait(DEADLINE)
@@ -1458,24 +1460,17 @@ def test_v2_silence_for_three_intervals_reconnects(kind: str, caplog: pytest.Log
             second = broker.wait_v2(2)
             assert second.wait_hello()["params"] == HELLO_PARAMS
             wait_for(lambda: "Nothing received from the broker" in caplog.text, what="silence warning")
-        finally:
-            h.disconnect()
-            broker.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_refused_hello_logs_the_error_and_backs_off(kind: str, caplog: pytest.LogCaptureFixture) -> None:
     broker = FakeBroker(version=2, secret="right-s3cret")
     with caplog.at_level(logging.INFO, logger="pystrands"):
-        h = Harness(kind, broker, connect=False, backend_secret="bad-s3cret")
-        try:
+        with session(kind, broker, connect=False, backend_secret="bad-s3cret") as h:
             h.run_forever()
             broker.wait_connections(4)
             wait_for(lambda: len(re.findall(r"Reconnecting to \S+ in ([0-9.]+)s", caplog.text)) >= 3, what="3 reconnects")
             assert h.client.protocol_version == 1
-        finally:
-            h.disconnect()
-            broker.close()
     errors = [r for r in caplog.records if r.levelno == logging.ERROR and "refused" in r.getMessage()]
     assert errors and "wrong backend secret" in errors[0].getMessage()
     assert "s3cret" not in caplog.text.replace("wrong backend secret", "")
@@ -1488,8 +1483,7 @@ def test_refused_hello_logs_the_error_and_backs_off(kind: str, caplog: pytest.Lo
 @pytest.mark.parametrize("kind", KINDS)
 def test_refused_hello_stops_reading_even_if_the_broker_keeps_the_connection(kind: str) -> None:
     broker = FakeBroker(version=2, refuse="unsupported version", close_on_refuse=False)
-    h = Harness(kind, broker, auto_reconnect=False)
-    try:
+    with session(kind, broker, auto_reconnect=False) as h:
         peer = broker.peers[0]
         assert peer.answered.wait(DEADLINE)
         try:
@@ -1498,9 +1492,6 @@ def test_refused_hello_stops_reading_even_if_the_broker_keeps_the_connection(kin
             pass  # the client may already have closed the connection
         peer.closed.wait(DEADLINE)
         assert peer.closed.is_set(), "the client must close a refused connection"
-    finally:
-        h.disconnect()
-        broker.close()
     assert h.seen == [] and peer.acks == []
     broker.expect_nothing(0.05)
 
@@ -1508,8 +1499,7 @@ def test_refused_hello_stops_reading_even_if_the_broker_keeps_the_connection(kin
 @pytest.mark.parametrize("kind", KINDS)
 def test_v2_context_event_id_and_redelivered(kind: str) -> None:
     broker = FakeBroker(version=2)
-    h = Harness(kind, broker)
-    try:
+    with session(kind, broker) as h:
         broker.wait_v2(1)
         wait_for(lambda: h.client.protocol_version == 2, what="v2 session")
         broker.message("c1", "first", request_id="1007")
@@ -1518,16 +1508,12 @@ def test_v2_context_event_id_and_redelivered(kind: str) -> None:
         assert [(s[0], s[2], s[3]) for s in seen] == [("first", "1007", False), ("again", "1007", True)]
         assert seen[0][4] == {"client_id": "c1", "room_id": "room", "metadata": {}}  # to_json unchanged
         assert broker.peers[0].wait_ack(2)[-1] == 2
-    finally:
-        h.disconnect()
-        broker.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_v2_events_of_a_replaced_connection_are_not_acked_on_the_new_one(kind: str) -> None:
     broker = FakeBroker(version=2)
-    h = Harness(kind, broker)
-    try:
+    with session(kind, broker) as h:
         broker.wait_v2(1)
         gate = h.gate("echo slow")
         broker.message("A", "echo slow")  # seq 1 of connection 1
@@ -1545,9 +1531,6 @@ def test_v2_events_of_a_replaced_connection_are_not_acked_on_the_new_one(kind: s
         gate2.set()
         assert broker.recv()["params"]["message"] == "echo new"
         assert second.wait_ack(1) == [1]
-    finally:
-        h.disconnect()
-        broker.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -289,6 +289,18 @@ def _close_code(s: socket.socket) -> int | None:
             return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
 
 
+async def _accepted_raw_client(broker, backend, client_id: str) -> socket.socket:
+    """A raw socket upgraded to a WebSocket that ``backend`` accepted as ``client_id`` in room
+    ``r``; returns once the backend got its ``new_connection``."""
+    loop = asyncio.get_running_loop()
+    s = await loop.run_in_executor(None, _raw_upgrade, broker.ws_port)
+    req = await backend.expect("connection_request")
+    await backend.answer(req, True, client_id=client_id, room_id="r")
+    assert b" 101 " in await loop.run_in_executor(None, _read_until, s, b"\r\n\r\n")
+    await backend.expect("new_connection")
+    return s
+
+
 def _masked(opcode: int, payload: bytes, announce: int | None = None) -> bytes:
     n = len(payload) if announce is None else announce
     if n < 126:
@@ -317,11 +329,7 @@ def test_hostile_frames_close_only_that_client(frame, code):
             backend = await connect_backend(broker)
             ok, _ = await connect_client(broker.ws_port, backend, client_id="ok", room_id="r")
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, _raw_upgrade, broker.ws_port)
-            req = await backend.expect("connection_request")
-            await backend.answer(req, True, client_id="bad", room_id="r")
-            assert b" 101 " in await loop.run_in_executor(None, _read_until, s, b"\r\n\r\n")
-            await backend.expect("new_connection")
+            s = await _accepted_raw_client(broker, backend, "bad")
             await loop.run_in_executor(None, s.sendall, frame)
             assert await loop.run_in_executor(None, _close_code, s) == code
             s.close()
@@ -347,11 +355,7 @@ def test_a_client_that_vanishes_without_a_close_frame_just_leaves(how):
         with running_broker() as broker:
             backend = await connect_backend(broker)
             loop = asyncio.get_running_loop()
-            s = await loop.run_in_executor(None, _raw_upgrade, broker.ws_port)
-            req = await backend.expect("connection_request")
-            await backend.answer(req, True, client_id="gone", room_id="r")
-            assert b" 101 " in await loop.run_in_executor(None, _read_until, s, b"\r\n\r\n")
-            await backend.expect("new_connection")
+            s = await _accepted_raw_client(broker, backend, "gone")
             await loop.run_in_executor(None, s.sendall, _masked(0x1, b"last words"))
             assert (await backend.expect("new_message"))["params"]["message"] == "last words"
             if how == "reset":  # RST instead of FIN
