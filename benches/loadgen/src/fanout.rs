@@ -41,7 +41,16 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(2);
-    let mut a = Args { urls: vec![], backends: vec![], clients: 1000, seconds: 5.0, warmup: 1.0, size: 64, window: 16, rate: 0.0 };
+    let mut a = Args {
+        urls: vec![],
+        backends: vec![],
+        clients: 1000,
+        seconds: 5.0,
+        warmup: 1.0,
+        size: 64,
+        window: 16,
+        rate: 0.0,
+    };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
         let bad = || format!("bad value for {flag}: {value}");
@@ -137,12 +146,17 @@ fn room_line(message: &str) -> Vec<u8> {
 }
 
 /// One receiving client; returns its latency histogram (µs) of measured messages.
-async fn client(url: String, st: Arc<State>, measure: Arc<OnceLock<(u64, u64)>>) -> Result<(Histogram<u64>, u64), String> {
+async fn client(
+    url: String,
+    st: Arc<State>,
+    measure: Arc<OnceLock<(u64, u64)>>,
+) -> Result<(Histogram<u64>, u64), String> {
     let rest = url.strip_prefix("ws://").ok_or("only ws:// URLs")?;
     let hostport = rest.split('/').next().unwrap_or(rest);
     let stream = TcpStream::connect(hostport).await.map_err(|e| format!("connect {hostport}: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), stream).await.map_err(|e| format!("handshake: {e}"))?;
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(url.as_str(), stream).await.map_err(|e| format!("handshake: {e}"))?;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let mut ready = false;
     let mut got = 0u64;
@@ -196,7 +210,14 @@ pub fn main() {
 }
 
 async fn run(a: Args) -> serde_json::Value {
-    let st = Arc::new(State { start: Instant::now(), ready: AtomicU64::new(0), delivered: AtomicU64::new(0), wanted: AtomicU64::new(u64::MAX), progress: Notify::new(), stop: AtomicBool::new(false) });
+    let st = Arc::new(State {
+        start: Instant::now(),
+        ready: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        wanted: AtomicU64::new(u64::MAX),
+        progress: Notify::new(),
+        stop: AtomicBool::new(false),
+    });
     let mut senders = Vec::new();
     for b in &a.backends {
         match backend(b.clone()).await {

@@ -174,7 +174,8 @@ impl Target {
     fn new(url: &str, socketio: bool, sources: usize) -> Result<Target, String> {
         let rest = url.strip_prefix("ws://").ok_or("only ws:// URLs")?;
         let hostport = rest.split('/').next().unwrap_or(rest);
-        let addr: SocketAddr = hostport.parse().map_err(|_| format!("need a numeric ip:port in the URL, got {hostport}"))?;
+        let addr: SocketAddr =
+            hostport.parse().map_err(|_| format!("need a numeric ip:port in the URL, got {hostport}"))?;
         Ok(Target { url: url.to_string(), addr, socketio, sources })
     }
 }
@@ -302,7 +303,13 @@ impl ErrorLog {
 
 // ---------------------------------------------------------------- echo
 
-async fn echo_client(t: Arc<Target>, idx: usize, msg: Utf8Bytes, warmup_end: Instant, end: Instant) -> Result<(u64, Histogram<u64>), String> {
+async fn echo_client(
+    t: Arc<Target>,
+    idx: usize,
+    msg: Utf8Bytes,
+    warmup_end: Instant,
+    end: Instant,
+) -> Result<(u64, Histogram<u64>), String> {
     let mut ws = open_timed(&t, idx).await?;
     let mut hist = new_hist();
     let mut count = 0u64;
@@ -336,7 +343,8 @@ async fn run_echo(a: Args) -> Value {
     let warmup_end = start + Duration::from_secs_f64(a.warmup);
     let end = warmup_end + Duration::from_secs_f64(a.seconds);
     let msg = frame(a.socketio, &padded("e".into(), a.size));
-    let tasks: Vec<_> = (0..a.clients).map(|i| tokio::spawn(echo_client(t.clone(), i, msg.clone(), warmup_end, end))).collect();
+    let tasks: Vec<_> =
+        (0..a.clients).map(|i| tokio::spawn(echo_client(t.clone(), i, msg.clone(), warmup_end, end))).collect();
     let mut total = 0u64;
     let mut hist = new_hist();
     let errors = ErrorLog::new();
@@ -378,7 +386,13 @@ struct Window {
 
 /// One receiver: connects, then records the latency of every stamped message until told to stop.
 /// Returns (deliveries counted in the window, histogram, last delivery time in ns since base).
-async fn receiver(t: Arc<Target>, idx: usize, board: Arc<Board>, win: Arc<std::sync::Mutex<Option<Window>>>, errors: Arc<ErrorLog>) -> (u64, Histogram<u64>, u64) {
+async fn receiver(
+    t: Arc<Target>,
+    idx: usize,
+    board: Arc<Board>,
+    win: Arc<std::sync::Mutex<Option<Window>>>,
+    errors: Arc<ErrorLog>,
+) -> (u64, Histogram<u64>, u64) {
     let mut hist = new_hist();
     let mut ws = match open_timed(&t, idx).await {
         Ok(ws) => ws,
@@ -456,7 +470,13 @@ async fn publisher(t: &Target) -> Result<futures_util::stream::SplitSink<Ws, Mes
     Ok(sink)
 }
 
-async fn connect_receivers(a: &Args, t: &Arc<Target>, board: &Arc<Board>, win: &Arc<std::sync::Mutex<Option<Window>>>, errors: &Arc<ErrorLog>) -> (Vec<tokio::task::JoinHandle<(u64, Histogram<u64>, u64)>>, f64) {
+async fn connect_receivers(
+    a: &Args,
+    t: &Arc<Target>,
+    board: &Arc<Board>,
+    win: &Arc<std::sync::Mutex<Option<Window>>>,
+    errors: &Arc<ErrorLog>,
+) -> (Vec<tokio::task::JoinHandle<(u64, Histogram<u64>, u64)>>, f64) {
     let t0 = Instant::now();
     let mut tasks = Vec::with_capacity(a.clients);
     for i in 0..a.clients {
@@ -483,7 +503,10 @@ fn new_board(slots: usize) -> Arc<Board> {
     })
 }
 
-async fn stop_receivers(board: &Board, tasks: Vec<tokio::task::JoinHandle<(u64, Histogram<u64>, u64)>>) -> (u64, Histogram<u64>, u64) {
+async fn stop_receivers(
+    board: &Board,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Histogram<u64>, u64)>>,
+) -> (u64, Histogram<u64>, u64) {
     board.stop.store(true, Ordering::SeqCst);
     board.stop_notify.notify_waiters();
     let mut total = 0;
@@ -539,7 +562,8 @@ async fn run_fanout(a: Args) -> Value {
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 continue;
             }
-        } else if receivers > 0 && sent.saturating_sub(board.delivered.load(Ordering::Relaxed) / receivers) >= a.window {
+        } else if receivers > 0 && sent.saturating_sub(board.delivered.load(Ordering::Relaxed) / receivers) >= a.window
+        {
             // max rate: at most `window` messages not yet delivered to everyone
             let s = Instant::now();
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -567,7 +591,9 @@ async fn run_fanout(a: Args) -> Value {
     let drain_start = Instant::now();
     let mut last_seen = board.delivered.load(Ordering::Relaxed);
     let mut quiet = Instant::now();
-    while board.delivered.load(Ordering::Relaxed) < sent * receivers && drain_start.elapsed() < Duration::from_secs_f64(a.drain) {
+    while board.delivered.load(Ordering::Relaxed) < sent * receivers
+        && drain_start.elapsed() < Duration::from_secs_f64(a.drain)
+    {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let d = board.delivered.load(Ordering::Relaxed);
         if d != last_seen {
@@ -685,7 +711,8 @@ async fn run_idle(a: Args) -> Value {
     let t0 = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..a.concurrency.min(a.clients.max(1)) {
-        let (t, next, errors, stop, open_count, n) = (t.clone(), next.clone(), errors.clone(), stop.clone(), open_count.clone(), a.clients);
+        let (t, next, errors, stop, open_count, n) =
+            (t.clone(), next.clone(), errors.clone(), stop.clone(), open_count.clone(), a.clients);
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);

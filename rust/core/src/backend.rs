@@ -43,7 +43,10 @@ static NEXT_BACKEND: AtomicU64 = AtomicU64::new(1);
 
 /// Accepts backends until `stop` fires.
 pub async fn listen(listener: TcpListener, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
-    crate::accept_loop(listener, "backend", stop, guard, |stream, addr| session(stream, addr.to_string(), shared.clone())).await;
+    crate::accept_loop(listener, "backend", stop, guard, |stream, addr| {
+        session(stream, addr.to_string(), shared.clone())
+    })
+    .await;
 }
 
 fn set_keepalive(stream: &TcpStream) {
@@ -205,14 +208,25 @@ enum Opening {
 
 /// Decides the protocol version from the backend's first line (see docs/protocol.md, "Hello"),
 /// checking the secret when the broker has one, and answers a `hello`.
-async fn opening(reader: &mut LineReader<OwnedReadHalf>, wr: &mut OwnedWriteHalf, addr: &str, shared: &Shared) -> Opening {
+async fn opening(
+    reader: &mut LineReader<OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    addr: &str,
+    shared: &Shared,
+) -> Opening {
     let secret = shared.cfg.backend_secret.as_deref();
     let wait = if secret.is_some() { shared.cfg.handshake_timeout } else { HELLO_WAIT };
     let first = match tokio::time::timeout(wait, reader.next_line()).await {
         Ok(Ok(Some(line))) => line,
         Ok(Ok(None)) | Ok(Err(_)) => return Opening::Stop,
         Err(_) if secret.is_some() => {
-            return refuse(wr, addr, shared, "no hello with the backend secret within handshake_timeout (a v1 backend cannot present one)").await;
+            return refuse(
+                wr,
+                addr,
+                shared,
+                "no hello with the backend secret within handshake_timeout (a v1 backend cannot present one)",
+            )
+            .await;
         }
         Err(_) => return Opening::Serve { v2: false, first: None },
     };
@@ -225,16 +239,33 @@ async fn opening(reader: &mut LineReader<OwnedReadHalf>, wr: &mut OwnedWriteHalf
     };
     let Some(Hello { version, secret: given, .. }) = hello else {
         if secret.is_some() {
-            return refuse(wr, addr, shared, "the first line was not a hello with the backend secret (a v1 backend cannot present one)").await;
+            return refuse(
+                wr,
+                addr,
+                shared,
+                "the first line was not a hello with the backend secret (a v1 backend cannot present one)",
+            )
+            .await;
         }
         return Opening::Serve { v2: false, first: Some(first) };
     };
     if version < protocol::PROTOCOL_VERSION {
-        return refuse(wr, addr, shared, &format!("unsupported protocol version {version} in hello (this broker speaks {})", protocol::PROTOCOL_VERSION)).await;
+        return refuse(
+            wr,
+            addr,
+            shared,
+            &format!(
+                "unsupported protocol version {version} in hello (this broker speaks {})",
+                protocol::PROTOCOL_VERSION
+            ),
+        )
+        .await;
     }
     if let Some(expected) = secret {
         match given {
-            None => return refuse(wr, addr, shared, "hello without a secret; this broker requires backend_secret").await,
+            None => {
+                return refuse(wr, addr, shared, "hello without a secret; this broker requires backend_secret").await
+            }
             Some(g) if !protocol::secrets_equal(g.as_bytes(), expected.as_bytes()) => {
                 return refuse(wr, addr, shared, "wrong backend secret").await;
             }
@@ -271,13 +302,22 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
         Opening::Serve { v2, first } => (v2, first),
         Opening::Stop => return,
     };
-    let outbox = Arc::new(Outbox::new((!v2).then(|| shared.counters.clone()), outbox_lines(&shared.cfg), OUTBOX_MAX_BYTES));
+    let outbox =
+        Arc::new(Outbox::new((!v2).then(|| shared.counters.clone()), outbox_lines(&shared.cfg), OUTBOX_MAX_BYTES));
     let dead = Arc::new(Dead::default());
     if shared.router.send(RouterMsg::BackendUp { id, addr: addr.clone(), outbox: outbox.clone(), v2 }).is_err() {
         return; // broker is stopping
     }
     let write_deadline = (shared.cfg.heartbeat_interval * 2).max(Duration::from_secs(5));
-    let writer = tokio::spawn(write_loop(wr, outbox.clone(), shared.cfg.heartbeat_interval, write_deadline, dead.clone(), id, shared.clone()));
+    let writer = tokio::spawn(write_loop(
+        wr,
+        outbox.clone(),
+        shared.cfg.heartbeat_interval,
+        write_deadline,
+        dead.clone(),
+        id,
+        shared.clone(),
+    ));
 
     let mut errors = ErrorLog::new(id);
     let silence_limit = shared.cfg.backend_silence_limit();
@@ -314,7 +354,10 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
             }
             Ok(Some(Line::TooLong(n))) => {
                 incr(&shared.counters.backend_errors);
-                errors.report("line too long", &format!("discarded a line of {n} bytes (max_line_size={})", shared.cfg.max_line_size));
+                errors.report(
+                    "line too long",
+                    &format!("discarded a line of {n} bytes (max_line_size={})", shared.cfg.max_line_size),
+                );
             }
             Ok(None) => break,
             Err(e) => {
@@ -429,7 +472,12 @@ async fn write_loop(
         }
     }
     if outbox.overflowed() {
-        tracing::warn!(backend = id, max_lines = outbox.max_lines, max_bytes = outbox.max_bytes, "backend fell too far behind (outbox full); declaring it dead");
+        tracing::warn!(
+            backend = id,
+            max_lines = outbox.max_lines,
+            max_bytes = outbox.max_bytes,
+            "backend fell too far behind (outbox full); declaring it dead"
+        );
     }
     if dead.set() && !shared.stopping() {
         incr(&shared.counters.backends_lost);
@@ -487,7 +535,12 @@ impl ErrorLog {
         match self.causes.get_mut(cause) {
             Some((last, suppressed)) if now.duration_since(*last) < ERROR_LOG_EVERY => *suppressed += 1,
             Some((last, suppressed)) => {
-                tracing::error!(backend = self.backend, cause, suppressed = *suppressed, "bad line from backend: {detail}");
+                tracing::error!(
+                    backend = self.backend,
+                    cause,
+                    suppressed = *suppressed,
+                    "bad line from backend: {detail}"
+                );
                 *last = now;
                 *suppressed = 0;
             }
@@ -501,7 +554,12 @@ impl ErrorLog {
     fn flush(&self) {
         for (cause, (_, suppressed)) in &self.causes {
             if *suppressed > 0 {
-                tracing::error!(backend = self.backend, cause, suppressed, "more bad lines from backend were not logged");
+                tracing::error!(
+                    backend = self.backend,
+                    cause,
+                    suppressed,
+                    "more bad lines from backend were not logged"
+                );
             }
         }
     }

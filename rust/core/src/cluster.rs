@@ -41,9 +41,9 @@ use crate::Shared;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use redis::aio::MultiplexedConnection;
-use std::sync::atomic::AtomicU64;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -404,7 +404,8 @@ impl Cluster {
     pub fn room_members(&self, hub: &Hub) -> HashMap<String, usize> {
         let (_, local) = hub.room_sizes();
         let view = self.state.view.read();
-        let mut out = if view.at.is_some_and(|t| t.elapsed() < PRESENCE_TTL) { view.rooms.clone() } else { HashMap::new() };
+        let mut out =
+            if view.at.is_some_and(|t| t.elapsed() < PRESENCE_TTL) { view.rooms.clone() } else { HashMap::new() };
         for (room, n) in local {
             *out.entry(room.to_string()).or_default() += n;
         }
@@ -482,7 +483,8 @@ pub fn build(cfg: &Config, counters: Arc<Counters>) -> Result<(Cluster, Starter)
     };
     let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
     let state = Arc::new(State::default());
-    let cluster = Cluster { node_id: node_id.clone(), tx, state: state.clone(), counters, full_log: LogLimit::default() };
+    let cluster =
+        Cluster { node_id: node_id.clone(), tx, state: state.clone(), counters, full_log: LogLimit::default() };
     let starter = Starter {
         client,
         url_shown,
@@ -498,7 +500,9 @@ pub fn build(cfg: &Config, counters: Arc<Counters>) -> Result<(Cluster, Starter)
 }
 
 async fn open_publisher(client: &redis::Client) -> Result<MultiplexedConnection, String> {
-    let config = redis::AsyncConnectionConfig::new().set_connection_timeout(Some(CONNECT_TIMEOUT)).set_response_timeout(Some(RESPONSE_TIMEOUT));
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
     let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
     redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(|e| e.to_string())?;
     Ok(conn)
@@ -514,7 +518,11 @@ fn resp3(client: &redis::Client) -> Result<redis::Client, String> {
 
 /// Opens the dedicated subscriber connection and subscribes to `channel`. Pushed messages go to
 /// a bounded queue; those that do not fit are dropped and counted in `overflow`.
-async fn open_subscriber(client: &redis::Client, channel: &str, overflow: Arc<AtomicU64>) -> Result<Subscription, String> {
+async fn open_subscriber(
+    client: &redis::Client,
+    channel: &str,
+    overflow: Arc<AtomicU64>,
+) -> Result<Subscription, String> {
     let (tx, rx) = mpsc::channel(RECEIVE_QUEUE);
     let push = move |info: redis::PushInfo| -> Result<(), ()> {
         tx.try_send(info).map_err(|e| {
@@ -532,7 +540,9 @@ async fn open_subscriber(client: &redis::Client, channel: &str, overflow: Arc<At
         conn.subscribe(channel).await.map_err(|e| e.to_string())?;
         Ok::<_, String>((conn, rx))
     };
-    tokio::time::timeout(CONNECT_TIMEOUT * 2, subscribe).await.map_err(|_| format!("no answer within {} s", CONNECT_TIMEOUT.as_secs() * 2))?
+    tokio::time::timeout(CONNECT_TIMEOUT * 2, subscribe)
+        .await
+        .map_err(|_| format!("no answer within {} s", CONNECT_TIMEOUT.as_secs() * 2))?
 }
 
 impl Starter {
@@ -904,7 +914,11 @@ impl Subscriber {
     fn bad(&self, why: &str) {
         incr(&self.shared.counters.cluster_decode_errors);
         if let Some(suppressed) = self.bad_log.allow(1) {
-            tracing::error!(error = why, suppressed, "undecodable payload on the cluster channel (another version or another program?); skipped");
+            tracing::error!(
+                error = why,
+                suppressed,
+                "undecodable payload on the cluster channel (another version or another program?); skipped"
+            );
         }
     }
 
@@ -924,7 +938,11 @@ impl Subscriber {
         if missed > 0 {
             add(&self.shared.counters.cluster_missed, missed);
             if let Some(suppressed) = self.gap_log.allow(missed) {
-                tracing::warn!(origin = payload.origin, missed = missed + suppressed, "messages from another node never arrived here (Redis pub/sub is at-most-once)");
+                tracing::warn!(
+                    origin = payload.origin,
+                    missed = missed + suppressed,
+                    "messages from another node never arrived here (Redis pub/sub is at-most-once)"
+                );
             }
         }
         add(&self.shared.counters.cluster_received, records.len() as u64);
@@ -1023,7 +1041,12 @@ impl Presence {
                 let version = self.shared.hub.membership_version();
                 let report = if self.written == Some(version) { String::new() } else { self.report() };
                 let mut invocation = script.key(&self.nodes_key);
-                invocation.key(&own_key).arg(&*self.node_id).arg(&report).arg(PRESENCE_TTL.as_millis() as u64).arg(&self.node_prefix);
+                invocation
+                    .key(&own_key)
+                    .arg(&*self.node_id)
+                    .arg(&report)
+                    .arg(PRESENCE_TTL.as_millis() as u64)
+                    .arg(&self.node_prefix);
                 let call = invocation.invoke_async::<Vec<Vec<u8>>>(&mut conn);
                 match tokio::time::timeout(RESPONSE_TIMEOUT, call).await {
                     Ok(Ok(reply)) if reply.first().map(Vec::as_slice) == Some(b"ok") => {
@@ -1056,7 +1079,11 @@ impl Presence {
 
     fn report(&self) -> String {
         let (clients, rooms) = self.shared.hub.room_sizes();
-        let report = NodeReport { node: self.node_id.to_string(), clients, rooms: rooms.into_iter().map(|(r, n)| (r.to_string(), n)).collect() };
+        let report = NodeReport {
+            node: self.node_id.to_string(),
+            clients,
+            rooms: rooms.into_iter().map(|(r, n)| (r.to_string(), n)).collect(),
+        };
         serde_json::to_string(&report).unwrap_or_default()
     }
 

@@ -236,7 +236,11 @@ impl Config {
             return Err(bad("max_unacked", self.max_unacked, "must be between 1 and 10000000"));
         }
         if !self.client_rate_limit.is_finite() || self.client_rate_limit < 0.0 || self.client_rate_limit > 1e9 {
-            return Err(bad("client_rate_limit", self.client_rate_limit, "must be a number of messages per second >= 0 (0 disables)"));
+            return Err(bad(
+                "client_rate_limit",
+                self.client_rate_limit,
+                "must be a number of messages per second >= 0 (0 disables)",
+            ));
         }
         if self.client_rate_burst > 1_000_000_000 {
             return Err(bad("client_rate_burst", self.client_rate_burst, "must be between 0 and 1000000000"));
@@ -258,7 +262,8 @@ impl Config {
             }
         }
         let level = self.log_level.to_ascii_lowercase();
-        let directive_ok = self.log_level.contains('=') && tracing_subscriber::EnvFilter::try_new(&self.log_level).is_ok();
+        let directive_ok =
+            self.log_level.contains('=') && tracing_subscriber::EnvFilter::try_new(&self.log_level).is_ok();
         if !LOG_LEVELS.contains(&level.as_str()) && !directive_ok {
             return Err(bad("log_level", &self.log_level, "must be one of error, warn, info, debug, trace"));
         }
@@ -341,9 +346,18 @@ mod tests {
         let e = Config { cluster_url: Some("http://:hunter2@x/".into()), ..Config::default() }.validate().unwrap_err();
         assert_eq!(e.setting, "cluster_url");
         assert!(!e.to_string().contains("hunter2"), "{e}");
-        assert_eq!(Config { cluster_url: Some(" ".into()), ..Config::default() }.validate().unwrap_err().setting, "cluster_url");
-        assert_eq!(Config { cluster_name: "a b".into(), ..Config::default() }.validate().unwrap_err().setting, "cluster_name");
-        assert_eq!(Config { cluster_node_id: Some(String::new()), ..Config::default() }.validate().unwrap_err().setting, "cluster_node_id");
+        assert_eq!(
+            Config { cluster_url: Some(" ".into()), ..Config::default() }.validate().unwrap_err().setting,
+            "cluster_url"
+        );
+        assert_eq!(
+            Config { cluster_name: "a b".into(), ..Config::default() }.validate().unwrap_err().setting,
+            "cluster_name"
+        );
+        assert_eq!(
+            Config { cluster_node_id: Some(String::new()), ..Config::default() }.validate().unwrap_err().setting,
+            "cluster_node_id"
+        );
         Config { cluster_node_id: Some("node-1.eu:a_b".into()), ..Config::default() }.validate().unwrap();
 
         assert_eq!(redact_url("redis://:hunter2@h:1/0"), "redis://:***@h:1/0");

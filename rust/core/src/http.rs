@@ -66,9 +66,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(
             }
         }
     };
-    let head_len = tokio::time::timeout(timeout, read)
-        .await
-        .map_err(|_| refuse(408, "handshake timed out"))??;
+    let head_len = tokio::time::timeout(timeout, read).await.map_err(|_| refuse(408, "handshake timed out"))??;
     if head_len > MAX_HEAD {
         return Err(refuse(431, "request header fields too large"));
     }

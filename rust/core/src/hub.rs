@@ -34,9 +34,25 @@ pub struct ClientSlot {
 }
 
 impl ClientSlot {
-    pub fn new(conn_id: u64, client_id: Arc<str>, room_id: Arc<str>, context_json: Arc<str>, tx: mpsc::Sender<Utf8Bytes>) -> Self {
-        let since_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        ClientSlot { conn_id, client_id, room_id, context_json, since_ms, tx, kick: Notify::new(), kick_code: AtomicU16::new(0) }
+    pub fn new(
+        conn_id: u64,
+        client_id: Arc<str>,
+        room_id: Arc<str>,
+        context_json: Arc<str>,
+        tx: mpsc::Sender<Utf8Bytes>,
+    ) -> Self {
+        let since_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        ClientSlot {
+            conn_id,
+            client_id,
+            room_id,
+            context_json,
+            since_ms,
+            tx,
+            kick: Notify::new(),
+            kick_code: AtomicU16::new(0),
+        }
     }
 
     /// Asks the connection task to close the socket with `code` (the first code asked wins).

@@ -33,8 +33,13 @@ use tokio::runtime::Runtime;
 
 /// Accepts connections until `stop` fires, running `serve` for each in its own task. Each task
 /// holds a clone of `guard`, so shutdown can wait for the connections to finish.
-pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, mut stop: shutdown::Signal, guard: shutdown::TaskGuard, serve: F)
-where
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    mut stop: shutdown::Signal,
+    guard: shutdown::TaskGuard,
+    serve: F,
+) where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -89,7 +94,11 @@ impl Shared {
 pub enum StartError {
     Config(ConfigError),
     /// A listener could not bind (`which` is `ws_port` or `tcp_port`).
-    Bind { which: &'static str, addr: String, source: std::io::Error },
+    Bind {
+        which: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
     Runtime(std::io::Error),
     /// Redis (`cluster_url`) could not be reached and `cluster_required` is set.
     Cluster(String),
@@ -101,7 +110,9 @@ impl fmt::Display for StartError {
             StartError::Config(e) => e.fmt(f),
             StartError::Bind { which, addr, source } => write!(f, "cannot listen on {addr} ({which}): {source}"),
             StartError::Runtime(e) => write!(f, "cannot start the async runtime: {e}"),
-            StartError::Cluster(e) => write!(f, "{e} (set cluster_required=false to start without it and keep retrying)"),
+            StartError::Cluster(e) => {
+                write!(f, "{e} (set cluster_required=false to start without it and keep retrying)")
+            }
         }
     }
 }
@@ -116,8 +127,14 @@ pub fn init_logging(level: &str) {
     } else {
         level.to_string()
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(directive).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_new(directive)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
 }
 
 /// A running broker. Dropping it stops it (with a short drain).
@@ -148,12 +165,16 @@ impl BrokerHandle {
         let ws_bind = format!("{}:{}", cfg.ws_host, cfg.ws_port);
         let tcp_bind = format!("{}:{}", cfg.tcp_host, cfg.tcp_port);
         let (ws_listener, tcp_listener) = runtime.block_on(async {
-            let ws = TcpListener::bind(&ws_bind)
-                .await
-                .map_err(|source| StartError::Bind { which: "ws_port", addr: ws_bind.clone(), source })?;
-            let tcp = TcpListener::bind(&tcp_bind)
-                .await
-                .map_err(|source| StartError::Bind { which: "tcp_port", addr: tcp_bind.clone(), source })?;
+            let ws = TcpListener::bind(&ws_bind).await.map_err(|source| StartError::Bind {
+                which: "ws_port",
+                addr: ws_bind.clone(),
+                source,
+            })?;
+            let tcp = TcpListener::bind(&tcp_bind).await.map_err(|source| StartError::Bind {
+                which: "tcp_port",
+                addr: tcp_bind.clone(),
+                source,
+            })?;
             Ok::<_, StartError>((ws, tcp))
         })?;
         let ws_addr = ws_listener.local_addr().map_err(StartError::Runtime)?;
@@ -201,7 +222,17 @@ impl BrokerHandle {
             tokio::spawn(backend::listen(tcp_listener, shared.clone(), listeners_sig, backends.guard()));
         }
         tracing::info!(websocket = %ws_addr, backends = %tcp_addr, "PyStrands broker listening");
-        Ok(BrokerHandle { runtime: Some(runtime), shared, ws_addr, tcp_addr, stop_listeners, clients, backends, stop_cluster, cluster_tasks })
+        Ok(BrokerHandle {
+            runtime: Some(runtime),
+            shared,
+            ws_addr,
+            tcp_addr,
+            stop_listeners,
+            clients,
+            backends,
+            stop_cluster,
+            cluster_tasks,
+        })
     }
 
     pub fn ws_addr(&self) -> SocketAddr {

@@ -32,8 +32,7 @@ pub const FEATURES: [&str; 2] = ["ack", "heartbeat"];
 /// Go's `textproto.CanonicalMIMEHeaderKey`: `x-token` → `X-Token`. Names with characters outside
 /// the token set are returned unchanged, as Go does.
 pub fn canonical_header_name(name: &str) -> String {
-    let valid = !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !valid {
         return name.to_string();
     }
@@ -228,15 +227,25 @@ pub struct AcceptResponse {
 #[derive(Debug, Clone, PartialEq)]
 pub enum BackendCommand {
     Response(AcceptResponse),
-    MessageToRoom { room_id: String, message: String },
-    MessageToConnection { conn_id: String, message: String },
-    Broadcast { message: String },
+    MessageToRoom {
+        room_id: String,
+        message: String,
+    },
+    MessageToConnection {
+        conn_id: String,
+        message: String,
+    },
+    Broadcast {
+        message: String,
+    },
     /// A heartbeat echoed by a backend: nothing to do.
     Heartbeat,
     /// v2: the opening line of a backend that speaks v2.
     Hello(Hello),
     /// v2: every event with `seq` up to this one has been handled.
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
 }
 
 /// Why a backend line could not be used. `cause` is a short stable label (for rate-limited
@@ -272,10 +281,9 @@ fn take_string(params: &mut serde_json::Map<String, Value>, action: &str, key: &
     match params.get_mut(key).map(Value::take) {
         Some(Value::String(s)) => Ok(s),
         None | Some(Value::Null) => Err(err("missing field", format!("{action}: params.{key} is missing"))),
-        Some(other) => Err(err(
-            "wrong type",
-            format!("{action}: params.{key} must be a string, got {}", type_name(&other)),
-        )),
+        Some(other) => {
+            Err(err("wrong type", format!("{action}: params.{key} must be a string, got {}", type_name(&other))))
+        }
     }
 }
 
@@ -289,14 +297,17 @@ fn take_message(params: &mut serde_json::Map<String, Value>, action: &str) -> Re
     }
 }
 
-fn optional_string(params: &mut serde_json::Map<String, Value>, action: &str, key: &str) -> Result<Option<String>, DecodeError> {
+fn optional_string(
+    params: &mut serde_json::Map<String, Value>,
+    action: &str,
+    key: &str,
+) -> Result<Option<String>, DecodeError> {
     match params.get_mut(key).map(Value::take) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(err(
-            "wrong type",
-            format!("{action}: params.{key} must be a string, got {}", type_name(&other)),
-        )),
+        Some(other) => {
+            Err(err("wrong type", format!("{action}: params.{key} must be a string, got {}", type_name(&other))))
+        }
     }
 }
 
@@ -322,12 +333,16 @@ pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s,
         Some(Value::Number(n)) => n.to_string(),
-        Some(other) => return Err(err("wrong type", format!("request_id must be a string, got {}", type_name(&other)))),
+        Some(other) => {
+            return Err(err("wrong type", format!("request_id must be a string, got {}", type_name(&other))))
+        }
     };
     let mut params = match obj.remove("params") {
         None | Some(Value::Null) => serde_json::Map::new(),
         Some(Value::Object(p)) => p,
-        Some(other) => return Err(err("wrong type", format!("{action}: params must be an object, got {}", type_name(&other)))),
+        Some(other) => {
+            return Err(err("wrong type", format!("{action}: params must be an object, got {}", type_name(&other))))
+        }
     };
     let p = &mut params;
     match action.as_str() {
@@ -339,7 +354,10 @@ pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
                 Some(Value::Bool(b)) => *b,
                 None | Some(Value::Null) => false,
                 Some(other) => {
-                    return Err(err("wrong type", format!("response: params.accepted must be a bool, got {}", type_name(other))))
+                    return Err(err(
+                        "wrong type",
+                        format!("response: params.accepted must be a bool, got {}", type_name(other)),
+                    ))
                 }
             };
             let client_id = optional_string(p, "response", "client_id")?;
@@ -349,7 +367,10 @@ pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
                 None | Some(Value::Null) => Value::Object(Default::default()),
                 Some(v @ Value::Object(_)) => v,
                 Some(other) => {
-                    return Err(err("wrong type", format!("response: params.metadata must be an object, got {}", type_name(&other))))
+                    return Err(err(
+                        "wrong type",
+                        format!("response: params.metadata must be an object, got {}", type_name(&other)),
+                    ))
                 }
             };
             Ok(BackendCommand::Response(AcceptResponse { request_id, accepted, client_id, room_id, metadata, reason }))
@@ -370,18 +391,34 @@ pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
                 None => Err(err("wrong type", format!("ack: params.seq must be a non-negative integer, got {n}"))),
             },
             None | Some(Value::Null) => Err(err("missing field", "ack: params.seq is missing")),
-            Some(other) => Err(err("wrong type", format!("ack: params.seq must be an integer, got {}", type_name(other)))),
+            Some(other) => {
+                Err(err("wrong type", format!("ack: params.seq must be an integer, got {}", type_name(other))))
+            }
         },
         "hello" => {
             let version = match p.get("version") {
-                Some(Value::Number(n)) => n.as_u64().ok_or_else(|| err("wrong type", format!("hello: params.version must be a positive integer, got {n}")))?,
+                Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
+                    err("wrong type", format!("hello: params.version must be a positive integer, got {n}"))
+                })?,
                 None | Some(Value::Null) => return Err(err("missing field", "hello: params.version is missing")),
-                Some(other) => return Err(err("wrong type", format!("hello: params.version must be an integer, got {}", type_name(other)))),
+                Some(other) => {
+                    return Err(err(
+                        "wrong type",
+                        format!("hello: params.version must be an integer, got {}", type_name(other)),
+                    ))
+                }
             };
             let features = match p.get_mut("features").map(Value::take) {
                 None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(items)) => items.into_iter().filter_map(|f| if let Value::String(s) = f { Some(s) } else { None }).collect(),
-                Some(other) => return Err(err("wrong type", format!("hello: params.features must be an array, got {}", type_name(&other)))),
+                Some(Value::Array(items)) => {
+                    items.into_iter().filter_map(|f| if let Value::String(s) = f { Some(s) } else { None }).collect()
+                }
+                Some(other) => {
+                    return Err(err(
+                        "wrong type",
+                        format!("hello: params.features must be an array, got {}", type_name(&other)),
+                    ))
+                }
             };
             let secret = optional_string(p, "hello", "secret")?;
             Ok(BackendCommand::Hello(Hello { version, features, secret }))
@@ -474,7 +511,10 @@ mod tests {
     fn v2_lines() {
         let line = encode_new_message("17", "hi", r#"{"client_id":"a","room_id":"r","metadata":{}}"#);
         let v: Value = serde_json::from_slice(&with_seq(&line, 5, false)).unwrap();
-        assert_eq!((v["seq"].as_u64(), v["request_id"].as_str(), v["params"]["message"].as_str()), (Some(5), Some("17"), Some("hi")));
+        assert_eq!(
+            (v["seq"].as_u64(), v["request_id"].as_str(), v["params"]["message"].as_str()),
+            (Some(5), Some("17"), Some("hi"))
+        );
         assert!(v.get("redelivered").is_none());
         let v: Value = serde_json::from_slice(&with_seq(&line, 6, true)).unwrap();
         assert_eq!(v["redelivered"], json!(true));
@@ -490,12 +530,26 @@ mod tests {
 
     #[test]
     fn v2_commands() {
-        assert_eq!(decode_backend_line(br#"{"action":"ack","params":{"seq":12}}"#).unwrap(), BackendCommand::Ack { seq: 12 });
-        for bad in [&br#"{"action":"ack","params":{"seq":-1}}"#[..], br#"{"action":"ack","params":{"seq":"1"}}"#, br#"{"action":"ack","params":{}}"#, br#"{"action":"ack","params":{"seq":1.5}}"#] {
+        assert_eq!(
+            decode_backend_line(br#"{"action":"ack","params":{"seq":12}}"#).unwrap(),
+            BackendCommand::Ack { seq: 12 }
+        );
+        for bad in [
+            &br#"{"action":"ack","params":{"seq":-1}}"#[..],
+            br#"{"action":"ack","params":{"seq":"1"}}"#,
+            br#"{"action":"ack","params":{}}"#,
+            br#"{"action":"ack","params":{"seq":1.5}}"#,
+        ] {
             assert!(decode_backend_line(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
-        let h = decode_backend_line(br#"{"request_id":"hello","action":"hello","params":{"version":2,"features":["ack",3],"secret":"s3"}}"#).unwrap();
-        assert_eq!(h, BackendCommand::Hello(Hello { version: 2, features: vec!["ack".into()], secret: Some("s3".into()) }));
+        let h = decode_backend_line(
+            br#"{"request_id":"hello","action":"hello","params":{"version":2,"features":["ack",3],"secret":"s3"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            h,
+            BackendCommand::Hello(Hello { version: 2, features: vec!["ack".into()], secret: Some("s3".into()) })
+        );
         assert!(decode_backend_line(br#"{"action":"hello","params":{"version":"2"}}"#).is_err());
         assert!(decode_backend_line(br#"{"action":"hello","params":{"version":2,"secret":7}}"#).is_err());
     }
@@ -570,7 +624,8 @@ mod tests {
             BackendCommand::MessageToRoom { room_id: "r".into(), message: "m".into() }
         );
         assert_eq!(
-            decode_backend_line(br#"{"action":"message_to_connection","params":{"conn_id":"c","message":"m"}}"#).unwrap(),
+            decode_backend_line(br#"{"action":"message_to_connection","params":{"conn_id":"c","message":"m"}}"#)
+                .unwrap(),
             BackendCommand::MessageToConnection { conn_id: "c".into(), message: "m".into() }
         );
         assert_eq!(
@@ -593,7 +648,10 @@ mod tests {
             (b"{\"action\":\"launch\",\"params\":{}}", "unknown action"),
             (b"{\"action\":\"response\",\"params\":{\"accepted\":true}}", "missing field"),
             (b"{\"request_id\":\"x\",\"action\":\"response\",\"params\":{\"accepted\":\"yes\"}}", "wrong type"),
-            (b"{\"request_id\":\"x\",\"action\":\"response\",\"params\":{\"accepted\":true,\"metadata\":3}}", "wrong type"),
+            (
+                b"{\"request_id\":\"x\",\"action\":\"response\",\"params\":{\"accepted\":true,\"metadata\":3}}",
+                "wrong type",
+            ),
             (b"{\"action\":\"broadcast\",\"params\":{\"message\":\"\xff\"}}", "invalid utf-8"),
         ];
         for (line, cause) in cases {

@@ -44,18 +44,42 @@ pub enum Decision {
 /// Messages to the router.
 pub enum RouterMsg {
     /// An event of a client, already encoded as a v1 line. `last` ends the client's pinning.
-    Event { client_id: Arc<str>, line: Bytes, last: bool },
+    Event {
+        client_id: Arc<str>,
+        line: Bytes,
+        last: bool,
+    },
     /// Ask a backend whether to accept a connection.
-    ConnRequest { request_id: String, url: String, line: Bytes, reply: oneshot::Sender<Decision> },
+    ConnRequest {
+        request_id: String,
+        url: String,
+        line: Bytes,
+        reply: oneshot::Sender<Decision>,
+    },
     /// The handshake gave up waiting (deadline passed).
-    CancelRequest { request_id: String },
+    CancelRequest {
+        request_id: String,
+    },
     /// A backend answered a connection request.
-    Response { backend: BackendId, resp: AcceptResponse },
+    Response {
+        backend: BackendId,
+        resp: AcceptResponse,
+    },
     /// A backend connected; `v2` when it negotiated acknowledgements.
-    BackendUp { id: BackendId, addr: String, outbox: Arc<Outbox>, v2: bool },
+    BackendUp {
+        id: BackendId,
+        addr: String,
+        outbox: Arc<Outbox>,
+        v2: bool,
+    },
     /// A v2 backend handled every event up to `seq`.
-    Ack { backend: BackendId, seq: u64 },
-    BackendDown { id: BackendId },
+    Ack {
+        backend: BackendId,
+        seq: u64,
+    },
+    BackendDown {
+        id: BackendId,
+    },
 }
 
 /// Figures the router publishes for `stats()`.
@@ -165,7 +189,10 @@ impl RouterHandle {
             b.outbox.finish();
         }
         if !r.queue.is_empty() {
-            tracing::warn!(events = r.queue.len(), "broker stopped with events still waiting for a backend; they are discarded");
+            tracing::warn!(
+                events = r.queue.len(),
+                "broker stopped with events still waiting for a backend; they are discarded"
+            );
             add(&r.counters.queue_dropped, r.queue.len() as u64);
         }
     }
@@ -174,7 +201,9 @@ impl RouterHandle {
 impl Router {
     fn handle(&mut self, msg: RouterMsg) {
         match msg {
-            RouterMsg::Event { client_id, line, last } => self.route(Queued { client_id, line, last, redelivered: false }),
+            RouterMsg::Event { client_id, line, last } => {
+                self.route(Queued { client_id, line, last, redelivered: false })
+            }
             RouterMsg::ConnRequest { request_id, url, line, reply } => self.ask(request_id, url, line, reply),
             RouterMsg::CancelRequest { request_id } => {
                 self.pending.remove(&request_id);
@@ -182,7 +211,14 @@ impl Router {
             RouterMsg::Response { backend, resp } => self.answer(backend, resp),
             RouterMsg::BackendUp { id, addr, outbox, v2 } => {
                 tracing::info!(backend = id, %addr, protocol = if v2 { 2 } else { 1 }, "backend connected");
-                self.backends.push(Backend { id, outbox, v2, next_seq: 1, unacked: VecDeque::new(), overflow_warned: false });
+                self.backends.push(Backend {
+                    id,
+                    outbox,
+                    v2,
+                    next_seq: 1,
+                    unacked: VecDeque::new(),
+                    overflow_warned: false,
+                });
                 self.flush_queue();
             }
             RouterMsg::Ack { backend, seq } => self.ack(backend, seq),
@@ -316,7 +352,8 @@ impl Router {
             return;
         };
         let decision = if resp.accepted {
-            let client_id = resp.client_id.filter(|c| !c.is_empty()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let client_id =
+                resp.client_id.filter(|c| !c.is_empty()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let room_id = resp.room_id.unwrap_or(p.url);
             if self.position(backend).is_some() {
                 self.pinned.insert(Arc::from(client_id.as_str()), backend);
@@ -337,7 +374,12 @@ impl Router {
             self.next = 0;
         }
         b.outbox.close();
-        tracing::warn!(backend = id, remaining = self.backends.len(), unacked = b.unacked.len(), "backend gone; its clients move to the remaining backends");
+        tracing::warn!(
+            backend = id,
+            remaining = self.backends.len(),
+            unacked = b.unacked.len(),
+            "backend gone; its clients move to the remaining backends"
+        );
         self.unacked_total -= b.unacked.len();
         if !b.unacked.is_empty() {
             add(&self.counters.events_redelivered, b.unacked.len() as u64);
@@ -345,7 +387,8 @@ impl Router {
         for u in b.unacked {
             self.route(Queued { redelivered: true, ..u.event });
         }
-        let orphaned: Vec<String> = self.pending.iter().filter(|(_, p)| p.backend == id).map(|(k, _)| k.clone()).collect();
+        let orphaned: Vec<String> =
+            self.pending.iter().filter(|(_, p)| p.backend == id).map(|(k, _)| k.clone()).collect();
         for request_id in orphaned {
             if let Some(p) = self.pending.remove(&request_id) {
                 self.ask(request_id, p.url, p.line, p.reply);
@@ -442,14 +485,33 @@ mod tests {
     async fn connection_requests_are_answered_or_refused() {
         let (tx, _c) = start(10);
         let (otx, orx) = oneshot::channel();
-        tx.send(RouterMsg::ConnRequest { request_id: "r1".into(), url: "/a".into(), line: Bytes::from("q"), reply: otx }).unwrap();
+        tx.send(RouterMsg::ConnRequest {
+            request_id: "r1".into(),
+            url: "/a".into(),
+            line: Bytes::from("q"),
+            reply: otx,
+        })
+        .unwrap();
         assert!(matches!(orx.await.unwrap(), Decision::Unavailable(_)));
 
         let b1 = backend(&tx, 1, false).await;
         let (otx, orx) = oneshot::channel();
-        tx.send(RouterMsg::ConnRequest { request_id: "r2".into(), url: "/room".into(), line: Bytes::from("q2"), reply: otx }).unwrap();
+        tx.send(RouterMsg::ConnRequest {
+            request_id: "r2".into(),
+            url: "/room".into(),
+            line: Bytes::from("q2"),
+            reply: otx,
+        })
+        .unwrap();
         assert_eq!(next(&b1).await, Bytes::from("q2"));
-        let resp = AcceptResponse { request_id: "r2".into(), accepted: true, client_id: None, room_id: None, metadata: Value::Null, reason: None };
+        let resp = AcceptResponse {
+            request_id: "r2".into(),
+            accepted: true,
+            client_id: None,
+            room_id: None,
+            metadata: Value::Null,
+            reason: None,
+        };
         tx.send(RouterMsg::Response { backend: 1, resp }).unwrap();
         match orx.await.unwrap() {
             Decision::Accept { client_id, room_id, .. } => {
@@ -467,7 +529,8 @@ mod tests {
         let b1 = backend(&tx, 1, false).await;
         let b2 = backend(&tx, 2, false).await;
         let (otx, _orx) = oneshot::channel();
-        tx.send(RouterMsg::ConnRequest { request_id: "r".into(), url: "/".into(), line: Bytes::from("q"), reply: otx }).unwrap();
+        tx.send(RouterMsg::ConnRequest { request_id: "r".into(), url: "/".into(), line: Bytes::from("q"), reply: otx })
+            .unwrap();
         let first = tokio::select! {
             l = next(&b1) => { assert_eq!(l, Bytes::from("q")); 1 }
             l = next(&b2) => { assert_eq!(l, Bytes::from("q")); 2 }
@@ -483,7 +546,8 @@ mod tests {
     }
 
     fn v2_ev(c: &str, n: u32) -> RouterMsg {
-        let line = protocol::encode_new_message(&n.to_string(), &format!("{c}{n}"), &format!(r#"{{"client_id":"{c}"}}"#));
+        let line =
+            protocol::encode_new_message(&n.to_string(), &format!("{c}{n}"), &format!(r#"{{"client_id":"{c}"}}"#));
         RouterMsg::Event { client_id: c.into(), line, last: false }
     }
 

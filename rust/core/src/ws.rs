@@ -7,9 +7,9 @@
 //! batch and flushed once; a flush that cannot complete (client stopped reading) can still be
 //! interrupted by a kick, so a stalled client never holds anything but itself.
 
+use crate::config::LimitPolicy;
 use crate::http::{self, UpgradeRequest};
 use crate::hub::ClientSlot;
-use crate::config::LimitPolicy;
 use crate::protocol::{self, CLOSE_IDLE};
 use crate::ratelimit::TokenBucket;
 use crate::router::{Decision, RouterMsg};
@@ -24,9 +24,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
@@ -39,7 +39,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Accepts WebSocket connections until `stop` fires.
 pub async fn listen(listener: TcpListener, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
-    crate::accept_loop(listener, "WebSocket", stop, guard, |stream, addr| connection(stream, addr, shared.clone())).await;
+    crate::accept_loop(listener, "WebSocket", stop, guard, |stream, addr| connection(stream, addr, shared.clone()))
+        .await;
 }
 
 fn ws_config(shared: &Shared) -> WebSocketConfig {
@@ -127,7 +128,13 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
     let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config(shared))).await;
 
     let (tx, rx) = mpsc::channel(shared.cfg.client_queue_size);
-    let slot = Arc::new(ClientSlot::new(shared.next_id(), client_id.as_str().into(), room_id.as_str().into(), context_json.clone(), tx));
+    let slot = Arc::new(ClientSlot::new(
+        shared.next_id(),
+        client_id.as_str().into(),
+        room_id.as_str().into(),
+        context_json.clone(),
+        tx,
+    ));
     incr(&shared.counters.connections_accepted);
     let replaced = shared.hub.register(slot.clone());
     if let Some(cluster) = &shared.cluster {
@@ -178,7 +185,9 @@ enum End {
 
 fn read_error(e: &WsError, max: usize) -> End {
     match e {
-        WsError::Capacity(_) => End::Close(1009, "message too big", Some(format!("message too big (max_message_size={max})"))),
+        WsError::Capacity(_) => {
+            End::Close(1009, "message too big", Some(format!("message too big (max_message_size={max})")))
+        }
         WsError::Utf8(_) => End::Close(1007, "invalid UTF-8", Some("invalid UTF-8 in a text message".into())),
         // A client that vanished without a close frame (tab killed, network lost) just left.
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
@@ -189,10 +198,18 @@ fn read_error(e: &WsError, max: usize) -> End {
 
 /// Serves an upgraded connection; returns an error text for the backend if the broker closed it
 /// because of something the client did.
-async fn run(mut ws: WebSocketStream<TcpStream>, slot: &ClientSlot, mut rx: mpsc::Receiver<Utf8Bytes>, shared: &Shared) -> Option<String> {
+async fn run(
+    mut ws: WebSocketStream<TcpStream>,
+    slot: &ClientSlot,
+    mut rx: mpsc::Receiver<Utf8Bytes>,
+    shared: &Shared,
+) -> Option<String> {
     let max = shared.cfg.max_message_size;
     let ping_every = shared.cfg.ping_interval;
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_every.max(Duration::from_millis(1)), ping_every.max(Duration::from_millis(1)));
+    let mut ping = tokio::time::interval_at(
+        Instant::now() + ping_every.max(Duration::from_millis(1)),
+        ping_every.max(Duration::from_millis(1)),
+    );
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut bucket = TokenBucket::new(shared.cfg.client_rate_limit, shared.cfg.rate_burst());
@@ -278,7 +295,11 @@ fn forward(shared: &Shared, slot: &ClientSlot, text: &str) {
     let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false });
 }
 
-async fn write_batch(ws: &mut WebSocketStream<TcpStream>, first: Utf8Bytes, rx: &mut mpsc::Receiver<Utf8Bytes>) -> Result<(), WsError> {
+async fn write_batch(
+    ws: &mut WebSocketStream<TcpStream>,
+    first: Utf8Bytes,
+    rx: &mut mpsc::Receiver<Utf8Bytes>,
+) -> Result<(), WsError> {
     ws.feed(Message::Text(first)).await?;
     for _ in 1..WRITE_BATCH {
         match rx.try_recv() {

@@ -31,10 +31,32 @@ fn arb_json() -> impl Strategy<Value = Value> {
     })
 }
 
-const ACTIONS: [&str; 10] =
-    ["response", "message_to_room", "message_to_connection", "broadcast", "heartbeat", "ack", "hello", "nope", "", "RESPONSE"];
-const KEYS: [&str; 12] =
-    ["accepted", "client_id", "room_id", "metadata", "reason", "message", "conn_id", "seq", "version", "features", "secret", "x"];
+const ACTIONS: [&str; 10] = [
+    "response",
+    "message_to_room",
+    "message_to_connection",
+    "broadcast",
+    "heartbeat",
+    "ack",
+    "hello",
+    "nope",
+    "",
+    "RESPONSE",
+];
+const KEYS: [&str; 12] = [
+    "accepted",
+    "client_id",
+    "room_id",
+    "metadata",
+    "reason",
+    "message",
+    "conn_id",
+    "seq",
+    "version",
+    "features",
+    "secret",
+    "x",
+];
 
 /// Objects shaped like backend lines, with every field of every type.
 fn arb_line() -> impl Strategy<Value = Value> {

@@ -22,7 +22,9 @@ fn int(setting: &'static str, v: &Bound<'_, PyAny>, min: i64, max: i64) -> PyRes
     if v.is_instance_of::<pyo3::types::PyBool>() {
         return Err(invalid(setting, v, "must be an integer"));
     }
-    let n: i64 = v.extract().map_err(|_| invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be an integer"))?;
+    let n: i64 = v
+        .extract()
+        .map_err(|_| invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be an integer"))?;
     if n < min || n > max {
         return Err(invalid(setting, n, &format!("must be between {min} and {max}")));
     }
@@ -33,7 +35,9 @@ fn secs(setting: &'static str, v: &Bound<'_, PyAny>) -> PyResult<Duration> {
     if v.is_instance_of::<pyo3::types::PyBool>() {
         return Err(invalid(setting, v, "must be a number of seconds"));
     }
-    let f: f64 = v.extract().map_err(|_| invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be a number of seconds"))?;
+    let f: f64 = v.extract().map_err(|_| {
+        invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be a number of seconds")
+    })?;
     seconds(setting, f).map_err(value_error)
 }
 
@@ -79,11 +83,13 @@ fn config_from(settings: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
             "cluster_node_id" => c.cluster_node_id = Some(string("cluster_node_id", &v)?),
             "slow_client_policy" => {
                 let s = string("slow_client_policy", &v)?;
-                c.slow_client_policy = LimitPolicy::parse(&s).ok_or_else(|| invalid("slow_client_policy", &s, "must be 'close' or 'drop'"))?;
+                c.slow_client_policy = LimitPolicy::parse(&s)
+                    .ok_or_else(|| invalid("slow_client_policy", &s, "must be 'close' or 'drop'"))?;
             }
             "rate_limit_policy" => {
                 let s = string("rate_limit_policy", &v)?;
-                c.rate_limit_policy = LimitPolicy::parse(&s).ok_or_else(|| invalid("rate_limit_policy", &s, "must be 'close' or 'drop'"))?;
+                c.rate_limit_policy = LimitPolicy::parse(&s)
+                    .ok_or_else(|| invalid("rate_limit_policy", &s, "must be 'close' or 'drop'"))?;
             }
             "backend_secret" => {
                 let s = v.extract::<String>().map_err(|_| invalid("backend_secret", "<hidden>", "must be a string"))?;
@@ -96,15 +102,25 @@ fn config_from(settings: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
                 if v.is_instance_of::<pyo3::types::PyBool>() {
                     return Err(invalid("client_rate_limit", &v, "must be a number of messages per second"));
                 }
-                c.client_rate_limit = v
-                    .extract()
-                    .map_err(|_| invalid("client_rate_limit", v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be a number of messages per second"))?;
+                c.client_rate_limit = v.extract().map_err(|_| {
+                    invalid(
+                        "client_rate_limit",
+                        v.repr().map(|r| r.to_string()).unwrap_or_default(),
+                        "must be a number of messages per second",
+                    )
+                })?;
             }
             "allowed_origins" => {
                 if v.is_instance_of::<pyo3::types::PyString>() {
                     return Err(invalid("allowed_origins", v, "must be a list of origins, not a string"));
                 }
-                c.allowed_origins = v.extract().map_err(|_| invalid("allowed_origins", v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be a list of strings"))?;
+                c.allowed_origins = v.extract().map_err(|_| {
+                    invalid(
+                        "allowed_origins",
+                        v.repr().map(|r| r.to_string()).unwrap_or_default(),
+                        "must be a list of strings",
+                    )
+                })?;
             }
             other => return Err(PyTypeError::new_err(format!("unknown broker setting {other:?}"))),
         }
