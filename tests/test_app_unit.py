@@ -43,11 +43,12 @@ class AppRunner:
 
 def test_app_constructor_defaults() -> None:
     app = PyStrands()
-    c = app.client
+    assert app.client is None  # the running client; the app is not running
+    c = app._create_client()
     assert (app.host, app.port, app.connected) == ("localhost", 8081, False)
     assert (c.auto_reconnect, c.reconnect_delay, c.max_reconnect_delay, c.reconnect_backoff) == (True, 1.0, 30.0, 2.0)
     app2 = PyStrands("h", 9, False, 0.5, 4.0, 3.0, run_sync_in_thread=False, max_threads=2)
-    c2 = app2.client
+    c2 = app2._create_client()
     assert (app2.host, app2.port, c2.auto_reconnect, c2.reconnect_delay, c2.max_reconnect_delay, c2.reconnect_backoff) == (
         "h", 9, False, 0.5, 4.0, 3.0,
     )
@@ -73,7 +74,7 @@ def test_app_send_when_not_running_does_not_raise() -> None:
     r2 = app.send_private_message("c", "m")
     r3 = app.broadcast("m")
     assert all(isinstance(r, SendResult) and r.done() for r in (r1, r2, r3))
-    assert app.client.dropped_sends == 3
+    assert app.client is None  # sends of an app that does not run do nothing (as upstream)
 
     async def body() -> None:
         await app.send_room_message("r", "m")  # awaitable too

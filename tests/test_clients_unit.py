@@ -436,13 +436,16 @@ def test_sync_reconnects_after_broker_restart(broker: FakeBroker) -> None:
         broker.stop_listening()
         broker.drop_connections()
         wait_for(lambda: not c.connected, what="disconnect noticed")
-        c.send_room_message("r", "lost while down")  # dropped, no exception
+        c.send_room_message("r", "kept while down")  # kept, no exception
+        assert c.buffered_sends == 1
         broker.listen()
         broker.wait_connections(2)
         wait_for(lambda: c.connected, what="reconnected")
         c.send_room_message("r", "back")
+        # the kept send is written first on the new connection, right after the hello
+        assert broker.recv()["params"]["message"] == "kept while down"
         assert broker.recv()["params"]["message"] == "back"
-        assert c.dropped_sends >= 1
+        assert c.dropped_sends == 0 and c.buffered_sends == 0
     finally:
         c.disconnect()
 
@@ -485,13 +488,13 @@ def test_sync_run_forever_retries_first_connect(broker: FakeBroker) -> None:
 
 
 def test_sync_send_while_disconnected_does_not_raise(caplog: pytest.LogCaptureFixture) -> None:
-    c = PyStrandsClient("127.0.0.1", 1)
+    c = PyStrandsClient("127.0.0.1", 1, max_buffered_sends=4)
     with caplog.at_level(logging.WARNING, logger="pystrands.client"):
         for _ in range(3):
             c.send_room_message("r", "m")
             c.send_private_message("c", "m")
             c.broadcast_message("m")
-    assert c.dropped_sends == 9
+    assert c.buffered_sends == 4 and c.dropped_sends == 5  # drop-oldest beyond the bound
     assert len([r for r in caplog.records if "dropping" in r.getMessage()]) == 1
 
 
@@ -1029,14 +1032,17 @@ def test_async_reconnects_after_drop_and_restart(broker: FakeBroker) -> None:
             broker.stop_listening()
             broker.drop_connections()
             await athread(wait_for, lambda: not c.connected)
-            await c.send_room_message("r", "lost")  # dropped, no exception
+            await c.send_room_message("r", "kept")  # kept, no exception
+            assert c.buffered_sends == 1
             broker.listen()
             await athread(broker.wait_connections, 3)
             await athread(wait_for, lambda: c.connected)
             await c.send_room_message("r", "back")
             frame = await athread(broker.recv)
+            assert frame["params"]["message"] == "kept"
+            frame = await athread(broker.recv)
             assert frame["params"]["message"] == "back"
-            assert c.dropped_sends >= 1
+            assert c.dropped_sends == 0 and c.buffered_sends == 0
         finally:
             await c.disconnect()
 
@@ -1086,13 +1092,13 @@ def test_async_connect_failure_and_send_while_disconnected(broker: FakeBroker, c
     broker.stop_listening()
 
     async def body() -> None:
-        c = AsyncPyStrandsClient("127.0.0.1", broker.port, auto_reconnect=False)
+        c = AsyncPyStrandsClient("127.0.0.1", broker.port, auto_reconnect=False, max_buffered_sends=0)
         assert await c.connect() is False
         for _ in range(3):
             await c.send_room_message("r", "m")
             await c.send_private_message("c", "m")
             await c.broadcast_message("m")
-        assert c.dropped_sends == 9
+        assert c.dropped_sends == 9 and c.buffered_sends == 0  # 0: nothing is kept
         await c.run_forever()  # auto_reconnect off and broker down: returns
         await c.disconnect()
 

@@ -11,6 +11,8 @@ import pytest
 
 from pystrands import ConnectionRequestContext, Context, Headers
 from pystrands import _protocol as p
+from pystrands._base import Backoff
+from pystrands._session import AckTracker
 
 # ----------------------------------------------------------------------------- framing
 
@@ -284,7 +286,7 @@ def test_decode_2mib_message() -> None:
 
 
 def test_backoff_schedule_without_jitter() -> None:
-    b = p.Backoff(1.0, 2.0, 10.0, jitter=0.0)
+    b = Backoff(1.0, 2.0, 10.0, jitter=0.0)
     assert [b.next() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
     b.reset()
     assert b.next() == 1.0
@@ -292,7 +294,7 @@ def test_backoff_schedule_without_jitter() -> None:
 
 def test_backoff_jitter_bounds() -> None:
     rng = random.Random(1234)
-    b = p.Backoff(0.5, 2.0, 8.0, jitter=0.2, rng=rng.random)
+    b = Backoff(0.5, 2.0, 8.0, jitter=0.2, rng=rng.random)
     nominal = 0.5
     seen: list[float] = []
     for _ in range(200):
@@ -306,27 +308,13 @@ def test_backoff_jitter_bounds() -> None:
 
 
 def test_backoff_extremes() -> None:
-    assert p.Backoff(0.0, 2.0, 1.0).next() == 0.0
-    b = p.Backoff(1.0, 0.5, 0.1, jitter=0.0)  # factor < 1 and max < initial are clamped
+    assert Backoff(0.0, 2.0, 1.0).next() == 0.0
+    b = Backoff(1.0, 0.5, 0.1, jitter=0.0)  # factor < 1 and max < initial are clamped
     assert [b.next() for _ in range(3)] == [1.0, 1.0, 1.0]
-    lo = p.Backoff(1.0, 2.0, 30.0, jitter=0.15, rng=lambda: 0.0)
-    hi = p.Backoff(1.0, 2.0, 30.0, jitter=0.15, rng=lambda: 0.999999)
+    lo = Backoff(1.0, 2.0, 30.0, jitter=0.15, rng=lambda: 0.0)
+    hi = Backoff(1.0, 2.0, 30.0, jitter=0.15, rng=lambda: 0.999999)
     assert lo.next() == pytest.approx(0.85)
     assert hi.next() == pytest.approx(1.15, rel=1e-5)
-
-
-def test_drop_tracker_warns_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
-    log = logging.getLogger("pystrands.test.drops")
-    t = p.DropTracker(log)
-    with caplog.at_level(logging.WARNING, logger="pystrands.test.drops"):
-        for _ in range(5):
-            t.drop()
-        assert len(caplog.records) == 1
-        t.connected()
-        assert "5 send(s)" in caplog.records[-1].getMessage()
-        t.drop()
-        assert len(caplog.records) == 3
-    assert t.total_dropped == 6 and t.period_dropped == 1
 
 
 # ----------------------------------------------------------------------------- contexts
@@ -499,7 +487,7 @@ def test_decode_seq_on_skipped_frames(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_ack_tracker_in_order() -> None:
-    t = p.AckTracker()
+    t = AckTracker()
     assert (t.watermark, t.sent, t.due, t.take()) == (0, 0, False, 0)
     for seq in (1, 2, 3):
         assert t.dispatch(seq)
@@ -509,7 +497,7 @@ def test_ack_tracker_in_order() -> None:
 
 
 def test_ack_tracker_out_of_order_waits_for_the_slow_one() -> None:
-    t = p.AckTracker()
+    t = AckTracker()
     for seq in range(1, 11):
         t.dispatch(seq)
     # seq 1 is slow; 2..10 finish first: the watermark must not move
@@ -527,7 +515,7 @@ def test_ack_tracker_out_of_order_waits_for_the_slow_one() -> None:
 
 
 def test_ack_tracker_gaps_skips_and_duplicates(caplog: pytest.LogCaptureFixture) -> None:
-    t = p.AckTracker()
+    t = AckTracker()
     t.dispatch(1)
     with caplog.at_level(logging.WARNING, logger="pystrands.protocol"):
         assert t.dispatch(4)  # 2 and 3 were lost in undecodable lines
@@ -545,7 +533,7 @@ def test_ack_tracker_gaps_skips_and_duplicates(caplog: pytest.LogCaptureFixture)
 def test_ack_tracker_matches_a_reference_model() -> None:
     rng = random.Random(1234)
     for _ in range(50):
-        t = p.AckTracker()
+        t = AckTracker()
         n = rng.randint(1, 200)
         order = list(range(1, n + 1))
         rng.shuffle(order)

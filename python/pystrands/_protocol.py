@@ -1,38 +1,24 @@
-"""Wire protocol core (v1, and the negotiated v2) shared by the sync and async clients.
+"""The wire codec of the backend link (protocol v1 and the negotiated v2): bytes <-> frames.
 
-Everything both clients need lives here once:
+No state beyond one stream's framing and no rules about when to send what:
+those live in :mod:`pystrands._session`, which drives this module.
 
 * the JSON codec (orjson, with a stdlib fallback),
 * :class:`LineFramer`, an incremental linear-time splitter of newline-delimited
   frames with a maximum line size,
-* encoders for the backend -> broker actions (``message_to_room``,
-  ``message_to_connection``, ``broadcast``, ``response``) with cheap counter
-  request ids,
-* :func:`decode_event`, turning one inbound line into a typed event (or ``None``
-  for heartbeats, unknown actions and malformed input, which is logged, never
-  raised),
-* :class:`Backoff`, the reconnect delay schedule with jitter,
-* :class:`DropTracker`, which logs sends dropped while disconnected once per
-  disconnected period and counts them,
-* small helpers for connection-request replies,
-* protocol v2 (``docs/protocol.md``): :func:`encode_hello`, :func:`encode_ack`,
-  :data:`HEARTBEAT_REPLY`, the control events :class:`HelloReply`,
-  :class:`Heartbeat` and :class:`Skipped`, :class:`AckTracker` (the cumulative
-  acknowledgement watermark over out-of-order handler completions) and
-  :func:`resolve_backend_secret`.
+* encoders for the backend -> broker frames (``message_to_room``,
+  ``message_to_connection``, ``broadcast``, ``response``, and the v2 ``hello``,
+  ``ack`` and heartbeat reply) with cheap counter request ids,
+* :func:`decode_event`, turning one inbound line into a typed :class:`Event` (or
+  ``None`` for unknown actions and malformed input, which is logged, never
+  raised); control events (hello replies, heartbeats, skipped frames) have
+  :attr:`Event.control` set and never reach user callbacks.
 
 The per-client ordering key of an event is :attr:`Event.key`: the ``client_id`` of
-its context; connection requests have ``key = None`` and may run concurrently.
-Control events (:attr:`Event.control` true) are for the connection itself and are
-never handed to user callbacks. An event from a v2 broker carries its sequence
-number in :attr:`Event.seq` (``0`` when it has none) and its id / redelivery flag
-on its context (:attr:`Context.event_id`, :attr:`Context.redelivered`).
-
-v2 session rules both clients follow: send the ``hello`` first on every connection
-and do not wait for the answer; the session is v1 until a ``hello`` reply with
-``ok: true`` arrives, then v2 until the connection ends. Only in v2 are ``ack``
-and heartbeat replies sent, and is silence for ``SILENCE_FACTOR`` heartbeat
-intervals a dead connection.
+its context; connection requests have ``key = None`` and may run concurrently. An
+event from a v2 broker carries its sequence number in :attr:`Event.seq` (``0``
+when it has none) and its id / redelivery flag on its context
+(:attr:`Context.event_id`, :attr:`Context.redelivered`).
 """
 
 from __future__ import annotations
@@ -40,10 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import random
-import threading
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from .context import ConnectionRequestContext, Context
@@ -51,7 +34,6 @@ from .context import ConnectionRequestContext, Context
 logger = logging.getLogger("pystrands.protocol")
 
 __all__ = [
-    "ACK_DELAY",
     "BACKEND_SECRET_ENV",
     "DEFAULT_MAX_LINE_SIZE",
     "HEARTBEAT",
@@ -60,11 +42,8 @@ __all__ = [
     "READ_CHUNK_SIZE",
     "SILENCE_FACTOR",
     "V2_FEATURES",
-    "AckTracker",
-    "Backoff",
     "ConnectionRequest",
     "Disconnected",
-    "DropTracker",
     "ErrorEvent",
     "Event",
     "Heartbeat",
@@ -85,9 +64,9 @@ __all__ = [
     "encode_response",
     "encode_room_message",
     "loads",
-    "log_refusal",
     "resolve_accepted",
     "resolve_backend_secret",
+    "response_for",
 ]
 
 DEFAULT_MAX_LINE_SIZE = 64 * 1024 * 1024
@@ -108,11 +87,6 @@ BACKEND_SECRET_ENV = "PYSTRANDS_BACKEND_SECRET"
 SILENCE_FACTOR = 3.0
 """In v2, this many announced heartbeat intervals without any byte from the broker
 mean the connection is dead."""
-
-ACK_DELAY = 0.005
-"""Longest time (seconds) the threading client holds a due ``ack`` back hoping to
-send it along with other frames; the asyncio client sends it with the loop
-iteration's flush instead."""
 
 # --------------------------------------------------------------------------- codec
 
@@ -326,7 +300,7 @@ def encode_hello(secret: str | None = None) -> bytes:
 def resolve_backend_secret(secret: str | None) -> str | None:
     """The backend secret to use: ``secret``, else ``$PYSTRANDS_BACKEND_SECRET``.
 
-    An empty string (given or from the environment) means no secret.
+    An empty string (given or from the environment) means none.
     """
     if secret is None:
         secret = os.environ.get(BACKEND_SECRET_ENV)
@@ -335,19 +309,8 @@ def resolve_backend_secret(secret: str | None) -> str | None:
     return secret or None
 
 
-def log_refusal(log: logging.Logger, reply: HelloReply, address: str) -> None:
-    """Log (ERROR) that the broker at ``address`` refused our ``hello``, with its reason."""
-    log.error(
-        "The broker at %s refused this backend: %s (check backend_secret / %s); "
-        "closing the connection",
-        address,
-        reply.error or "no reason given",
-        BACKEND_SECRET_ENV,
-    )
-
-
 def resolve_accepted(result: Any, request: ConnectionRequestContext) -> bool:
-    """Return the decision: ``result`` if it is a bool, else ``request.accepted``."""
+    """The decision: ``result`` if it is a bool, else ``request.accepted``."""
     if isinstance(result, bool):
         return result
     return bool(request.accepted)
@@ -650,178 +613,3 @@ def decode_event(line: bytes | bytearray) -> Event | None:
         return Skipped(seq)
     _event_facts(event, frame, seq)
     return event
-
-
-# --------------------------------------------------------------- acknowledgements
-
-
-class AckTracker:
-    """Cumulative acknowledgement watermark of one v2 connection.
-
-    The reader calls :meth:`dispatch` for every event it hands to a handler, in
-    arrival order (so in ``seq`` order), and :meth:`skip` for ``seq``-carrying
-    frames no handler will see. Handlers of different WebSocket clients finish
-    in any order; each completion calls :meth:`done`. :attr:`watermark` is the
-    highest ``seq`` such that every event with a ``seq`` at or below it was
-    handled (``seq`` values never dispatched, e.g. lost in an undecodable line,
-    count as handled). :attr:`sent` is the last watermark written in an ``ack``;
-    :meth:`take` moves it.
-
-    Not thread-safe: the threading client calls it under its connection lock,
-    the asyncio client from the loop thread only. Costs O(1) per event when
-    handlers finish in order; a completion ahead of an unfinished event is parked
-    in a set until the watermark reaches it.
-    """
-
-    __slots__ = ("_inflight", "_finished", "_top", "watermark", "sent")
-
-    def __init__(self) -> None:
-        """Start a connection's tracking: nothing dispatched, nothing acknowledged."""
-        self._inflight: deque[int] = deque()  # dispatched, not yet behind the watermark
-        self._finished: set[int] = set()  # done, but behind an unfinished event
-        self._top = 0  # highest seq seen
-        self.watermark = 0
-        self.sent = 0
-
-    @property
-    def due(self) -> bool:
-        """True when the watermark moved past the last ``ack`` sent."""
-        return self.watermark > self.sent
-
-    @property
-    def pending(self) -> int:
-        """Events dispatched and not yet behind the watermark."""
-        return len(self._inflight)
-
-    def dispatch(self, seq: int) -> bool:
-        """Record that the event ``seq`` goes to a handler.
-
-        Returns ``False`` (the event must then not be acknowledged) for a ``seq``
-        not above every one seen before: duplicates or reordering by the broker.
-        """
-        top = self._top
-        if seq <= top:
-            logger.warning("Event seq %d arrived after seq %d; it will not be acknowledged", seq, top)
-            return False
-        if seq != top + 1:
-            logger.warning(
-                "Events seq %d..%d were not received intact; acknowledging them as skipped",
-                top + 1,
-                seq - 1,
-            )
-        self._top = seq
-        self._inflight.append(seq)
-        return True
-
-    def skip(self, seq: int) -> bool:
-        """Record a ``seq`` that no handler will see; ``True`` if the watermark moved."""
-        if seq <= self._top:
-            return False
-        self._top = seq
-        if self._inflight:
-            return False
-        self.watermark = seq
-        return True
-
-    def done(self, seq: int) -> bool:
-        """Record that the handler of ``seq`` finished; ``True`` if the watermark moved."""
-        inflight = self._inflight
-        if not inflight or inflight[0] != seq:
-            self._finished.add(seq)
-            return False
-        inflight.popleft()
-        finished = self._finished
-        if finished:
-            while inflight and inflight[0] in finished:
-                finished.discard(inflight.popleft())
-        self.watermark = inflight[0] - 1 if inflight else self._top
-        return True
-
-    def take(self) -> int:
-        """Return the watermark to acknowledge now (``0``: nothing new) and mark it sent."""
-        watermark = self.watermark
-        if watermark <= self.sent:
-            return 0
-        self.sent = watermark
-        return watermark
-
-
-# ------------------------------------------------------------------------- backoff
-
-
-class Backoff:
-    """Reconnect delay schedule: ``delay, delay*factor, ...`` capped at ``maximum``.
-
-    Each returned delay is the nominal one times a random factor in
-    ``[1 - jitter, 1 + jitter]``, then capped at ``maximum`` (so many backends
-    restarting together do not reconnect in lock step, and the cap holds).
-    """
-
-    __slots__ = ("initial", "factor", "maximum", "jitter", "_nominal", "_random")
-
-    def __init__(
-        self,
-        initial: float,
-        factor: float,
-        maximum: float,
-        jitter: float = 0.15,
-        rng: Callable[[], float] = random.random,
-    ) -> None:
-        """Create a schedule; negative values are clamped, ``factor`` to at least 1."""
-        self.initial = max(0.0, float(initial))
-        self.factor = max(1.0, float(factor))
-        self.maximum = max(self.initial, float(maximum))
-        self.jitter = min(max(0.0, float(jitter)), 1.0)
-        self._random = rng
-        self._nominal = self.initial
-
-    def reset(self) -> None:
-        """Start again from the initial delay (after a successful connect)."""
-        self._nominal = self.initial
-
-    def next(self) -> float:
-        """Return the next delay in seconds and advance the schedule."""
-        nominal = self._nominal
-        self._nominal = min(nominal * self.factor, self.maximum)
-        jittered = nominal * (1.0 + self.jitter * (2.0 * self._random() - 1.0))
-        return min(max(0.0, jittered), self.maximum)
-
-    def __iter__(self) -> Iterator[float]:
-        while True:
-            yield self.next()
-
-
-# ------------------------------------------------------------------ dropped sends
-
-
-class DropTracker:
-    """Counts sends dropped while disconnected; warns once per disconnected period."""
-
-    __slots__ = ("_lock", "_logger", "period_dropped", "total_dropped")
-
-    def __init__(self, log: logging.Logger) -> None:
-        """Report through ``log``."""
-        self._lock = threading.Lock()
-        self._logger = log
-        self.period_dropped = 0
-        self.total_dropped = 0
-
-    def drop(self, what: str = "send") -> None:
-        """Record one dropped send; the first of a period logs a warning."""
-        with self._lock:
-            self.period_dropped += 1
-            self.total_dropped += 1
-            first = self.period_dropped == 1
-        if first:
-            self._logger.warning(
-                "Not connected to the broker: dropping %s (further drops are counted "
-                "until the connection is back)",
-                what,
-            )
-
-    def connected(self) -> None:
-        """Close the disconnected period, logging how many sends it dropped."""
-        with self._lock:
-            count, self.period_dropped = self.period_dropped, 0
-        if count:
-            self._logger.warning("%d send(s) were dropped while disconnected", count)

@@ -21,21 +21,26 @@ Example::
 
     app.run()            # blocking; or: await app.run_async()
 
-Design:
+Design (the shape of the upstream decorator app, so code and tests written for it
+keep working):
 
-* The app runs on :class:`~pystrands.AsyncPyStrandsClient` (one event loop).
-  Per-client ordering and cross-client concurrency are the async client's.
+* ``app._handlers`` maps ``"connection_request"``, ``"new_connection"``,
+  ``"message"``, ``"disconnect"`` and ``"error"`` to the registered functions;
+  ``await app._call(event, *args)`` runs one and returns its result (``None``
+  when none is registered); ``app._create_client()`` returns an
+  :class:`~pystrands.AsyncPyStrandsClient` carrying the app's settings whose
+  callbacks call the handlers; ``app._client`` is the running client (``None``
+  while the app does not run). The app uses only the client's public methods.
 * ``async def`` handlers run on the loop. Plain ``def`` handlers run in a thread
   pool (``max_threads`` threads) so blocking code never stalls the loop; the
   loop waits for each before handling that client's next event, so order still
   holds. Pass ``run_sync_in_thread=False`` to call them on the loop instead
   (fastest for trivial handlers; they must not block).
 * ``send_room_message`` / ``send_private_message`` / ``broadcast`` queue the
-  frame immediately and return a :class:`SendResult`: ignore it in a sync
-  handler, ``await`` it in an async one (it completes at once unless the
-  socket buffer is full, in which case it waits for room). They work from any
-  thread; sends while disconnected are dropped (logged once per period) and
-  never raise.
+  frame at once and return a :class:`SendResult`: ignore it in a sync handler,
+  ``await`` it in an async one (it completes at once unless the socket buffer
+  is full). They work from any thread, and do nothing while the app is not
+  running; while it reconnects, the client keeps them for the next connection.
 * Protocol v2 (acknowledgements, heartbeats, ``backend_secret``) is the async
   client's: with a v2 broker delivery is at least once, and a handler can
   deduplicate on ``context.event_id`` (``context.redelivered`` marks
@@ -49,10 +54,12 @@ import concurrent.futures
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar, overload
 
-from ._protocol import DEFAULT_MAX_LINE_SIZE, encode_broadcast, encode_private_message, encode_room_message
+from ._coro import first_step, resume
+from ._protocol import DEFAULT_MAX_LINE_SIZE
+from ._session import DEFAULT_MAX_BUFFERED_SENDS
 from .async_client import AsyncPyStrandsClient
 from .context import ConnectionRequestContext, Context
 
@@ -62,7 +69,8 @@ __all__ = ["PyStrands", "SendResult"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_MISSING: Any = object()
+EVENTS = ("connection_request", "new_connection", "message", "disconnect", "error")
+"""The keys of ``app._handlers``, one per decorator (``@app.on_<event>``)."""
 
 
 class SendResult:
@@ -74,8 +82,8 @@ class SendResult:
 
     __slots__ = ("_waiter",)
 
-    def __init__(self, waiter: asyncio.Future[None] | None = None) -> None:
-        """Wrap an optional drain waiter (``None``: nothing to wait for)."""
+    def __init__(self, waiter: asyncio.Future[Any] | None = None) -> None:
+        """Wrap an optional waiter (``None``: nothing to wait for)."""
         self._waiter = waiter
 
     def done(self) -> bool:
@@ -93,29 +101,41 @@ class SendResult:
 _DONE = SendResult()
 
 
+async def _finish(it: Any, pending: Any) -> None:
+    await resume(it, pending)
+
+
+async def _awaited(send: Awaitable[None]) -> None:
+    await send
+
+
 class _AppClient(AsyncPyStrandsClient):
-    """The async client driving a :class:`PyStrands` app."""
+    """The async client driving a :class:`PyStrands` app: each callback calls its handler."""
 
     def __init__(self, app: PyStrands, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._app = app
 
     async def on_connection_request(self, request: ConnectionRequestContext) -> bool | None:
-        result = await self._app._invoke("on_connection_request", request)
-        return True if result is _MISSING else result
+        if "connection_request" not in self._app._handlers:
+            return True
+        result: bool | None = await self._app._call("connection_request", request)
+        return result
 
     async def on_new_connection(self, context: Context) -> None:
-        await self._app._invoke("on_new_connection", context)
+        await self._app._call("new_connection", context)
 
     async def on_message(self, message: str, context: Context) -> None:
-        await self._app._invoke("on_message", message, context)
+        await self._app._call("message", message, context)
 
     async def on_disconnect(self, context: Context) -> None:
-        await self._app._invoke("on_disconnect", context)
+        await self._app._call("disconnect", context)
 
     async def on_error(self, error: str, context: Context) -> None:
-        if await self._app._invoke("on_error", error, context) is _MISSING:
+        if "error" not in self._app._handlers:
             logger.error("Error for client %s: %s", context.client_id, error)
+            return
+        await self._app._call("error", error, context)
 
 
 class PyStrands:
@@ -137,6 +157,8 @@ class PyStrands:
         backend_secret: Secret sent in the ``hello`` to a broker that requires
             one (keyword only); ``None`` reads ``$PYSTRANDS_BACKEND_SECRET``.
             Never logged.
+        max_buffered_sends: Sends kept while the client reconnects (keyword only).
+        buffer_policy: ``"drop_oldest"`` or ``"drop_newest"`` (keyword only).
     """
 
     def __init__(
@@ -154,63 +176,58 @@ class PyStrands:
         max_pending: int = 10_000,
         max_line_size: int = DEFAULT_MAX_LINE_SIZE,
         backend_secret: str | None = None,
+        max_buffered_sends: int = DEFAULT_MAX_BUFFERED_SENDS,
+        buffer_policy: str = "drop_oldest",
     ) -> None:
         """Create the app; nothing connects until :meth:`run` / :meth:`run_async`."""
+        self.host = host
+        self.port = port
+        self.auto_reconnect = auto_reconnect
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.reconnect_backoff = reconnect_backoff
         self.run_sync_in_thread = run_sync_in_thread
         self.max_threads = max(1, int(max_threads))
-        self._handlers: dict[str, tuple[Callable[..., Any], bool]] = {}
+        self.connect_timeout = connect_timeout
+        self.max_pending = max_pending
+        self.max_line_size = max_line_size
+        self.backend_secret = backend_secret
+        self.max_buffered_sends = max_buffered_sends
+        self.buffer_policy = buffer_policy
+        self._handlers: dict[str, Callable[..., Any]] = {}
+        self._client: AsyncPyStrandsClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-        self._client = _AppClient(
-            self,
-            host=host,
-            port=port,
-            auto_reconnect=auto_reconnect,
-            reconnect_delay=reconnect_delay,
-            max_reconnect_delay=max_reconnect_delay,
-            reconnect_backoff=reconnect_backoff,
-            connect_timeout=connect_timeout,
-            max_pending=max_pending,
-            max_line_size=max_line_size,
-            backend_secret=backend_secret,
-        )
+        self._stopping: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- properties
 
     @property
-    def client(self) -> AsyncPyStrandsClient:
-        """The underlying :class:`~pystrands.AsyncPyStrandsClient`."""
+    def client(self) -> AsyncPyStrandsClient | None:
+        """The running :class:`~pystrands.AsyncPyStrandsClient` (``None`` while not running)."""
         return self._client
 
     @property
     def connected(self) -> bool:
         """Whether the app is connected to the broker."""
-        return self._client.connected
-
-    @property
-    def host(self) -> str:
-        """Broker host."""
-        return self._client.host
-
-    @property
-    def port(self) -> int:
-        """Broker TCP port."""
-        return self._client.port
+        client = self._client
+        return client is not None and client.connected
 
     # ---------------------------------------------------------------- decorators
 
     @overload
-    def _register(self, name: str, func: F) -> F: ...
+    def _register(self, event: str, func: F) -> F: ...
 
     @overload
-    def _register(self, name: str, func: None) -> Callable[[F], F]: ...
+    def _register(self, event: str, func: None) -> Callable[[F], F]: ...
 
-    def _register(self, name: str, func: F | None) -> F | Callable[[F], F]:
+    def _register(self, event: str, func: F | None) -> F | Callable[[F], F]:
         if func is None:
-            return lambda f: self._register(name, f)
+            return lambda f: self._register(event, f)
         if not callable(func):
-            raise TypeError(f"@app.{name} needs a function, got {func!r}")
-        self._handlers[name] = (func, inspect.iscoroutinefunction(func))
+            raise TypeError(f"@app.on_{event} needs a function, got {func!r}")
+        self._handlers[event] = func
         return func
 
     @overload
@@ -226,7 +243,7 @@ class PyStrands:
         ``request.context.room_id`` / ``client_id`` / ``metadata``. An exception
         rejects. Without a handler every connection is accepted with defaults.
         """
-        return self._register("on_connection_request", func)
+        return self._register("connection_request", func)
 
     @overload
     def on_new_connection(self, func: F) -> F: ...
@@ -236,7 +253,7 @@ class PyStrands:
 
     def on_new_connection(self, func: F | None = None) -> F | Callable[[F], F]:
         """Register ``func(context)`` called when a WebSocket client connected."""
-        return self._register("on_new_connection", func)
+        return self._register("new_connection", func)
 
     @overload
     def on_message(self, func: F) -> F: ...
@@ -246,7 +263,7 @@ class PyStrands:
 
     def on_message(self, func: F | None = None) -> F | Callable[[F], F]:
         """Register ``func(message, context)`` called for each client message."""
-        return self._register("on_message", func)
+        return self._register("message", func)
 
     @overload
     def on_disconnect(self, func: F) -> F: ...
@@ -256,7 +273,7 @@ class PyStrands:
 
     def on_disconnect(self, func: F | None = None) -> F | Callable[[F], F]:
         """Register ``func(context)`` called when a WebSocket client left."""
-        return self._register("on_disconnect", func)
+        return self._register("disconnect", func)
 
     @overload
     def on_error(self, func: F) -> F: ...
@@ -266,7 +283,7 @@ class PyStrands:
 
     def on_error(self, func: F | None = None) -> F | Callable[[F], F]:
         """Register ``func(error, context)`` for broker errors and handler exceptions."""
-        return self._register("on_error", func)
+        return self._register("error", func)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -278,13 +295,14 @@ class PyStrands:
                 )
             return self._executor
 
-    async def _invoke(self, name: str, *args: Any) -> Any:
-        """Run the handler registered as ``name``; ``_MISSING`` if there is none."""
-        entry = self._handlers.get(name)
-        if entry is None:
-            return _MISSING
-        func, is_async = entry
-        if is_async:
+    async def _call(self, event: str, *args: Any) -> Any:
+        """Run the handler registered for ``event`` and return its result (``None``
+        when there is none). A plain function runs in the thread pool unless
+        ``run_sync_in_thread`` is false."""
+        func = self._handlers.get(event)
+        if func is None:
+            return None
+        if inspect.iscoroutinefunction(func):
             return await func(*args)
         if self.run_sync_in_thread:
             loop = asyncio.get_running_loop()
@@ -295,36 +313,65 @@ class PyStrands:
             result = await result
         return result
 
+    def _create_client(self) -> AsyncPyStrandsClient:
+        """A new :class:`~pystrands.AsyncPyStrandsClient` with the app's settings whose
+        callbacks call the registered handlers."""
+        return _AppClient(
+            self,
+            host=self.host,
+            port=self.port,
+            auto_reconnect=self.auto_reconnect,
+            reconnect_delay=self.reconnect_delay,
+            max_reconnect_delay=self.max_reconnect_delay,
+            reconnect_backoff=self.reconnect_backoff,
+            connect_timeout=self.connect_timeout,
+            max_pending=self.max_pending,
+            max_line_size=self.max_line_size,
+            backend_secret=self.backend_secret,
+            max_buffered_sends=self.max_buffered_sends,
+            buffer_policy=self.buffer_policy,
+        )
+
     # --------------------------------------------------------------------- sends
 
-    def _send(self, data: bytes, what: str) -> SendResult:
-        client = self._client
-        loop = client._loop
-        if (
-            loop is not None
-            and client._loop_thread == threading.get_ident()
-            and loop.is_running()
-        ):
-            conn = client._send_nowait(data, what)
-            if conn is not None and conn.write_paused:
-                waiter = conn.drain_future()
-                if waiter is not None:
-                    return SendResult(waiter)
+    def _send(self, send: Callable[..., Awaitable[None]] | None, *args: Any) -> SendResult:
+        """Run one of the client's send coroutines from wherever the caller is."""
+        if send is None:
             return _DONE
-        client._send_threadsafe(data, what)
-        return _DONE
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is not None and running is not loop and not loop.is_closed():
+            # another thread (a sync handler in the pool): the app's loop runs the send
+            try:
+                asyncio.run_coroutine_threadsafe(_awaited(send(*args)), loop)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+            return _DONE
+        it, value = first_step(send(*args))
+        if it is None:
+            return _DONE
+        if running is None:  # pragma: no cover - only a send waiting for room suspends, on a loop
+            it.close()
+            return _DONE
+        return SendResult(running.create_task(_finish(it, value)))
 
     def send_room_message(self, room_id: str, message: str) -> SendResult:
         """Send ``message`` to every client in room ``room_id`` (await optional)."""
-        return self._send(encode_room_message(room_id, message), "message_to_room")
+        client = self._client
+        return self._send(None if client is None else client.send_room_message, room_id, message)
 
     def send_private_message(self, client_id: str, message: str) -> SendResult:
         """Send ``message`` to the client ``client_id`` only (await optional)."""
-        return self._send(encode_private_message(client_id, message), "message_to_connection")
+        client = self._client
+        return self._send(None if client is None else client.send_private_message, client_id, message)
 
     def broadcast(self, message: str) -> SendResult:
         """Send ``message`` to every connected client (await optional)."""
-        return self._send(encode_broadcast(message), "broadcast")
+        client = self._client
+        return self._send(None if client is None else client.broadcast_message, message)
 
     broadcast_message = broadcast
 
@@ -332,9 +379,13 @@ class PyStrands:
 
     async def run_async(self) -> None:
         """Connect and handle events until :meth:`disconnect` / :meth:`stop`."""
+        self._loop = asyncio.get_running_loop()
+        client = self._client = self._create_client()
         try:
-            await self._client.run_forever()
+            await client.run_forever()
         finally:
+            if self._client is client:
+                self._client = None
             with self._executor_lock:
                 executor, self._executor = self._executor, None
             if executor is not None:
@@ -349,17 +400,24 @@ class PyStrands:
 
     async def disconnect(self, timeout: float = 5.0) -> None:
         """Disconnect (waiting up to ``timeout`` for handlers); :meth:`run` returns."""
-        await self._client.disconnect(timeout)
+        client = self._client
+        if client is not None:
+            await client.disconnect(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask a running app to disconnect; callable from any thread or handler."""
         client = self._client
-        loop = client._loop
-        if loop is None or loop.is_closed():
+        loop = self._loop
+        if client is None or loop is None or loop.is_closed():
             return
-        if client._loop_thread == threading.get_ident() and loop.is_running():
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
             task = loop.create_task(client.disconnect(timeout))
-            client._track(task)
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
         else:
             try:
                 asyncio.run_coroutine_threadsafe(client.disconnect(timeout), loop)

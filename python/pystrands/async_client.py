@@ -1,4 +1,4 @@
-"""Asyncio PyStrands backend client.
+"""Asyncio PyStrands backend client: a transport and a dispatcher around the session.
 
 Subclass :class:`AsyncPyStrandsClient`, override the ``async def on_*`` callbacks
 and run :meth:`AsyncPyStrandsClient.run_forever`::
@@ -9,75 +9,72 @@ and run :meth:`AsyncPyStrandsClient.run_forever`::
 
     asyncio.run(ChatBackend(host="localhost", port=8081).run_forever())
 
-Reading uses an :class:`asyncio.Protocol` (no read timeouts, no polling) and runs
-on any asyncio event loop, uvloop included. One dispatcher task handles the
-decoded events in arrival order, each callback up to its first real wait; a
-callback that waits keeps that task (with the later events of its client, so
-they stay in order) and a new dispatcher takes over the others, so a slow
-handler delays only its own client. Sends are coalesced: frames written during
-one loop iteration go to the socket in one ``transport.write``; a send only
-waits when the transport's buffer is above its high-water mark.
+Every wire rule (hello and version negotiation, control frames, acknowledgements,
+the silence deadline, sends kept while disconnected) lives in
+:mod:`pystrands._session`; this module only does I/O and concurrency:
+
+* reading uses an :class:`asyncio.Protocol` (no read timeouts, no polling) and
+  runs on any asyncio event loop, uvloop included;
+* one dispatcher task handles the decoded events in arrival order, each callback
+  up to its first real wait; a callback that waits keeps that task (with the
+  later events of its client, so they stay in order) and a new dispatcher takes
+  over the others, so a slow handler delays only its own client;
+* sends are coalesced: frames queued during one loop iteration go to the socket
+  in one ``transport.write``, with the due ``ack`` (v2); a send only waits when
+  the transport's buffer is above its high-water mark;
+* a ``loop.call_later`` timer asks the session whether the broker went silent.
 
 No asyncio object is created in ``__init__``: a client may be constructed at import
 time, outside any running loop (e.g. a FastAPI module), and is bound to the loop
-that first calls :meth:`connect` / :meth:`run_forever`.
-
-Protocol v2 (``docs/protocol.md``): every connection opens with a ``hello``
-(carrying ``backend_secret`` when one is configured); reading does not wait for
-the answer. When a v2 broker accepts it, handled events are acknowledged
-cumulatively with at most one ``ack`` per write flush (so per loop iteration,
-usually in the same ``transport.write`` as the handlers' sends), heartbeats are
-answered, and a ``loop.call_later`` timer closes the connection after 3
-heartbeat intervals without a byte from the broker. Delivery from a v2 broker is
-at least once: see :attr:`Context.event_id`.
+that first calls :meth:`connect` / :meth:`run_forever`. Delivery from a v2
+broker is at least once: see :attr:`Context.event_id`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json  # noqa: F401 - a public name of this module in PyStrands 1.0
 import logging
 import threading
 import types
+import uuid  # noqa: F401 - a public name of this module in PyStrands 1.0
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
 
+from ._base import ClientBase
+from ._coro import first_step as _first_step
+from ._coro import resume as _resume
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
-    HEARTBEAT_REPLY,
-    SILENCE_FACTOR,
-    AckTracker,
-    Backoff,
     ConnectionRequest,
     Disconnected,
-    DropTracker,
     ErrorEvent,
     Event,
-    Heartbeat,
-    HelloReply,
-    LineFramer,
     NewConnection,
     NewMessage,
-    Skipped,
-    decode_event,
-    encode_ack,
     encode_broadcast,
-    encode_hello,
     encode_private_message,
     encode_reject,
     encode_room_message,
-    log_refusal,
-    resolve_backend_secret,
     response_for,
 )
+from ._session import DEFAULT_MAX_BUFFERED_SENDS
 from .context import ConnectionRequestContext, Context
 
 logger = logging.getLogger("pystrands.async_client")
 
+# PyStrands 1.0 attached these to its logger at import. They stay importable for code
+# that removed the handler, but they are never attached: a library adds no handlers.
+formatter = logging.Formatter("%(asctime)s - [AsyncPyStrandsClient] - %(levelname)s - %(message)s")
+console_handler = logging.StreamHandler()
+console_handler.setFormatter(formatter)
+
 __all__ = ["AsyncPyStrandsClient"]
 
 _FAIRNESS_BATCH = 64  # events handled in a row before yielding to the loop
+_REPLY = "response to a connection request"
 
 
 class _Run:
@@ -93,43 +90,6 @@ class _Run:
 
 def _is_awaitable(value: Any) -> bool:
     return type(value) is types.CoroutineType or inspect.isawaitable(value)
-
-
-def _first_step(awaitable: Awaitable[Any]) -> tuple[Any, Any]:
-    """Run ``awaitable`` up to its first suspension, right here.
-
-    Returns ``(None, result)`` if it finished, else ``(iterator, yielded)``: what
-    :func:`_resume` needs to go on awaiting it.
-    """
-    it: Any = awaitable if type(awaitable) is types.CoroutineType else awaitable.__await__()
-    try:
-        return it, it.send(None)
-    except StopIteration as stop:
-        return None, stop.value
-
-
-@types.coroutine
-def _resume(it: Any, pending: Any) -> Generator[Any, Any, Any]:
-    """Go on awaiting the iterator ``it`` of an awaitable that already yielded
-    ``pending`` to the event loop: from there on, exactly what ``await`` does."""
-    while True:
-        try:
-            value = yield pending
-        except GeneratorExit:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-            raise
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaited coroutine (cancellation included)
-            try:
-                pending = it.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                pending = it.send(value)
-            except StopIteration as stop:
-                return stop.value
 
 
 @types.coroutine
@@ -155,29 +115,22 @@ _WRITE_LOW_WATER = 1024 * 1024
 
 
 class _AsyncConnection(asyncio.Protocol):
-    """One broker connection: line framing on read, coalescing on write, v2 state.
+    """One broker connection: feeds the session what it reads, writes what it queues.
 
-    ``acks`` is ``None`` while the session is v1; once the broker accepts the
-    hello it tracks handler completions, and every :meth:`flush` appends the
-    due ``ack``.
+    The link becomes the client's current one in :meth:`connection_made`
+    (synchronously, so nothing read can arrive before), or closes itself there
+    when the client already has one or is disconnecting.
     """
 
-    def __init__(
-        self, client: AsyncPyStrandsClient, loop: asyncio.AbstractEventLoop, hello: bytes = b""
-    ) -> None:
+    def __init__(self, client: AsyncPyStrandsClient, loop: asyncio.AbstractEventLoop) -> None:
         self._client = client
+        self._session = client._session
         self._loop = loop
-        self._hello = hello
-        self.acks: AckTracker | None = None
+        self.link = 0  # the session's link number, once adopted
         self.refused = False
-        self.last_read = loop.time()
-        self.silence_limit = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
-        self.framer = LineFramer(client.max_line_size)
         self.transport: asyncio.Transport | None = None
-        self._out: list[bytes] = []
-        self._out_bytes = 0
-        self._flush_scheduled = False
+        self.flush_scheduled = False
         self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self.closed = False  # no further writes accepted
@@ -192,39 +145,36 @@ class _AsyncConnection(asyncio.Protocol):
         # the asyncio.Transport interface without deriving from the class.
         stream = self.transport = cast(asyncio.Transport, transport)
         stream.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
-        if self._hello:
-            # The hello goes first on every connection; nobody waits for its answer.
-            stream.write(self._hello)
-            self._hello = b""
+        if not self._client._adopt(self):
+            self.closing = True
+            self.abort()
+            return
+        self.link = self._session.connection_made()
+        self.flush()  # the hello, then the sends kept while disconnected
 
     def data_received(self, data: bytes) -> None:
-        self.last_read = self._loop.time()
+        session = self._session
+        if self.closed or session.link != self.link:
+            return
+        events = session.receive_data(data)
+        if session.refused:
+            self.refused = True
+            self.closing = True
+            self.abort()
+            return
+        if self._watchdog is None and session.silence_limit:
+            self._watchdog = self._loop.call_later(session.silence_limit, self._check_silence)
         dispatch = self._client._dispatch
-        for line in self.framer.feed(data):
-            event = decode_event(line)
-            if event is None:
-                continue
-            if event.control:
-                if not self._control(event):
-                    return
-                continue
-            if event.seq:
-                acks = self.acks
-                if acks is None or not acks.dispatch(event.seq):
-                    event.seq = 0  # v1 session or out of order: never acknowledged
+        for event in events:
             dispatch(self, event)
+        if not self.flush_scheduled and session.wants_write():  # heartbeat replies, acks
+            self.schedule_flush()
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._out = []
-        self._out_bytes = 0
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        self._wake_drainers()
+        self._mark_closed()
         if not self.closing:
             if exc is None:
                 logger.warning("The broker closed the connection")
@@ -240,103 +190,42 @@ class _AsyncConnection(asyncio.Protocol):
         self.write_paused = False
         self._wake_drainers()
 
-    # -- v2 -------------------------------------------------------------------------
-
-    @property
-    def v2(self) -> bool:
-        """True once the broker accepted our hello on this connection."""
-        return self.acks is not None
-
-    def _control(self, event: Event) -> bool:
-        """Handle a control frame inline; ``False`` stops reading."""
-        if isinstance(event, Heartbeat):
-            if self.acks is not None:
-                self.write(HEARTBEAT_REPLY)
-        elif isinstance(event, Skipped):
-            acks = self.acks
-            if acks is not None and acks.skip(event.seq):
-                self._ack_due()
-        elif isinstance(event, HelloReply):
-            client = self._client
-            if not event.ok:
-                log_refusal(logger, event, f"{client.host}:{client.port}")
-                self.refused = True
-                self.closing = True
-                self.abort()
-                return False
-            if self.acks is None:
-                self.acks = AckTracker()
-                logger.info(
-                    "Protocol v2 with the broker (acks, heartbeats every %ss)",
-                    event.heartbeat_interval or "?",
-                )
-                if event.heartbeat_interval > 0:
-                    self.silence_limit = SILENCE_FACTOR * event.heartbeat_interval
-                    self._watchdog = self._loop.call_later(self.silence_limit, self._check_silence)
-        return True
+    # -- timers -----------------------------------------------------------------
 
     def _check_silence(self) -> None:
-        """Timer: close the connection if the broker was silent for ``silence_limit``."""
+        """Timer: close the connection when the session says the broker went silent."""
         self._watchdog = None
-        if self.closed:
+        session = self._session
+        if self.closed or session.link != self.link:
             return
-        silent = self._loop.time() - self.last_read
-        if silent < self.silence_limit:
-            self._watchdog = self._loop.call_later(self.silence_limit - silent, self._check_silence)
+        now = self._loop.time()
+        if session.check_silence(now):
+            self.closing = True  # connection_lost stays quiet; reconnecting follows
+            self.abort()
             return
-        logger.warning(
-            "Nothing received from the broker for %.1fs (3 heartbeat intervals); "
-            "closing the connection",
-            silent,
-        )
-        self.closing = True  # connection_lost stays quiet; reconnecting follows
-        self.abort()
-
-    def complete(self, seq: int) -> None:
-        """Record that the handler of event ``seq`` finished (returned or raised)."""
-        acks = self.acks
-        if acks is not None and not self.closed and acks.done(seq):
-            self._ack_due()
-
-    def _ack_due(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
+        deadline = session.next_deadline()
+        delay = session.silence_limit if deadline is None else max(0.0, deadline - now)
+        self._watchdog = self._loop.call_later(delay, self._check_silence)
 
     # -- writing ----------------------------------------------------------------
+
+    def schedule_flush(self) -> None:
+        self.flush_scheduled = True
+        self._loop.call_soon(self.flush)
 
     def _wake_drainers(self) -> None:
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def write(self, data: bytes) -> bool:
-        """Queue ``data`` for the next flush; ``False`` if the connection is closed."""
-        if self.closed:
-            return False
-        self._out.append(data)
-        self._out_bytes += len(data)
-        if self._out_bytes >= _FLUSH_NOW_BYTES:
-            self.flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush)
-        return True
-
     def flush(self) -> None:
-        """Hand everything queued, and the due ack (v2), to the transport in one write."""
-        self._flush_scheduled = False
-        out = self._out
-        if self.closed or self.transport is None:
+        """Hand everything the session queued (and the due ack) to the transport in one write."""
+        self.flush_scheduled = False
+        if self.closed or self.transport is None or self._session.link != self.link:
             return
-        acks = self.acks
-        if acks is not None and acks.watermark > acks.sent:
-            out.append(encode_ack(acks.take()))
-        if not out:
-            return
-        self._out = []
-        self._out_bytes = 0
-        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        data = self._session.data_to_send()
+        if data:
+            self.transport.write(data)
 
     def drain_future(self) -> asyncio.Future[None] | None:
         """A future resolved when writing may continue, or ``None`` if it may now."""
@@ -364,21 +253,35 @@ class _AsyncConnection(asyncio.Protocol):
             except (RuntimeError, AttributeError):  # pragma: no cover
                 pass
 
+    def _mark_closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        session = self._session
+        if self.link and session.open and session.link == self.link:
+            lost = session.connection_lost()
+            if lost and not self.closing:
+                logger.warning("Connection closed with %d frame(s) not written", lost)
+        self._wake_drainers()
+
     def close(self) -> None:
         """Flush and close gracefully (the transport sends its buffer first)."""
         self.flush()
-        self.closed = True
+        self._mark_closed()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         """Close at once, discarding unsent data."""
-        self.closed = True
+        self._mark_closed()
         if self.transport is not None:
             self.transport.abort()
 
 
-class AsyncPyStrandsClient:
+class AsyncPyStrandsClient(ClientBase):
     """Asyncio backend client for the PyStrands broker (wire protocol v1, v2 when offered).
 
     Override the ``async def`` callbacks :meth:`on_connection_request`,
@@ -386,7 +289,8 @@ class AsyncPyStrandsClient:
     :meth:`on_error` (plain functions work too); send with the coroutines
     :meth:`send_room_message`, :meth:`send_private_message` and
     :meth:`broadcast_message`. Sending while disconnected never raises: the send
-    is dropped, counted, and logged once per disconnected period.
+    is kept (up to ``max_buffered_sends``) and written once the connection is
+    back.
 
     Delivery: from a v1 broker every event arrives at most once. A v2 broker
     (negotiated automatically, see ``docs/protocol.md``) delivers **at least
@@ -415,7 +319,13 @@ class AsyncPyStrandsClient:
             for a broker started with a ``backend_secret`` (keyword only).
             ``None`` reads ``$PYSTRANDS_BACKEND_SECRET``; empty means none. It is
             never logged.
+        max_buffered_sends: Sends kept while the broker is unreachable or the
+            client reconnects (keyword only; ``0`` drops them).
+        buffer_policy: ``"drop_oldest"`` or ``"drop_newest"``: what a full
+            buffer drops, counted in :attr:`dropped_sends` (keyword only).
     """
+
+    _logger = logger
 
     def __init__(
         self,
@@ -430,21 +340,24 @@ class AsyncPyStrandsClient:
         max_pending: int = 10_000,
         max_line_size: int = DEFAULT_MAX_LINE_SIZE,
         backend_secret: str | None = None,
+        max_buffered_sends: int = DEFAULT_MAX_BUFFERED_SENDS,
+        buffer_policy: str = "drop_oldest",
     ) -> None:
         """Configure the client; no asyncio object is created until it runs."""
-        self.host = host
-        self.port = port
-        self.connected = False
-        self.auto_reconnect = auto_reconnect
-        self.reconnect_delay = reconnect_delay
-        self.max_reconnect_delay = max_reconnect_delay
-        self.reconnect_backoff = reconnect_backoff
-        self.connect_timeout = connect_timeout
+        super().__init__(
+            host,
+            port,
+            auto_reconnect,
+            reconnect_delay,
+            max_reconnect_delay,
+            reconnect_backoff,
+            connect_timeout=connect_timeout,
+            max_line_size=max_line_size,
+            backend_secret=backend_secret,
+            max_buffered_sends=max_buffered_sends,
+            buffer_policy=buffer_policy,
+        )
         self.max_pending = max(1, int(max_pending))
-        self.max_line_size = max_line_size
-        self._backend_secret = resolve_backend_secret(backend_secret)
-
-        self._drops = DropTracker(logger)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._conn: _AsyncConnection | None = None
@@ -457,12 +370,11 @@ class AsyncPyStrandsClient:
         self._dispatcher: _Run | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending = 0
-        self._stopping = False
         self._abandoned = False
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _ensure_session(self) -> asyncio.AbstractEventLoop:
+    def _arm(self) -> asyncio.AbstractEventLoop:
         """Bind to the running loop (creating asyncio objects lazily) and arm the client."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
@@ -478,41 +390,39 @@ class AsyncPyStrandsClient:
             self._tasks = set()
             self._pending = 0
             self.connected = False
+            # the session's clock is the loop's (uvloop keeps its own); kept sends stay
+            self._session._clock = loop.time
         self._loop_thread = threading.get_ident()
-        if self._stopping:  # a new session after disconnect(): start from a clean slate
+        if self._intentional_disconnect:  # a new session after disconnect(): start from a clean slate
             self._pending = 0
-        self._stopping = False
+        self._intentional_disconnect = False
         self._abandoned = False
         assert self._done is not None
         self._done.clear()
         return loop
 
-    async def _open(self, log: Any) -> _AsyncConnection | None:
+    def _adopt(self, conn: _AsyncConnection) -> bool:
+        """``conn`` just connected: make it the current link, unless the client already
+        has one or is disconnecting (then ``conn`` closes itself)."""
+        if self._intentional_disconnect or self._conn is not None:
+            return False
+        self._conn = conn
+        self.connected = True
+        logger.info("Connected to the broker at %s:%s", self.host, self.port)
+        return True
+
+    async def _open(self, log: Callable[..., None]) -> _AsyncConnection | None:
+        """Open a connection; it is the current link if it returns one that is not closed."""
         loop = asyncio.get_running_loop()
-        hello = encode_hello(self._backend_secret)
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _AsyncConnection(self, loop, hello), self.host, self.port
-                ),
+                loop.create_connection(lambda: _AsyncConnection(self, loop), self.host, self.port),
                 timeout=self.connect_timeout,
             )
         except (OSError, asyncio.TimeoutError) as exc:
             log("Cannot connect to the broker at %s:%s: %s", self.host, self.port, exc or "timeout")
             return None
         return conn
-
-    @property
-    def protocol_version(self) -> int:
-        """Protocol of the current connection: ``2`` once the broker accepted our hello, else ``1``."""
-        conn = self._conn
-        return 2 if conn is not None and conn.v2 else 1
-
-    def _install(self, conn: _AsyncConnection) -> None:
-        self._conn = conn
-        self.connected = True
-        logger.info("Connected to the broker at %s:%s", self.host, self.port)
-        self._drops.connected()
 
     def _start_manager(self, conn: _AsyncConnection | None) -> None:
         assert self._loop is not None and self._wake is not None
@@ -525,18 +435,14 @@ class AsyncPyStrandsClient:
         Returns:
             ``True`` if connected (or already connected), ``False`` if the attempt failed.
         """
-        self._ensure_session()
+        self._arm()
         if self.connected and self._conn is not None:
             return True
         conn = await self._open(logger.error)
         if conn is None:
             return False
-        if self._stopping or self._conn is not None:
-            # disconnect() was called meanwhile, or someone else connected
-            conn.closing = True
-            conn.close()
-            return self._conn is not None and not self._stopping
-        self._install(conn)
+        if self._conn is not conn:  # disconnect() was called meanwhile, or someone else connected
+            return self._conn is not None and not self._intentional_disconnect
         if self._manager is None or self._manager.done():
             self._start_manager(conn)
         else:  # a reconnect loop is sleeping: let it adopt this connection
@@ -548,7 +454,7 @@ class AsyncPyStrandsClient:
         """Watch the current connection and reconnect as configured."""
         assert self._wake is not None and self._done is not None
         wake = self._wake
-        backoff = Backoff(self.reconnect_delay, self.reconnect_backoff, self.max_reconnect_delay)
+        backoff = self._backoff()
         terminal = False
         try:
             while True:
@@ -558,7 +464,7 @@ class AsyncPyStrandsClient:
                     if not conn.refused:  # a refused hello keeps backing off
                         backoff.reset()
                     conn = None
-                if self._stopping:
+                if self._intentional_disconnect:
                     break
                 if self._conn is not None:
                     conn = self._conn  # connect() installed one
@@ -578,13 +484,7 @@ class AsyncPyStrandsClient:
                 new = await self._open(logger.warning)
                 if new is None:
                     continue
-                if self._stopping or self._conn is not None:
-                    new.closing = True
-                    new.close()
-                    conn = self._conn
-                    continue
-                self._install(new)
-                conn = new
+                conn = self._conn  # ``new`` if it was adopted
         finally:
             if self._manager is asyncio.current_task():
                 self._manager = None
@@ -593,7 +493,7 @@ class AsyncPyStrandsClient:
             self._done.set()
 
     def _lost(self, conn: _AsyncConnection) -> None:
-        if self._stopping:
+        if self._intentional_disconnect:
             return
         if self._conn is conn:
             self._conn = None
@@ -607,7 +507,7 @@ class AsyncPyStrandsClient:
         Handler tasks still running after the deadline are cancelled. Safe to call
         from a handler and more than once.
         """
-        self._stopping = True
+        self._intentional_disconnect = True
         self.connected = False
         if self._loop is None or self._loop is not asyncio.get_running_loop():
             return  # never ran on this loop: nothing to close
@@ -616,7 +516,7 @@ class AsyncPyStrandsClient:
         loop = self._loop
         deadline = loop.time() + max(0.0, timeout)
         async with self._disconnect_lock:
-            self._stopping = True
+            self._intentional_disconnect = True
             self.connected = False
             conn = self._conn
             self._wake.set()
@@ -639,9 +539,7 @@ class AsyncPyStrandsClient:
             if conn is not None:
                 conn.close()
                 try:
-                    await asyncio.wait_for(
-                        asyncio.shield(conn.lost), timeout=max(0.05, deadline - loop.time())
-                    )
+                    await asyncio.wait_for(asyncio.shield(conn.lost), timeout=max(0.05, deadline - loop.time()))
                 except asyncio.TimeoutError:
                     logger.warning("disconnect: unsent data dropped after %.1fs", timeout)
                     conn.abort()
@@ -653,6 +551,9 @@ class AsyncPyStrandsClient:
             if self._conn is conn:
                 self._conn = None
             self._abandoned = True
+            for task in self._tasks:
+                if task is not current and not task.done():
+                    task.cancel()
             self._queues.clear()
             self._ready.clear()
             self._dispatcher = None
@@ -670,10 +571,10 @@ class AsyncPyStrandsClient:
         waiting for in-flight handlers, and returns normally, as PyStrands 1.0
         did, so ``asyncio.run(client.run_forever())`` exits cleanly on Ctrl-C.
         """
-        self._ensure_session()
+        self._arm()
         if not self.connected:
             if not await self.connect():
-                if self._stopping or not self.auto_reconnect:
+                if self._intentional_disconnect or not self.auto_reconnect:
                     logger.error("Not connected and auto_reconnect is off; run_forever returns")
                     await self.disconnect(0)
                     return
@@ -690,27 +591,29 @@ class AsyncPyStrandsClient:
 
     # ---------------------------------------------------------------------- sends
 
-    def _send_nowait(self, data: bytes, what: str) -> _AsyncConnection | None:
-        """Queue one frame on the current connection (loop thread only)."""
-        conn = self._conn
-        if conn is None or not conn.write(data):
-            self._drops.drop(what)
+    def _submit(self, data: bytes, what: str, link: int = 0) -> _AsyncConnection | None:
+        """Queue one frame (loop thread only); returns the link that will write it."""
+        if not self._session.send(data, what, link=link):
             return None
+        conn = self._conn
+        if conn is None:  # pragma: no cover - the session is open only while a link is adopted
+            return None
+        if self._session.out_bytes >= _FLUSH_NOW_BYTES:
+            conn.flush()
+        elif not conn.flush_scheduled:
+            conn.schedule_flush()
         return conn
 
-    def _send_threadsafe(self, data: bytes, what: str) -> None:
-        """Queue one frame from any thread (dropped if the client is not running)."""
+    def _submit_threadsafe(self, data: bytes, what: str) -> None:
+        """Queue one frame from any thread."""
         loop = self._loop
-        if loop is None or loop.is_closed():
-            self._drops.drop(what)
-            return
-        if self._loop_thread == threading.get_ident():
-            self._send_nowait(data, what)
+        if loop is None or loop.is_closed() or self._loop_thread == threading.get_ident():
+            self._submit(data, what)
             return
         try:
-            loop.call_soon_threadsafe(self._send_nowait, data, what)
+            loop.call_soon_threadsafe(self._submit, data, what)
         except RuntimeError:  # loop closed meanwhile
-            self._drops.drop(what)
+            self._submit(data, what)
 
     @staticmethod
     async def _drained(conn: _AsyncConnection) -> None:
@@ -719,32 +622,25 @@ class AsyncPyStrandsClient:
         if waiter is not None:
             await waiter
 
-    # The three sends inline _send's fast path: no nested coroutine per message.
+    # The three sends inline the fast path: no nested coroutine per message.
 
     async def broadcast_message(self, message: str) -> None:
         """Send ``message`` to every connected WebSocket client."""
-        conn = self._send_nowait(encode_broadcast(message), "broadcast")
+        conn = self._submit(encode_broadcast(message), "broadcast")
         if conn is not None and conn.write_paused:
             await self._drained(conn)
 
     async def send_room_message(self, room_id: str, message: str) -> None:
         """Send ``message`` to every client in room ``room_id``."""
-        conn = self._send_nowait(encode_room_message(room_id, message), "message_to_room")
+        conn = self._submit(encode_room_message(room_id, message), "message_to_room")
         if conn is not None and conn.write_paused:
             await self._drained(conn)
 
     async def send_private_message(self, client_id: str, message: str) -> None:
         """Send ``message`` to the client ``client_id`` only."""
-        conn = self._send_nowait(
-            encode_private_message(client_id, message), "message_to_connection"
-        )
+        conn = self._submit(encode_private_message(client_id, message), "message_to_connection")
         if conn is not None and conn.write_paused:
             await self._drained(conn)
-
-    @property
-    def dropped_sends(self) -> int:
-        """Sends dropped because the client was not connected (since creation)."""
-        return self._drops.total_dropped
 
     # ------------------------------------------------------------------- dispatch
 
@@ -793,7 +689,7 @@ class AsyncPyStrandsClient:
         if (
             conn is not None
             and conn.reading_paused
-            and not self._stopping
+            and not self._intentional_disconnect
             and self._pending <= self.max_pending // 2
         ):
             conn.resume_reading()
@@ -829,7 +725,7 @@ class AsyncPyStrandsClient:
                     if rest is not None:
                         await rest
                     if event.seq:  # handled (returned or raised); not when cancelled
-                        conn.complete(event.seq)
+                        self._event_done(conn, event.seq)
                 finally:
                     self._finished()
                 if run.handed_off:
@@ -860,7 +756,7 @@ class AsyncPyStrandsClient:
                     if rest is not None:
                         await rest
                     if event.seq:
-                        conn.complete(event.seq)
+                        self._event_done(conn, event.seq)
                 finally:
                     self._finished()
                 budget -= 1
@@ -943,8 +839,13 @@ class AsyncPyStrandsClient:
         await self._handler_failed(name, exc, context, run)
 
     def _reply(self, conn: _AsyncConnection, data: bytes) -> None:
-        if not conn.write(data):
-            self._drops.drop("response to a connection request")
+        """Write the reply to a connection request on the link it came from."""
+        self._submit(data, _REPLY, conn.link)
+
+    def _event_done(self, conn: _AsyncConnection, seq: int) -> None:
+        """The handler of event ``seq`` of ``conn`` returned or raised (v2)."""
+        if self._session.event_done(conn.link, seq) and not conn.flush_scheduled and not conn.closed:
+            conn.schedule_flush()
 
     async def _handler_failed(
         self, name: str, exc: Exception, context: Context, run: _Run | None = None
@@ -957,32 +858,27 @@ class AsyncPyStrandsClient:
 
     # ------------------------------------------------------------------ callbacks
 
-    async def on_connection_request(
-        self, request: ConnectionRequestContext
-    ) -> bool | None:
+    async def on_connection_request(self, request: ConnectionRequestContext) -> bool | None:
         """Decide whether to accept a WebSocket connection (default: accept).
 
         Set ``request.context.room_id`` / ``client_id`` / ``metadata`` as needed and
         return ``True`` or ``False``; returning anything else uses
         ``request.accepted``. An exception rejects the connection.
         """
-        logger.debug(
-            "Connection request %s -> room %s", request.context.client_id, request.context.room_id
-        )
-        return True
+        return self._default_connection_request(request)
 
     async def on_new_connection(self, context: Context) -> None:
         """Called when a WebSocket client has connected."""
-        logger.debug("New connection %s in room %s", context.client_id, context.room_id)
+        self._default_new_connection(context)
 
     async def on_message(self, message: str, context: Context) -> None:
         """Called for every message a WebSocket client sends."""
-        logger.debug("Message from %s in room %s", context.client_id, context.room_id)
+        self._default_message(message, context)
 
     async def on_disconnect(self, context: Context) -> None:
         """Called when a WebSocket client has disconnected."""
-        logger.debug("Client %s left room %s", context.client_id, context.room_id)
+        self._default_disconnect(context)
 
     async def on_error(self, error: str, context: Context) -> None:
         """Called for broker error events and for exceptions raised by handlers."""
-        logger.error("Error for client %s: %s", context.client_id, error)
+        self._default_error(error, context)

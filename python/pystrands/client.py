@@ -1,4 +1,4 @@
-"""Threading PyStrands backend client.
+"""Threading PyStrands backend client: sockets, locks and threads around the session.
 
 Subclass :class:`PyStrandsClient`, override the ``on_*`` callbacks and call
 :meth:`PyStrandsClient.run_forever`::
@@ -9,74 +9,74 @@ Subclass :class:`PyStrandsClient`, override the ``on_*`` callbacks and call
 
     ChatBackend(host="localhost", port=8081).run_forever()
 
-Threads: one reader thread per client does blocking ``recv`` calls (no polling
-timeouts), splits lines and decodes events; a bounded pool of worker threads runs
-the callbacks. Events of one WebSocket client (same ``client_id``) are handled one
-after the other, in arrival order; events of different clients run concurrently,
-so a slow handler only delays its own client. Connection requests run on any free
-worker. Writes from any thread are coalesced: whichever thread finds the socket
-idle sends everything queued so far with one ``sendall``.
+Every wire rule (hello and version negotiation, control frames, acknowledgements,
+the silence deadline, sends kept while disconnected) lives in
+:mod:`pystrands._session`; this module only does I/O and concurrency:
 
-Protocol v2 (``docs/protocol.md``): every connection opens with a ``hello``
-(carrying ``backend_secret`` when one is configured); reading does not wait for
-the answer. When a v2 broker accepts it, the client acknowledges handled events
-cumulatively, answers heartbeats, and treats 3 heartbeat intervals of silence
-from the broker as a dead connection. A small per-connection housekeeping thread
-sends the due ``ack`` :data:`~pystrands._protocol.ACK_DELAY` after it became due
-(inside the running ``sendall`` when there is one), so there is at most one ack
-per ``ACK_DELAY`` whatever the event rate, and does the silence check; it sleeps
-until there is work. Delivery from a v2 broker is at least once: see
-:attr:`Context.event_id`.
+* one reader thread per client does blocking ``recv`` calls (no polling
+  timeouts) and feeds the session; a bounded pool of worker threads runs the
+  callbacks. Events of one WebSocket client (same ``client_id``) are handled one
+  after the other, in arrival order; events of different clients run
+  concurrently, so a slow handler only delays its own client. Connection
+  requests run on any free worker.
+* writes from any thread are coalesced: whichever thread finds the socket idle
+  writes everything the session has queued so far with one ``sendall``.
+* with a v2 broker a small housekeeping thread per connection writes the due
+  ``ack`` :data:`ACK_DELAY` after it became due (inside the running ``sendall``
+  when there is one), so there is at most one ack per ``ACK_DELAY`` whatever the
+  event rate, and closes the connection when the session says the broker went
+  silent. It sleeps until there is work.
+
+Delivery from a v2 broker is at least once: see :attr:`Context.event_id`.
 """
 
 from __future__ import annotations
 
+import json  # noqa: F401 - a public name of this module in PyStrands 1.0
 import logging
 import queue
 import socket
 import threading
 import time
+import uuid  # noqa: F401 - a public name of this module in PyStrands 1.0
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ._base import ClientBase
 from ._protocol import (
-    ACK_DELAY,
     DEFAULT_MAX_LINE_SIZE,
-    HEARTBEAT_REPLY,
     READ_CHUNK_SIZE,
-    SILENCE_FACTOR,
-    AckTracker,
-    Backoff,
     ConnectionRequest,
     Disconnected,
-    DropTracker,
     ErrorEvent,
     Event,
-    Heartbeat,
-    HelloReply,
-    LineFramer,
     NewConnection,
     NewMessage,
-    Skipped,
-    decode_event,
-    encode_ack,
     encode_broadcast,
-    encode_hello,
     encode_private_message,
     encode_reject,
     encode_room_message,
-    log_refusal,
-    resolve_backend_secret,
     response_for,
 )
+from ._session import DEFAULT_MAX_BUFFERED_SENDS
 from .context import ConnectionRequestContext, Context
 
 logger = logging.getLogger("pystrands.client")
 
-__all__ = ["PyStrandsClient"]
+# PyStrands 1.0 attached these to its logger at import. They stay importable for code
+# that removed the handler, but they are never attached: a library adds no handlers.
+formatter = logging.Formatter("%(asctime)s - [PyStrandsClient] - %(levelname)s - %(message)s")
+console_handler = logging.StreamHandler()
+console_handler.setFormatter(formatter)
+
+__all__ = ["ACK_DELAY", "PyStrandsClient"]
+
+ACK_DELAY = 0.005
+"""Longest time (seconds) a due ``ack`` is held back hoping to go out with other frames."""
 
 _FAIRNESS_BATCH = 64  # events of one client handled before other clients get a turn
+_REPLY = "response to a connection request"
 
 
 def _configure_socket(sock: socket.socket) -> None:
@@ -92,256 +92,25 @@ def _configure_socket(sock: socket.socket) -> None:
             pass
 
 
-class _Connection:
-    """One broker connection: the socket, its coalescing writer and its v2 state.
+class _Link:
+    """One broker connection's socket and I/O flags (guarded by the client's ``_io`` lock)."""
 
-    v2 state (``acks`` is ``None`` while the session is v1): the acknowledgement
-    tracker, guarded by the writer lock, and the silence limit. The housekeeping
-    thread (:meth:`housekeep`) sends the due ack ``ACK_DELAY`` after it became
-    due, in the running ``sendall`` if there is one (so at most one ack per
-    ``ACK_DELAY``, never a syscall per event), and watches for silence.
-    """
-
-    __slots__ = (
-        "sock",
-        "_lock",
-        "_cond",
-        "_tick",
-        "_pending",
-        "_sending",
-        "_closed",
-        "closing",
-        "acks",
-        "_ack_now",
-        "_hk_idle",
-        "last_read",
-        "silence_limit",
-        "refused",
-    )
+    __slots__ = ("sock", "number", "closed", "closing", "sending", "refused", "hk_idle", "housekeeping")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)  # writer idle (flush waits)
-        self._tick = threading.Condition(self._lock)  # wakes the housekeeping thread
-        self._pending: list[bytes] = []
-        self._sending = False
-        self._closed = False  # no further writes accepted
+        self.number = 0  # the session's link number, set when installed
+        self.closed = False  # no further writes
         self.closing = False  # an intentional close is under way (quieter logs)
-        self.acks: AckTracker | None = None  # set when the broker accepted our hello
-        self._ack_now = False  # the next pump iteration appends the due ack
-        self._hk_idle = False  # housekeeper waits for an ack to become due
-        self.last_read = time.monotonic()
-        self.silence_limit = 0.0
+        self.sending = False  # a thread is inside the write loop
         self.refused = False  # the broker refused our hello
+        self.hk_idle = False  # the housekeeper waits for an ack to become due
+        self.housekeeping = False  # the v2 housekeeper was started
 
-    @property
-    def writable(self) -> bool:
-        return not self._closed
-
-    @property
-    def v2(self) -> bool:
-        """True once the broker accepted our hello on this connection."""
-        return self.acks is not None
-
-    def write(self, data: bytes) -> bool:
-        """Queue ``data``; send it now unless another thread is sending.
-
-        Returns ``False`` if the connection no longer accepts writes.
-        """
-        with self._lock:
-            if self._closed:
-                return False
-            self._pending.append(data)
-            if self._sending:
-                return True
-            self._sending = True
-        self._pump()
-        return True
-
-    def _pump(self) -> None:
-        """Send queued data (and a due ack) until there is none (called by the sending thread)."""
-        sendall = self.sock.sendall
-        while True:
-            with self._lock:
-                chunks = self._pending
-                if self._ack_now:
-                    self._ack_now = False
-                    acks = self.acks
-                    if acks is not None and acks.watermark > acks.sent:
-                        chunks.append(encode_ack(acks.take()))
-                if not chunks:
-                    self._sending = False
-                    self._cond.notify_all()
-                    return
-                self._pending = []
-            try:
-                sendall(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-            except OSError as exc:
-                with self._lock:
-                    lost = len(chunks) + len(self._pending)
-                    self._pending = []
-                    self._closed = True
-                    self._sending = False
-                    self._cond.notify_all()
-                    self._tick.notify_all()
-                log = logger.debug if self.closing else logger.warning
-                log("Send failed (%s); %d frame(s) lost", exc, lost)
-                self.abort()
-                return
-
-    def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds until everything queued was sent."""
-        deadline = time.monotonic() + max(0.0, timeout)
-        with self._lock:
-            while (self._pending or self._sending) and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return not self._pending
-
-    # -- v2 ---------------------------------------------------------------------
-
-    def start_v2(self, heartbeat_interval: float) -> bool:
-        """Switch this connection to v2; ``False`` if it already was."""
-        with self._lock:
-            if self.acks is not None:
-                return False
-            self.acks = AckTracker()
-            self.silence_limit = SILENCE_FACTOR * heartbeat_interval
-            return True
-
-    def track(self, seq: int) -> bool:
-        """Record that event ``seq`` goes to a handler; ``False``: do not acknowledge it."""
-        with self._lock:
-            acks = self.acks
-            return acks is not None and acks.dispatch(seq)
-
-    def complete(self, seq: int) -> None:
-        """Record that the handler of event ``seq`` finished (returned or raised)."""
-        with self._lock:
-            acks = self.acks
-            if acks is None or self._closed or not acks.done(seq):
-                return
-            if self._hk_idle:
-                self._hk_idle = False
-                self._tick.notify()
-
-    def skip(self, seq: int) -> None:
-        """Record a ``seq`` no handler sees (it counts as handled)."""
-        with self._lock:
-            acks = self.acks
-            if acks is None or self._closed or not acks.skip(seq):
-                return
-            if self._hk_idle:
-                self._hk_idle = False
-                self._tick.notify()
-
-    def flush_ack(self) -> None:
-        """Send the due ack now (with anything queued, or in the running send)."""
-        with self._lock:
-            acks = self.acks
-            if acks is None or self._closed or acks.watermark <= acks.sent:
-                return
-            self._ack_now = True
-            if self._sending:
-                return  # the running send appends it before it stops
-            self._sending = True
-        self._pump()
-
-    def answer_heartbeat(self) -> None:
-        """Queue a heartbeat reply; the due ack, if any, goes in the same send."""
-        with self._lock:
-            if self._closed:
-                return
-            self._pending.append(HEARTBEAT_REPLY)
-            self._ack_now = True
-            if self._sending:
-                return
-            self._sending = True
-        self._pump()
-
-    def housekeep(self) -> bool:
-        """v2 housekeeping thread body: delayed acks and the silence watchdog.
-
-        Sleeps until an ack becomes due, then sends it ``ACK_DELAY`` later
-        (appended to the running send, or by itself), covering every
-        completion of that period; or until the silence limit could be
-        reached. Returns ``True`` if the broker was silent for
-        ``silence_limit`` seconds, ``False`` once the connection is closed.
-        """
-        lock = self._lock
-        tick = self._tick
-        acks = self.acks
-        assert acks is not None
-        limit = self.silence_limit
-        ack_at = 0.0
-        lock.acquire()
+    def shutdown(self, how: int) -> None:
         try:
-            while not self._closed:
-                now = time.monotonic()
-                if limit and now - self.last_read >= limit:
-                    return True
-                timeout: float | None = None
-                if acks.watermark > acks.sent:
-                    if not ack_at:
-                        ack_at = now + ACK_DELAY
-                    elif now >= ack_at:
-                        ack_at = 0.0
-                        self._ack_now = True
-                        if not self._sending:  # else the running send appends the ack
-                            self._sending = True
-                            lock.release()
-                            try:
-                                self._pump()
-                            finally:
-                                lock.acquire()
-                        continue
-                    timeout = ack_at - now
-                else:
-                    ack_at = 0.0
-                    self._hk_idle = True
-                if limit:
-                    silent_in = self.last_read + limit - now
-                    timeout = silent_in if timeout is None else min(timeout, silent_in)
-                tick.wait(timeout)
-                self._hk_idle = False
-            return False
-        finally:
-            self._hk_idle = False
-            lock.release()
-
-    # -- closing ----------------------------------------------------------------
-
-    def close_writes(self) -> None:
-        """Refuse further writes (queued data is dropped if not yet sent)."""
-        with self._lock:
-            self._closed = True
-            self._pending = []
-            self._tick.notify_all()
-
-    def shutdown_read(self) -> None:
-        """Stop reading: a blocked ``recv`` returns EOF; writing still works."""
-        try:
-            self.sock.shutdown(socket.SHUT_RD)
+            self.sock.shutdown(how)
         except OSError:
-            pass
-
-    def abort(self) -> None:
-        """Shut both directions down (wakes blocked ``recv``/``sendall`` calls)."""
-        self.close_writes()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        """Abort and release the socket."""
-        self.abort()
-        try:
-            self.sock.close()
-        except OSError:  # pragma: no cover
             pass
 
 
@@ -463,14 +232,15 @@ class _KeyedWorkerPool:
             self._runq.put(_STOP)
 
 
-class PyStrandsClient:
+class PyStrandsClient(ClientBase):
     """Threading backend client for the PyStrands broker (wire protocol v1, v2 when offered).
 
     Override :meth:`on_connection_request`, :meth:`on_new_connection`,
     :meth:`on_message`, :meth:`on_disconnect` and :meth:`on_error`; send with
     :meth:`send_room_message`, :meth:`send_private_message` and
     :meth:`broadcast_message` from any thread. Sending while disconnected never
-    raises: the send is dropped, counted, and logged once per disconnected period.
+    raises: the send is kept (up to ``max_buffered_sends``) and written once
+    the connection is back.
 
     Delivery: from a v1 broker every event arrives at most once. A v2 broker
     (negotiated automatically, see ``docs/protocol.md``) delivers **at least
@@ -497,7 +267,13 @@ class PyStrandsClient:
             for a broker started with a ``backend_secret`` (keyword only).
             ``None`` reads ``$PYSTRANDS_BACKEND_SECRET``; empty means none. It is
             never logged.
+        max_buffered_sends: Sends kept while the broker is unreachable or the
+            client reconnects (keyword only; ``0`` drops them).
+        buffer_policy: ``"drop_oldest"`` or ``"drop_newest"``: what a full
+            buffer drops, counted in :attr:`dropped_sends` (keyword only).
     """
+
+    _ack_delay = ACK_DELAY
 
     def __init__(
         self,
@@ -512,70 +288,67 @@ class PyStrandsClient:
         connect_timeout: float = 10.0,
         max_line_size: int = DEFAULT_MAX_LINE_SIZE,
         backend_secret: str | None = None,
+        max_buffered_sends: int = DEFAULT_MAX_BUFFERED_SENDS,
+        buffer_policy: str = "drop_oldest",
     ) -> None:
         """Configure the client; nothing connects until :meth:`connect`/:meth:`run_forever`."""
-        self.host = host
-        self.port = port
-        self.connected = False
-        self.auto_reconnect = auto_reconnect
-        self.reconnect_delay = reconnect_delay
-        self.max_reconnect_delay = max_reconnect_delay
-        self.reconnect_backoff = reconnect_backoff
+        super().__init__(
+            host,
+            port,
+            auto_reconnect,
+            reconnect_delay,
+            max_reconnect_delay,
+            reconnect_backoff,
+            connect_timeout=connect_timeout,
+            max_line_size=max_line_size,
+            backend_secret=backend_secret,
+            max_buffered_sends=max_buffered_sends,
+            buffer_policy=buffer_policy,
+        )
         self.workers = max(1, int(workers))
-        self.connect_timeout = connect_timeout
-        self.max_line_size = max_line_size
-        self._backend_secret = resolve_backend_secret(backend_secret)
-
         self._lifecycle = threading.RLock()
         self._disconnect_lock = threading.Lock()
-        self._conn: _Connection | None = None
+        self._io = threading.Lock()  # guards the session and the links' I/O flags
+        self._cond = threading.Condition(self._io)  # writer idle / ack due / link closed
+        self._conn: _Link | None = None
         self._manager: threading.Thread | None = None
         self._pool: _KeyedWorkerPool | None = None
-        self._stopping = False
-        self._done = threading.Event()
+        # PyStrands 1.0: the Event run_forever() waits on and disconnect() sets.
+        self._stop_event = threading.Event()
         self._wake = threading.Event()
-        self._drops = DropTracker(logger)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _ensure_session(self) -> None:
+    def _arm(self) -> None:
         # caller holds self._lifecycle
-        self._stopping = False
-        self._done.clear()
+        self._intentional_disconnect = False
+        self._stop_event.clear()
 
-    def _open(self, log: Callable[..., None]) -> _Connection | None:
+    def _open(self, log: Callable[..., None]) -> _Link | None:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
             log("Cannot connect to the broker at %s:%s: %s", self.host, self.port, exc)
             return None
         _configure_socket(sock)
-        conn = _Connection(sock)
-        # The hello goes first on every connection; nobody waits for its answer.
-        conn.write(encode_hello(self._backend_secret))
-        return conn
+        return _Link(sock)
 
-    @property
-    def protocol_version(self) -> int:
-        """Protocol of the current connection: ``2`` once the broker accepted our hello, else ``1``."""
-        conn = self._conn
-        return 2 if conn is not None and conn.v2 else 1
-
-    def _install(self, conn: _Connection) -> None:
-        # caller holds self._lifecycle
+    def _install(self, conn: _Link) -> None:
+        """Make ``conn`` the current link (caller holds ``_lifecycle``); the caller then
+        calls :meth:`_write` to send the hello and the kept sends."""
         if self._pool is None:
             self._pool = _KeyedWorkerPool(self.workers, self._handle)
         self._conn = conn
         self.connected = True
         logger.info("Connected to the broker at %s:%s", self.host, self.port)
-        self._drops.connected()
+        with self._io:
+            conn.number = self._session.connection_made()
+            conn.sending = True  # claimed for the hello, written by the caller
 
-    def _start_manager(self, conn: _Connection | None) -> None:
+    def _start_manager(self, conn: _Link | None) -> None:
         # caller holds self._lifecycle
         self._wake.clear()
-        thread = threading.Thread(
-            target=self._manage, args=(conn,), name="pystrands-reader", daemon=True
-        )
+        thread = threading.Thread(target=self._manage, args=(conn,), name="pystrands-reader", daemon=True)
         self._manager = thread
         thread.start()
 
@@ -588,27 +361,28 @@ class PyStrandsClient:
         with self._lifecycle:
             if self.connected and self._conn is not None:
                 return True
-            self._ensure_session()
+            self._arm()
         conn = self._open(logger.error)
         if conn is None:
             return False
         with self._lifecycle:
-            if self._stopping:  # disconnect() was called meanwhile
-                conn.close()
+            if self._intentional_disconnect:  # disconnect() was called meanwhile
+                conn.sock.close()
                 return False
             if self._conn is not None:  # someone else connected meanwhile
-                conn.close()
+                conn.sock.close()
                 return True
             self._install(conn)
             if self._manager is None:
                 self._start_manager(conn)
             else:  # a reconnect loop is waiting: it adopts this connection
                 self._wake.set()
+        self._write(conn)
         return True
 
-    def _manage(self, conn: _Connection | None) -> None:
+    def _manage(self, conn: _Link | None) -> None:
         """Reader thread: read the current connection, then reconnect as configured."""
-        backoff = Backoff(self.reconnect_delay, self.reconnect_backoff, self.max_reconnect_delay)
+        backoff = self._backoff()
         terminal = False
         while True:
             if conn is not None:
@@ -618,7 +392,7 @@ class PyStrandsClient:
                     backoff.reset()
                 conn = None
             with self._lifecycle:
-                if self._stopping:
+                if self._intentional_disconnect:
                     self._manager = None
                     break
                 if self._conn is not None:
@@ -637,101 +411,101 @@ class PyStrandsClient:
             if new is None:
                 continue
             with self._lifecycle:
-                if self._stopping:
-                    new.close()
+                if self._intentional_disconnect:
+                    new.sock.close()
                     self._manager = None
                     break
                 if self._conn is not None:
-                    new.close()
+                    new.sock.close()
                     conn = self._conn
-                else:
-                    self._install(new)
-                    conn = new
+                    continue
+                self._install(new)
+                conn = new
+            self._write(new)
         if terminal:
             logger.info("Connection lost and auto_reconnect is off; stopping")
-            self._done.set()
+            self._stop_event.set()
 
-    def _read_loop(self, conn: _Connection) -> None:
-        framer = LineFramer(self.max_line_size)
+    def _read_loop(self, conn: _Link) -> None:
         recv = conn.sock.recv
-        feed = framer.feed
-        decode = decode_event
-        monotonic = time.monotonic
+        session = self._session
+        io = self._io
         while True:
             try:
                 data = recv(READ_CHUNK_SIZE)
             except OSError as exc:
-                if not conn.closing and conn.writable:
+                if not conn.closing and not conn.closed:
                     logger.warning("Connection to the broker lost: %s", exc)
                 return
             if not data:
                 if not conn.closing:
                     logger.warning("The broker closed the connection")
                 return
-            conn.last_read = monotonic()
             pool = self._pool
             if pool is None:  # pragma: no cover - disconnect raced us
                 return
-            for line in feed(data):
-                event = decode(line)
-                if event is None:
-                    continue
-                if event.control:
-                    if not self._control(conn, event):
-                        return
-                    continue
-                if event.seq and not conn.track(event.seq):
-                    event.seq = 0  # v1 session or out of order: never acknowledged
-                pool.submit(event.key, (conn, event))
-
-    def _control(self, conn: _Connection, event: Event) -> bool:
-        """Handle a control frame on the reader thread; ``False`` stops reading."""
-        if isinstance(event, Heartbeat):
-            if conn.v2:
-                conn.answer_heartbeat()
-        elif isinstance(event, Skipped):
-            conn.skip(event.seq)
-        elif isinstance(event, HelloReply):
-            if not event.ok:
-                log_refusal(logger, event, f"{self.host}:{self.port}")
+            with io:
+                if conn.closed:
+                    return
+                events = session.receive_data(data)
+                refused = session.refused
+                start_v2 = session.acks is not None and not conn.housekeeping
+                if start_v2:
+                    conn.housekeeping = True
+                write = not conn.sending and session.wants_write()
+                if write:
+                    conn.sending = True
+            if write:
+                self._write(conn)
+            if refused:
                 conn.refused = True
                 conn.closing = True
-                conn.abort()
-                return False
-            if conn.start_v2(event.heartbeat_interval):
-                logger.info(
-                    "Protocol v2 with the broker (acks, heartbeats every %ss)",
-                    event.heartbeat_interval or "?",
-                )
-                threading.Thread(
-                    target=self._housekeep, args=(conn,), name="pystrands-v2", daemon=True
-                ).start()
-        return True
+                self._abort(conn)
+                return
+            if start_v2:
+                threading.Thread(target=self._housekeep, args=(conn,), name="pystrands-v2", daemon=True).start()
+            for event in events:
+                pool.submit(event.key, (conn, event))
 
-    def _housekeep(self, conn: _Connection) -> None:
-        """Per-connection v2 thread: delayed acks; closes the connection on silence."""
-        try:
-            silent = conn.housekeep()
-        except Exception:  # pragma: no cover - defensive: never die silently
-            logger.exception("v2 housekeeping failed")
-            return
+    def _housekeep(self, conn: _Link) -> None:
+        """Per-connection v2 thread: writes delayed acks; closes the connection on silence."""
+        session = self._session
+        cond = self._cond
+        silent = False
+        with cond:
+            while not conn.closed:
+                now = time.monotonic()
+                if session.check_silence(now):
+                    silent = True
+                    break
+                ready = session.acks is not None and session.acks.due
+                if ready and session.wants_write(now):
+                    if conn.sending:  # the running write takes it along, or we get woken
+                        cond.wait(ACK_DELAY)
+                        continue
+                    conn.sending = True
+                    cond.release()
+                    try:
+                        self._write(conn)
+                    finally:
+                        cond.acquire()
+                    continue
+                conn.hk_idle = not ready
+                deadline = session.next_deadline()
+                cond.wait(None if deadline is None else max(0.0, deadline - now))
+                conn.hk_idle = False
         if silent and not conn.closing:
-            logger.warning(
-                "Nothing received from the broker for %.1fs (3 heartbeat intervals); "
-                "closing the connection",
-                conn.silence_limit,
-            )
             conn.closing = True  # the reader ends quietly; reconnecting follows
-            conn.abort()
+            self._abort(conn)
 
-    def _lost(self, conn: _Connection) -> None:
+    def _lost(self, conn: _Link) -> None:
         with self._lifecycle:
-            if self._stopping:
+            if self._intentional_disconnect:
                 return  # disconnect() closes it after draining handlers
             if self._conn is conn:
                 self._conn = None
                 self.connected = False
-        conn.close()
+        self._close(conn)
 
     def disconnect(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly; no reconnect follows.
@@ -739,12 +513,13 @@ class PyStrandsClient:
         Stops reading, waits up to ``timeout`` seconds for in-flight (and already
         received) events to be handled and their sends flushed, then closes the
         socket. Handlers still running after the deadline are abandoned (their
-        later sends are dropped). Safe to call from a handler and more than once.
+        later sends are kept for a later connection). Safe to call from a
+        handler and more than once.
         """
         deadline = time.monotonic() + max(0.0, timeout)
         with self._disconnect_lock:
             with self._lifecycle:
-                self._stopping = True
+                self._intentional_disconnect = True
                 self.connected = False
                 conn = self._conn
                 manager = self._manager
@@ -752,7 +527,7 @@ class PyStrandsClient:
             self._wake.set()
             if conn is not None:
                 conn.closing = True
-                conn.shutdown_read()
+                conn.shutdown(socket.SHUT_RD)  # a blocked recv returns EOF; writing goes on
             idle = True
             if pool is not None:
                 idle = pool.wait_idle(deadline - time.monotonic())
@@ -763,18 +538,19 @@ class PyStrandsClient:
                         timeout,
                     )
             if conn is not None:
-                conn.flush_ack()  # acknowledge what was handled before closing (v2)
-            if conn is not None and not conn.flush(deadline - time.monotonic()):
-                logger.warning("disconnect: unsent data dropped after %.1fs", timeout)
-            if conn is not None:
-                conn.abort()
+                with self._io:
+                    self._session.ack_now()  # acknowledge what was handled before closing (v2)
+                self._kick(conn)
+                if not self._flush(conn, deadline - time.monotonic()):
+                    logger.warning("disconnect: unsent data dropped after %.1fs", timeout)
+                self._abort(conn)
             if manager is not None and manager is not threading.current_thread():
                 try:
                     manager.join(max(0.1, deadline - time.monotonic()))
                 except RuntimeError:  # interrupted while it was being started
                     pass
             if conn is not None:
-                conn.close()
+                self._close(conn)
             with self._lifecycle:
                 if self._conn is conn:
                     self._conn = None
@@ -784,7 +560,7 @@ class PyStrandsClient:
                 pool.stop(abandon=not idle)
             if conn is not None:
                 logger.info("Disconnected from the broker")
-            self._done.set()
+            self._stop_event.set()
 
     def run_forever(self) -> None:
         """Connect if needed and block until :meth:`disconnect` (or Ctrl-C).
@@ -795,47 +571,113 @@ class PyStrandsClient:
         try:
             if not self.connected and not self.connect():
                 with self._lifecycle:
-                    give_up = self._stopping or not self.auto_reconnect
+                    give_up = self._intentional_disconnect or not self.auto_reconnect
                     if not give_up:
-                        self._ensure_session()
+                        self._arm()
                         if self._manager is None and self._conn is None:
                             self._start_manager(None)
                 if give_up:
                     logger.error("Not connected and auto_reconnect is off; run_forever returns")
                     return
-            self._done.wait()
+            self._stop_event.wait()
         except KeyboardInterrupt:
             logger.info("Interrupted; disconnecting")
         finally:
             self.disconnect()
 
+    # ------------------------------------------------------------------- writing
+
+    def _write(self, conn: _Link) -> None:
+        """Write what the session has queued until it has nothing more (the caller
+        claimed ``conn.sending``); one ``sendall`` per round."""
+        session = self._session
+        cond = self._cond
+        sendall = conn.sock.sendall
+        while True:
+            with cond:
+                data = b"" if conn.closed else session.data_to_send()
+                if not data:
+                    conn.sending = False
+                    cond.notify_all()
+                    return
+            try:
+                sendall(data)
+            except OSError as exc:
+                with cond:
+                    conn.sending = False
+                    cond.notify_all()
+                log = logger.debug if conn.closing else logger.warning
+                log("Send failed (%s); unsent frames are lost", exc)
+                self._abort(conn)
+                return
+
+    def _kick(self, conn: _Link) -> None:
+        """Write now if the session has output and no thread is writing."""
+        with self._io:
+            if conn.sending or conn.closed or not self._session.wants_write():
+                return
+            conn.sending = True
+        self._write(conn)
+
+    def _flush(self, conn: _Link, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until everything queued was written."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            while not conn.closed and (conn.sending or self._session.wants_write()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return not conn.closed or not self._session.wants_write()
+
+    def _abort(self, conn: _Link) -> None:
+        """Stop writing to ``conn`` and shut both directions (wakes blocked calls)."""
+        with self._cond:
+            if not conn.closed:
+                conn.closed = True
+                if self._session.open and self._session.link == conn.number:
+                    lost = self._session.connection_lost()
+                    if lost and not conn.closing:
+                        logger.warning("Connection closed with %d frame(s) not written", lost)
+                self._cond.notify_all()
+        conn.shutdown(socket.SHUT_RDWR)
+
+    def _close(self, conn: _Link) -> None:
+        self._abort(conn)
+        try:
+            conn.sock.close()
+        except OSError:  # pragma: no cover
+            pass
+
     # ---------------------------------------------------------------------- sends
 
-    def _send(self, data: bytes, what: str) -> None:
-        conn = self._conn
-        if conn is None or not conn.write(data):
-            self._drops.drop(what)
+    def _submit(self, frame: bytes, what: str, link: int = 0) -> None:
+        """Queue one frame (``link``: only for that link); the thread that finds
+        the socket idle writes it."""
+        with self._io:
+            if not self._session.send(frame, what, link=link):
+                return
+            conn = self._conn
+            if conn is None or conn.sending or conn.closed:
+                return
+            conn.sending = True
+        self._write(conn)
 
     def broadcast_message(self, message: str) -> None:
         """Send ``message`` to every connected WebSocket client."""
-        self._send(encode_broadcast(message), "broadcast")
+        self._submit(encode_broadcast(message), "broadcast")
 
     def send_room_message(self, room_id: str, message: str) -> None:
         """Send ``message`` to every client in room ``room_id``."""
-        self._send(encode_room_message(room_id, message), "message_to_room")
+        self._submit(encode_room_message(room_id, message), "message_to_room")
 
     def send_private_message(self, client_id: str, message: str) -> None:
         """Send ``message`` to the client ``client_id`` only."""
-        self._send(encode_private_message(client_id, message), "message_to_connection")
-
-    @property
-    def dropped_sends(self) -> int:
-        """Sends dropped because the client was not connected (since creation)."""
-        return self._drops.total_dropped
+        self._submit(encode_private_message(client_id, message), "message_to_connection")
 
     # ------------------------------------------------------------------- dispatch
 
-    def _handle(self, item: tuple[_Connection, Event]) -> None:
+    def _handle(self, item: tuple[_Link, Event]) -> None:
         conn, event = item
         try:
             if isinstance(event, NewMessage):
@@ -844,7 +686,7 @@ class PyStrandsClient:
                 except Exception as exc:
                     self._handler_failed("on_message", exc, event.context)
             elif isinstance(event, ConnectionRequest):
-                self._decide(conn, event)
+                self._decide(event, conn.number)
             elif isinstance(event, NewConnection):
                 try:
                     self.on_new_connection(event.context)
@@ -862,21 +704,20 @@ class PyStrandsClient:
                     logger.exception("on_error raised")
         finally:
             if event.seq:  # v2: handled (returned or raised) -> acknowledgeable
-                conn.complete(event.seq)
+                with self._io:
+                    if self._session.event_done(conn.number, event.seq) and conn.hk_idle:
+                        conn.hk_idle = False
+                        self._cond.notify_all()
 
-    def _decide(self, conn: _Connection, event: ConnectionRequest) -> None:
+    def _decide(self, event: ConnectionRequest, link: int) -> None:
         request = event.request
         try:
             result = self.on_connection_request(request)
         except Exception as exc:
-            self._reply(conn, encode_reject(event.request_id))
+            self._submit(encode_reject(event.request_id), _REPLY, link)
             self._handler_failed("on_connection_request", exc, request.context)
             return
-        self._reply(conn, response_for(event.request_id, result, request))
-
-    def _reply(self, conn: _Connection, data: bytes) -> None:
-        if not conn.write(data):
-            self._drops.drop("response to a connection request")
+        self._submit(response_for(event.request_id, result, request), _REPLY, link)
 
     def _handler_failed(self, name: str, exc: Exception, context: Context) -> None:
         logger.error("%s raised for client %r", name, context.client_id, exc_info=exc)
@@ -894,23 +735,20 @@ class PyStrandsClient:
         return ``True`` or ``False``; returning anything else uses
         ``request.accepted``. An exception rejects the connection.
         """
-        logger.debug(
-            "Connection request %s -> room %s", request.context.client_id, request.context.room_id
-        )
-        return True
+        return self._default_connection_request(request)
 
     def on_new_connection(self, context: Context) -> None:
         """Called when a WebSocket client has connected."""
-        logger.debug("New connection %s in room %s", context.client_id, context.room_id)
+        self._default_new_connection(context)
 
     def on_message(self, message: str, context: Context) -> None:
         """Called for every message a WebSocket client sends."""
-        logger.debug("Message from %s in room %s", context.client_id, context.room_id)
+        self._default_message(message, context)
 
     def on_disconnect(self, context: Context) -> None:
         """Called when a WebSocket client has disconnected."""
-        logger.debug("Client %s left room %s", context.client_id, context.room_id)
+        self._default_disconnect(context)
 
     def on_error(self, error: str, context: Context) -> None:
         """Called for broker error events and for exceptions raised by handlers."""
-        logger.error("Error for client %s: %s", context.client_id, error)
+        self._default_error(error, context)

@@ -10,7 +10,10 @@
   ``request.headers.get("x-token")`` both work.
 
 All three have ``from_json`` / ``to_json`` converting from and to the plain JSON
-shapes of wire protocol v1.
+shapes of wire protocol v1. :class:`JSONModel`, the base class of the two context
+types in PyStrands 1.0, is kept with its 1.0 behaviour (keyword construction over
+the annotated fields, missing ones ``None``) for code that subclasses it; as in
+1.0, ``from_json`` gives ``None`` for fields missing from its input.
 
 A :class:`Context` handed to an event callback by a client connected to a v2 broker
 also carries the event's delivery facts, :attr:`Context.event_id` and
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Dict, List  # noqa: UP035 - Dict and List: public names in 1.0
 
-__all__ = ["Context", "ConnectionRequestContext", "Headers"]
+__all__ = ["Context", "ConnectionRequestContext", "Headers", "JSONModel"]
+
+_EXPORTED_BY_1_0 = (Dict, List)  # this module's public names in PyStrands 1.0, kept importable
 
 
 def _as_str(value: Any, default: str = "") -> str:
@@ -44,6 +49,38 @@ def new_client_id() -> str:
     b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class JSONModel:
+    """A plain model over the annotated fields of its class (PyStrands 1.0's base class).
+
+    ``Model(**fields)`` sets every annotated field (``None`` when not given),
+    :meth:`from_json` builds from a dict, :meth:`to_json` returns the fields as a
+    dict. :class:`Context` and :class:`ConnectionRequestContext` derive from it
+    and refine it; a user model subclassing it behaves as it did in 1.0.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        """Set each annotated field from ``kwargs`` (``None`` when missing)."""
+        for name in self._get_annotations():
+            setattr(self, name, kwargs.get(name))
+
+    @classmethod
+    def _get_annotations(cls) -> dict[str, Any]:
+        """The annotated fields of the class and its bases, base classes first."""
+        fields: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            fields.update(klass.__dict__.get("__annotations__", {}))
+        return fields
+
+    @classmethod
+    def from_json(cls, data: Any) -> Any:
+        """Build from a dict of fields; missing fields are ``None``."""
+        return cls(**data)
+
+    def to_json(self) -> Any:
+        """Return the fields as a dict."""
+        return {name: getattr(self, name) for name in self._get_annotations()}
 
 
 class Headers(MutableMapping[str, list[str]]):
@@ -164,7 +201,7 @@ class Headers(MutableMapping[str, list[str]]):
         return {name: list(values) for name, values in self._store.values()}
 
 
-class Context:
+class Context(JSONModel):
     """Identity of one WebSocket client as seen by the backend.
 
     Attributes:
@@ -181,10 +218,15 @@ class Context:
     not part of :meth:`to_json`, :meth:`from_json` or equality.
     """
 
-    __slots__ = ("client_id", "room_id", "metadata", "_event_id", "_redelivered", "__dict__")
+    __slots__ = ("client_id", "room_id", "metadata", "_event_id", "_redelivered")
 
-    _event_id: str | None  # set only by the clients, for events from a v2 broker
-    _redelivered: bool
+    if TYPE_CHECKING:  # declared for type checkers only: not fields of the model
+        _event_id: str | None  # set only by the clients, for events from a v2 broker
+        _redelivered: bool
+
+    @classmethod
+    def _get_annotations(cls) -> dict[str, Any]:
+        return {"client_id": str, "room_id": str, "metadata": dict}
 
     def __init__(
         self,
@@ -229,17 +271,24 @@ class Context:
         """Build from the wire form ``{"client_id", "room_id", "metadata"}``.
 
         A :class:`Context` is returned unchanged; ``None`` gives an empty context.
-        Extra keys are ignored; ``metadata`` is kept as received (``null`` -> ``{}``).
+        Extra keys are ignored; a missing key gives ``None`` (as in 1.0), a
+        ``null`` metadata gives ``{}``.
         """
         if isinstance(data, Context):
             return data
         if data is None:
             return cls()
-        return cls(
-            client_id=_as_str(data.get("client_id")),
-            room_id=_as_str(data.get("room_id")),
-            metadata=data.get("metadata"),
-        )
+        self = cls.__new__(cls)
+        client_id = data.get("client_id")
+        room_id = data.get("room_id")
+        self.client_id = client_id if client_id is None else _as_str(client_id)
+        self.room_id = room_id if room_id is None else _as_str(room_id)
+        if "metadata" in data:
+            metadata = data["metadata"]
+            self.metadata = {} if metadata is None else metadata
+        else:
+            self.metadata = None
+        return self
 
     def to_json(self) -> dict[str, Any]:
         """Return ``{"client_id", "room_id", "metadata"}``."""
@@ -267,7 +316,7 @@ class Context:
     __hash__ = None  # type: ignore[assignment]
 
 
-class ConnectionRequestContext:
+class ConnectionRequestContext(JSONModel):
     """A WebSocket connection waiting for the backend's decision.
 
     Attributes:
@@ -292,8 +341,18 @@ class ConnectionRequestContext:
         "context",
         "accepted",
         "query",
-        "__dict__",
     )
+
+    @classmethod
+    def _get_annotations(cls) -> dict[str, Any]:
+        return {
+            "headers": Dict[str, List[str]],
+            "url": str,
+            "remote_addr": str,
+            "context": Context,
+            "accepted": bool,
+            "query": str,
+        }
 
     def __init__(
         self,
@@ -355,17 +414,27 @@ class ConnectionRequestContext:
     def from_json(cls, data: Mapping[str, Any]) -> ConnectionRequestContext:
         """Build from the ``params`` of a ``connection_request`` (or :meth:`to_json`).
 
-        Missing ``context`` gets the v1 defaults (fresh uuid4, room = url, ``{}``).
+        Missing ``url`` / ``remote_addr`` are ``None`` (as in 1.0); missing
+        ``headers`` give an empty :class:`Headers`, a missing ``context`` the v1
+        defaults (fresh uuid4, room = url, ``{}``) and a missing ``accepted``
+        ``True``, so a handler can work on the request as on a real one.
         """
         headers = data.get("headers")
-        return cls(
+        url = data.get("url")
+        remote_addr = data.get("remote_addr")
+        self = cls(
             headers=headers if isinstance(headers, Mapping) else None,
-            url=_as_str(data.get("url")),
-            remote_addr=_as_str(data.get("remote_addr")),
+            url=_as_str(url),
+            remote_addr=_as_str(remote_addr),
             context=data.get("context"),
             accepted=data.get("accepted", True),
             query=_as_str(data.get("query")),
         )
+        if "url" not in data:
+            self.url = None  # type: ignore[assignment]
+        if "remote_addr" not in data:
+            self.remote_addr = None  # type: ignore[assignment]
+        return self
 
     def to_json(self) -> dict[str, Any]:
         """Return the plain dict form (headers as a plain dict, context as a dict)."""

@@ -1,0 +1,179 @@
+"""What the threading and the asyncio backend clients share, written once.
+
+:class:`ClientBase` holds the documented constructor arguments and attributes
+(``host``, ``port``, ``connected``, ``auto_reconnect``, ``reconnect_delay``,
+``max_reconnect_delay``, ``reconnect_backoff``), the PyStrands 1.0 attributes
+that subclasses and tests of 1.0 touch (``_intentional_disconnect``), the
+:class:`~pystrands._session.Session` that holds every wire rule, the frames of
+the send methods and the bodies of the default callbacks. The two clients add
+only I/O and concurrency: sockets and threads, or a transport and a dispatcher.
+
+:class:`Backoff` is the reconnect schedule both clients follow.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ._protocol import DEFAULT_MAX_LINE_SIZE, resolve_backend_secret
+from ._session import DEFAULT_MAX_BUFFERED_SENDS, Session
+from .context import ConnectionRequestContext, Context
+
+__all__ = ["Backoff", "ClientBase"]
+
+
+
+class Backoff:
+    """Reconnect delay schedule: ``delay, delay*factor, ...`` capped at ``maximum``.
+
+    Each returned delay is the nominal one times a random factor in
+    ``[1 - jitter, 1 + jitter]``, then capped at ``maximum`` (so many backends
+    restarting together do not reconnect in lock step, and the cap holds).
+    """
+
+    __slots__ = ("initial", "factor", "maximum", "jitter", "_nominal", "_random")
+
+    def __init__(
+        self,
+        initial: float,
+        factor: float,
+        maximum: float,
+        jitter: float = 0.15,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        """Create a schedule; negative values are clamped, ``factor`` to at least 1."""
+        self.initial = max(0.0, float(initial))
+        self.factor = max(1.0, float(factor))
+        self.maximum = max(self.initial, float(maximum))
+        self.jitter = min(max(0.0, float(jitter)), 1.0)
+        self._random = rng
+        self._nominal = self.initial
+
+    def reset(self) -> None:
+        """Start again from the initial delay (after a successful connect)."""
+        self._nominal = self.initial
+
+    def next(self) -> float:
+        """Return the next delay in seconds and advance the schedule."""
+        nominal = self._nominal
+        self._nominal = min(nominal * self.factor, self.maximum)
+        jittered = nominal * (1.0 + self.jitter * (2.0 * self._random() - 1.0))
+        return min(max(0.0, jittered), self.maximum)
+
+    def __iter__(self) -> Iterator[float]:
+        while True:
+            yield self.next()
+
+
+class ClientBase:
+    """The documented surface both backend clients share.
+
+    Args:
+        host: Broker host.
+        port: Broker TCP port for backends.
+        auto_reconnect: Reconnect with exponential backoff when the connection is
+            lost (never after ``disconnect()``).
+        reconnect_delay: First reconnect delay, seconds.
+        max_reconnect_delay: Cap of the reconnect delay, seconds.
+        reconnect_backoff: Multiplier applied to the delay after each failure.
+        connect_timeout: Seconds allowed for one TCP connect attempt.
+        max_line_size: Largest inbound frame in bytes; larger ones are dropped
+            with a warning.
+        backend_secret: Shared secret sent in the ``hello`` on every connection,
+            for a broker started with a ``backend_secret``. ``None`` reads
+            ``$PYSTRANDS_BACKEND_SECRET``; empty means none. Never logged.
+        max_buffered_sends: Sends kept while the broker is unreachable or the
+            client reconnects, written in order once the link is back (``0``:
+            drop them, as PyStrands 1.0 did).
+        buffer_policy: ``"drop_oldest"`` (default) or ``"drop_newest"``: what a
+            full buffer drops. Drops are counted in :attr:`dropped_sends` and
+            logged once per disconnected period.
+    """
+
+    _ack_delay = 0.0  # seconds a due ack may wait (the threading client batches them)
+    _logger = logging.getLogger("pystrands.client")  # each client logs under its own name
+
+    def __init__(
+        self,
+        host: str = "localhost",
+        port: int = 8081,
+        auto_reconnect: bool = True,
+        reconnect_delay: float = 1.0,
+        max_reconnect_delay: float = 30.0,
+        reconnect_backoff: float = 2.0,
+        *,
+        connect_timeout: float = 10.0,
+        max_line_size: int = DEFAULT_MAX_LINE_SIZE,
+        backend_secret: str | None = None,
+        max_buffered_sends: int = DEFAULT_MAX_BUFFERED_SENDS,
+        buffer_policy: str = "drop_oldest",
+    ) -> None:
+        """Configure the client; nothing connects until ``connect()``/``run_forever()``."""
+        self.host = host
+        self.port = port
+        self.connected = False
+        self.auto_reconnect = auto_reconnect
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.reconnect_backoff = reconnect_backoff
+        self.connect_timeout = connect_timeout
+        self.max_line_size = max_line_size
+        self.max_buffered_sends = max_buffered_sends
+        self.buffer_policy = buffer_policy
+        self._backend_secret = resolve_backend_secret(backend_secret)
+        # PyStrands 1.0: True after disconnect(); no reconnection while it is set.
+        self._intentional_disconnect = False
+        self._session = self._new_session()
+
+    def _new_session(self, clock: Callable[[], float] | None = None) -> Session:
+        kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
+        return Session(
+            backend_secret=self._backend_secret,
+            max_line_size=self.max_line_size,
+            max_buffered_sends=self.max_buffered_sends,
+            buffer_policy=self.buffer_policy,
+            ack_delay=self._ack_delay,
+            peer=f"{self.host}:{self.port}",
+            **kwargs,
+        )
+
+    @property
+    def protocol_version(self) -> int:
+        """Protocol of the current connection: ``2`` once the broker accepted our hello, else ``1``."""
+        session = self._session
+        return 2 if session.open and session.acks is not None else 1
+
+    @property
+    def dropped_sends(self) -> int:
+        """Sends dropped because the client was not connected and its buffer was full
+        (or ``max_buffered_sends`` is 0), since creation."""
+        return self._session.dropped_sends
+
+    @property
+    def buffered_sends(self) -> int:
+        """Sends kept while disconnected, waiting for the next connection."""
+        return self._session.buffered
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.reconnect_delay, self.reconnect_backoff, self.max_reconnect_delay)
+
+    # ------------------------------------------------------ default callback bodies
+
+    def _default_connection_request(self, request: ConnectionRequestContext) -> bool:
+        self._logger.debug("Connection request %s -> room %s", request.context.client_id, request.context.room_id)
+        return True
+
+    def _default_new_connection(self, context: Context) -> None:
+        self._logger.debug("New connection %s in room %s", context.client_id, context.room_id)
+
+    def _default_message(self, message: str, context: Context) -> None:
+        self._logger.debug("Message from %s in room %s", context.client_id, context.room_id)
+
+    def _default_disconnect(self, context: Context) -> None:
+        self._logger.debug("Client %s left room %s", context.client_id, context.room_id)
+
+    def _default_error(self, error: str, context: Context) -> None:
+        self._logger.error("Error for client %s: %s", context.client_id, error)
