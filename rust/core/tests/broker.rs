@@ -197,7 +197,9 @@ fn accepted_clients_reach_their_backend_and_room_messages_reach_every_member() {
         let request = backend.expect("connection_request").await;
         assert_eq!(request["params"]["url"], "/ws/lobby", "{request}");
         assert_eq!(request["params"]["query"], "user=alice", "{request}");
-        backend.answer(&request, json!({"accepted": true, "client_id": "alice", "room_id": "lobby", "metadata": {"n": 1}})).await;
+        backend
+            .answer(&request, json!({"accepted": true, "client_id": "alice", "room_id": "lobby", "metadata": {"n": 1}}))
+            .await;
         let mut alice = dialed(task).await.expect("alice was upgraded");
         let hello = backend.expect("new_connection").await;
         assert_eq!(hello["params"]["context"], json!({"client_id": "alice", "room_id": "lobby", "metadata": {"n": 1}}));
