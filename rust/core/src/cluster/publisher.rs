@@ -1,7 +1,7 @@
-//! The publisher task: drains the records this node's backends sent (queued by
-//! [`Cluster::publish`](super::Cluster) without waiting), packs them into envelopes and PUBLISHes
-//! them, pipelined, on the cluster channel. It owns the node's command connection to Redis, which
-//! the presence task borrows, and reconnects it with backoff when it is lost.
+//! The publisher task: drains the records this node's backends sent (queued without waiting by
+//! [`Cluster::publish`](super::Cluster::publish)), packs them into envelopes and PUBLISHes them,
+//! pipelined, on the cluster channel. It owns the node's command connection to Redis, which the
+//! presence task borrows, and reconnects it with backoff when it is lost.
 
 use super::envelope::encode_payload;
 use super::{State, CONNECT_TIMEOUT, PING_EVERY, RESPONSE_TIMEOUT};
