@@ -408,7 +408,7 @@ def test_cli_refuses_to_start_when_redis_is_unreachable_and_can_start_degraded()
 
 
 def envelope(origin: str, first_seq: int, records: list[tuple[bytes, str, bytes]]) -> bytes:
-    """A cluster payload as rust/core/src/cluster.rs encodes it (version 1)."""
+    """A cluster payload as rust/core/src/cluster/envelope.rs encodes it (version 1)."""
     out = bytes([1, len(origin)]) + origin.encode() + first_seq.to_bytes(8, "big") + len(records).to_bytes(4, "big")
     for kind, target, body in records:
         t = target.encode()

@@ -1,7 +1,7 @@
 //! The backend side: a TCP listener for Python backends, the `hello` that decides a connection's
 //! protocol version (and checks `backend_secret`), and one session per backend made of a reader
-//! task (lines → hub deliveries, router answers, acks) and a writer task (its [`Outbox`] +
-//! heartbeats → socket, batched, one flush per batch).
+//! task (lines → `crate::delivery` sends, router answers, acks) and a writer task (its
+//! [`Outbox`] + heartbeats → socket, batched, one flush per batch).
 //!
 //! A backend is declared dead when its connection ends, a write fails or cannot complete within
 //! the write deadline (it stopped reading), its outbox overflows (it fell too far behind), or —
@@ -9,14 +9,15 @@
 //! router then moves its clients elsewhere. Every bad line is counted and logged with a per-cause
 //! rate limit, and the session carries on with the next line.
 
+use crate::delivery;
+use crate::outbox::{self, Outbox, Take};
 use crate::protocol::{self, BackendCommand, Hello, Line, LineReader};
-use crate::router::{BackendId, RouterMsg};
+use crate::router::{BackendId, RouterEvent};
 use crate::shutdown::{Signal, TaskGuard};
-use crate::stats::{add, incr, Counters};
+use crate::stats::incr;
+use crate::throttle::ErrorLog;
 use crate::Shared;
 use bytes::Bytes;
-use parking_lot::Mutex;
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,14 +26,6 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-/// Fewest lines one backend's outbox holds before the backend counts as too slow (and is
-/// dropped). It is raised to fit a full redelivery plus a full queue (see [`outbox_lines`]), so
-/// a healthy backend taking over a dead one's clients is never mistaken for a slow one.
-const OUTBOX_MIN_LINES: usize = 65_536;
-/// Most bytes one backend's outbox holds (a single larger line is still accepted when it is
-/// empty). A backend that stops reading is caught earlier by the write deadline; this bounds the
-/// memory it can pin until then.
-const OUTBOX_MAX_BYTES: usize = 256 * 1024 * 1024;
 /// Most lines written between two flushes.
 const WRITE_BATCH: usize = 512;
 /// How long a backend without a secret to present has to open with `hello` before it is taken
@@ -42,7 +35,7 @@ const HELLO_WAIT: Duration = Duration::from_millis(200);
 static NEXT_BACKEND: AtomicU64 = AtomicU64::new(1);
 
 /// Accepts backends until `stop` fires.
-pub async fn listen(listener: TcpListener, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
+pub(crate) async fn listen(listener: TcpListener, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
     crate::accept_loop(listener, "backend", stop, guard, |stream, addr| {
         session(stream, addr.to_string(), shared.clone())
     })
@@ -55,147 +48,6 @@ fn set_keepalive(stream: &TcpStream) {
     if let Err(e) = sock.set_tcp_keepalive(&ka) {
         tracing::debug!(error = %e, "could not enable TCP keepalive on a backend connection");
     }
-}
-
-/// The lines waiting for one backend's writer. The router pushes without ever waiting; the
-/// writer takes everything queued in one go. Bounded: a push beyond the bound closes the outbox,
-/// which makes the backend count as dead.
-pub struct Outbox {
-    max_lines: usize,
-    max_bytes: usize,
-    state: Mutex<OutboxState>,
-    wake: Notify,
-    /// Set for v1 backends: events discarded on close are lost for good and counted.
-    lost: Option<Arc<Counters>>,
-}
-
-struct OutboxState {
-    /// Lines, each flagged when it is a client event (as opposed to a connection request).
-    lines: VecDeque<(Bytes, bool)>,
-    bytes: usize,
-    mode: Mode,
-    overflowed: bool,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Open,
-    /// No more pushes; the writer drains what is queued and ends.
-    Finishing,
-    Closed,
-}
-
-/// What [`Outbox::take`] found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Take {
-    Lines,
-    Empty,
-    /// Finishing and drained, or closed.
-    Done,
-}
-
-impl Outbox {
-    /// An outbox; `lost` counts the events a close discards (v1 backends, which cannot get them
-    /// redelivered).
-    pub fn new(lost: Option<Arc<Counters>>, max_lines: usize, max_bytes: usize) -> Self {
-        Outbox {
-            max_lines,
-            max_bytes,
-            state: Mutex::new(OutboxState { lines: VecDeque::new(), bytes: 0, mode: Mode::Open, overflowed: false }),
-            wake: Notify::new(),
-            lost,
-        }
-    }
-
-    /// Queues a line; `Err` when the outbox is closed or just overflowed (and closed).
-    pub fn push(&self, line: Bytes, is_event: bool) -> Result<(), ()> {
-        let mut s = self.state.lock();
-        if s.mode != Mode::Open {
-            return Err(());
-        }
-        if s.lines.len() >= self.max_lines || (!s.lines.is_empty() && s.bytes + line.len() > self.max_bytes) {
-            s.overflowed = true;
-            drop(s);
-            self.close();
-            return Err(());
-        }
-        let was_empty = s.lines.is_empty();
-        s.bytes += line.len();
-        s.lines.push_back((line, is_event));
-        drop(s);
-        if was_empty {
-            self.wake.notify_one();
-        }
-        Ok(())
-    }
-
-    /// Moves up to `max` queued lines into `out`.
-    pub fn take(&self, out: &mut Vec<Bytes>, max: usize) -> Take {
-        let mut s = self.state.lock();
-        if s.mode == Mode::Closed {
-            return Take::Done;
-        }
-        if s.lines.is_empty() {
-            return if s.mode == Mode::Finishing { Take::Done } else { Take::Empty };
-        }
-        let n = s.lines.len().min(max);
-        let mut taken = 0;
-        for (line, _) in s.lines.drain(..n) {
-            taken += line.len();
-            out.push(line);
-        }
-        s.bytes -= taken;
-        Take::Lines
-    }
-
-    /// Waits until something was pushed (or the outbox finished or closed) since the last take.
-    pub async fn wait(&self) {
-        self.wake.notified().await;
-    }
-
-    /// No more pushes; what is queued is still written.
-    pub fn finish(&self) {
-        let mut s = self.state.lock();
-        if s.mode == Mode::Open {
-            s.mode = Mode::Finishing;
-        }
-        drop(s);
-        self.wake.notify_one();
-    }
-
-    /// Discards what is queued and refuses further pushes (idempotent). For a v1 backend the
-    /// discarded events are counted as lost.
-    pub fn close(&self) {
-        let mut s = self.state.lock();
-        s.mode = Mode::Closed;
-        let events = s.lines.iter().filter(|(_, ev)| *ev).count() as u64;
-        s.lines.clear();
-        s.bytes = 0;
-        drop(s);
-        self.wake.notify_one();
-        if let (Some(counters), true) = (&self.lost, events > 0) {
-            add(&counters.events_lost, events);
-            tracing::warn!(events, "events could not be written to a lost v1 backend (v1 has no redelivery)");
-        }
-    }
-
-    fn overflowed(&self) -> bool {
-        self.state.lock().overflowed
-    }
-
-    #[cfg(test)]
-    pub fn pop(&self) -> Option<Bytes> {
-        let mut s = self.state.lock();
-        let (line, _) = s.lines.pop_front()?;
-        s.bytes -= line.len();
-        Some(line)
-    }
-}
-
-/// The line bound of a backend's outbox: room for a whole redelivery and a whole no-backend
-/// queue arriving at once, with a floor.
-pub fn outbox_lines(cfg: &crate::Config) -> usize {
-    (cfg.max_unacked * 2 + cfg.queue_size).max(OUTBOX_MIN_LINES)
 }
 
 /// The outcome of the opening exchange.
@@ -302,10 +154,13 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
         Opening::Serve { v2, first } => (v2, first),
         Opening::Stop => return,
     };
-    let outbox =
-        Arc::new(Outbox::new((!v2).then(|| shared.counters.clone()), outbox_lines(&shared.cfg), OUTBOX_MAX_BYTES));
+    let outbox = Arc::new(Outbox::new(
+        (!v2).then(|| shared.counters.clone()),
+        outbox::max_lines(&shared.cfg),
+        outbox::MAX_BYTES,
+    ));
     let dead = Arc::new(Dead::default());
-    if shared.router.send(RouterMsg::BackendUp { id, addr: addr.clone(), outbox: outbox.clone(), v2 }).is_err() {
+    if shared.router.handle(RouterEvent::BackendUp { id, addr: addr.clone(), outbox: outbox.clone(), v2 }).is_err() {
         return; // broker is stopping
     }
     let write_deadline = (shared.cfg.heartbeat_interval * 2).max(Duration::from_secs(5));
@@ -372,29 +227,29 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
     }
     dead.set();
     outbox.close();
-    let _ = shared.router.send(RouterMsg::BackendDown { id });
+    let _ = shared.router.handle(RouterEvent::BackendDown { id });
     let _ = writer.await;
 }
 
 async fn handle_line(id: BackendId, v2: bool, line: &[u8], shared: &Shared, errors: &mut ErrorLog) {
     match protocol::decode_backend_line(line) {
         Ok(BackendCommand::MessageToRoom { room_id, message }) => {
-            crate::cluster::send_room(shared, &room_id, message);
+            delivery::to_room(shared, &room_id, message);
         }
         Ok(BackendCommand::MessageToConnection { conn_id, message }) => {
-            if !crate::cluster::send_private(shared, &conn_id, message) {
+            if !delivery::to_client(shared, &conn_id, message) {
                 tracing::debug!(backend = id, client_id = %conn_id, "private message for a client that is not connected");
             }
         }
         Ok(BackendCommand::Broadcast { message }) => {
-            crate::cluster::broadcast(shared, message);
+            delivery::to_all(shared, message);
         }
         Ok(BackendCommand::Response(resp)) => {
-            let _ = shared.router.send(RouterMsg::Response { backend: id, resp });
+            let _ = shared.router.handle(RouterEvent::Response { backend: id, resp });
         }
         Ok(BackendCommand::Heartbeat) => {}
         Ok(BackendCommand::Ack { seq }) if v2 => {
-            let _ = shared.router.send(RouterMsg::Ack { backend: id, seq });
+            let _ = shared.router.handle(RouterEvent::Ack { backend: id, seq });
         }
         Ok(BackendCommand::Ack { .. }) => {
             incr(&shared.counters.backend_errors);
@@ -472,10 +327,11 @@ async fn write_loop(
         }
     }
     if outbox.overflowed() {
+        let (max_lines, max_bytes) = outbox.limits();
         tracing::warn!(
             backend = id,
-            max_lines = outbox.max_lines,
-            max_bytes = outbox.max_bytes,
+            max_lines,
+            max_bytes,
             "backend fell too far behind (outbox full); declaring it dead"
         );
     }
@@ -512,55 +368,6 @@ impl Dead {
                 return;
             }
             notified.await;
-        }
-    }
-}
-
-/// Logs bad backend input at most once per cause per 10 seconds, with a count of what was
-/// suppressed, so a flood of garbage cannot flood the log.
-struct ErrorLog {
-    backend: BackendId,
-    causes: HashMap<&'static str, (Instant, u64)>,
-}
-
-const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
-
-impl ErrorLog {
-    fn new(backend: BackendId) -> Self {
-        ErrorLog { backend, causes: HashMap::new() }
-    }
-
-    fn report(&mut self, cause: &'static str, detail: &str) {
-        let now = Instant::now();
-        match self.causes.get_mut(cause) {
-            Some((last, suppressed)) if now.duration_since(*last) < ERROR_LOG_EVERY => *suppressed += 1,
-            Some((last, suppressed)) => {
-                tracing::error!(
-                    backend = self.backend,
-                    cause,
-                    suppressed = *suppressed,
-                    "bad line from backend: {detail}"
-                );
-                *last = now;
-                *suppressed = 0;
-            }
-            None => {
-                tracing::error!(backend = self.backend, cause, "bad line from backend: {detail}");
-                self.causes.insert(cause, (now, 0));
-            }
-        }
-    }
-
-    fn flush(&self) {
-        for (cause, (_, suppressed)) in &self.causes {
-            if *suppressed > 0 {
-                tracing::error!(
-                    backend = self.backend,
-                    cause,
-                    suppressed,
-                    "more bad lines from backend were not logged"
-                );
-            }
         }
     }
 }

@@ -8,25 +8,25 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// Largest request head accepted (request line + headers).
-pub const MAX_HEAD: usize = 16 * 1024;
+pub(crate) const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 100;
 
 /// A checked WebSocket upgrade request.
 #[derive(Debug, Clone)]
-pub struct UpgradeRequest {
-    pub path: String,
-    pub query: String,
+pub(crate) struct UpgradeRequest {
+    pub(crate) path: String,
+    pub(crate) query: String,
     /// Header names as sent, in order.
-    pub headers: Vec<(String, String)>,
-    pub key: String,
-    pub origin: Option<String>,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) key: String,
+    pub(crate) origin: Option<String>,
 }
 
 /// Why a request was not upgraded; `status` is the HTTP status to answer with (0: say nothing).
 #[derive(Debug)]
-pub struct Refusal {
-    pub status: u16,
-    pub reason: String,
+pub(crate) struct Refusal {
+    pub(crate) status: u16,
+    pub(crate) reason: String,
 }
 
 fn refuse(status: u16, reason: impl Into<String>) -> Refusal {
@@ -42,7 +42,7 @@ fn has_token(value: Option<&str>, token: &str) -> bool {
 }
 
 /// Reads the request head; returns the request and any bytes read past it.
-pub async fn read_request<S: AsyncRead + Unpin>(
+pub(crate) async fn read_request<S: AsyncRead + Unpin>(
     stream: &mut S,
     timeout: Duration,
 ) -> Result<(UpgradeRequest, Vec<u8>), Refusal> {
@@ -76,7 +76,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(
 }
 
 /// Parses and checks a complete request head.
-pub fn parse_request(head: &[u8]) -> Result<UpgradeRequest, Refusal> {
+pub(crate) fn parse_request(head: &[u8]) -> Result<UpgradeRequest, Refusal> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut raw);
     match parsed.parse(head) {
@@ -117,7 +117,7 @@ pub fn parse_request(head: &[u8]) -> Result<UpgradeRequest, Refusal> {
 }
 
 /// The `101 Switching Protocols` answer.
-pub fn switching_protocols(key: &str) -> Vec<u8> {
+pub(crate) fn switching_protocols(key: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
         derive_accept_key(key.as_bytes())
@@ -126,7 +126,7 @@ pub fn switching_protocols(key: &str) -> Vec<u8> {
 }
 
 /// A plain-text HTTP error answer that closes the connection.
-pub fn error_response(status: u16, body: &str) -> Vec<u8> {
+pub(crate) fn error_response(status: u16, body: &str) -> Vec<u8> {
     let phrase = match status {
         400 => "Bad Request",
         403 => "Forbidden",

@@ -18,23 +18,23 @@ use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Everything the hub and the backends need to know about one accepted connection.
-pub struct ClientSlot {
+pub(crate) struct ClientSlot {
     /// Unique per connection (a reconnect with the same `client_id` gets a new one).
-    pub conn_id: u64,
-    pub client_id: Arc<str>,
-    pub room_id: Arc<str>,
+    pub(crate) conn_id: u64,
+    pub(crate) client_id: Arc<str>,
+    pub(crate) room_id: Arc<str>,
     /// The `context` object sent to backends with every event of this client, encoded once.
-    pub context_json: Arc<str>,
+    pub(crate) context_json: Arc<str>,
     /// Wall-clock time of registration (ms since the Unix epoch); in a cluster it decides which
     /// of two connections with the same `client_id` on different nodes is the newer one.
-    pub since_ms: u64,
+    pub(crate) since_ms: u64,
     tx: mpsc::Sender<Utf8Bytes>,
     kick: Notify,
     kick_code: AtomicU16,
 }
 
 impl ClientSlot {
-    pub fn new(
+    pub(crate) fn new(
         conn_id: u64,
         client_id: Arc<str>,
         room_id: Arc<str>,
@@ -56,14 +56,14 @@ impl ClientSlot {
     }
 
     /// Asks the connection task to close the socket with `code` (the first code asked wins).
-    pub fn kick(&self, code: u16) {
+    pub(crate) fn kick(&self, code: u16) {
         if self.kick_code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.kick.notify_one();
         }
     }
 
     /// Resolves when [`kick`](Self::kick) was called; returns the close code.
-    pub async fn kicked(&self) -> u16 {
+    pub(crate) async fn kicked(&self) -> u16 {
         loop {
             let code = self.kick_code.load(Ordering::Acquire);
             if code != 0 {
@@ -81,12 +81,12 @@ struct State {
 }
 
 /// Shared registry of clients and rooms.
-pub struct Hub {
+pub(crate) struct Hub {
     state: RwLock<State>,
     /// Bumped on every register/unregister, so a reader can tell cheaply whether membership changed.
     version: AtomicU64,
     policy: SlowClientPolicy,
-    pub counters: Arc<Counters>,
+    pub(crate) counters: Arc<Counters>,
 }
 
 /// Result of a delivery to one client.
@@ -96,7 +96,7 @@ enum Delivery {
 }
 
 impl Hub {
-    pub fn new(policy: SlowClientPolicy, counters: Arc<Counters>) -> Self {
+    pub(crate) fn new(policy: SlowClientPolicy, counters: Arc<Counters>) -> Self {
         Hub { state: RwLock::new(State::default()), version: AtomicU64::new(0), policy, counters }
     }
 
@@ -104,7 +104,7 @@ impl Hub {
     /// connection is replaced: it leaves routing at once, is closed with
     /// [`CLOSE_REPLACED`](crate::protocol::CLOSE_REPLACED), and is returned so the caller can
     /// tell the backend it disconnected before announcing the new one.
-    pub fn register(&self, slot: Arc<ClientSlot>) -> Option<Arc<ClientSlot>> {
+    pub(crate) fn register(&self, slot: Arc<ClientSlot>) -> Option<Arc<ClientSlot>> {
         let mut st = self.state.write();
         let old = st.clients.insert(slot.client_id.clone(), slot.clone());
         if let Some(old) = &old {
@@ -122,7 +122,7 @@ impl Hub {
 
     /// Removes a client when its connection ends. Returns false when that connection had
     /// already been replaced (then nobody else may be told it left).
-    pub fn unregister(&self, slot: &ClientSlot) -> bool {
+    pub(crate) fn unregister(&self, slot: &ClientSlot) -> bool {
         let mut st = self.state.write();
         match st.clients.get(&slot.client_id) {
             Some(current) if current.conn_id == slot.conn_id => {
@@ -168,7 +168,7 @@ impl Hub {
     }
 
     /// Sends to every member of a room; returns how many got it.
-    pub fn send_room(&self, room_id: &str, text: String) -> usize {
+    pub(crate) fn send_room(&self, room_id: &str, text: String) -> usize {
         let msg = Utf8Bytes::from(text);
         let st = self.state.read();
         match st.rooms.get(room_id) {
@@ -178,26 +178,15 @@ impl Hub {
     }
 
     /// Sends to every connected client; returns how many got it.
-    pub fn broadcast(&self, text: String) -> usize {
+    pub(crate) fn broadcast(&self, text: String) -> usize {
         let msg = Utf8Bytes::from(text);
         let st = self.state.read();
         self.deliver_all(st.clients.values(), &msg)
     }
 
-    /// Sends to one client; false (and counted as `no_route`) when it is not connected.
-    pub fn send_to(&self, client_id: &str, text: String) -> bool {
-        match self.try_send_to(client_id, text) {
-            Ok(queued) => queued,
-            Err(_) => {
-                incr(&self.counters.no_route);
-                false
-            }
-        }
-    }
-
     /// Sends to one client if it is connected here: `Ok(queued)`; otherwise the text comes back
     /// unsent (and uncounted) so the caller can route it elsewhere (the cluster).
-    pub fn try_send_to(&self, client_id: &str, text: String) -> Result<bool, String> {
+    pub(crate) fn try_send_to(&self, client_id: &str, text: String) -> Result<bool, String> {
         let st = self.state.read();
         match st.clients.get(client_id) {
             Some(slot) => {
@@ -214,7 +203,7 @@ impl Hub {
     /// Another node registered `client_id` at `claim_ms`: closes the connection here with
     /// [`CLOSE_REPLACED`] if it is older (ties go to `remote_wins_tie`), so the newest
     /// connection wins cluster-wide as it does on one node. Returns whether one was closed.
-    pub fn replaced_elsewhere(&self, client_id: &str, claim_ms: u64, remote_wins_tie: bool) -> bool {
+    pub(crate) fn replaced_elsewhere(&self, client_id: &str, claim_ms: u64, remote_wins_tie: bool) -> bool {
         let st = self.state.read();
         let Some(slot) = st.clients.get(client_id) else { return false };
         if slot.since_ms < claim_ms || (slot.since_ms == claim_ms && remote_wins_tie) {
@@ -230,33 +219,33 @@ impl Hub {
     }
 
     /// Closes every client with `code` (used at shutdown).
-    pub fn kick_all(&self, code: u16) {
+    pub(crate) fn kick_all(&self, code: u16) {
         for slot in self.state.read().clients.values() {
             slot.kick(code);
         }
     }
 
-    pub fn client_count(&self) -> usize {
+    pub(crate) fn client_count(&self) -> usize {
         self.state.read().clients.len()
     }
 
-    pub fn room_count(&self) -> usize {
+    pub(crate) fn room_count(&self) -> usize {
         self.state.read().rooms.len()
     }
 
     /// Changes whenever a client registers or unregisters.
-    pub fn membership_version(&self) -> u64 {
+    pub(crate) fn membership_version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
     }
 
     /// Every room with its number of members, and the number of clients.
-    pub fn room_sizes(&self) -> (usize, Vec<(Arc<str>, usize)>) {
+    pub(crate) fn room_sizes(&self) -> (usize, Vec<(Arc<str>, usize)>) {
         let st = self.state.read();
         (st.clients.len(), st.rooms.iter().map(|(r, m)| (r.clone(), m.len())).collect())
     }
 
     /// Members of a room (for tests and stats).
-    pub fn room_size(&self, room_id: &str) -> usize {
+    pub(crate) fn room_size(&self, room_id: &str) -> usize {
         self.state.read().rooms.get(room_id).map_or(0, |m| m.len())
     }
 }
@@ -289,8 +278,8 @@ mod tests {
             assert!(hub.register(s.clone()).is_none());
         }
         assert_eq!(hub.send_room("r1", "room".into()), 2);
-        assert!(hub.send_to("c", "private".into()));
-        assert!(!hub.send_to("nobody", "x".into()));
+        assert_eq!(hub.try_send_to("c", "private".into()), Ok(true));
+        assert_eq!(hub.try_send_to("nobody", "x".into()), Err("x".to_string()));
         assert_eq!(hub.broadcast("all".into()), 3);
         assert_eq!(ra.recv().await.unwrap(), Utf8Bytes::from_static("room"));
         assert_eq!(rb.recv().await.unwrap(), Utf8Bytes::from_static("room"));
@@ -298,7 +287,6 @@ mod tests {
         for r in [&mut ra, &mut rb, &mut rc] {
             assert_eq!(r.recv().await.unwrap(), Utf8Bytes::from_static("all"));
         }
-        assert_eq!(hub.counters.no_route.load(Ordering::Relaxed), 1);
         assert!(hub.unregister(&a));
         assert_eq!(hub.room_size("r1"), 1);
         assert!(hub.unregister(&b));
@@ -362,7 +350,7 @@ mod tests {
         assert_eq!(old.kicked().await, CLOSE_REPLACED);
         assert!(!hub.unregister(&old), "the replaced connection must not unregister the new one");
         assert_eq!(hub.room_size("r"), 1);
-        assert!(hub.send_to("dup", "hi".into()));
+        assert_eq!(hub.try_send_to("dup", "hi".into()), Ok(true));
         assert_eq!(r2.recv().await.unwrap(), Utf8Bytes::from_static("hi"));
     }
 }

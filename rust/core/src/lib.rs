@@ -2,26 +2,39 @@
 //! JSON, protocol v1 or the negotiated v2) on the other, rooms and routing in between. Pure Rust; the PyO3 binding in
 //! `rust/py` only converts settings, starts and stops a [`BrokerHandle`] and reads its stats.
 //!
-//! Layout: [`config`] (settings), [`protocol`] (wire format), [`http`] (upgrade handshake),
-//! [`hub`] (clients and rooms — the only shared state), [`ws`] (WebSocket connections),
-//! [`backend`] (backend sessions, hello, outboxes), [`router`] (backend selection, redelivery,
-//! queue, pending requests), [`ratelimit`] (per-client token bucket), [`cluster`] (several
-//! brokers as one, over Redis), [`shutdown`], [`stats`].
+//! Layout, in dependency order (each module uses only those before it, plus the `Shared`
+//! state defined here):
+//!
+//! * `config` (settings; public), `protocol` (backend wire format; public for the fuzz tests),
+//!   `stats` (counters), `shutdown` (stop signal, task groups), `throttle` (rate limit, backoff,
+//!   rate-limited logging), `http` (upgrade handshake) — leaves, none uses another module.
+//! * `hub` (clients and rooms — the only state the WebSocket and backend sides share).
+//! * `outbox` (one backend's bounded queue of lines: filled by the router, drained by the
+//!   backend's writer).
+//! * `router` (backend selection, sticky pinning, redelivery, the no-backend queue, pending
+//!   connection requests: a state machine behind one lock).
+//! * `cluster` (several brokers as one, over Redis: `envelope`, `publisher`, `subscriber`,
+//!   `presence`).
+//! * `delivery` (backend sends to a client, a room or everyone: the hub, then the cluster).
+//! * `ws` (WebSocket connections) and `backend` (backend sessions, hello, writer) — the two
+//!   listeners, on top of everything else.
 
-pub mod backend;
-pub mod cluster;
+mod backend;
+mod cluster;
 pub mod config;
-pub mod http;
-pub mod hub;
+mod delivery;
+mod http;
+mod hub;
+mod outbox;
 pub mod protocol;
-pub mod ratelimit;
-pub mod router;
-pub mod shutdown;
-pub mod stats;
-pub mod ws;
+mod router;
+mod shutdown;
+mod stats;
+mod throttle;
+mod ws;
 
 pub use config::{Config, ConfigError, LimitPolicy, SlowClientPolicy};
-pub use stats::Stats;
+pub use stats::{ClusterStats, Stats};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -66,25 +79,25 @@ pub(crate) async fn accept_loop<F, Fut>(
 }
 
 /// State every task of one broker shares.
-pub struct Shared {
-    pub cfg: Config,
-    pub hub: hub::Hub,
-    pub counters: Arc<stats::Counters>,
-    pub router: router::RouterHandle,
-    pub gauges: Arc<router::Gauges>,
+pub(crate) struct Shared {
+    pub(crate) cfg: Config,
+    pub(crate) hub: hub::Hub,
+    pub(crate) counters: Arc<stats::Counters>,
+    pub(crate) router: router::Router,
+    pub(crate) gauges: Arc<router::Gauges>,
     /// Set when this broker is a node of a cluster (`cluster_url`).
-    pub cluster: Option<cluster::Cluster>,
+    pub(crate) cluster: Option<cluster::Cluster>,
     ids: AtomicU64,
     stopping: AtomicBool,
 }
 
 impl Shared {
     /// A number unique within this broker (request ids, connection ids).
-    pub fn next_id(&self) -> u64 {
+    pub(crate) fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
 }
@@ -121,7 +134,7 @@ impl std::error::Error for StartError {}
 
 /// Installs the `tracing` subscriber (stderr) once per process. The level of the first broker
 /// started wins; later calls keep the existing subscriber.
-pub fn init_logging(level: &str) {
+pub(crate) fn init_logging(level: &str) {
     let directive = if config::LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
         format!("warn,pystrands_core={level}")
     } else {
@@ -197,7 +210,7 @@ impl BrokerHandle {
         };
         let gauges = Arc::new(router::Gauges::default());
         let limits = router::Limits { queue_size: cfg.queue_size, max_unacked: cfg.max_unacked };
-        let router = router::RouterHandle::new(limits, counters.clone(), gauges.clone());
+        let router = router::Router::new(limits, counters.clone(), gauges.clone());
         let shared = Arc::new(Shared {
             hub: hub::Hub::new(cfg.slow_client_policy, counters.clone()),
             cfg,

@@ -196,9 +196,9 @@ pub fn with_seq(line: &[u8], seq: u64, redelivered: bool) -> Bytes {
 /// Compares two secrets in time that depends only on their lengths, not on where they differ.
 pub fn secrets_equal(given: &[u8], expected: &[u8]) -> bool {
     let mut diff = (given.len() != expected.len()) as u8;
-    for i in 0..expected.len() {
+    for (i, e) in expected.iter().enumerate() {
         let g = given.get(i).copied().unwrap_or(0);
-        diff |= g ^ expected[i];
+        diff |= g ^ e;
     }
     std::hint::black_box(diff) == 0
 }

@@ -2,12 +2,13 @@
 //! client is pinned to, the events a v2 backend has not acknowledged yet, the queue of events
 //! waiting for a backend, and the connection requests waiting for an answer.
 //!
-//! It is a state machine behind one lock, not a task: whoever has a message for it (a client's
-//! connection task, a backend's reader) handles it in place with [`RouterHandle::send`]. No
-//! handling ever waits on I/O (lines go into outboxes without waiting), so the lock is held for
-//! microseconds, and an event costs no hop through another task. The lock gives a strict order:
-//! the events of one client reach one backend in the order the client produced them, and
-//! redelivered events go ahead of anything newer.
+//! It is a state machine behind one lock, not an actor: there is no router task and no channel to
+//! it. Whoever has news for it (a client's connection task, a backend's reader) calls
+//! [`Router::handle`] with a [`RouterEvent`], which updates the state in place, under the lock,
+//! on the caller's task. No handling ever waits on I/O (lines go into outboxes without waiting),
+//! so the lock is held for microseconds, and an event costs no hop through another task. The
+//! lock gives a strict order: the events of one client reach one backend in the order the client
+//! produced them, and redelivered events go ahead of anything newer.
 //!
 //! * Sticky routing: a client is pinned to the backend that accepted it; if that backend goes
 //!   away, the client's next event pins it to another live backend (round robin).
@@ -21,7 +22,7 @@
 //!   flushed in order to the first backend that connects. Connection requests are answered 503.
 //! * A connection request whose backend dies is re-sent to another live backend.
 
-use crate::backend::Outbox;
+use crate::outbox::Outbox;
 use crate::protocol::{self, AcceptResponse};
 use crate::stats::{add, incr, Counters};
 use bytes::Bytes;
@@ -31,20 +32,20 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::oneshot;
 
-pub type BackendId = u64;
+pub(crate) type BackendId = u64;
 
 /// What a waiting WebSocket handshake is told.
 #[derive(Debug)]
-pub enum Decision {
-    Accept { client_id: String, room_id: String, metadata: Value, backend: BackendId },
+pub(crate) enum Decision {
+    Accept { client_id: String, room_id: String, metadata: Value },
     Reject { reason: Option<String> },
     Unavailable(&'static str),
 }
 
-/// Messages to the router.
-pub enum RouterMsg {
+/// Something the router must react to, handed to [`Router::handle`].
+pub(crate) enum RouterEvent {
     /// An event of a client, already encoded as a v1 line. `last` ends the client's pinning.
-    Event {
+    ClientEvent {
         client_id: Arc<str>,
         line: Bytes,
         last: bool,
@@ -84,20 +85,20 @@ pub enum RouterMsg {
 
 /// Figures the router publishes for `stats()`.
 #[derive(Default, Debug)]
-pub struct Gauges {
-    pub backends: AtomicUsize,
-    pub queued_events: AtomicUsize,
-    pub pending_requests: AtomicUsize,
-    pub unacked_events: AtomicUsize,
+pub(crate) struct Gauges {
+    pub(crate) backends: AtomicUsize,
+    pub(crate) queued_events: AtomicUsize,
+    pub(crate) pending_requests: AtomicUsize,
+    pub(crate) unacked_events: AtomicUsize,
 }
 
 /// Router settings.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Events kept while no backend is up.
-    pub queue_size: usize,
+    pub(crate) queue_size: usize,
     /// Unacknowledged events kept per v2 backend.
-    pub max_unacked: usize,
+    pub(crate) max_unacked: usize,
 }
 
 struct Pending {
@@ -130,7 +131,8 @@ struct Backend {
     overflow_warned: bool,
 }
 
-struct Router {
+/// Everything the router knows; only ever touched under [`Router`]'s lock.
+struct State {
     backends: Vec<Backend>,
     next: usize,
     pinned: HashMap<Arc<str>, BackendId>,
@@ -144,16 +146,17 @@ struct Router {
 
 /// The router is stopped: the broker is shutting down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stopped;
+pub(crate) struct Stopped;
 
-/// The shared router: [`send`](RouterHandle::send) handles a message at once, under the lock.
-pub struct RouterHandle {
-    state: Mutex<Option<Router>>,
+/// The router: its state behind one lock, shared by every task of the broker. Calling
+/// [`handle`](Router::handle) updates it at once, on the caller's task.
+pub(crate) struct Router {
+    state: Mutex<Option<State>>,
 }
 
-impl RouterHandle {
-    pub fn new(limits: Limits, counters: Arc<Counters>, gauges: Arc<Gauges>) -> Self {
-        let router = Router {
+impl Router {
+    pub(crate) fn new(limits: Limits, counters: Arc<Counters>, gauges: Arc<Gauges>) -> Self {
+        let state = State {
             backends: Vec::new(),
             next: 0,
             pinned: HashMap::new(),
@@ -164,16 +167,16 @@ impl RouterHandle {
             counters,
             gauges,
         };
-        RouterHandle { state: Mutex::new(Some(router)) }
+        Router { state: Mutex::new(Some(state)) }
     }
 
-    /// Handles `msg` now; after [`stop`](RouterHandle::stop) it is refused (a connection
+    /// Handles `event` now; after [`stop`](Router::stop) it is refused (a connection
     /// request's reply channel is dropped with it, which its waiter sees as "stopping").
-    pub fn send(&self, msg: RouterMsg) -> Result<(), Stopped> {
+    pub(crate) fn handle(&self, event: RouterEvent) -> Result<(), Stopped> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match state.as_mut() {
-            Some(router) => {
-                router.handle(msg);
+            Some(state) => {
+                state.handle(event);
                 Ok(())
             }
             None => Err(Stopped),
@@ -182,9 +185,9 @@ impl RouterHandle {
 
     /// Stops routing (idempotent): every backend's writer is told to flush what it has and
     /// finish, and events still waiting for a backend are discarded and counted.
-    pub fn stop(&self) {
-        let router = self.state.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let Some(r) = router else { return };
+    pub(crate) fn stop(&self) {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(r) = state else { return };
         for b in &r.backends {
             b.outbox.finish();
         }
@@ -198,18 +201,18 @@ impl RouterHandle {
     }
 }
 
-impl Router {
-    fn handle(&mut self, msg: RouterMsg) {
-        match msg {
-            RouterMsg::Event { client_id, line, last } => {
+impl State {
+    fn handle(&mut self, event: RouterEvent) {
+        match event {
+            RouterEvent::ClientEvent { client_id, line, last } => {
                 self.route(Queued { client_id, line, last, redelivered: false })
             }
-            RouterMsg::ConnRequest { request_id, url, line, reply } => self.ask(request_id, url, line, reply),
-            RouterMsg::CancelRequest { request_id } => {
+            RouterEvent::ConnRequest { request_id, url, line, reply } => self.ask(request_id, url, line, reply),
+            RouterEvent::CancelRequest { request_id } => {
                 self.pending.remove(&request_id);
             }
-            RouterMsg::Response { backend, resp } => self.answer(backend, resp),
-            RouterMsg::BackendUp { id, addr, outbox, v2 } => {
+            RouterEvent::Response { backend, resp } => self.answer(backend, resp),
+            RouterEvent::BackendUp { id, addr, outbox, v2 } => {
                 tracing::info!(backend = id, %addr, protocol = if v2 { 2 } else { 1 }, "backend connected");
                 self.backends.push(Backend {
                     id,
@@ -221,8 +224,8 @@ impl Router {
                 });
                 self.flush_queue();
             }
-            RouterMsg::Ack { backend, seq } => self.ack(backend, seq),
-            RouterMsg::BackendDown { id } => self.drop_backend(id),
+            RouterEvent::Ack { backend, seq } => self.ack(backend, seq),
+            RouterEvent::BackendDown { id } => self.drop_backend(id),
         }
         self.gauges.backends.store(self.backends.len(), Relaxed);
         self.gauges.queued_events.store(self.queue.len(), Relaxed);
@@ -358,7 +361,7 @@ impl Router {
             if self.position(backend).is_some() {
                 self.pinned.insert(Arc::from(client_id.as_str()), backend);
             }
-            Decision::Accept { client_id, room_id, metadata: resp.metadata, backend }
+            Decision::Accept { client_id, room_id, metadata: resp.metadata }
         } else {
             Decision::Reject { reason: resp.reason }
         };
@@ -401,27 +404,27 @@ impl Router {
 mod tests {
     use super::*;
 
-    fn start(queue_size: usize) -> (RouterHandle, Arc<Counters>) {
+    fn start(queue_size: usize) -> (Router, Arc<Counters>) {
         start_with(Limits { queue_size, max_unacked: 1000 })
     }
 
-    fn start_with(limits: Limits) -> (RouterHandle, Arc<Counters>) {
+    fn start_with(limits: Limits) -> (Router, Arc<Counters>) {
         let counters = Arc::new(Counters::default());
-        (RouterHandle::new(limits, counters.clone(), Arc::default()), counters)
+        (Router::new(limits, counters.clone(), Arc::default()), counters)
     }
 
-    fn ev(c: &str, n: u32, last: bool) -> RouterMsg {
-        RouterMsg::Event { client_id: c.into(), line: Bytes::from(format!("{c}{n}")), last }
+    fn ev(c: &str, n: u32, last: bool) -> RouterEvent {
+        RouterEvent::ClientEvent { client_id: c.into(), line: Bytes::from(format!("{c}{n}")), last }
     }
 
     /// A backend as the router sees it, plus a way to read what it was sent.
-    async fn backend(tx: &RouterHandle, id: BackendId, v2: bool) -> Arc<Outbox> {
-        backend_with(tx, id, v2, 1_000_000).await
+    async fn backend(router: &Router, id: BackendId, v2: bool) -> Arc<Outbox> {
+        backend_with(router, id, v2, 1_000_000).await
     }
 
-    async fn backend_with(tx: &RouterHandle, id: BackendId, v2: bool, max_lines: usize) -> Arc<Outbox> {
+    async fn backend_with(router: &Router, id: BackendId, v2: bool, max_lines: usize) -> Arc<Outbox> {
         let outbox = Arc::new(Outbox::new(None, max_lines, usize::MAX));
-        tx.send(RouterMsg::BackendUp { id, addr: id.to_string(), outbox: outbox.clone(), v2 }).unwrap();
+        router.handle(RouterEvent::BackendUp { id, addr: id.to_string(), outbox: outbox.clone(), v2 }).unwrap();
         outbox
     }
 
@@ -442,26 +445,26 @@ mod tests {
 
     #[tokio::test]
     async fn queue_flushes_in_order_and_drops_oldest() {
-        let (tx, counters) = start(3);
+        let (router, counters) = start(3);
         for n in 0..5 {
-            tx.send(ev("a", n, false)).unwrap();
+            router.handle(ev("a", n, false)).unwrap();
         }
-        let b = backend(&tx, 1, false).await;
+        let b = backend(&router, 1, false).await;
         for want in ["a2", "a3", "a4"] {
             assert_eq!(next(&b).await, Bytes::from(want));
         }
         assert_eq!(counters.queue_dropped.load(Relaxed), 2);
-        tx.stop();
+        router.stop();
     }
 
     #[tokio::test]
     async fn clients_stick_to_one_backend_and_move_when_it_dies() {
-        let (tx, _c) = start(10);
-        let b1 = backend(&tx, 1, false).await;
-        let b2 = backend(&tx, 2, false).await;
+        let (router, _c) = start(10);
+        let b1 = backend(&router, 1, false).await;
+        let b2 = backend(&router, 2, false).await;
         for n in 0..10 {
-            tx.send(ev("a", n, false)).unwrap();
-            tx.send(ev("b", n, false)).unwrap();
+            router.handle(ev("a", n, false)).unwrap();
+            router.handle(ev("b", n, false)).unwrap();
         }
         let mut got1 = Vec::new();
         let mut got2 = Vec::new();
@@ -475,34 +478,36 @@ mod tests {
         let expect: Vec<Bytes> = (0..10).map(|n| Bytes::from(format!("{}{n}", first1 as char))).collect();
         assert_eq!(got1, expect, "in order");
         // Backend 1 dies: its client continues on backend 2.
-        tx.send(RouterMsg::BackendDown { id: 1 }).unwrap();
-        tx.send(ev(&(first1 as char).to_string(), 99, false)).unwrap();
+        router.handle(RouterEvent::BackendDown { id: 1 }).unwrap();
+        router.handle(ev(&(first1 as char).to_string(), 99, false)).unwrap();
         assert_eq!(next(&b2).await, Bytes::from(format!("{}99", first1 as char)));
-        tx.stop();
+        router.stop();
     }
 
     #[tokio::test]
     async fn connection_requests_are_answered_or_refused() {
-        let (tx, _c) = start(10);
+        let (router, _c) = start(10);
         let (otx, orx) = oneshot::channel();
-        tx.send(RouterMsg::ConnRequest {
-            request_id: "r1".into(),
-            url: "/a".into(),
-            line: Bytes::from("q"),
-            reply: otx,
-        })
-        .unwrap();
+        router
+            .handle(RouterEvent::ConnRequest {
+                request_id: "r1".into(),
+                url: "/a".into(),
+                line: Bytes::from("q"),
+                reply: otx,
+            })
+            .unwrap();
         assert!(matches!(orx.await.unwrap(), Decision::Unavailable(_)));
 
-        let b1 = backend(&tx, 1, false).await;
+        let b1 = backend(&router, 1, false).await;
         let (otx, orx) = oneshot::channel();
-        tx.send(RouterMsg::ConnRequest {
-            request_id: "r2".into(),
-            url: "/room".into(),
-            line: Bytes::from("q2"),
-            reply: otx,
-        })
-        .unwrap();
+        router
+            .handle(RouterEvent::ConnRequest {
+                request_id: "r2".into(),
+                url: "/room".into(),
+                line: Bytes::from("q2"),
+                reply: otx,
+            })
+            .unwrap();
         assert_eq!(next(&b1).await, Bytes::from("q2"));
         let resp = AcceptResponse {
             request_id: "r2".into(),
@@ -512,7 +517,7 @@ mod tests {
             metadata: Value::Null,
             reason: None,
         };
-        tx.send(RouterMsg::Response { backend: 1, resp }).unwrap();
+        router.handle(RouterEvent::Response { backend: 1, resp }).unwrap();
         match orx.await.unwrap() {
             Decision::Accept { client_id, room_id, .. } => {
                 assert_eq!(client_id.len(), 36, "a fresh uuid when the backend gave none");
@@ -520,53 +525,59 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        tx.stop();
+        router.stop();
     }
 
     #[tokio::test]
     async fn a_request_whose_backend_dies_goes_to_another() {
-        let (tx, _c) = start(10);
-        let b1 = backend(&tx, 1, false).await;
-        let b2 = backend(&tx, 2, false).await;
+        let (router, _c) = start(10);
+        let b1 = backend(&router, 1, false).await;
+        let b2 = backend(&router, 2, false).await;
         let (otx, _orx) = oneshot::channel();
-        tx.send(RouterMsg::ConnRequest { request_id: "r".into(), url: "/".into(), line: Bytes::from("q"), reply: otx })
+        router
+            .handle(RouterEvent::ConnRequest {
+                request_id: "r".into(),
+                url: "/".into(),
+                line: Bytes::from("q"),
+                reply: otx,
+            })
             .unwrap();
         let first = tokio::select! {
             l = next(&b1) => { assert_eq!(l, Bytes::from("q")); 1 }
             l = next(&b2) => { assert_eq!(l, Bytes::from("q")); 2 }
         };
         let other = if first == 1 { &b2 } else { &b1 };
-        tx.send(RouterMsg::BackendDown { id: first }).unwrap();
+        router.handle(RouterEvent::BackendDown { id: first }).unwrap();
         assert_eq!(next(other).await, Bytes::from("q"));
-        tx.stop();
+        router.stop();
     }
 
     fn parse(line: &Bytes) -> Value {
         serde_json::from_slice(line).unwrap()
     }
 
-    fn v2_ev(c: &str, n: u32) -> RouterMsg {
+    fn v2_ev(c: &str, n: u32) -> RouterEvent {
         let line =
             protocol::encode_new_message(&n.to_string(), &format!("{c}{n}"), &format!(r#"{{"client_id":"{c}"}}"#));
-        RouterMsg::Event { client_id: c.into(), line, last: false }
+        RouterEvent::ClientEvent { client_id: c.into(), line, last: false }
     }
 
     #[tokio::test]
     async fn unacknowledged_events_are_redelivered_in_order_ahead_of_newer_ones() {
-        let (tx, counters) = start(10);
-        let b1 = backend(&tx, 1, true).await;
+        let (router, counters) = start(10);
+        let b1 = backend(&router, 1, true).await;
         for n in 0..5 {
-            tx.send(v2_ev("a", n)).unwrap();
+            router.handle(v2_ev("a", n)).unwrap();
         }
         for n in 0..5u64 {
             let v = parse(&next(&b1).await);
             assert_eq!(v["seq"].as_u64(), Some(n + 1));
             assert_eq!(v["request_id"].as_str(), Some(n.to_string().as_str()));
         }
-        tx.send(RouterMsg::Ack { backend: 1, seq: 2 }).unwrap();
-        let b2 = backend(&tx, 2, true).await;
-        tx.send(RouterMsg::BackendDown { id: 1 }).unwrap();
-        tx.send(v2_ev("a", 5)).unwrap();
+        router.handle(RouterEvent::Ack { backend: 1, seq: 2 }).unwrap();
+        let b2 = backend(&router, 2, true).await;
+        router.handle(RouterEvent::BackendDown { id: 1 }).unwrap();
+        router.handle(v2_ev("a", 5)).unwrap();
         // Events 2, 3, 4 (seq 3..5 on backend 1) come again, marked, with backend 2's seqs, then 5.
         for (i, n) in [2u64, 3, 4, 5].iter().enumerate() {
             let v = parse(&next(&b2).await);
@@ -575,21 +586,21 @@ mod tests {
             assert_eq!(v.get("redelivered").is_some(), *n < 5);
         }
         assert_eq!(counters.events_redelivered.load(Relaxed), 3);
-        tx.stop();
+        router.stop();
     }
 
     #[tokio::test]
     async fn redelivery_waits_in_the_queue_when_no_backend_is_up() {
-        let (tx, counters) = start(2);
-        let b1 = backend(&tx, 1, true).await;
+        let (router, counters) = start(2);
+        let b1 = backend(&router, 1, true).await;
         for n in 0..3 {
-            tx.send(v2_ev("a", n)).unwrap();
+            router.handle(v2_ev("a", n)).unwrap();
         }
         for _ in 0..3 {
             next(&b1).await;
         }
-        tx.send(RouterMsg::BackendDown { id: 1 }).unwrap();
-        let b2 = backend(&tx, 2, true).await;
+        router.handle(RouterEvent::BackendDown { id: 1 }).unwrap();
+        let b2 = backend(&router, 2, true).await;
         // Queue of 2: the oldest of the three redelivered events was dropped and counted.
         for n in [1u64, 2] {
             let v = parse(&next(&b2).await);
@@ -597,45 +608,45 @@ mod tests {
             assert_eq!(v["redelivered"], Value::Bool(true));
         }
         assert_eq!(counters.queue_dropped.load(Relaxed), 1);
-        tx.stop();
+        router.stop();
     }
 
     #[tokio::test]
     async fn an_overflowing_backend_is_dropped_without_stalling_the_router() {
-        let (tx, counters) = start_with(Limits { queue_size: 100_000, max_unacked: 100_000 });
-        let _stuck = backend_with(&tx, 1, true, OUTBOX_LIMIT_FOR_TESTS).await; // never read: overflows
+        let (router, counters) = start_with(Limits { queue_size: 100_000, max_unacked: 100_000 });
+        let _stuck = backend_with(&router, 1, true, OUTBOX_LIMIT_FOR_TESTS).await; // never read: overflows
         let n = OUTBOX_LIMIT_FOR_TESTS + 10;
         for i in 0..n {
-            tx.send(v2_ev("a", i as u32)).unwrap();
+            router.handle(v2_ev("a", i as u32)).unwrap();
         }
-        let b2 = backend(&tx, 2, true).await;
+        let b2 = backend(&router, 2, true).await;
         // Everything the stuck backend had, and what came after, reaches backend 2 in order.
         for i in 0..n {
             let v = parse(&next(&b2).await);
             assert_eq!(v["request_id"].as_str(), Some(i.to_string().as_str()));
         }
         assert_eq!(counters.events_redelivered.load(Relaxed), OUTBOX_LIMIT_FOR_TESTS as u64 + 1);
-        tx.stop();
+        router.stop();
     }
 
     const OUTBOX_LIMIT_FOR_TESTS: usize = 100;
 
     #[tokio::test]
     async fn max_unacked_releases_the_oldest_and_counts() {
-        let (tx, counters) = start_with(Limits { queue_size: 10, max_unacked: 2 });
-        let b1 = backend(&tx, 1, true).await;
+        let (router, counters) = start_with(Limits { queue_size: 10, max_unacked: 2 });
+        let b1 = backend(&router, 1, true).await;
         for n in 0..5 {
-            tx.send(v2_ev("a", n)).unwrap();
+            router.handle(v2_ev("a", n)).unwrap();
         }
         for _ in 0..5 {
             next(&b1).await;
         }
         assert_eq!(counters.unacked_overflow.load(Relaxed), 3);
-        let b2 = backend(&tx, 2, true).await;
-        tx.send(RouterMsg::BackendDown { id: 1 }).unwrap();
+        let b2 = backend(&router, 2, true).await;
+        router.handle(RouterEvent::BackendDown { id: 1 }).unwrap();
         for n in [3u64, 4] {
             assert_eq!(parse(&next(&b2).await)["request_id"].as_str(), Some(n.to_string().as_str()));
         }
-        tx.stop();
+        router.stop();
     }
 }

@@ -6,41 +6,37 @@
 use tokio::sync::{mpsc, watch};
 
 /// Sends the "stop now" signal.
-pub struct Trigger(watch::Sender<bool>);
+pub(crate) struct Trigger(watch::Sender<bool>);
 
 /// Waits for the signal; cheap to clone into every task.
 #[derive(Clone)]
-pub struct Signal(watch::Receiver<bool>);
+pub(crate) struct Signal(watch::Receiver<bool>);
 
 /// Creates a linked trigger and signal.
-pub fn signal() -> (Trigger, Signal) {
+pub(crate) fn signal() -> (Trigger, Signal) {
     let (tx, rx) = watch::channel(false);
     (Trigger(tx), Signal(rx))
 }
 
 impl Trigger {
-    pub fn fire(&self) {
+    pub(crate) fn fire(&self) {
         self.0.send_replace(true);
     }
 }
 
 impl Signal {
     /// Resolves once the trigger fired (at once if it already has, or if it was dropped).
-    pub async fn fired(&mut self) {
+    pub(crate) async fn fired(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
-    }
-
-    pub fn is_fired(&self) -> bool {
-        *self.0.borrow()
     }
 }
 
 /// Held by a running task; dropping it marks the task finished.
 #[derive(Clone)]
-pub struct TaskGuard(#[allow(dead_code)] mpsc::Sender<()>);
+pub(crate) struct TaskGuard(#[allow(dead_code)] mpsc::Sender<()>);
 
 /// A set of tasks that can be waited for.
-pub struct TaskGroup {
+pub(crate) struct TaskGroup {
     tx: Option<mpsc::Sender<()>>,
     rx: mpsc::Receiver<()>,
 }
@@ -54,12 +50,12 @@ impl Default for TaskGroup {
 
 impl TaskGroup {
     /// A guard for one more task. Panics only if called after [`wait`](Self::wait).
-    pub fn guard(&self) -> TaskGuard {
+    pub(crate) fn guard(&self) -> TaskGuard {
         TaskGuard(self.tx.clone().expect("task group already closed"))
     }
 
     /// Waits until every guard handed out so far (and their clones) has been dropped.
-    pub async fn wait(&mut self) {
+    pub(crate) async fn wait(&mut self) {
         self.tx.take();
         let _ = self.rx.recv().await;
     }

@@ -7,11 +7,11 @@ macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         /// Live counters shared by every task of one broker.
         #[derive(Default, Debug)]
-        pub struct Counters { $($(#[$doc])* pub $name: AtomicU64,)* }
+        pub(crate) struct Counters { $($(#[$doc])* pub(crate) $name: AtomicU64,)* }
 
         impl Counters {
             /// A named snapshot of every counter.
-            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+            pub(crate) fn snapshot(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name.load(Relaxed)),)*]
             }
         }
@@ -77,13 +77,13 @@ counters! {
 
 /// Adds one to a counter.
 #[inline]
-pub fn incr(c: &AtomicU64) {
+pub(crate) fn incr(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
 }
 
 /// Adds `n` to a counter.
 #[inline]
-pub fn add(c: &AtomicU64, n: u64) {
+pub(crate) fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Relaxed);
 }
 
@@ -102,7 +102,7 @@ pub struct Stats {
     pub cluster: Option<ClusterStats>,
 }
 
-/// What one node knows about its cluster (see [`crate::cluster`]).
+/// What one node knows about its cluster (when it runs with `cluster_url`).
 #[derive(Debug, Clone, Default)]
 pub struct ClusterStats {
     pub node_id: String,

@@ -11,10 +11,10 @@ use crate::config::LimitPolicy;
 use crate::http::{self, UpgradeRequest};
 use crate::hub::ClientSlot;
 use crate::protocol::{self, CLOSE_IDLE};
-use crate::ratelimit::TokenBucket;
-use crate::router::{Decision, RouterMsg};
+use crate::router::{Decision, RouterEvent};
 use crate::shutdown::{Signal, TaskGuard};
 use crate::stats::incr;
+use crate::throttle::TokenBucket;
 use crate::Shared;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
@@ -38,7 +38,7 @@ const WRITE_BATCH: usize = 256;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Accepts WebSocket connections until `stop` fires.
-pub async fn listen(listener: TcpListener, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
+pub(crate) async fn listen(listener: TcpListener, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
     crate::accept_loop(listener, "WebSocket", stop, guard, |stream, addr| connection(stream, addr, shared.clone()))
         .await;
 }
@@ -73,7 +73,8 @@ async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     if shared.hub.unregister(&slot) {
         if let Some(error) = outcome {
             let line = protocol::encode_error(&shared.next_id().to_string(), &error, &slot.context_json);
-            let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false });
+            let _ =
+                shared.router.handle(RouterEvent::ClientEvent { client_id: slot.client_id.clone(), line, last: false });
         }
         send_event(&shared, &slot.client_id, "disconnected", &slot.context_json, true);
     }
@@ -105,7 +106,7 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
         return None;
     }
     let (client_id, room_id, metadata) = match ask_backend(&req, addr, shared).await {
-        Decision::Accept { client_id, room_id, metadata, .. } => (client_id, room_id, metadata),
+        Decision::Accept { client_id, room_id, metadata } => (client_id, room_id, metadata),
         Decision::Reject { reason } => {
             incr(&shared.counters.connections_rejected);
             refuse(stream, 403, reason.as_deref().unwrap_or("connection rejected")).await;
@@ -153,7 +154,7 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
 
 fn send_event(shared: &Shared, client_id: &str, action: &str, context_json: &str, last: bool) {
     let line = protocol::encode_context_event(&shared.next_id().to_string(), action, context_json);
-    let _ = shared.router.send(RouterMsg::Event { client_id: client_id.into(), line, last });
+    let _ = shared.router.handle(RouterEvent::ClientEvent { client_id: client_id.into(), line, last });
 }
 
 /// Sends the `connection_request` and waits for the decision within `request_timeout`.
@@ -161,15 +162,15 @@ async fn ask_backend(req: &UpgradeRequest, addr: SocketAddr, shared: &Shared) ->
     let request_id = format!("c{}", shared.next_id());
     let line = protocol::encode_connection_request(&request_id, &req.headers, &req.path, &req.query, &addr.to_string());
     let (reply, answer) = oneshot::channel();
-    let msg = RouterMsg::ConnRequest { request_id: request_id.clone(), url: req.path.clone(), line, reply };
-    if shared.router.send(msg).is_err() {
+    let request = RouterEvent::ConnRequest { request_id: request_id.clone(), url: req.path.clone(), line, reply };
+    if shared.router.handle(request).is_err() {
         return Decision::Unavailable("broker is stopping");
     }
     match tokio::time::timeout(shared.cfg.request_timeout, answer).await {
         Ok(Ok(decision)) => decision,
         Ok(Err(_)) => Decision::Unavailable("broker is stopping"),
         Err(_) => {
-            let _ = shared.router.send(RouterMsg::CancelRequest { request_id });
+            let _ = shared.router.handle(RouterEvent::CancelRequest { request_id });
             Decision::Unavailable("no answer from a backend within request_timeout")
         }
     }
@@ -292,7 +293,7 @@ fn kicked(code: u16) -> End {
 fn forward(shared: &Shared, slot: &ClientSlot, text: &str) {
     incr(&shared.counters.messages_in);
     let line = protocol::encode_new_message(&shared.next_id().to_string(), text, &slot.context_json);
-    let _ = shared.router.send(RouterMsg::Event { client_id: slot.client_id.clone(), line, last: false });
+    let _ = shared.router.handle(RouterEvent::ClientEvent { client_id: slot.client_id.clone(), line, last: false });
 }
 
 async fn write_batch(

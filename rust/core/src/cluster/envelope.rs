@@ -1,0 +1,207 @@
+//! The envelope: what goes over Redis, and the only code that knows its bytes. Kept apart from
+//! the tasks that move it so it can be tested without a Redis.
+//!
+//! payload := version:u8  origin_len:u8 origin  first_seq:u64be  count:u32be  record*count
+//! record  := kind:u8  target_len:u32be target  body_len:u32be body
+//!
+//! Binary and length-prefixed: a message is copied, never escaped, and room ids or messages can
+//! hold any byte. `kind` is one of R (room), P (private), B (broadcast; empty target), C (claim:
+//! target is the client_id, body the registration time in ms since the epoch, u64be).
+
+use bytes::Bytes;
+
+/// Version byte of the envelope; a node refuses payloads of another version (counted).
+pub(crate) const ENVELOPE_VERSION: u8 = 1;
+
+/// What a record asks the receiving node to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Room,
+    Private,
+    Broadcast,
+    Claim,
+}
+
+impl Kind {
+    fn byte(self) -> u8 {
+        match self {
+            Kind::Room => b'R',
+            Kind::Private => b'P',
+            Kind::Broadcast => b'B',
+            Kind::Claim => b'C',
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            b'R' => Some(Kind::Room),
+            b'P' => Some(Kind::Private),
+            b'B' => Some(Kind::Broadcast),
+            b'C' => Some(Kind::Claim),
+            _ => None,
+        }
+    }
+}
+
+/// Encodes one record (done by the sending task: one copy of the message).
+pub(crate) fn encode_record(kind: Kind, target: &str, body: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(9 + target.len() + body.len());
+    v.push(kind.byte());
+    v.extend_from_slice(&(target.len() as u32).to_be_bytes());
+    v.extend_from_slice(target.as_bytes());
+    v.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    Bytes::from(v)
+}
+
+/// Packs encoded records behind a header naming the origin node and the first sequence number.
+pub(crate) fn encode_payload(origin: &str, first_seq: u64, records: &[Bytes]) -> Vec<u8> {
+    debug_assert!(origin.len() <= 255, "node ids are validated to at most 64 bytes");
+    let size: usize = records.iter().map(|r| r.len()).sum();
+    let mut v = Vec::with_capacity(14 + origin.len() + size);
+    v.push(ENVELOPE_VERSION);
+    v.push(origin.len() as u8);
+    v.extend_from_slice(origin.as_bytes());
+    v.extend_from_slice(&first_seq.to_be_bytes());
+    v.extend_from_slice(&(records.len() as u32).to_be_bytes());
+    for r in records {
+        v.extend_from_slice(r);
+    }
+    v
+}
+
+/// One decoded record, borrowing from the payload.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Record<'a> {
+    pub(crate) kind: Kind,
+    pub(crate) target: &'a str,
+    pub(crate) body: &'a [u8],
+}
+
+/// A payload whose header is decoded; its records are decoded on demand (a node skips its own
+/// payloads after reading the header only).
+#[derive(Debug)]
+pub(crate) struct Payload<'a> {
+    pub(crate) origin: &'a str,
+    pub(crate) first_seq: u64,
+    pub(crate) count: u32,
+    rest: &'a [u8],
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+        if self.0.len() < n {
+            return Err("truncated payload");
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, &'static str> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, &'static str> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, &'static str> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+
+    fn str(&mut self, n: usize) -> Result<&'a str, &'static str> {
+        std::str::from_utf8(self.take(n)?).map_err(|_| "a name is not UTF-8")
+    }
+}
+
+/// Decodes a payload's header.
+pub(crate) fn decode_payload(p: &[u8]) -> Result<Payload<'_>, &'static str> {
+    let mut c = Cursor(p);
+    if c.u8()? != ENVELOPE_VERSION {
+        return Err("unknown envelope version");
+    }
+    let origin_len = c.u8()? as usize;
+    let origin = c.str(origin_len)?;
+    let first_seq = c.u64()?;
+    let count = c.u32()?;
+    Ok(Payload { origin, first_seq, count, rest: c.0 })
+}
+
+impl<'a> Payload<'a> {
+    /// Every record; an error when the payload is malformed (nothing of it should be used).
+    pub(crate) fn records(&self) -> Result<Vec<Record<'a>>, &'static str> {
+        let mut c = Cursor(self.rest);
+        let mut out = Vec::with_capacity(self.count.min(4096) as usize);
+        for _ in 0..self.count {
+            let kind = Kind::from_byte(c.u8()?).ok_or("unknown record kind")?;
+            let target_len = c.u32()? as usize;
+            let target = c.str(target_len)?;
+            let body_len = c.u32()? as usize;
+            let body = c.take(body_len)?;
+            out.push(Record { kind, target, body });
+        }
+        if !c.0.is_empty() {
+            return Err("trailing bytes after the last record");
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trip_keeps_origin_sequence_and_every_byte() {
+        let recs = vec![
+            encode_record(Kind::Room, "chat\u{0}room ü", b"hello \"world\"\n"),
+            encode_record(Kind::Private, "alice", b""),
+            encode_record(Kind::Broadcast, "", "ß∂ƒ".as_bytes()),
+            encode_record(Kind::Claim, "bob", &42u64.to_be_bytes()),
+        ];
+        let p = encode_payload("node-a", 7, &recs);
+        let d = decode_payload(&p).unwrap();
+        assert_eq!(d.origin, "node-a");
+        assert_eq!(d.first_seq, 7);
+        assert_eq!(d.count, 4);
+        let r = d.records().unwrap();
+        assert_eq!(r[0], Record { kind: Kind::Room, target: "chat\u{0}room ü", body: b"hello \"world\"\n" });
+        assert_eq!(r[1], Record { kind: Kind::Private, target: "alice", body: b"" });
+        assert_eq!(r[2], Record { kind: Kind::Broadcast, target: "", body: "ß∂ƒ".as_bytes() });
+        assert_eq!(r[3].kind, Kind::Claim);
+        assert_eq!(u64::from_be_bytes(r[3].body.try_into().unwrap()), 42);
+    }
+
+    #[test]
+    fn malformed_payloads_are_refused_not_panicked_on() {
+        let p = encode_payload("n", 1, &[encode_record(Kind::Room, "r", b"msg")]);
+        // Every truncation is an error, never a panic or a partial record list.
+        for cut in 0..p.len() {
+            let ok = decode_payload(&p[..cut]).and_then(|d| d.records());
+            assert!(ok.is_err(), "cut at {cut} decoded");
+        }
+        let mut wrong_version = p.clone();
+        wrong_version[0] = 99;
+        assert!(decode_payload(&wrong_version).is_err());
+        let mut trailing = p.clone();
+        trailing.push(0);
+        assert!(decode_payload(&trailing).unwrap().records().is_err());
+        let mut bad_kind = p.clone();
+        let kind_at = 2 + 1 + 8 + 4;
+        bad_kind[kind_at] = b'Z';
+        assert_eq!(decode_payload(&bad_kind).unwrap().records().unwrap_err(), "unknown record kind");
+        // A huge declared length does not allocate or read out of bounds.
+        let mut huge = encode_payload("n", 1, &[]);
+        huge[2 + 1 + 8..2 + 1 + 8 + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        huge.extend_from_slice(&[b'R', 0xff, 0xff, 0xff, 0xff]);
+        assert!(decode_payload(&huge).unwrap().records().is_err());
+        assert!(decode_payload(b"").is_err());
+    }
+}

@@ -1,0 +1,298 @@
+//! Scale-out over Redis. Several brokers ("nodes") behind one load balancer form a cluster: a
+//! client connected to any node receives the room, private and broadcast messages sent by a
+//! backend connected to any node. This module is the only place that talks to Redis, and it
+//! exists so that a lone broker never does (no `cluster_url`: nothing here runs).
+//!
+//! The rule it keeps: **no Redis I/O on the per-message hot path.**
+//!
+//! * **Publishing.** A backend's send is delivered to this node's members synchronously by the
+//!   hub, exactly as on a lone broker (`crate::delivery`, the one entry point for backend sends,
+//!   calls in here only when there is a cluster). Then one *record* (kind, target, message) is
+//!   handed to a bounded queue with `try_send` (never waits). One publisher task drains the
+//!   queue, packs the records into payloads and PUBLISHes them, pipelined, on the one channel
+//!   `<cluster_name>:bus`. A full queue or an unreachable Redis drops the record — counted in
+//!   `cluster_publish_dropped`, logged rate-limited — and local delivery is unaffected.
+//! * **Receiving.** One subscriber task per node holds a dedicated pub/sub connection (RESP3,
+//!   so Redis' pushed messages land in a bounded queue: a node that falls behind drops and
+//!   counts instead of buffering without bound) and delivers every record of another node to
+//!   local members. Each payload names its origin node (a node
+//!   skips its own payloads: no double delivery where the message was sent) and carries the
+//!   sequence number of its first record, so a gap shows that this node missed records
+//!   (`cluster_missed`). Redis pub/sub is at-most-once; the counters say what was lost.
+//! * **Private messages.** Delivered locally when the client is connected here; otherwise
+//!   published on the same channel, and the node holding the client delivers it (the others
+//!   ignore it). There is no client → node registry to look up per message and nothing to keep
+//!   consistent when a client moves; the cost is that every node receives every private message
+//!   for a client that is not on the sender's node. A *claim* record announces every new
+//!   connection, so an older connection with the same `client_id` on another node is closed
+//!   (4001): the newest connection wins cluster-wide, as it does on one node.
+//! * **Presence.** Every [`PRESENCE_EVERY`](presence::PRESENCE_EVERY) a node writes its client
+//!   count and room sizes to Redis with a [`PRESENCE_TTL`](presence::PRESENCE_TTL) expiry and
+//!   reads the other live nodes' reports (one Lua script, one round trip, Redis' clock).
+//!   `stats()` reads that cache and never calls Redis. A node that dies drops out within
+//!   `PRESENCE_TTL`.
+//! * **Faults.** The publisher (whose connection presence shares) and the subscriber each notice a
+//!   lost connection (an error, a closed socket, an unanswered PING) and reconnect with capped
+//!   exponential backoff with jitter.
+//!
+//! One job per file: [`envelope`] (the bytes on the channel), [`publisher`], [`subscriber`] and
+//! [`presence`] (the three tasks); this file holds the [`Cluster`] handle the rest of the broker
+//! uses and the start-up that creates the tasks.
+
+mod envelope;
+mod presence;
+mod publisher;
+mod subscriber;
+
+pub(crate) use envelope::{encode_record, Kind};
+
+use crate::config::Config;
+use crate::hub::{ClientSlot, Hub};
+use crate::shutdown::{Signal, TaskGuard};
+use crate::stats::{incr, ClusterStats, Counters};
+use crate::throttle::{self, Backoff, LogLimit};
+use crate::Shared;
+use bytes::Bytes;
+use parking_lot::RwLock;
+use presence::{Presence, PRESENCE_TTL};
+use publisher::{open_publisher, Publisher};
+use redis::aio::MultiplexedConnection;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use subscriber::{open_subscriber, resp3, SeqTracker, Subscriber, Subscription};
+use tokio::sync::{mpsc, watch};
+
+/// Records that may wait for the publisher; beyond it they are dropped and counted.
+const PUBLISH_QUEUE: usize = 65_536;
+/// Time allowed to connect and subscribe to Redis.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time allowed for one command's answer.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections are pinged this often, so a Redis that went away is noticed without traffic.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// Reconnect delays: doubling from the first to the cap, with jitter.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+// ---------------------------------------------------------------------------------------------
+// The handle the rest of the broker uses.
+// ---------------------------------------------------------------------------------------------
+
+/// What this node knows of the other live nodes (from the last presence round trip).
+#[derive(Default)]
+pub(super) struct View {
+    at: Option<Instant>,
+    nodes: usize,
+    clients: usize,
+    rooms: HashMap<String, usize>,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    publisher_up: AtomicBool,
+    subscriber_up: AtomicBool,
+    /// Payloads Redis pushed that did not fit in the receive queue.
+    overflow: Arc<AtomicU64>,
+    view: RwLock<View>,
+}
+
+/// This node's membership in a cluster: held in [`Shared`] when `cluster_url` is set.
+pub(crate) struct Cluster {
+    pub(crate) node_id: Arc<str>,
+    tx: mpsc::Sender<Bytes>,
+    state: Arc<State>,
+    counters: Arc<Counters>,
+    full_log: LogLimit,
+}
+
+impl Cluster {
+    /// Hands a record to the publisher without waiting; a full queue drops it (counted).
+    pub(crate) fn publish(&self, record: Bytes) {
+        match self.tx.try_send(record) {
+            Ok(()) => {}
+            Err(_) => {
+                incr(&self.counters.cluster_publish_dropped);
+                if let Some(suppressed) = self.full_log.allow(1) {
+                    tracing::warn!(suppressed, "cluster publish queue full (Redis slow or unreachable): a message was not sent to other nodes; local delivery is unaffected");
+                }
+            }
+        }
+    }
+
+    /// Announces a new connection so an older one with the same `client_id` elsewhere closes.
+    pub(crate) fn claim(&self, slot: &ClientSlot) {
+        self.publish(encode_record(Kind::Claim, &slot.client_id, &slot.since_ms.to_be_bytes()));
+    }
+
+    /// Both connections to Redis are up.
+    pub(crate) fn connected(&self) -> bool {
+        self.state.publisher_up.load(Ordering::Acquire) && self.state.subscriber_up.load(Ordering::Acquire)
+    }
+
+    /// Cluster figures: this node's live counts plus the other nodes' last reports (dropped
+    /// once older than [`PRESENCE_TTL`], e.g. while Redis is unreachable).
+    pub(crate) fn stats(&self, hub: &Hub) -> ClusterStats {
+        let (local_clients, local_rooms) = hub.room_sizes();
+        let view = self.state.view.read();
+        let fresh = view.at.is_some_and(|t| t.elapsed() < PRESENCE_TTL);
+        let (nodes, clients, rooms) = if fresh {
+            let only_here = local_rooms.iter().filter(|(r, _)| !view.rooms.contains_key(&**r)).count();
+            (1 + view.nodes, local_clients + view.clients, view.rooms.len() + only_here)
+        } else {
+            (1, local_clients, local_rooms.len())
+        };
+        ClusterStats { node_id: self.node_id.to_string(), connected: self.connected(), nodes, clients, rooms }
+    }
+
+    /// Room → members on every live node (same freshness as [`stats`](Self::stats)).
+    pub(crate) fn room_members(&self, hub: &Hub) -> HashMap<String, usize> {
+        let (_, local) = hub.room_sizes();
+        let view = self.state.view.read();
+        let mut out =
+            if view.at.is_some_and(|t| t.elapsed() < PRESENCE_TTL) { view.rooms.clone() } else { HashMap::new() };
+        for (room, n) in local {
+            *out.entry(room.to_string()).or_default() += n;
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up: the handle, then the three tasks.
+// ---------------------------------------------------------------------------------------------
+
+/// Everything the tasks need, created before the broker's shared state exists.
+pub(crate) struct Starter {
+    client: redis::Client,
+    url_shown: String,
+    node_id: Arc<str>,
+    channel: String,
+    name: String,
+    rx: mpsc::Receiver<Bytes>,
+    state: Arc<State>,
+    conn: Option<MultiplexedConnection>,
+    pubsub: Option<Subscription>,
+}
+
+/// Builds the cluster handle and its starter (no I/O yet). `cfg.cluster_url` must be set.
+pub(crate) fn build(cfg: &Config, counters: Arc<Counters>) -> Result<(Cluster, Starter), String> {
+    let url = cfg.cluster_url.as_deref().ok_or("cluster_url is not set")?;
+    let url_shown = crate::config::redact_url(url);
+    let client = redis::Client::open(url).map_err(|e| format!("invalid setting cluster_url={url_shown}: {e}"))?;
+    let node_id: Arc<str> = match &cfg.cluster_node_id {
+        Some(id) => id.as_str().into(),
+        None => format!("n-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]).into(),
+    };
+    let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
+    let state = Arc::new(State::default());
+    let cluster =
+        Cluster { node_id: node_id.clone(), tx, state: state.clone(), counters, full_log: LogLimit::default() };
+    let starter = Starter {
+        client,
+        url_shown,
+        node_id,
+        channel: format!("{}:bus", cfg.cluster_name),
+        name: cfg.cluster_name.clone(),
+        rx,
+        state,
+        conn: None,
+        pubsub: None,
+    };
+    Ok((cluster, starter))
+}
+
+impl Starter {
+    pub(crate) fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Connects the publisher and subscribes, so that once the broker serves, messages from
+    /// other nodes already arrive. The error names `cluster_url` (password masked).
+    pub(crate) async fn connect(&mut self) -> Result<(), String> {
+        let conn = open_publisher(&self.client).await;
+        let pubsub = match &conn {
+            Ok(_) => match resp3(&self.client) {
+                Ok(sub_client) => open_subscriber(&sub_client, &self.channel, self.state.overflow.clone()).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e.clone()),
+        };
+        match (conn, pubsub) {
+            (Ok(c), Ok(p)) => {
+                self.conn = Some(c);
+                self.pubsub = Some(p);
+                self.state.publisher_up.store(true, Ordering::Release);
+                self.state.subscriber_up.store(true, Ordering::Release);
+                Ok(())
+            }
+            (Err(e), _) | (_, Err(e)) => Err(format!("cannot reach Redis at cluster_url={}: {e}", self.url_shown)),
+        }
+    }
+
+    /// Starts the publisher, subscriber and presence tasks (on the current runtime).
+    pub(crate) fn spawn(self, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
+        let Starter { client, url_shown, node_id, channel, name, rx, state, conn, pubsub } = self;
+        // The URL was accepted by `redis::Client::open`, so the RESP3 variant of it is too.
+        let sub_client = resp3(&client).unwrap_or_else(|_| client.clone());
+        let (conn_tx, conn_rx) = watch::channel(conn.clone());
+        let ever = conn.is_some();
+        let publisher = Publisher {
+            client: client.clone(),
+            url_shown: url_shown.clone(),
+            channel: channel.clone(),
+            node_id: node_id.clone(),
+            conn,
+            conn_tx,
+            rx,
+            shared: shared.clone(),
+            state: state.clone(),
+            stop: stop.clone(),
+            next_seq: 1,
+            backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP, throttle::seed()),
+            ever_connected: ever,
+            down_log: LogLimit::default(),
+        };
+        let subscriber = Subscriber {
+            client: sub_client,
+            url_shown,
+            channel,
+            node_id: node_id.clone(),
+            pubsub,
+            shared: shared.clone(),
+            state: state.clone(),
+            stop: stop.clone(),
+            backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_CAP, throttle::seed().rotate_left(17)),
+            seqs: SeqTracker::default(),
+            ever_connected: ever,
+            bad_log: LogLimit::default(),
+            gap_log: LogLimit::default(),
+            down_log: LogLimit::default(),
+            overflow_seen: 0,
+        };
+        let presence = Presence {
+            conn_rx,
+            nodes_key: format!("{name}:nodes"),
+            node_prefix: format!("{name}:node:"),
+            node_id,
+            shared,
+            state,
+            stop,
+            written: None,
+        };
+        let (g1, g2, g3) = (guard.clone(), guard.clone(), guard);
+        tokio::spawn(async move {
+            publisher.run().await;
+            drop(g1);
+        });
+        tokio::spawn(async move {
+            subscriber.run().await;
+            drop(g2);
+        });
+        tokio::spawn(async move {
+            presence.run().await;
+            drop(g3);
+        });
+    }
+}

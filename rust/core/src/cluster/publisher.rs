@@ -1,0 +1,204 @@
+//! The publisher task: drains the records this node's backends sent (queued without waiting by
+//! [`Cluster::publish`](super::Cluster::publish)), packs them into envelopes and PUBLISHes them,
+//! pipelined, on the cluster channel. It owns the node's command connection to Redis, which the
+//! presence task borrows, and reconnects it with backoff when it is lost.
+
+use super::envelope::encode_payload;
+use super::{State, CONNECT_TIMEOUT, PING_EVERY, RESPONSE_TIMEOUT};
+use crate::shutdown::Signal;
+use crate::stats::{add, incr};
+use crate::throttle::{Backoff, LogLimit};
+use crate::Shared;
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+/// Records are packed into payloads of about this size (a larger record goes alone).
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// Most payloads sent in one pipelined round trip.
+const MAX_PIPELINE: usize = 64;
+
+/// Opens the command connection (publishing, presence) and checks it with a PING.
+pub(super) async fn open_publisher(client: &redis::Client) -> Result<MultiplexedConnection, String> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
+    redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// Publishes records, pipelined; owns the (multiplexed) connection that presence also uses.
+pub(super) struct Publisher {
+    pub(super) client: redis::Client,
+    pub(super) url_shown: String,
+    pub(super) channel: String,
+    pub(super) node_id: Arc<str>,
+    pub(super) conn: Option<MultiplexedConnection>,
+    pub(super) conn_tx: watch::Sender<Option<MultiplexedConnection>>,
+    pub(super) rx: mpsc::Receiver<Bytes>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) state: Arc<State>,
+    pub(super) stop: Signal,
+    pub(super) next_seq: u64,
+    pub(super) backoff: Backoff,
+    pub(super) ever_connected: bool,
+    pub(super) down_log: LogLimit,
+}
+
+impl Publisher {
+    pub(super) async fn run(mut self) {
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.conn.is_none() {
+                if !self.reconnect().await {
+                    break;
+                }
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = self.stop.fired() => {
+                    // Backends are finished: publish what they left, once, then leave.
+                    if let Ok(first) = self.rx.try_recv() {
+                        self.publish_batch(first).await;
+                    }
+                    break;
+                }
+                rec = self.rx.recv() => match rec {
+                    Some(first) => self.publish_batch(first).await,
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    let Some(conn) = self.conn.as_mut() else { continue };
+                    if let Err(e) = redis::cmd("PING").query_async::<()>(conn).await {
+                        self.lost(&e.to_string());
+                    }
+                }
+            }
+        }
+        self.state.publisher_up.store(false, Ordering::Release);
+        self.conn_tx.send_replace(None);
+        self.rx.close();
+        let mut left = 0;
+        while self.rx.try_recv().is_ok() {
+            left += 1;
+        }
+        if left > 0 {
+            self.dropped(left);
+        }
+    }
+
+    /// Packs what is queued into payloads and publishes them in one pipelined round trip.
+    async fn publish_batch(&mut self, first: Bytes) {
+        let first_seq = self.next_seq;
+        let mut seq = first_seq;
+        let mut payloads: Vec<Vec<u8>> = Vec::new();
+        let mut size = first.len();
+        let mut records = vec![first];
+        while payloads.len() < MAX_PIPELINE {
+            let Ok(r) = self.rx.try_recv() else { break };
+            if size + r.len() > MAX_PAYLOAD {
+                payloads.push(encode_payload(&self.node_id, seq, &records));
+                seq += records.len() as u64;
+                records.clear();
+                size = 0;
+            }
+            size += r.len();
+            records.push(r);
+        }
+        if !records.is_empty() {
+            payloads.push(encode_payload(&self.node_id, seq, &records));
+            seq += records.len() as u64;
+        }
+        let total = seq - first_seq;
+        let Some(conn) = self.conn.as_mut() else {
+            self.dropped(total);
+            return;
+        };
+        let mut pipe = redis::pipe();
+        for p in &payloads {
+            pipe.cmd("PUBLISH").arg(&self.channel).arg(p.as_slice()).ignore();
+        }
+        match pipe.query_async::<()>(conn).await {
+            Ok(()) => {
+                self.next_seq = seq;
+                add(&self.shared.counters.cluster_published, total);
+            }
+            Err(e) => {
+                // Whether some got through is unknown: count them all as not published, and
+                // reuse the numbers so receivers do not also count a gap for them.
+                self.next_seq = first_seq;
+                self.dropped(total);
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error() {
+                    self.lost(&e.to_string());
+                } else {
+                    // Redis answered, but refused (e.g. a payload over its proto-max-bulk-len):
+                    // the connection is fine.
+                    tracing::error!(error = %e, "Redis refused a publish; those messages did not reach other nodes");
+                }
+            }
+        }
+    }
+
+    fn dropped(&self, n: u64) {
+        add(&self.shared.counters.cluster_publish_dropped, n);
+        if let Some(suppressed) = self.down_log.allow(n) {
+            tracing::warn!(messages = n + suppressed, "Redis unreachable: messages for other nodes were not published (counted in cluster_publish_dropped); local delivery continues");
+        }
+    }
+
+    fn lost(&mut self, why: &str) {
+        if self.conn.take().is_some() {
+            tracing::warn!(redis = %self.url_shown, error = why, "lost the connection to Redis (publisher); reconnecting with backoff");
+        }
+        self.state.publisher_up.store(false, Ordering::Release);
+        self.conn_tx.send_replace(None);
+        self.backoff.reset();
+    }
+
+    /// Waits one backoff delay (dropping and counting records meanwhile), then tries once.
+    /// Returns false when the broker is stopping.
+    async fn reconnect(&mut self) -> bool {
+        let sleep = tokio::time::sleep(self.backoff.next_delay());
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = self.stop.fired() => return false,
+                rec = self.rx.recv() => match rec {
+                    Some(_) => {
+                        let mut n = 1;
+                        while self.rx.try_recv().is_ok() {
+                            n += 1;
+                        }
+                        self.dropped(n);
+                    }
+                    None => return false,
+                },
+                _ = &mut sleep => break,
+            }
+        }
+        match open_publisher(&self.client).await {
+            Ok(conn) => {
+                self.conn = Some(conn.clone());
+                self.conn_tx.send_replace(Some(conn));
+                self.state.publisher_up.store(true, Ordering::Release);
+                self.backoff.reset();
+                if self.ever_connected {
+                    incr(&self.shared.counters.cluster_reconnects);
+                }
+                self.ever_connected = true;
+                tracing::info!(redis = %self.url_shown, "connected to Redis (publisher)");
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.down_log.allow(0) {
+                    tracing::warn!(redis = %self.url_shown, error = %e, suppressed, "cannot reach Redis (publisher); retrying");
+                }
+            }
+        }
+        true
+    }
+}
