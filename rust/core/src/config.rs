@@ -1,7 +1,7 @@
 //! Every broker setting in one place: names, types, defaults, help, environment variables, CLI
 //! flags and validation.
 //!
-//! The [`settings!`] table below is the single source: it generates the [`Config`] struct, its
+//! The `settings!` table below is the single source: it generates the [`Config`] struct, its
 //! `Default`, the per-setting checks of [`Config::validate`], [`Config::get`] / [`Config::set`]
 //! (by name, with a [`Value`]) and the metadata list [`settings_table`], from which the Python
 //! binding converts settings dicts, the CLI builds its flags and `docs/broker.md` its table.
