@@ -25,7 +25,7 @@ from .context import ConnectionRequestContext, Context, Headers
 if TYPE_CHECKING:  # pragma: no cover
     from .broker import Broker
 
-__version__ = "0.1.0"
+    __version__: str
 
 __all__ = [
     "AsyncPyStrandsClient",
@@ -40,15 +40,34 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    """The installed distribution's version (maturin takes it from the Cargo workspace version);
+    without package metadata (e.g. run from a source tree), the native extension's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pystrands")
+    except PackageNotFoundError:
+        try:
+            from . import _core
+        except ImportError:
+            return "0+unknown"
+        return str(_core.__version__)
+
+
 def __getattr__(name: str) -> Any:
-    """Import ``Broker`` on first use (it needs the native ``_core`` extension)."""
+    """Import ``Broker`` on first use (it needs the native ``_core`` extension); look
+    ``__version__`` up on first use."""
     if name == "Broker":
         from .broker import Broker
 
         globals()["Broker"] = Broker
         return Broker
+    if name == "__version__":
+        globals()["__version__"] = v = _version()
+        return v
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | {"Broker"})
+    return sorted(set(globals()) | {"Broker", "__version__"})

@@ -1,23 +1,163 @@
-"""Type stubs of the native extension (rust/py)."""
+"""Type stubs of the native extension ``pystrands._core`` (``rust/py``).
 
-from typing import Any
+Everything the binding exports is here; ``tests/test_settings_table.py`` compares these names with
+``dir(pystrands._core)``, :class:`BrokerSettings` with ``settings_table()`` and
+:class:`BrokerStats` with the ``stats()`` of a running broker. The settings themselves are
+documented in ``docs/broker.md`` (generated from the same table).
+"""
+
+from typing import Literal, TypedDict
+
+from typing_extensions import Unpack
 
 __version__: str
+"""The version of the native extension: the Cargo workspace version (``CARGO_PKG_VERSION``)."""
 
-def default_settings() -> dict[str, Any]:
-    """Defaults of every broker setting."""
+class BrokerSettings(TypedDict, total=False):
+    """Keyword settings of :class:`NativeBroker` (every key optional; ``None`` means the default)."""
+
+    ws_host: str
+    ws_port: int
+    tcp_host: str
+    tcp_port: int
+    queue_size: int
+    request_timeout: float
+    heartbeat_interval: float
+    ping_interval: float
+    max_message_size: int
+    max_line_size: int
+    client_queue_size: int
+    slow_client_policy: Literal["close", "drop"]
+    allowed_origins: list[str]
+    max_connections: int
+    handshake_timeout: float
+    workers: int
+    log_level: str
+    backend_secret: str | None
+    max_unacked: int
+    client_rate_limit: float
+    client_rate_burst: int
+    rate_limit_policy: Literal["close", "drop"]
+    cluster_url: str | None
+    cluster_required: bool
+    cluster_name: str
+    cluster_node_id: str | None
+
+class SettingInfo(TypedDict):
+    """One row of :func:`settings_table`."""
+
+    name: str
+    """The setting: the ``Broker`` keyword and the settings dict key."""
+    type: str
+    """For humans: ``int``, ``float seconds``, ``float``, ``str``, ``bool``, ``str|None``,
+    ``list[str]`` or ``'close'|'drop'``."""
+    kind: Literal["int", "seconds", "float", "str", "optional_str", "bool", "list", "policy", "secret"]
+    """How a value is written (what the CLI parses a flag or variable as)."""
+    default: int | float | str | bool | list[str] | None
+    """The default, as :func:`default_settings` gives it."""
+    default_text: str
+    """The default for humans, e.g. ``10 s``, ``4194304 (4 MiB)``, ``unset``."""
+    help: str
+    """What the setting does (the CLI help and the docs)."""
+    env: str
+    """The documented environment variable, ``PYSTRANDS_<NAME>``."""
+    envs: list[str]
+    """Every environment variable the CLI reads for it (the documented one first)."""
+    flag: str
+    """The documented CLI flag, e.g. ``--ws-port``."""
+    flags: list[str]
+    """Every CLI flag of it (the documented one first)."""
+    secret: bool
+    """The value is a secret: never echoed in errors; better passed in the environment."""
+
+class BrokerStats(TypedDict, total=False):
+    """What :meth:`NativeBroker.stats` returns while running (an empty dict when stopped): every
+    key, except that the five under "Only in a cluster" are there only with ``cluster_url`` set."""
+
+    clients: int
+    """WebSocket clients connected to this node."""
+    rooms: int
+    """Rooms with members on this node."""
+    backends: int
+    """Backends connected to this node."""
+    queued_events: int
+    """Events waiting in the no-backend queue."""
+    pending_requests: int
+    """Connection requests waiting for a backend's response."""
+    unacked_events: int
+    """Events sent to v2 backends and not yet acknowledged (kept for redelivery)."""
+    # Counters (``rust/core/src/stats.rs``), all since start.
+    connections_accepted: int
+    connections_rejected: int
+    connections_unavailable: int
+    handshakes_failed: int
+    connections_replaced: int
+    messages_in: int
+    deliveries: int
+    events_to_backends: int
+    queue_dropped: int
+    slow_client_drops: int
+    slow_clients_closed: int
+    no_route: int
+    backend_errors: int
+    client_protocol_errors: int
+    backends_lost: int
+    events_lost: int
+    events_redelivered: int
+    unacked_overflow: int
+    backends_refused: int
+    rate_limited: int
+    cluster_published: int
+    cluster_publish_dropped: int
+    cluster_received: int
+    cluster_missed: int
+    cluster_decode_errors: int
+    cluster_reconnects: int
+    # Only in a cluster.
+    cluster_node_id: str
+    """This node's id."""
+    cluster_connected: bool
+    """Both connections to Redis are up."""
+    cluster_nodes: int
+    """Live nodes, this one included."""
+    cluster_clients: int
+    """Clients on every live node."""
+    cluster_rooms: int
+    """Distinct rooms with members on any live node."""
+
+def default_settings() -> BrokerSettings:
+    """The default of every broker setting (every key present)."""
+
+def settings_table() -> list[SettingInfo]:
+    """Every broker setting with its type, default, help, environment variable and CLI flag, in
+    the order of the table in ``rust/core/src/config.rs``."""
 
 class NativeBroker:
-    """The native broker; settings are keyword arguments (see ``pystrands.Broker``)."""
+    """The native broker: ``NativeBroker(**settings)``, then ``start()``, ``stats()``, ``stop()``.
 
-    def __init__(self, **settings: Any) -> None: ...
-    def start(self) -> None: ...
-    def stop(self, timeout: float = 5.0) -> None: ...
+    Raises ``ValueError`` naming the setting and the value for an invalid one, ``TypeError`` for
+    an unknown name. ``pystrands.Broker`` is the documented wrapper.
+    """
+
+    def __init__(self, **settings: Unpack[BrokerSettings]) -> None: ...
+    def start(self) -> None:
+        """Binds both listeners and starts serving in background threads; returns once bound.
+
+        Raises ``RuntimeError`` if already running, ``OSError`` if a port cannot be bound,
+        ``ConnectionError`` if a required cluster's Redis is unreachable."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops serving: close 1001 to clients, flush backends; waits at most ``timeout`` seconds."""
     @property
-    def running(self) -> bool: ...
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
     @property
-    def ws_port(self) -> int | None: ...
+    def ws_port(self) -> int | None:
+        """The bound WebSocket port, or None when not running."""
     @property
-    def tcp_port(self) -> int | None: ...
-    def stats(self) -> dict[str, Any]: ...
-    def room_members(self) -> dict[str, int]: ...
+    def tcp_port(self) -> int | None:
+        """The bound backend (TCP) port, or None when not running."""
+    def stats(self) -> BrokerStats:
+        """Clients, rooms, backends, queued events, pending requests and every counter (empty
+        when not running); in a cluster also the ``cluster_*`` figures."""
+    def room_members(self) -> dict[str, int]:
+        """Room → members, cluster-wide in a cluster (empty when not running)."""

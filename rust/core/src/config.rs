@@ -1,4 +1,10 @@
-//! Every broker setting in one place: names, defaults and validation.
+//! Every broker setting in one place: names, types, defaults, help, environment variables, CLI
+//! flags and validation.
+//!
+//! The `settings!` table below is the single source: it generates the [`Config`] struct, its
+//! `Default`, the per-setting checks of [`Config::validate`], [`Config::get`] / [`Config::set`]
+//! (by name, with a [`Value`]) and the metadata list [`settings_table`], from which the Python
+//! binding converts settings dicts, the CLI builds its flags and `docs/broker.md` its table.
 //!
 //! The Python `Broker`, the CLI and the Rust tests all build a [`Config`] and call
 //! [`Config::validate`]; an invalid value is reported as a [`ConfigError`] naming the setting and
@@ -38,98 +44,625 @@ impl LimitPolicy {
     }
 }
 
-/// All settings of one broker.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// Interface of the WebSocket listener.
-    pub ws_host: String,
-    /// Port of the WebSocket listener; 0 picks a free port.
-    pub ws_port: u16,
-    /// Interface of the backend (TCP) listener.
-    pub tcp_host: String,
-    /// Port of the backend listener; 0 picks a free port.
-    pub tcp_port: u16,
-    /// Events kept while no backend is connected (drop-oldest beyond it; 0 disables the queue).
-    pub queue_size: usize,
-    /// How long a connection request may wait for a backend's `response`.
-    pub request_timeout: Duration,
-    /// Interval of `heartbeat` lines to backends.
-    pub heartbeat_interval: Duration,
-    /// Interval of WebSocket pings; a client silent for two intervals is closed. Zero disables.
-    pub ping_interval: Duration,
-    /// Largest WebSocket message accepted from a client, in bytes (close 1009 beyond it).
-    pub max_message_size: usize,
-    /// Largest line accepted from a backend, in bytes (the line is discarded and logged beyond it).
-    pub max_line_size: usize,
-    /// Messages that may wait in one client's outbound queue.
-    pub client_queue_size: usize,
-    /// What happens when a client's outbound queue is full.
-    pub slow_client_policy: SlowClientPolicy,
-    /// Allowed `Origin` header values; empty allows every origin.
-    pub allowed_origins: Vec<String>,
-    /// Maximum simultaneous WebSocket clients; 0 means no limit. Beyond it: HTTP 503.
-    pub max_connections: usize,
-    /// How long a client may take to send its HTTP upgrade request.
-    pub handshake_timeout: Duration,
-    /// Tokio worker threads; 0 uses one per CPU.
-    pub workers: usize,
-    /// Log filter (`error`, `warn`, `info`, `debug`, `trace` or a tracing directive).
-    pub log_level: String,
-    /// Shared secret backends must present in their v2 `hello`; `None` lets any backend in.
-    pub backend_secret: Option<String>,
-    /// Unacknowledged events kept per v2 backend for redelivery; the oldest beyond it are
-    /// released unprotected (counted in `unacked_overflow`).
-    pub max_unacked: usize,
-    /// Messages per second one WebSocket client may send (token bucket); 0 disables the limit.
-    pub client_rate_limit: f64,
-    /// Burst the rate limit allows; 0 means one second's worth (at least 1).
-    pub client_rate_burst: u32,
-    /// What happens to a client over its rate limit.
-    pub rate_limit_policy: LimitPolicy,
-    /// Redis URL (`redis://[:password@]host:port/db` or `unix:///path`) of the cluster this broker
-    /// joins; `None` runs alone with no Redis connection at all. See [`crate::cluster`].
-    pub cluster_url: Option<String>,
-    /// With `cluster_url`: refuse to start when Redis cannot be reached at start (true), or start
-    /// degraded — local delivery only — and keep retrying (false).
-    pub cluster_required: bool,
-    /// Prefix of every Redis channel and key of the cluster, so several clusters can share one
-    /// Redis server (pub/sub channels ignore the database number of the URL).
-    pub cluster_name: String,
-    /// This node's id in the cluster (unique per running broker); `None` picks a random one.
-    pub cluster_node_id: Option<String>,
+/// How the value of a setting is written (in Python, on the command line, in the environment),
+/// and the range check every integer setting gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// An integer in `min..=max`; outside it the error says `rule`, or "must be between min and max".
+    Int { min: i64, max: i64, rule: Option<&'static str> },
+    /// A duration written as a (fractional) number of seconds (see [`seconds`]).
+    Seconds,
+    /// A floating point number of `unit` (e.g. "messages per second").
+    Float { unit: &'static str },
+    /// A string.
+    Str,
+    /// A string, or unset (`None`).
+    OptStr,
+    /// True or false.
+    Bool,
+    /// A list of strings.
+    List,
+    /// A [`LimitPolicy`]: `close` or `drop`.
+    Policy,
+    /// A secret string, or unset; never echoed in errors, and an empty string means unset.
+    Secret,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            ws_host: "0.0.0.0".into(),
-            ws_port: 8080,
-            tcp_host: "0.0.0.0".into(),
-            tcp_port: 8081,
-            queue_size: 1000,
-            request_timeout: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(15),
-            ping_interval: Duration::from_secs(30),
-            max_message_size: 4 * 1024 * 1024,
-            max_line_size: 16 * 1024 * 1024,
-            client_queue_size: 1024,
-            slow_client_policy: SlowClientPolicy::Close,
-            allowed_origins: Vec::new(),
-            max_connections: 0,
-            handshake_timeout: Duration::from_secs(10),
-            workers: 0,
-            log_level: "info".into(),
-            backend_secret: None,
-            max_unacked: 100_000,
-            client_rate_limit: 0.0,
-            client_rate_burst: 0,
-            rate_limit_policy: LimitPolicy::Drop,
-            cluster_url: None,
-            cluster_required: true,
-            cluster_name: "pystrands".into(),
-            cluster_node_id: None,
+impl Kind {
+    /// An integer between `min` and `max` (inclusive).
+    pub const fn int(min: i64, max: i64) -> Kind {
+        Kind::Int { min, max, rule: None }
+    }
+
+    /// An integer between `min` and `max` whose range error reads `rule`.
+    pub const fn int_rule(min: i64, max: i64, rule: &'static str) -> Kind {
+        Kind::Int { min, max, rule: Some(rule) }
+    }
+
+    /// The type as the docs and `_core.settings_table()` show it.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Kind::Int { .. } => "int",
+            Kind::Seconds => "float seconds",
+            Kind::Float { .. } => "float",
+            Kind::Str => "str",
+            Kind::OptStr | Kind::Secret => "str|None",
+            Kind::Bool => "bool",
+            Kind::List => "list[str]",
+            Kind::Policy => "'close'|'drop'",
         }
     }
+
+    /// A short machine name of the kind, for the bindings (`int`, `seconds`, `float`, `str`,
+    /// `optional_str`, `bool`, `list`, `policy`, `secret`).
+    pub fn id(self) -> &'static str {
+        match self {
+            Kind::Int { .. } => "int",
+            Kind::Seconds => "seconds",
+            Kind::Float { .. } => "float",
+            Kind::Str => "str",
+            Kind::OptStr => "optional_str",
+            Kind::Bool => "bool",
+            Kind::List => "list",
+            Kind::Policy => "policy",
+            Kind::Secret => "secret",
+        }
+    }
+
+    /// The checks every setting of this kind gets, on a value about to be stored (by
+    /// [`Config::set`]) or already stored (by [`Config::validate`]).
+    fn check(self, setting: &'static str, value: &Value) -> Result<(), ConfigError> {
+        match (self, value) {
+            (Kind::Int { min, max, rule }, Value::Int(n)) if *n < min || *n > max => match rule {
+                Some(rule) => Err(bad(setting, n, rule)),
+                None => Err(bad(setting, n, &format!("must be between {min} and {max}"))),
+            },
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A setting's value, independent of its Rust type: what the bindings pass to [`Config::set`]
+/// and get from [`Config::get`]. Durations are seconds ([`Value::Float`]), policies strings.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    List(Vec<String>),
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::None => f.write_str("None"),
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Int(n) => write!(f, "{n}"),
+            Value::Float(x) => write!(f, "{x}"),
+            Value::Str(s) => write!(f, "{s:?}"),
+            Value::List(l) => write!(f, "{l:?}"),
+        }
+    }
+}
+
+/// A Rust type a setting can have: converts to and from a [`Value`].
+pub trait SettingType: Sized {
+    fn to_value(&self) -> Value;
+    /// Converts `value` to this type; a value of the wrong shape or out of the type's range is a
+    /// [`ConfigError`] naming `setting`.
+    fn from_value(setting: &'static str, value: Value) -> Result<Self, ConfigError>;
+}
+
+fn wrong_type(setting: &'static str, value: &Value, what: &str) -> ConfigError {
+    bad(setting, value, &format!("must be {what}"))
+}
+
+macro_rules! integer_setting_types {
+    ($($t:ty),*) => {$(
+        impl SettingType for $t {
+            fn to_value(&self) -> Value {
+                Value::Int(i64::try_from(*self).unwrap_or(i64::MAX))
+            }
+            fn from_value(setting: &'static str, value: Value) -> Result<Self, ConfigError> {
+                match value {
+                    Value::Int(n) => <$t>::try_from(n)
+                        .map_err(|_| bad(setting, n, &format!("must be between {} and {}", <$t>::MIN, <$t>::MAX))),
+                    other => Err(wrong_type(setting, &other, "an integer")),
+                }
+            }
+        }
+    )*};
+}
+
+integer_setting_types!(u16, u32, usize);
+
+impl SettingType for f64 {
+    fn to_value(&self) -> Value {
+        Value::Float(*self)
+    }
+    fn from_value(setting: &'static str, value: Value) -> Result<Self, ConfigError> {
+        match value {
+            Value::Float(x) => Ok(x),
+            Value::Int(n) => Ok(n as f64),
+            other => Err(wrong_type(setting, &other, "a number")),
+        }
+    }
+}
+
+impl SettingType for Duration {
+    fn to_value(&self) -> Value {
+        Value::Float(self.as_secs_f64())
+    }
+    fn from_value(setting: &'static str, value: Value) -> Result<Self, ConfigError> {
+        seconds(setting, f64::from_value(setting, value)?)
+    }
+}
+
+impl SettingType for bool {
+    fn to_value(&self) -> Value {
+        Value::Bool(*self)
+    }
+    fn from_value(setting: &'static str, value: Value) -> Result<Self, ConfigError> {
+        match value {
+            Value::Bool(b) => Ok(b),
+            other => Err(wrong_type(setting, &other, "True or False")),
+        }
+    }
+}
+
+impl SettingType for String {
+    fn to_value(&self) -> Value {
+        Value::Str(self.clone())
+    }
+    fn from_value(setting: &'static str, value: Value) -> Result<Self, ConfigError> {
+        match value {
+            Value::Str(s) => Ok(s),
+            other => Err(wrong_type(setting, &other, "a string")),
+        }
+    }
+}
+
+impl SettingType for Option<String> {
+    fn to_value(&self) -> Value {
+        self.as_ref().map_or(Value::None, |s| Value::Str(s.clone()))
+    }
+    fn from_value(setting: &'static str, value: Value) -> Result<Self, ConfigError> {
+        match value {
+            Value::None => Ok(None),
+            other => String::from_value(setting, other).map(Some),
+        }
+    }
+}
+
+impl SettingType for Vec<String> {
+    fn to_value(&self) -> Value {
+        Value::List(self.clone())
+    }
+    fn from_value(setting: &'static str, value: Value) -> Result<Self, ConfigError> {
+        match value {
+            Value::List(l) => Ok(l),
+            other => Err(wrong_type(setting, &other, "a list of strings")),
+        }
+    }
+}
+
+impl SettingType for LimitPolicy {
+    fn to_value(&self) -> Value {
+        Value::Str(self.as_str().to_string())
+    }
+    fn from_value(setting: &'static str, value: Value) -> Result<Self, ConfigError> {
+        let s = String::from_value(setting, value)?;
+        LimitPolicy::parse(&s).ok_or_else(|| bad(setting, &s, "must be 'close' or 'drop'"))
+    }
+}
+
+/// What [`settings_table`] tells about one setting.
+#[derive(Clone, Copy, Debug)]
+pub struct SettingInfo {
+    /// The name: the `Config` field, the Python keyword and the settings dict key.
+    pub name: &'static str,
+    pub kind: Kind,
+    /// One or two sentences for users (CLI `--help`, `docs/broker.md`, the field's rustdoc).
+    pub help: &'static str,
+    /// Environment variables the CLI reads (the first is the documented one).
+    pub env: &'static [&'static str],
+    /// CLI flags (the first is the documented one).
+    pub flags: &'static [&'static str],
+}
+
+impl SettingInfo {
+    /// The type as the docs show it, e.g. `int`, `float seconds`, `str|None`.
+    pub fn type_name(&self) -> &'static str {
+        self.kind.type_name()
+    }
+
+    /// Whether the value is a secret (never logged or echoed; better passed in the environment).
+    pub fn secret(&self) -> bool {
+        self.kind == Kind::Secret
+    }
+
+    /// The default value.
+    pub fn default_value(&self) -> Value {
+        Config::default().get(self.name).expect("every table row is a Config field")
+    }
+
+    /// The default for humans: `10 s`, `4194304 (4 MiB)`, `unset`, `empty`, `close`.
+    pub fn default_text(&self) -> String {
+        const MIB: i64 = 1024 * 1024;
+        match self.default_value() {
+            Value::None => "unset".to_string(),
+            Value::List(l) if l.is_empty() => "empty".to_string(),
+            Value::List(l) => l.join(", "),
+            Value::Str(s) => s,
+            Value::Int(n) if n >= MIB && n % MIB == 0 => format!("{n} ({} MiB)", n / MIB),
+            Value::Float(x) if self.kind == Kind::Seconds => format!("{x} s"),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// One row per setting:
+///
+/// ```text
+/// name: RustType = default => {
+///     kind: Kind::..., [check: fn(&'static str, &RustType) -> Result<(), ConfigError>,]
+///     env: ["PYSTRANDS_NAME", aliases...], flag: ["--name", aliases...], help: "...",
+/// }
+/// ```
+///
+/// generates the `Config` struct (the help is the field's doc), its `Default`, `SETTINGS`,
+/// `Config::get`, `Config::set` and `Config::validate_each` (the kind's check, then `check`).
+macro_rules! settings {
+    ($(
+        $(#[$meta:meta])*
+        $name:ident: $ty:ty = $default:expr => {
+            kind: $kind:expr,
+            $(check: $check:expr,)?
+            env: [$($env:literal),+ $(,)?],
+            flag: [$($flag:literal),+ $(,)?],
+            help: $help:literal $(,)?
+        }
+    )*) => {
+        /// All settings of one broker (generated by the `settings!` table in `config.rs`).
+        #[derive(Clone, Debug)]
+        pub struct Config {
+            $(#[doc = $help] $(#[$meta])* pub $name: $ty,)*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $($name: $default,)* }
+            }
+        }
+
+        /// Every setting, in the order of the table.
+        pub static SETTINGS: &[SettingInfo] = &[$(
+            SettingInfo {
+                name: stringify!($name),
+                kind: $kind,
+                help: $help,
+                env: &[$($env),+],
+                flags: &[$($flag),+],
+            },
+        )*];
+
+        impl Config {
+            /// The value of the setting `name`, `None` for an unknown name.
+            pub fn get(&self, name: &str) -> Option<Value> {
+                match name {
+                    $(stringify!($name) => Some(SettingType::to_value(&self.$name)),)*
+                    _ => None,
+                }
+            }
+
+            /// Sets the setting `name` (one of [`settings_table`]) from `value`, converting it to
+            /// the field's type. An integer out of the setting's range or a value of the wrong
+            /// shape is refused; the other checks wait for [`Config::validate`]. For a
+            /// [`Kind::Secret`] an empty string means unset. An unknown name is an error with
+            /// `setting == "name"`.
+            pub fn set(&mut self, name: &str, value: Value) -> Result<(), ConfigError> {
+                match name {
+                    $(stringify!($name) => {
+                        let setting = stringify!($name);
+                        let value = match ($kind, value) {
+                            (Kind::Secret, Value::Str(s)) if s.is_empty() => Value::None,
+                            (Kind::Secret, v @ (Value::None | Value::Str(_))) => v,
+                            (Kind::Secret, _) => return Err(bad(setting, "<hidden>", "must be a string")),
+                            (_, v) => v,
+                        };
+                        ($kind).check(setting, &value)?;
+                        self.$name = SettingType::from_value(setting, value)?;
+                        Ok(())
+                    })*
+                    _ => Err(bad("name", name, "is not a broker setting")),
+                }
+            }
+
+            /// The checks of every single setting, in table order: its kind's, then its own.
+            fn validate_each(&self) -> Result<(), ConfigError> {
+                $(
+                    ($kind).check(stringify!($name), &SettingType::to_value(&self.$name))?;
+                    $(($check)(stringify!($name), &self.$name)?;)?
+                )*
+                Ok(())
+            }
+        }
+    };
+}
+
+/// Every setting of the broker, in the order of the table (see [`SETTINGS`]).
+pub fn settings_table() -> &'static [SettingInfo] {
+    SETTINGS
+}
+
+/// The row of the setting `name`.
+pub fn setting(name: &str) -> Option<&'static SettingInfo> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+settings! {
+    ws_host: String = "0.0.0.0".into() => {
+        kind: Kind::Str,
+        check: not_blank,
+        env: ["PYSTRANDS_WS_HOST"],
+        flag: ["--ws-host"],
+        help: "Interface of the WebSocket listener (Python and CLI: defaults to host).",
+    }
+    ws_port: u16 = 8080 => {
+        kind: Kind::int(0, 65535),
+        env: ["PYSTRANDS_WS_PORT"],
+        flag: ["--ws-port"],
+        help: "Port of the WebSocket listener; 0 picks a free port.",
+    }
+    tcp_host: String = "0.0.0.0".into() => {
+        kind: Kind::Str,
+        check: not_blank,
+        env: ["PYSTRANDS_TCP_HOST"],
+        flag: ["--tcp-host"],
+        help: "Interface of the backend (TCP) listener (Python and CLI: defaults to host).",
+    }
+    tcp_port: u16 = 8081 => {
+        kind: Kind::int(0, 65535),
+        env: ["PYSTRANDS_TCP_PORT"],
+        flag: ["--tcp-port"],
+        help: "Port of the backend (TCP) listener; 0 picks a free port. Keep it private, or set \
+               backend_secret: whoever reaches it controls the broker.",
+    }
+    queue_size: usize = 1000 => {
+        kind: Kind::int(0, 10_000_000),
+        env: ["PYSTRANDS_QUEUE_SIZE"],
+        flag: ["--queue-size"],
+        help: "Events kept while no backend is connected (drop-oldest beyond it; 0 disables the queue).",
+    }
+    request_timeout: Duration = Duration::from_secs(10) => {
+        kind: Kind::Seconds,
+        check: positive,
+        env: ["PYSTRANDS_REQUEST_TIMEOUT"],
+        flag: ["--request-timeout"],
+        help: "How long a connection request waits for a backend's response before HTTP 503.",
+    }
+    heartbeat_interval: Duration = Duration::from_secs(15) => {
+        kind: Kind::Seconds,
+        check: at_least_10ms,
+        env: ["PYSTRANDS_HEARTBEAT_INTERVAL"],
+        flag: ["--heartbeat-interval"],
+        help: "Interval of heartbeat lines to backends; a v2 backend silent for 3 intervals is declared dead.",
+    }
+    ping_interval: Duration = Duration::from_secs(30) => {
+        kind: Kind::Seconds,
+        env: ["PYSTRANDS_PING_INTERVAL"],
+        flag: ["--ping-interval"],
+        help: "Interval of WebSocket pings; a client silent for two intervals is closed (code 4002). \
+               0 disables pings.",
+    }
+    max_message_size: usize = 4 * 1024 * 1024 => {
+        kind: Kind::int_rule(16, 1 << 30, "must be between 16 bytes and 1 GiB"),
+        env: ["PYSTRANDS_MAX_MESSAGE_SIZE"],
+        flag: ["--max-message-size"],
+        help: "Largest WebSocket message accepted from a client, in bytes (close 1009 beyond it).",
+    }
+    max_line_size: usize = 16 * 1024 * 1024 => {
+        kind: Kind::int_rule(1024, 1 << 31, "must be between 1 KiB and 2 GiB"),
+        env: ["PYSTRANDS_MAX_LINE_SIZE"],
+        flag: ["--max-line-size"],
+        help: "Largest line accepted from a backend, in bytes (a longer line is discarded and logged; \
+               the backend stays connected).",
+    }
+    client_queue_size: usize = 1024 => {
+        kind: Kind::int(1, 1_000_000),
+        env: ["PYSTRANDS_CLIENT_QUEUE_SIZE"],
+        flag: ["--client-queue-size"],
+        help: "Messages that may wait in one client's outbound queue before slow_client_policy applies.",
+    }
+    slow_client_policy: LimitPolicy = LimitPolicy::Close => {
+        kind: Kind::Policy,
+        env: ["PYSTRANDS_SLOW_CLIENT_POLICY"],
+        flag: ["--slow-client-policy"],
+        help: "When a client's outbound queue is full: 'close' the client (code 1013) or 'drop' the \
+               message (counted in slow_client_drops).",
+    }
+    allowed_origins: Vec<String> = Vec::new() => {
+        kind: Kind::List,
+        check: no_blank_entries,
+        env: ["PYSTRANDS_ALLOWED_ORIGINS"],
+        flag: ["--allowed-origin"],
+        help: "Allowed Origin header values (others get HTTP 403); empty allows every origin. \
+               CLI: repeat the flag; environment: comma-separated.",
+    }
+    max_connections: usize = 0 => {
+        kind: Kind::int(0, i64::MAX),
+        env: ["PYSTRANDS_MAX_CONNECTIONS"],
+        flag: ["--max-connections"],
+        help: "Most simultaneous WebSocket clients (0: no limit); beyond it new connections get HTTP 503.",
+    }
+    handshake_timeout: Duration = Duration::from_secs(10) => {
+        kind: Kind::Seconds,
+        check: positive,
+        env: ["PYSTRANDS_HANDSHAKE_TIMEOUT"],
+        flag: ["--handshake-timeout"],
+        help: "How long a client may take to send its HTTP upgrade request.",
+    }
+    workers: usize = 0 => {
+        kind: Kind::int(0, 1024),
+        env: ["PYSTRANDS_WORKERS"],
+        flag: ["--workers"],
+        help: "Native (tokio) worker threads; 0 uses one per CPU.",
+    }
+    log_level: String = "info".into() => {
+        kind: Kind::Str,
+        check: log_level_rule,
+        env: ["PYSTRANDS_LOG_LEVEL"],
+        flag: ["--log-level"],
+        help: "Native log filter: error, warn, info, debug, trace (or a tracing directive); logs go to \
+               stderr and the first broker in a process sets it.",
+    }
+    backend_secret: Option<String> = None => {
+        kind: Kind::Secret,
+        check: secret_rule,
+        env: ["PYSTRANDS_BACKEND_SECRET"],
+        flag: ["--backend-secret"],
+        help: "Shared secret every backend must present in its protocol-v2 hello; unset lets any \
+               backend in. Prefer the environment variable (flags show in ps).",
+    }
+    max_unacked: usize = 100_000 => {
+        kind: Kind::int(1, 10_000_000),
+        env: ["PYSTRANDS_MAX_UNACKED"],
+        flag: ["--max-unacked"],
+        help: "Unacknowledged events kept per v2 backend for redelivery; the oldest beyond it are \
+               released unprotected (counted in unacked_overflow).",
+    }
+    client_rate_limit: f64 = 0.0 => {
+        kind: Kind::Float { unit: "messages per second" },
+        check: rate_rule,
+        env: ["PYSTRANDS_CLIENT_RATE_LIMIT"],
+        flag: ["--client-rate-limit"],
+        help: "Messages per second one WebSocket client may send (token bucket); 0 disables the limit.",
+    }
+    client_rate_burst: u32 = 0 => {
+        kind: Kind::int(0, 1_000_000_000),
+        env: ["PYSTRANDS_CLIENT_RATE_BURST"],
+        flag: ["--client-rate-burst"],
+        help: "Burst the client rate limit allows; 0 means one second's worth (at least 1).",
+    }
+    rate_limit_policy: LimitPolicy = LimitPolicy::Drop => {
+        kind: Kind::Policy,
+        env: ["PYSTRANDS_RATE_LIMIT_POLICY"],
+        flag: ["--rate-limit-policy"],
+        help: "For a client over its rate limit: 'drop' the message (counted in rate_limited) or \
+               'close' the client (code 1008).",
+    }
+    /// Accepted forms: `redis://[:password@]host:port/db` or `unix:///path`. See [`crate::cluster`].
+    cluster_url: Option<String> = None => {
+        kind: Kind::OptStr,
+        check: redis_url_rule,
+        env: ["PYSTRANDS_REDIS_URL", "PYSTRANDS_CLUSTER_URL"],
+        flag: ["--redis-url", "--cluster-url"],
+        help: "Redis URL of the cluster this broker joins, e.g. redis://127.0.0.1:6379/0; unset runs \
+               alone with no Redis connection at all.",
+    }
+    cluster_required: bool = true => {
+        kind: Kind::Bool,
+        env: ["PYSTRANDS_CLUSTER_REQUIRED"],
+        flag: ["--cluster-required"],
+        help: "With cluster_url: refuse to start when Redis cannot be reached at start (true), or start \
+               with local delivery only and keep retrying (false).",
+    }
+    /// Pub/sub channels ignore the database number of the URL, hence the prefix.
+    cluster_name: String = "pystrands".into() => {
+        kind: Kind::Str,
+        check: name_rule,
+        env: ["PYSTRANDS_CLUSTER_NAME"],
+        flag: ["--cluster-name"],
+        help: "Prefix of every Redis channel and key of the cluster, so several clusters can share one \
+               Redis server.",
+    }
+    cluster_node_id: Option<String> = None => {
+        kind: Kind::OptStr,
+        check: optional_name_rule,
+        env: ["PYSTRANDS_CLUSTER_NODE_ID"],
+        flag: ["--cluster-node-id"],
+        help: "This node's id in the cluster (unique per running broker); unset picks a random one.",
+    }
+}
+
+// The per-setting checks named in the table (`check:`), run by `Config::validate`.
+
+fn not_blank(setting: &'static str, v: &str) -> Result<(), ConfigError> {
+    if v.trim().is_empty() {
+        return Err(bad(setting, "''", "must not be empty"));
+    }
+    Ok(())
+}
+
+fn positive(setting: &'static str, d: &Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(bad(setting, 0, "must be > 0 seconds"));
+    }
+    Ok(())
+}
+
+fn at_least_10ms(setting: &'static str, d: &Duration) -> Result<(), ConfigError> {
+    if *d < Duration::from_millis(10) {
+        return Err(bad(setting, d.as_secs_f64(), "must be >= 0.01 seconds"));
+    }
+    Ok(())
+}
+
+fn no_blank_entries(setting: &'static str, v: &[String]) -> Result<(), ConfigError> {
+    if v.iter().any(|o| o.trim().is_empty()) {
+        return Err(bad(setting, "''", "entries must not be empty"));
+    }
+    Ok(())
+}
+
+fn secret_rule(setting: &'static str, v: &Option<String>) -> Result<(), ConfigError> {
+    if let Some(secret) = v {
+        if secret.is_empty() || secret.contains(['\n', '\r']) {
+            return Err(bad(setting, "<hidden>", "must be a non-empty string without line breaks"));
+        }
+    }
+    Ok(())
+}
+
+fn rate_rule(setting: &'static str, v: &f64) -> Result<(), ConfigError> {
+    if !v.is_finite() || *v < 0.0 || *v > 1e9 {
+        return Err(bad(setting, v, "must be a number of messages per second >= 0 (0 disables)"));
+    }
+    Ok(())
+}
+
+fn redis_url_rule(setting: &'static str, v: &Option<String>) -> Result<(), ConfigError> {
+    if let Some(url) = v {
+        if url.trim().is_empty() {
+            return Err(bad(setting, "''", "must not be empty (leave it unset to run without a cluster)"));
+        }
+        if let Err(e) = redis::Client::open(url.as_str()) {
+            return Err(bad(setting, redact_url(url), &format!("is not a usable Redis URL ({e})")));
+        }
+    }
+    Ok(())
+}
+
+fn name_rule(setting: &'static str, v: &str) -> Result<(), ConfigError> {
+    if !valid_name(v) {
+        return Err(bad(setting, v, NAME_RULE));
+    }
+    Ok(())
+}
+
+fn optional_name_rule(setting: &'static str, v: &Option<String>) -> Result<(), ConfigError> {
+    v.as_deref().map_or(Ok(()), |id| name_rule(setting, id))
+}
+
+fn log_level_rule(setting: &'static str, v: &str) -> Result<(), ConfigError> {
+    let level = v.to_ascii_lowercase();
+    let directive_ok = v.contains('=') && tracing_subscriber::EnvFilter::try_new(v).is_ok();
+    if !LOG_LEVELS.contains(&level.as_str()) && !directive_ok {
+        return Err(bad(setting, v, "must be one of error, warn, info, debug, trace"));
+    }
+    Ok(())
 }
 
 /// A setting with a value it cannot take.
@@ -187,85 +720,12 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl Config {
-    /// Checks every setting; the first bad one is returned.
+    /// Checks every setting; the first bad one is returned. The checks of single settings come
+    /// from the table (in its order), then those across settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.ws_host.trim().is_empty() {
-            return Err(bad("ws_host", "''", "must not be empty"));
-        }
-        if self.tcp_host.trim().is_empty() {
-            return Err(bad("tcp_host", "''", "must not be empty"));
-        }
+        self.validate_each()?;
         if self.ws_port != 0 && self.ws_port == self.tcp_port && self.ws_host == self.tcp_host {
             return Err(bad("tcp_port", self.tcp_port, "must differ from ws_port"));
-        }
-        if self.queue_size > 10_000_000 {
-            return Err(bad("queue_size", self.queue_size, "must be between 0 and 10000000"));
-        }
-        if self.request_timeout.is_zero() {
-            return Err(bad("request_timeout", 0, "must be > 0 seconds"));
-        }
-        if self.heartbeat_interval < Duration::from_millis(10) {
-            return Err(bad("heartbeat_interval", self.heartbeat_interval.as_secs_f64(), "must be >= 0.01 seconds"));
-        }
-        if self.handshake_timeout.is_zero() {
-            return Err(bad("handshake_timeout", 0, "must be > 0 seconds"));
-        }
-        if self.max_message_size < 16 || self.max_message_size > 1 << 30 {
-            return Err(bad("max_message_size", self.max_message_size, "must be between 16 bytes and 1 GiB"));
-        }
-        if self.max_line_size < 1024 || self.max_line_size > 1 << 31 {
-            return Err(bad("max_line_size", self.max_line_size, "must be between 1 KiB and 2 GiB"));
-        }
-        if self.client_queue_size == 0 || self.client_queue_size > 1_000_000 {
-            return Err(bad("client_queue_size", self.client_queue_size, "must be between 1 and 1000000"));
-        }
-        if self.workers > 1024 {
-            return Err(bad("workers", self.workers, "must be between 0 and 1024"));
-        }
-        for origin in &self.allowed_origins {
-            if origin.trim().is_empty() {
-                return Err(bad("allowed_origins", "''", "entries must not be empty"));
-            }
-        }
-        if let Some(secret) = &self.backend_secret {
-            if secret.is_empty() || secret.contains(['\n', '\r']) {
-                return Err(bad("backend_secret", "<hidden>", "must be a non-empty string without line breaks"));
-            }
-        }
-        if self.max_unacked == 0 || self.max_unacked > 10_000_000 {
-            return Err(bad("max_unacked", self.max_unacked, "must be between 1 and 10000000"));
-        }
-        if !self.client_rate_limit.is_finite() || self.client_rate_limit < 0.0 || self.client_rate_limit > 1e9 {
-            return Err(bad(
-                "client_rate_limit",
-                self.client_rate_limit,
-                "must be a number of messages per second >= 0 (0 disables)",
-            ));
-        }
-        if self.client_rate_burst > 1_000_000_000 {
-            return Err(bad("client_rate_burst", self.client_rate_burst, "must be between 0 and 1000000000"));
-        }
-        if let Some(url) = &self.cluster_url {
-            if url.trim().is_empty() {
-                return Err(bad("cluster_url", "''", "must not be empty (leave it unset to run without a cluster)"));
-            }
-            if let Err(e) = redis::Client::open(url.as_str()) {
-                return Err(bad("cluster_url", redact_url(url), &format!("is not a usable Redis URL ({e})")));
-            }
-        }
-        if !valid_name(&self.cluster_name) {
-            return Err(bad("cluster_name", &self.cluster_name, NAME_RULE));
-        }
-        if let Some(id) = &self.cluster_node_id {
-            if !valid_name(id) {
-                return Err(bad("cluster_node_id", id, NAME_RULE));
-            }
-        }
-        let level = self.log_level.to_ascii_lowercase();
-        let directive_ok =
-            self.log_level.contains('=') && tracing_subscriber::EnvFilter::try_new(&self.log_level).is_ok();
-        if !LOG_LEVELS.contains(&level.as_str()) && !directive_ok {
-            return Err(bad("log_level", &self.log_level, "must be one of error, warn, info, debug, trace"));
         }
         Ok(())
     }
@@ -365,6 +825,98 @@ mod tests {
         assert_eq!(redact_url("redis://hunter2@h"), "redis://***@h");
         assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
         assert_eq!(redact_url("redis://h/x@y"), "redis://h/x@y");
+    }
+
+    #[test]
+    fn table_rows_are_complete_and_follow_the_naming_rules() {
+        let mut names: Vec<_> = settings_table().iter().map(|s| s.name).collect();
+        assert_eq!(names.len(), 26);
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), settings_table().len(), "duplicate setting names");
+        let defaults = Config::default();
+        for s in settings_table() {
+            assert!(defaults.get(s.name).is_some(), "{} is not a Config field", s.name);
+            let env = format!("PYSTRANDS_{}", s.name.to_ascii_uppercase());
+            assert!(s.env.contains(&env.as_str()), "{}: {:?} lacks {env}", s.name, s.env);
+            let flag = format!("--{}", s.name.replace('_', "-"));
+            let singular = flag.trim_end_matches('s');
+            assert!(
+                s.flags.contains(&flag.as_str()) || (s.kind == Kind::List && s.flags.contains(&singular)),
+                "{}: {:?}",
+                s.name,
+                s.flags
+            );
+            assert!(!s.help.is_empty() && !s.help.contains("  "), "{}: help {:?}", s.name, s.help);
+            assert_eq!(s.secret(), s.name == "backend_secret");
+        }
+        assert_eq!(setting("queue_size").unwrap().type_name(), "int");
+        assert_eq!(setting("request_timeout").unwrap().type_name(), "float seconds");
+        assert_eq!(setting("slow_client_policy").unwrap().type_name(), "'close'|'drop'");
+        assert!(setting("nope").is_none());
+    }
+
+    #[test]
+    fn every_setting_round_trips_through_get_and_set() {
+        let defaults = Config::default();
+        let mut c = Config::default();
+        for s in settings_table() {
+            c.set(s.name, defaults.get(s.name).unwrap()).unwrap();
+            assert_eq!(c.get(s.name), defaults.get(s.name), "{}", s.name);
+            if let Kind::Int { min, max, .. } = s.kind {
+                // The range of the row fits the Rust type of the field.
+                c.set(s.name, Value::Int(min)).unwrap();
+                c.set(s.name, Value::Int(max)).unwrap();
+                c.set(s.name, defaults.get(s.name).unwrap()).unwrap();
+            }
+        }
+        c.validate().unwrap();
+        c.set("request_timeout", Value::Float(2.5)).unwrap();
+        assert_eq!(c.request_timeout, Duration::from_millis(2500));
+        c.set("slow_client_policy", Value::Str("drop".into())).unwrap();
+        assert_eq!(c.slow_client_policy, LimitPolicy::Drop);
+        c.set("cluster_node_id", Value::Str("n1".into())).unwrap();
+        assert_eq!(c.cluster_node_id.as_deref(), Some("n1"));
+        c.set("backend_secret", Value::Str(String::new())).unwrap();
+        assert_eq!(c.backend_secret, None, "an empty secret means none");
+        c.set("backend_secret", Value::Str("s3cret".into())).unwrap();
+        assert_eq!(c.backend_secret.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn set_refuses_bad_values_naming_the_setting() {
+        let mut c = Config::default();
+        let e = c.set("queue_size", Value::Int(-1)).unwrap_err();
+        assert_eq!(e.to_string(), "invalid setting queue_size=-1: must be between 0 and 10000000");
+        let e = c.set("max_message_size", Value::Int(1 << 40)).unwrap_err();
+        assert_eq!(e.to_string(), "invalid setting max_message_size=1099511627776: must be between 16 bytes and 1 GiB");
+        let e = c.set("ws_port", Value::Int(70000)).unwrap_err();
+        assert_eq!(e.setting, "ws_port");
+        let e = c.set("slow_client_policy", Value::Str("explode".into())).unwrap_err();
+        assert_eq!(e.to_string(), "invalid setting slow_client_policy=explode: must be 'close' or 'drop'");
+        let e = c.set("request_timeout", Value::Float(-1.0)).unwrap_err();
+        assert_eq!(e.setting, "request_timeout");
+        let e = c.set("backend_secret", Value::Int(12345)).unwrap_err();
+        assert!(!e.to_string().contains("12345"), "{e}");
+        assert_eq!(c.set("no_such", Value::Int(1)).unwrap_err().value, "no_such");
+        assert_eq!(c.set("cluster_required", Value::Int(1)).unwrap_err().setting, "cluster_required");
+        // What set accepts, validate may still refuse: the checks of the table rows.
+        c.set("client_queue_size", Value::Int(1)).unwrap();
+        c.set("log_level", Value::Str("loud".into())).unwrap();
+        assert_eq!(c.validate().unwrap_err().setting, "log_level");
+    }
+
+    #[test]
+    fn defaults_for_humans() {
+        let text = |n| setting(n).unwrap().default_text();
+        assert_eq!(text("request_timeout"), "10 s");
+        assert_eq!(text("max_message_size"), "4194304 (4 MiB)");
+        assert_eq!(text("queue_size"), "1000");
+        assert_eq!(text("cluster_url"), "unset");
+        assert_eq!(text("allowed_origins"), "empty");
+        assert_eq!(text("cluster_required"), "true");
+        assert_eq!(text("rate_limit_policy"), "drop");
+        assert_eq!(text("client_rate_limit"), "0");
     }
 
     #[test]

@@ -4,9 +4,9 @@
 
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
-use pystrands_core::config::{seconds, ConfigError};
-use pystrands_core::{BrokerHandle, Config, LimitPolicy, StartError};
+use pyo3::types::{PyBool, PyDict, PyList, PyString};
+use pystrands_core::config::{self, seconds, ConfigError, Kind, SettingInfo, Value};
+use pystrands_core::{BrokerHandle, Config, StartError};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,112 +18,72 @@ fn invalid(setting: &'static str, value: impl std::fmt::Display, reason: &str) -
     value_error(ConfigError { setting, value: value.to_string(), reason: reason.to_string() })
 }
 
-fn int(setting: &'static str, v: &Bound<'_, PyAny>, min: i64, max: i64) -> PyResult<i64> {
-    if v.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(invalid(setting, v, "must be an integer"));
-    }
-    let n: i64 = v
-        .extract()
-        .map_err(|_| invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be an integer"))?;
-    if n < min || n > max {
-        return Err(invalid(setting, n, &format!("must be between {min} and {max}")));
-    }
-    Ok(n)
+/// A Python value of the setting `info` as a [`Value`]: one conversion per [`Kind`]. Ranges,
+/// policies and the other rules are checked by [`Config::set`] and [`Config::validate`].
+fn to_value(info: &SettingInfo, v: &Bound<'_, PyAny>) -> PyResult<Value> {
+    let setting = info.name;
+    let refuse = |reason: &str| invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), reason);
+    let is_bool = v.is_instance_of::<PyBool>();
+    Ok(match info.kind {
+        Kind::Int { .. } => {
+            if is_bool {
+                return Err(refuse("must be an integer"));
+            }
+            Value::Int(v.extract().map_err(|_| refuse("must be an integer"))?)
+        }
+        Kind::Seconds | Kind::Float { .. } => {
+            let reason = match info.kind {
+                Kind::Float { unit } => format!("must be a number of {unit}"),
+                _ => "must be a number of seconds".to_string(),
+            };
+            if is_bool {
+                return Err(refuse(&reason));
+            }
+            Value::Float(v.extract().map_err(|_| refuse(&reason))?)
+        }
+        Kind::Str | Kind::OptStr | Kind::Policy => Value::Str(v.extract().map_err(|_| refuse("must be a string"))?),
+        Kind::Secret => Value::Str(v.extract().map_err(|_| invalid(setting, "<hidden>", "must be a string"))?),
+        Kind::Bool => {
+            if !is_bool {
+                return Err(refuse("must be True or False"));
+            }
+            Value::Bool(v.extract()?)
+        }
+        Kind::List => {
+            if v.is_instance_of::<PyString>() {
+                return Err(refuse("must be a list of strings, not a string"));
+            }
+            Value::List(v.extract().map_err(|_| refuse("must be a list of strings"))?)
+        }
+    })
 }
 
-fn secs(setting: &'static str, v: &Bound<'_, PyAny>) -> PyResult<Duration> {
-    if v.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(invalid(setting, v, "must be a number of seconds"));
-    }
-    let f: f64 = v.extract().map_err(|_| {
-        invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be a number of seconds")
-    })?;
-    seconds(setting, f).map_err(value_error)
+/// A [`Value`] as a Python object.
+fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        Value::None => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Int(n) => n.into_pyobject(py)?.into_any(),
+        Value::Float(x) => x.into_pyobject(py)?.into_any(),
+        Value::Str(s) => PyString::new(py, s).into_any(),
+        Value::List(l) => PyList::new(py, l)?.into_any(),
+    })
 }
 
-fn string(setting: &'static str, v: &Bound<'_, PyAny>) -> PyResult<String> {
-    v.extract().map_err(|_| invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be a string"))
-}
-
-fn boolean(setting: &'static str, v: &Bound<'_, PyAny>) -> PyResult<bool> {
-    if !v.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(invalid(setting, v.repr().map(|r| r.to_string()).unwrap_or_default(), "must be True or False"));
-    }
-    v.extract()
-}
-
-/// Builds a validated [`Config`] from keyword settings (unknown names are refused).
+/// Builds a validated [`Config`] from keyword settings, walking the settings table (unknown
+/// names are refused with `TypeError`; `None` means the default).
 fn config_from(settings: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
     let mut c = Config::default();
     let Some(settings) = settings else { return Ok(c) };
     for (k, v) in settings.iter() {
         let key: String = k.extract()?;
+        let Some(info) = config::setting(&key) else {
+            return Err(PyTypeError::new_err(format!("unknown broker setting {key:?}")));
+        };
         if v.is_none() {
             continue; // None means "the default"
         }
-        match key.as_str() {
-            "ws_host" => c.ws_host = string("ws_host", &v)?,
-            "tcp_host" => c.tcp_host = string("tcp_host", &v)?,
-            "ws_port" => c.ws_port = int("ws_port", &v, 0, 65535)? as u16,
-            "tcp_port" => c.tcp_port = int("tcp_port", &v, 0, 65535)? as u16,
-            "queue_size" => c.queue_size = int("queue_size", &v, 0, 10_000_000)? as usize,
-            "request_timeout" => c.request_timeout = secs("request_timeout", &v)?,
-            "heartbeat_interval" => c.heartbeat_interval = secs("heartbeat_interval", &v)?,
-            "ping_interval" => c.ping_interval = secs("ping_interval", &v)?,
-            "handshake_timeout" => c.handshake_timeout = secs("handshake_timeout", &v)?,
-            "max_message_size" => c.max_message_size = int("max_message_size", &v, 0, i64::MAX)? as usize,
-            "max_line_size" => c.max_line_size = int("max_line_size", &v, 0, i64::MAX)? as usize,
-            "client_queue_size" => c.client_queue_size = int("client_queue_size", &v, 0, i64::MAX)? as usize,
-            "max_connections" => c.max_connections = int("max_connections", &v, 0, i64::MAX)? as usize,
-            "workers" => c.workers = int("workers", &v, 0, 1024)? as usize,
-            "log_level" => c.log_level = string("log_level", &v)?,
-            "cluster_url" => c.cluster_url = Some(string("cluster_url", &v)?),
-            "cluster_required" => c.cluster_required = boolean("cluster_required", &v)?,
-            "cluster_name" => c.cluster_name = string("cluster_name", &v)?,
-            "cluster_node_id" => c.cluster_node_id = Some(string("cluster_node_id", &v)?),
-            "slow_client_policy" => {
-                let s = string("slow_client_policy", &v)?;
-                c.slow_client_policy = LimitPolicy::parse(&s)
-                    .ok_or_else(|| invalid("slow_client_policy", &s, "must be 'close' or 'drop'"))?;
-            }
-            "rate_limit_policy" => {
-                let s = string("rate_limit_policy", &v)?;
-                c.rate_limit_policy = LimitPolicy::parse(&s)
-                    .ok_or_else(|| invalid("rate_limit_policy", &s, "must be 'close' or 'drop'"))?;
-            }
-            "backend_secret" => {
-                let s = v.extract::<String>().map_err(|_| invalid("backend_secret", "<hidden>", "must be a string"))?;
-                // An empty secret (e.g. an unset environment variable) means none.
-                c.backend_secret = (!s.is_empty()).then_some(s);
-            }
-            "max_unacked" => c.max_unacked = int("max_unacked", &v, 0, i64::MAX)? as usize,
-            "client_rate_burst" => c.client_rate_burst = int("client_rate_burst", &v, 0, u32::MAX as i64)? as u32,
-            "client_rate_limit" => {
-                if v.is_instance_of::<pyo3::types::PyBool>() {
-                    return Err(invalid("client_rate_limit", &v, "must be a number of messages per second"));
-                }
-                c.client_rate_limit = v.extract().map_err(|_| {
-                    invalid(
-                        "client_rate_limit",
-                        v.repr().map(|r| r.to_string()).unwrap_or_default(),
-                        "must be a number of messages per second",
-                    )
-                })?;
-            }
-            "allowed_origins" => {
-                if v.is_instance_of::<pyo3::types::PyString>() {
-                    return Err(invalid("allowed_origins", v, "must be a list of origins, not a string"));
-                }
-                c.allowed_origins = v.extract().map_err(|_| {
-                    invalid(
-                        "allowed_origins",
-                        v.repr().map(|r| r.to_string()).unwrap_or_default(),
-                        "must be a list of strings",
-                    )
-                })?;
-            }
-            other => return Err(PyTypeError::new_err(format!("unknown broker setting {other:?}"))),
-        }
+        c.set(info.name, to_value(info, &v)?).map_err(value_error)?;
     }
     c.validate().map_err(value_error)?;
     Ok(c)
@@ -132,35 +92,36 @@ fn config_from(settings: Option<&Bound<'_, PyDict>>) -> PyResult<Config> {
 /// The defaults of every setting, as the Python `Broker` and CLI expose them.
 #[pyfunction]
 fn default_settings(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let c = Config::default();
     let d = PyDict::new(py);
-    d.set_item("ws_host", &c.ws_host)?;
-    d.set_item("ws_port", c.ws_port)?;
-    d.set_item("tcp_host", &c.tcp_host)?;
-    d.set_item("tcp_port", c.tcp_port)?;
-    d.set_item("queue_size", c.queue_size)?;
-    d.set_item("request_timeout", c.request_timeout.as_secs_f64())?;
-    d.set_item("heartbeat_interval", c.heartbeat_interval.as_secs_f64())?;
-    d.set_item("ping_interval", c.ping_interval.as_secs_f64())?;
-    d.set_item("handshake_timeout", c.handshake_timeout.as_secs_f64())?;
-    d.set_item("max_message_size", c.max_message_size)?;
-    d.set_item("max_line_size", c.max_line_size)?;
-    d.set_item("client_queue_size", c.client_queue_size)?;
-    d.set_item("slow_client_policy", c.slow_client_policy.as_str())?;
-    d.set_item("allowed_origins", c.allowed_origins.clone())?;
-    d.set_item("max_connections", c.max_connections)?;
-    d.set_item("workers", c.workers)?;
-    d.set_item("log_level", &c.log_level)?;
-    d.set_item("backend_secret", c.backend_secret.clone())?;
-    d.set_item("max_unacked", c.max_unacked)?;
-    d.set_item("client_rate_limit", c.client_rate_limit)?;
-    d.set_item("client_rate_burst", c.client_rate_burst)?;
-    d.set_item("rate_limit_policy", c.rate_limit_policy.as_str())?;
-    d.set_item("cluster_url", c.cluster_url.clone())?;
-    d.set_item("cluster_required", c.cluster_required)?;
-    d.set_item("cluster_name", &c.cluster_name)?;
-    d.set_item("cluster_node_id", c.cluster_node_id.clone())?;
+    for info in config::settings_table() {
+        d.set_item(info.name, to_py(py, &info.default_value())?)?;
+    }
     Ok(d)
+}
+
+/// Every setting, in table order: a dict with `name`, `type` (e.g. `"float seconds"`), `kind`
+/// (`int`, `seconds`, `float`, `str`, `optional_str`, `bool`, `list`, `policy`, `secret`),
+/// `default`, `default_text` (for humans), `help`, `env` and `flag` (the documented
+/// environment variable and CLI flag), `envs` and `flags` (with their aliases), `secret`.
+#[pyfunction]
+fn settings_table(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    let rows = PyList::empty(py);
+    for info in config::settings_table() {
+        let d = PyDict::new(py);
+        d.set_item("name", info.name)?;
+        d.set_item("type", info.type_name())?;
+        d.set_item("kind", info.kind.id())?;
+        d.set_item("default", to_py(py, &info.default_value())?)?;
+        d.set_item("default_text", info.default_text())?;
+        d.set_item("help", info.help)?;
+        d.set_item("env", info.env[0])?;
+        d.set_item("envs", info.env.to_vec())?;
+        d.set_item("flag", info.flags[0])?;
+        d.set_item("flags", info.flags.to_vec())?;
+        d.set_item("secret", info.secret())?;
+        rows.append(d)?;
+    }
+    Ok(rows)
 }
 
 /// A native broker: `NativeBroker(**settings)`, then `start()`, `stats()`, `stop(timeout)`.
@@ -278,6 +239,7 @@ impl Drop for NativeBroker {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeBroker>()?;
     m.add_function(wrap_pyfunction!(default_settings, m)?)?;
+    m.add_function(wrap_pyfunction!(settings_table, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
