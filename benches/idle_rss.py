@@ -19,6 +19,7 @@ import sys
 import time
 
 import websockets
+
 from benchutil import free_port, rss_kib, stop_process
 
 

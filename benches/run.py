@@ -201,7 +201,7 @@ def wait_upgrade(port: int, path: str, procs: list[Proc], timeout: float = 30.0)
 
 
 class Running:
-    def __init__(self, system: "System", procs: list[Proc], ws_port: int, rss_pids: dict[str, int]):
+    def __init__(self, system: System, procs: list[Proc], ws_port: int, rss_pids: dict[str, int]):
         self.system, self.procs, self.ws_port, self.rss_pids = system, procs, ws_port, rss_pids
 
     def url(self, room: str) -> str:
@@ -319,7 +319,7 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def settle(run: "Running", deadline: float = 10.0, window: float = 0.2, busy: float = 0.1) -> None:
+def settle(run: Running, deadline: float = 10.0, window: float = 0.2, busy: float = 0.1) -> None:
     """Wait (at most `deadline` s) until the system's processes are idle: below `busy` cores over
     `window` s. After a run a server may still be closing its clients, and with the systems
     taking turns that work must not land in the next system's measurement."""
@@ -343,7 +343,7 @@ def machine_busy_seconds() -> tuple[float, float]:
     return (user + nice + system) / tck, (irq + softirq) / tck
 
 
-def cpu_split(wall: float, ru0, busy0: tuple[float, float], cpu0: dict, run: "Running | None") -> dict:
+def cpu_split(wall: float, ru0, busy0: tuple[float, float], cpu0: dict, run: Running | None) -> dict:
     """Cores used during `wall` seconds by the load generator, each process of the system, the
     kernel's interrupt handling, and every other process on the machine (`others`)."""
     ru1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_busy_seconds()
@@ -358,7 +358,7 @@ def cpu_split(wall: float, ru0, busy0: tuple[float, float], cpu0: dict, run: "Ru
 LOADGEN_THREADS = 1
 
 
-def loadgen(args: list[str], timeout: float, run: "Running | None" = None) -> dict:
+def loadgen(args: list[str], timeout: float, run: Running | None = None) -> dict:
     """Runs the load generator; adds how many cores it and the system's processes used meanwhile."""
     args = [*args, "--threads", LOADGEN_THREADS]
     t0, ru0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)

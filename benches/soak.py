@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import websockets
+
 from benchutil import free_port, rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,6 +18,12 @@ if [ ! -x .venv-v1/bin/python ]; then
     .venv-v1/bin/python -m pip install -q 'pystrands==1.0.0'
 fi
 
+echo "== lint =="
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+.venv/bin/ruff check python tests benches scripts
+.venv/bin/mypy --strict python/pystrands
+
 echo "== cargo test =="
 cargo test -p pystrands-core
 

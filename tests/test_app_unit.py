@@ -6,9 +6,10 @@ import asyncio
 import logging
 import threading
 from collections.abc import Iterator
-import pytest
-from fake_broker import DEADLINE, FakeBroker, ctx, wait_for
 
+import pytest
+
+from fake_broker import DEADLINE, FakeBroker, ctx, wait_for
 from pystrands import ConnectionRequestContext, Context, PyStrands
 from pystrands.app import SendResult
 

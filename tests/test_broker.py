@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import pytest
 import websockets
@@ -13,7 +12,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pystrands import Broker
 from pystrands.testing import running_broker
-from v1peer import DEADLINE, RawBackend, connect_backend, connect_client, open_ws, wait_for
+from v1peer import DEADLINE, connect_backend, connect_client, open_ws, wait_for
 
 
 def run(coro):

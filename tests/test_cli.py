@@ -33,9 +33,9 @@ def script_cmd(*args: str) -> list[str]:
     return [script, *args]
 
 
-def start(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, "queue.Queue[str]"]:
+def start(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, queue.Queue[str]]:
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
-    lines: "queue.Queue[str]" = queue.Queue()
+    lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:
         assert proc.stderr is not None
@@ -46,7 +46,7 @@ def start(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess
     return proc, lines
 
 
-def wait_line(lines: "queue.Queue[str]", needle: str) -> str:
+def wait_line(lines: queue.Queue[str], needle: str) -> str:
     seen = []
     while True:
         try:

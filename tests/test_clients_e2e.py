@@ -17,7 +17,6 @@ from pystrands import AsyncPyStrandsClient, Broker, PyStrands, PyStrandsClient
 from pystrands.testing import running_broker, ws_url
 from v1peer import DEADLINE, wait_for
 
-
 # The asyncio client and the decorator app must work on any asyncio event loop; uvloop's
 # transports, for one, do not derive from asyncio's classes.
 NEEDS_UVLOOP = pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed")

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import pytest
-from fake_broker import DEADLINE, FakeBroker, ctx, wait_for
 
 import pystrands
+from fake_broker import DEADLINE, FakeBroker, ctx, wait_for
 from pystrands import AsyncPyStrandsClient, ConnectionRequestContext, Context, PyStrandsClient
 from pystrands._protocol import BACKEND_SECRET_ENV
 
@@ -1457,7 +1457,7 @@ def test_v2_heartbeats_are_answered_and_keep_the_connection_alive(kind: str) -> 
 def test_v2_silence_for_three_intervals_reconnects(kind: str, caplog: pytest.LogCaptureFixture) -> None:
     broker = FakeBroker(version=2, heartbeat_interval=0.05)  # the fake then stays silent
     with caplog.at_level(logging.WARNING, logger="pystrands"):
-        with session(kind, broker) as h:
+        with session(kind, broker):
             first = broker.wait_v2(1)
             t0 = time.monotonic()
             first.closed.wait(DEADLINE)

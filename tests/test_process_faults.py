@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import websockets
 
 from pystrands import AsyncPyStrandsClient, PyStrandsClient
@@ -68,7 +67,7 @@ def test_sigkill_of_one_of_two_backends_loses_no_event():
                 for i, got in enumerate(echoes):
                     firsts: list[int] = []
                     seen: set[int] = set()
-                    for pid, n in got:
+                    for _pid, n in got:
                         if n in seen:
                             duplicates += 1
                         else:

@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import pystrands
 from pystrands import Broker, _core, cli
 from pystrands.testing import running_broker

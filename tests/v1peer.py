@@ -24,7 +24,7 @@ class RawBackend:
         self.writer: asyncio.StreamWriter
 
     @classmethod
-    async def connect(cls, port: int, limit: int = 64 * 1024 * 1024) -> "RawBackend":
+    async def connect(cls, port: int, limit: int = 64 * 1024 * 1024) -> RawBackend:
         self = cls()
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port, limit=limit)
         return self
@@ -103,7 +103,7 @@ async def connect_v2_backend(broker: Any, secret: str | None = None, **kwargs: A
     return backend
 
 
-def open_ws(url: str, **kwargs: Any) -> "asyncio.Task[Any]":
+def open_ws(url: str, **kwargs: Any) -> asyncio.Task[Any]:
     """Starts opening a WebSocket client in the background (the handshake waits for a backend)."""
 
     async def _open() -> Any:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterable, Mapping
 from types import FrameType, TracebackType
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 logger = logging.getLogger("pystrands.broker")
 
@@ -156,7 +157,7 @@ class Broker:
         port = self._native.tcp_port
         return int(port if port is not None else self._settings["tcp_port"])
 
-    def start(self) -> "Broker":
+    def start(self) -> Broker:
         """Start serving in background threads; returns once both listeners are bound.
 
         Raises:
@@ -198,8 +199,8 @@ class Broker:
         try:
             self._native.start()
         except BaseException:
-            for sig, handler in restore:
-                signal.signal(sig, handler)
+            for signum, handler in restore:
+                signal.signal(signum, handler)
             raise
         try:
             while not self._stop_requested.wait(1.0):
@@ -207,8 +208,8 @@ class Broker:
         except KeyboardInterrupt:
             pass
         finally:
-            for sig, handler in restore:
-                signal.signal(sig, handler)
+            for signum, handler in restore:
+                signal.signal(signum, handler)
             self._native.stop(drain_timeout)
 
     def stats(self) -> dict[str, Any]:
@@ -232,7 +233,7 @@ class Broker:
         as of their last report, at most about a second old), else on this broker."""
         return dict(self._native.room_members())
 
-    def __enter__(self) -> "Broker":
+    def __enter__(self) -> Broker:
         if not self.running:
             self.start()
         return self

@@ -12,7 +12,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -49,7 +50,7 @@ def _table() -> list[dict[str, Any]]:
     """Every broker setting (name, kind, default, help, env, flags, ...) from the native core."""
     from . import _core
 
-    return _core.settings_table()
+    return [dict(row) for row in _core.settings_table()]
 
 
 def build_parser(prog: str = "pystrands-broker") -> argparse.ArgumentParser:

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Dict, List  # noqa: UP035 - Dict and List: public names in 1.0
+from typing import TYPE_CHECKING, Any, Dict, List  # noqa: F401, UP035 - public names of this module in PyStrands 1.0
 
 __all__ = ["Context", "ConnectionRequestContext", "Headers", "JSONModel"]
-
-_EXPORTED_BY_1_0 = (Dict, List)  # this module's public names in PyStrands 1.0, kept importable
 
 
 def _as_str(value: Any, default: str = "") -> str:
@@ -281,8 +279,9 @@ class Context(JSONModel):
         self = cls.__new__(cls)
         client_id = data.get("client_id")
         room_id = data.get("room_id")
-        self.client_id = client_id if client_id is None else _as_str(client_id)
-        self.room_id = room_id if room_id is None else _as_str(room_id)
+        # a missing id is None, as in 1.0 (the attributes are typed for received contexts)
+        self.client_id = client_id if client_id is None else _as_str(client_id)  # type: ignore[assignment]
+        self.room_id = room_id if room_id is None else _as_str(room_id)  # type: ignore[assignment]
         if "metadata" in data:
             metadata = data["metadata"]
             self.metadata = {} if metadata is None else metadata
@@ -346,7 +345,7 @@ class ConnectionRequestContext(JSONModel):
     @classmethod
     def _get_annotations(cls) -> dict[str, Any]:
         return {
-            "headers": Dict[str, List[str]],
+            "headers": dict[str, list[str]],
             "url": str,
             "remote_addr": str,
             "context": Context,
