@@ -133,12 +133,12 @@ def raise_nofile() -> None:
 class Proc:
     """A child in its own process group, output to a log file."""
 
-    def __init__(self, name: str, argv: list[str], logdir: Path, cwd: Path | None = None):
+    def __init__(self, name: str, argv: list[str], logdir: Path, cwd: Path | None = None, env: dict[str, str] | None = None):
         self.name = name
         self.log_path = logdir / f"{name}.log"
         self.log = open(self.log_path, "ab")
         self.p = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True, preexec_fn=raise_nofile, cwd=cwd or tempfile.gettempdir())
+                                  start_new_session=True, preexec_fn=raise_nofile, cwd=cwd or tempfile.gettempdir(), env=env)
 
     @property
     def pid(self) -> int:
@@ -223,9 +223,12 @@ class Running:
 
 
 class System:
-    def __init__(self, name: str, kind: str, workloads: set[str], description: str, socketio: bool = False, backend: str = ""):
+    def __init__(self, name: str, kind: str, workloads: set[str], description: str, socketio: bool = False, backend: str = "",
+                 pythonpath: str = ""):
         self.name, self.kind, self.workloads, self.description = name, kind, workloads, description
         self.socketio, self.backend = socketio, backend
+        # a directory holding another build of the `pystrands` package (broker and client), imported first
+        self.pythonpath = pythonpath
 
     def start(self, logdir: Path, socketio_server: str) -> Running:
         ws_port = free_port()
@@ -233,8 +236,10 @@ class System:
         try:
             if self.kind == "pystrands":
                 tcp_port = free_port()
+                env = dict(os.environ, PYTHONPATH=self.pythonpath) if self.pythonpath else None
                 broker = Proc(f"{self.name}-broker", [str(venv_python(OUR_VENV)), "-m", "pystrands", "server", "--host", "127.0.0.1",
-                                                      "--ws-port", str(ws_port), "--tcp-port", str(tcp_port), "--log-level", "error"], logdir)
+                                                      "--ws-port", str(ws_port), "--tcp-port", str(tcp_port), "--log-level", "error"], logdir,
+                              env=env)
                 procs.append(broker)
                 wait_port(tcp_port, 30.0, broker.check_alive)
                 if self.backend == "rust":
@@ -242,7 +247,8 @@ class System:
                 else:
                     python = venv_python(V1_VENV if self.backend == "v1" else OUR_VENV)
                     loop = "uvloop" if self.backend == "ours-uvloop" else "asyncio"
-                    be = Proc(f"{self.name}-backend", [str(python), str(PEERS / "pystrands_backend.py"), str(tcp_port), loop], logdir)
+                    be = Proc(f"{self.name}-backend", [str(python), str(PEERS / "pystrands_backend.py"), str(tcp_port), loop], logdir,
+                              env=env)
                 procs.append(be)
                 rss = {"server": broker.pid, "backend": be.pid}
             elif self.kind == "socketio":
@@ -789,6 +795,9 @@ def main() -> None:
     ap.add_argument("--loadgen-threads", type=int, default=1, help="threads of the load generator (default 1; more only pays on more than 2 cores)")
     ap.add_argument("--no-build", action="store_true", help="don't create venvs or build; use what is there")
     ap.add_argument("--out", help="results directory (default benches/results, with --quick benches/results/quick)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also measure system `pystrands@baseline`: broker and backend from the `pystrands` package in DIR "
+                         "(e.g. a copy of an earlier build's site-packages/pystrands), for before/after comparisons")
     ap.add_argument("--summary-only", action="store_true", help="rewrite summary.md and the plots from the results directory's JSON; run nothing")
     args = ap.parse_args()
     if args.summary_only:
@@ -811,6 +820,10 @@ def main() -> None:
     if args.runs:
         cfg["runs"] = args.runs
     workloads = [w for w in args.workloads.split(",") if w]
+    if args.baseline:
+        base = str(Path(args.baseline).resolve())
+        SYSTEMS.append(System("pystrands@baseline", "pystrands", {"echo", "connect"},
+                              f"our broker + AsyncPyStrandsClient backend, both from {base}", backend="ours", pythonpath=base))
     chosen = [s for s in SYSTEMS if not args.systems or s.name in args.systems.split(",")]
     if "pystrands" in problems:
         chosen = [s for s in chosen if s.kind != "pystrands"]

@@ -264,6 +264,11 @@ class Session:
         self.dropped_sends = 0
         self._period_dropped = 0
 
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """Take time from ``clock`` from now on (the asyncio client passes its loop's)."""
+        self._clock = clock
+        self.last_read = clock()
+
     # ------------------------------------------------------------------ the link
 
     @property
@@ -407,8 +412,10 @@ class Session:
             self._out.append(frame)
             self.out_bytes += len(frame)
             return True
-        if link:
-            keep = False
+        if link:  # its link is gone: the broker already failed that request
+            self.dropped_sends += 1
+            logger.debug("Dropping %s: its connection is closed", what)
+            return False
         if keep and self._max_buffered:
             backlog = self._backlog
             if len(backlog) < self._max_buffered:

@@ -391,7 +391,7 @@ class AsyncPyStrandsClient(ClientBase):
             self._pending = 0
             self.connected = False
             # the session's clock is the loop's (uvloop keeps its own); kept sends stay
-            self._session._clock = loop.time
+            self._session.use_clock(loop.time)
         self._loop_thread = threading.get_ident()
         if self._intentional_disconnect:  # a new session after disconnect(): start from a clean slate
             self._pending = 0
@@ -493,8 +493,6 @@ class AsyncPyStrandsClient(ClientBase):
             self._done.set()
 
     def _lost(self, conn: _AsyncConnection) -> None:
-        if self._intentional_disconnect:
-            return
         if self._conn is conn:
             self._conn = None
             self.connected = False

@@ -313,6 +313,7 @@ class PyStrandsClient(ClientBase):
         self._conn: _Link | None = None
         self._manager: threading.Thread | None = None
         self._pool: _KeyedWorkerPool | None = None
+        self._disconnecting = False  # disconnect() is draining and closing the link
         # PyStrands 1.0: the Event run_forever() waits on and disconnect() sets.
         self._stop_event = threading.Event()
         self._wake = threading.Event()
@@ -500,11 +501,11 @@ class PyStrandsClient(ClientBase):
 
     def _lost(self, conn: _Link) -> None:
         with self._lifecycle:
-            if self._intentional_disconnect:
-                return  # disconnect() closes it after draining handlers
             if self._conn is conn:
-                self._conn = None
                 self.connected = False
+                if self._disconnecting:
+                    return  # disconnect() flushes and closes it after draining handlers
+                self._conn = None
         self._close(conn)
 
     def disconnect(self, timeout: float = 5.0) -> None:
@@ -520,6 +521,7 @@ class PyStrandsClient(ClientBase):
         with self._disconnect_lock:
             with self._lifecycle:
                 self._intentional_disconnect = True
+                self._disconnecting = True
                 self.connected = False
                 conn = self._conn
                 manager = self._manager
@@ -556,6 +558,7 @@ class PyStrandsClient(ClientBase):
                     self._conn = None
                 if self._pool is pool:
                     self._pool = None
+                self._disconnecting = False
             if pool is not None:
                 pool.stop(abandon=not idle)
             if conn is not None:

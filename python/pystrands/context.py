@@ -23,6 +23,7 @@ JSON form.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Dict, List  # noqa: F401, UP035 - public names of this module in PyStrands 1.0
@@ -68,7 +69,8 @@ class JSONModel:
         """The annotated fields of the class and its bases, base classes first."""
         fields: dict[str, Any] = {}
         for klass in reversed(cls.__mro__):
-            fields.update(klass.__dict__.get("__annotations__", {}))
+            # each class's own annotations, also where they are computed lazily (Python 3.14)
+            fields.update(inspect.get_annotations(klass))
         return fields
 
     @classmethod
