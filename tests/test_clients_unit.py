@@ -1568,3 +1568,34 @@ def test_v2_disconnect_acks_handled_events_but_not_abandoned_ones(kind: str) -> 
     finally:
         h2.disconnect()
         broker.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_v2_a_skipped_seq_is_acked_without_other_traffic(kind: str) -> None:
+    """A frame with a seq that no handler sees counts as handled: its ack goes out by itself,
+    even when nothing else is written and no heartbeat comes (the threading client's
+    housekeeper must be woken for it)."""
+    broker = FakeBroker(version=2, heartbeat_interval=60.0)
+    with session(kind, broker) as h:
+        peer = broker.wait_v2(1)
+        wait_for(lambda: h.client.protocol_version == 2, what="v2 session")
+        broker.send({"request_id": "x1", "action": "not_a_known_action", "params": {}, "seq": 1})
+        assert peer.wait_ack(1)[-1] == 1
+
+
+def test_sync_connect_during_disconnect_is_refused_and_nothing_reconnects(broker: FakeBroker) -> None:
+    """connect() from another thread while disconnect() drains handlers neither spins the
+    reader on the closing link nor reconnects after disconnect() returned."""
+    with session("sync", broker) as h:
+        gate = h.gate("slow")
+        broker.message("A", "slow")
+        assert h.started["slow"].wait(DEADLINE)
+        closer = threading.Thread(target=h.client.disconnect, args=(DEADLINE,))
+        closer.start()
+        wait_for(lambda: not h.client.connected, what="disconnect under way")
+        assert h.client.connect() is False
+        gate.set()
+        closer.join(DEADLINE)
+        assert not closer.is_alive()
+        time.sleep(0.3)  # several reconnect delays: a reconnect would show up as connection #2
+        assert broker.connection_count == 1 and not h.client.connected

@@ -18,11 +18,38 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._protocol import DEFAULT_MAX_LINE_SIZE, resolve_backend_secret
+from ._protocol import (
+    DEFAULT_MAX_LINE_SIZE,
+    ConnectionRequest,
+    Disconnected,
+    ErrorEvent,
+    Event,
+    NewConnection,
+    NewMessage,
+    resolve_backend_secret,
+)
 from ._session import DEFAULT_MAX_BUFFERED_SENDS, Session
 from .context import ConnectionRequestContext, Context
 
-__all__ = ["Backoff", "ClientBase"]
+__all__ = ["FAIRNESS_BATCH", "REPLY", "Backoff", "ClientBase", "legacy_log_handler"]
+
+FAIRNESS_BATCH = 64
+"""Events of one client handled in a row before others get a turn (and, asyncio: the loop)."""
+
+REPLY = "response to a connection request"
+"""What a reply to a connection request is called in log lines."""
+
+
+def legacy_log_handler(label: str) -> tuple[logging.Formatter, logging.StreamHandler[Any]]:
+    """The ``formatter`` / ``console_handler`` pair PyStrands 1.0 attached to its client loggers.
+
+    They stay importable from the client modules for code that removed the handler, but
+    they are never attached: a library adds no handlers.
+    """
+    formatter = logging.Formatter(f"%(asctime)s - [{label}] - %(levelname)s - %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter)
+    return formatter, handler
 
 
 
@@ -159,6 +186,33 @@ class ClientBase:
 
     def _backoff(self) -> Backoff:
         return Backoff(self.reconnect_delay, self.reconnect_backoff, self.max_reconnect_delay)
+
+    # ------------------------------------------------------------------- routing
+
+    def _route(self, event: Event) -> tuple[str, Callable[..., Any], tuple[Any, ...]]:
+        """The callback an event goes to: ``(name, bound method, arguments)``.
+
+        Control events never get here (the session handles them).
+        """
+        cls = type(event)
+        if cls is NewMessage:
+            return "on_message", self.on_message, (event.message, event.context)  # type: ignore[attr-defined]
+        if cls is ConnectionRequest:
+            return "on_connection_request", self.on_connection_request, (event.request,)  # type: ignore[attr-defined]
+        if cls is NewConnection:
+            return "on_new_connection", self.on_new_connection, (event.context,)  # type: ignore[attr-defined]
+        if cls is Disconnected:
+            return "on_disconnect", self.on_disconnect, (event.context,)  # type: ignore[attr-defined]
+        if cls is ErrorEvent:
+            return "on_error", self.on_error, (event.error, event.context)  # type: ignore[attr-defined]
+        raise TypeError(f"no callback for {cls.__name__}")  # pragma: no cover - a bug, not input
+
+    # Declared for the type checker; each client defines them (plain or async functions).
+    on_message: Callable[..., Any]
+    on_connection_request: Callable[..., Any]
+    on_new_connection: Callable[..., Any]
+    on_disconnect: Callable[..., Any]
+    on_error: Callable[..., Any]
 
     # ------------------------------------------------------ default callback bodies
 

@@ -315,9 +315,12 @@ class Session:
             self.out_bytes = 0
         return self.link
 
-    def connection_lost(self) -> int:
-        """The link is gone; returns how many queued frames it never wrote (lost)."""
+    def connection_lost(self, quiet: bool = False) -> int:
+        """The link is gone; returns how many queued frames it never wrote (lost, and
+        logged unless ``quiet``: an intentional close)."""
         lost = len(self._out) + (1 if self._hello else 0)
+        if lost and not quiet:
+            logger.warning("Connection closed with %d frame(s) not written", lost)
         self.open = False
         self.acks = None
         self._out = []

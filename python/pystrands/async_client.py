@@ -43,17 +43,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
 
-from ._base import ClientBase
+from ._base import FAIRNESS_BATCH, REPLY, ClientBase, legacy_log_handler
 from ._coro import first_step as _first_step
 from ._coro import resume as _resume
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
     ConnectionRequest,
-    Disconnected,
     ErrorEvent,
     Event,
-    NewConnection,
-    NewMessage,
     encode_broadcast,
     encode_private_message,
     encode_reject,
@@ -65,16 +62,10 @@ from .context import ConnectionRequestContext, Context
 
 logger = logging.getLogger("pystrands.async_client")
 
-# PyStrands 1.0 attached these to its logger at import. They stay importable for code
-# that removed the handler, but they are never attached: a library adds no handlers.
-formatter = logging.Formatter("%(asctime)s - [AsyncPyStrandsClient] - %(levelname)s - %(message)s")
-console_handler = logging.StreamHandler()
-console_handler.setFormatter(formatter)
+formatter, console_handler = legacy_log_handler("AsyncPyStrandsClient")  # 1.0 names, never attached
 
 __all__ = ["AsyncPyStrandsClient"]
 
-_FAIRNESS_BATCH = 64  # events handled in a row before yielding to the loop
-_REPLY = "response to a connection request"
 
 
 class _Run:
@@ -262,9 +253,7 @@ class _AsyncConnection(asyncio.Protocol):
             self._watchdog = None
         session = self._session
         if self.link and session.open and session.link == self.link:
-            lost = session.connection_lost()
-            if lost and not self.closing:
-                logger.warning("Connection closed with %d frame(s) not written", lost)
+            session.connection_lost(quiet=self.closing)
         self._wake_drainers()
 
     def close(self) -> None:
@@ -390,7 +379,10 @@ class AsyncPyStrandsClient(ClientBase):
             self._tasks = set()
             self._pending = 0
             self.connected = False
-            # the session's clock is the loop's (uvloop keeps its own); kept sends stay
+            # the session's clock is the loop's (uvloop keeps its own); kept sends stay, a link
+            # of a loop that died without disconnect() is over
+            if self._session.open:
+                self._session.connection_lost()
             self._session.use_clock(loop.time)
         self._loop_thread = threading.get_ident()
         if self._intentional_disconnect:  # a new session after disconnect(): start from a clean slate
@@ -414,13 +406,24 @@ class AsyncPyStrandsClient(ClientBase):
     async def _open(self, log: Callable[..., None]) -> _AsyncConnection | None:
         """Open a connection; it is the current link if it returns one that is not closed."""
         loop = asyncio.get_running_loop()
+        made: list[_AsyncConnection] = []
+
+        def factory() -> _AsyncConnection:
+            made.append(_AsyncConnection(self, loop))
+            return made[-1]
+
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _AsyncConnection(self, loop), self.host, self.port),
-                timeout=self.connect_timeout,
+                loop.create_connection(factory, self.host, self.port), timeout=self.connect_timeout
             )
         except (OSError, asyncio.TimeoutError) as exc:
             log("Cannot connect to the broker at %s:%s: %s", self.host, self.port, exc or "timeout")
+            for proto in made:  # timed out after connection_made: undo the adoption
+                proto.closing = True
+                proto.abort()
+                if self._conn is proto:
+                    self._conn = None
+                    self.connected = False
             return None
         return conn
 
@@ -522,18 +525,23 @@ class AsyncPyStrandsClient(ClientBase):
                 conn.closing = True
                 conn.pause_reading()
             current = asyncio.current_task()
-            tasks = {t for t in self._tasks if t is not current and not t.done()}
-            if tasks:
-                _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
-                if pending:
-                    logger.warning(
-                        "disconnect: %d handler task(s) still running after %.1fs; cancelling",
-                        len(pending),
-                        timeout,
-                    )
-                    for task in pending:
-                        task.cancel()
-                    await asyncio.wait(pending, timeout=1.0)
+            while True:  # handlers may start others (a dispatcher taking over): wait for all
+                tasks = {t for t in self._tasks if t is not current and not t.done()}
+                if not tasks:
+                    break
+                remaining = deadline - loop.time()
+                if remaining > 0:
+                    await asyncio.wait(tasks, timeout=remaining)
+                    continue
+                logger.warning(
+                    "disconnect: %d handler task(s) still running after %.1fs; cancelling",
+                    len(tasks),
+                    timeout,
+                )
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks, timeout=1.0)
+                break
             if conn is not None:
                 conn.close()
                 try:
@@ -601,17 +609,6 @@ class AsyncPyStrandsClient(ClientBase):
         elif not conn.flush_scheduled:
             conn.schedule_flush()
         return conn
-
-    def _submit_threadsafe(self, data: bytes, what: str) -> None:
-        """Queue one frame from any thread."""
-        loop = self._loop
-        if loop is None or loop.is_closed() or self._loop_thread == threading.get_ident():
-            self._submit(data, what)
-            return
-        try:
-            loop.call_soon_threadsafe(self._submit, data, what)
-        except RuntimeError:  # loop closed meanwhile
-            self._submit(data, what)
 
     @staticmethod
     async def _drained(conn: _AsyncConnection) -> None:
@@ -707,7 +704,7 @@ class AsyncPyStrandsClient(ClientBase):
         ready = self._ready
         queues = self._queues
         begin = self._begin
-        budget = _FAIRNESS_BATCH
+        budget = FAIRNESS_BATCH
         try:
             while ready and not self._abandoned:
                 conn, event = ready.popleft()
@@ -732,7 +729,7 @@ class AsyncPyStrandsClient(ClientBase):
                     return
                 budget -= 1
                 if budget <= 0 and ready:
-                    budget = _FAIRNESS_BATCH
+                    budget = FAIRNESS_BATCH
                     await asyncio.sleep(0)  # let the loop read and write meanwhile
         finally:
             if self._dispatcher is run:
@@ -745,7 +742,7 @@ class AsyncPyStrandsClient(ClientBase):
         if dq is None:
             return
         begin = self._begin
-        budget = _FAIRNESS_BATCH
+        budget = FAIRNESS_BATCH
         try:
             while dq and not self._abandoned:
                 conn, event = dq.popleft()
@@ -759,7 +756,7 @@ class AsyncPyStrandsClient(ClientBase):
                     self._finished()
                 budget -= 1
                 if budget <= 0 and dq:
-                    budget = _FAIRNESS_BATCH
+                    budget = FAIRNESS_BATCH
                     await asyncio.sleep(0)
         finally:
             if self._queues.get(key) is dq:
@@ -782,21 +779,7 @@ class AsyncPyStrandsClient(ClientBase):
         connection request is written as soon as it is decided; an exception goes
         to :meth:`_handler_failed`.
         """
-        cls = type(event)
-        call: Callable[..., Any]
-        args: tuple[Any, ...]
-        if cls is NewMessage:
-            name, call, args = "on_message", self.on_message, (event.message, event.context)  # type: ignore[attr-defined]
-        elif cls is ConnectionRequest:
-            name, call, args = "on_connection_request", self.on_connection_request, (event.request,)  # type: ignore[attr-defined]
-        elif cls is NewConnection:
-            name, call, args = "on_new_connection", self.on_new_connection, (event.context,)  # type: ignore[attr-defined]
-        elif cls is Disconnected:
-            name, call, args = "on_disconnect", self.on_disconnect, (event.context,)  # type: ignore[attr-defined]
-        elif cls is ErrorEvent:
-            name, call, args = "on_error", self.on_error, (event.error, event.context)  # type: ignore[attr-defined]
-        else:  # pragma: no cover - control events never get here
-            return None
+        name, call, args = self._route(event)
         try:
             result = call(*args)
             if result is not None and _is_awaitable(result):
@@ -806,8 +789,8 @@ class AsyncPyStrandsClient(ClientBase):
                     return self._finish(conn, event, name, _resume(it, result), run)
         except Exception as exc:
             return self._failed(conn, event, name, exc, run)
-        if cls is ConnectionRequest:
-            self._reply(conn, response_for(event.request_id, result, event.request))  # type: ignore[attr-defined]
+        if type(event) is ConnectionRequest:
+            self._reply(conn, response_for(event.request_id, result, event.request))
         return None
 
     async def _finish(
@@ -838,7 +821,7 @@ class AsyncPyStrandsClient(ClientBase):
 
     def _reply(self, conn: _AsyncConnection, data: bytes) -> None:
         """Write the reply to a connection request on the link it came from."""
-        self._submit(data, _REPLY, conn.link)
+        self._submit(data, REPLY, conn.link)
 
     def _event_done(self, conn: _AsyncConnection, seq: int) -> None:
         """The handler of event ``seq`` of ``conn`` returned or raised (v2)."""

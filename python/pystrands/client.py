@@ -43,16 +43,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._base import ClientBase
+from ._base import FAIRNESS_BATCH, REPLY, ClientBase, legacy_log_handler
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
     READ_CHUNK_SIZE,
     ConnectionRequest,
-    Disconnected,
     ErrorEvent,
     Event,
-    NewConnection,
-    NewMessage,
     encode_broadcast,
     encode_private_message,
     encode_reject,
@@ -64,19 +61,13 @@ from .context import ConnectionRequestContext, Context
 
 logger = logging.getLogger("pystrands.client")
 
-# PyStrands 1.0 attached these to its logger at import. They stay importable for code
-# that removed the handler, but they are never attached: a library adds no handlers.
-formatter = logging.Formatter("%(asctime)s - [PyStrandsClient] - %(levelname)s - %(message)s")
-console_handler = logging.StreamHandler()
-console_handler.setFormatter(formatter)
+formatter, console_handler = legacy_log_handler("PyStrandsClient")  # 1.0 names, never attached
 
 __all__ = ["ACK_DELAY", "PyStrandsClient"]
 
 ACK_DELAY = 0.005
 """Longest time (seconds) a due ``ack`` is held back hoping to go out with other frames."""
 
-_FAIRNESS_BATCH = 64  # events of one client handled before other clients get a turn
-_REPLY = "response to a connection request"
 
 
 def _configure_socket(sock: socket.socket) -> None:
@@ -122,7 +113,7 @@ class _KeyedWorkerPool:
 
     Each key with pending work owns a deque and has exactly one entry in the shared
     run queue (or is being run); any free worker picks the next entry. Keyless
-    items (connection requests) are independent entries. After ``_FAIRNESS_BATCH``
+    items (connection requests) are independent entries. After ``FAIRNESS_BATCH``
     items of one key the worker requeues the key so other keys get a turn.
     """
 
@@ -198,7 +189,7 @@ class _KeyedWorkerPool:
             with lock:
                 dq = self._queues[key]
                 item = dq.popleft()
-            budget = _FAIRNESS_BATCH
+            budget = FAIRNESS_BATCH
             while True:
                 self._call(item)
                 with lock:
@@ -362,6 +353,9 @@ class PyStrandsClient(ClientBase):
         with self._lifecycle:
             if self.connected and self._conn is not None:
                 return True
+            if self._disconnecting:
+                logger.warning("connect() called while disconnect() is closing the connection; not connecting")
+                return False
             self._arm()
         conn = self._open(logger.error)
         if conn is None:
@@ -396,7 +390,7 @@ class PyStrandsClient(ClientBase):
                 if self._intentional_disconnect:
                     self._manager = None
                     break
-                if self._conn is not None:
+                if self._conn is not None and not self._conn.closed:
                     conn = self._conn  # connect() installed one
                     continue
                 if not self.auto_reconnect:
@@ -456,6 +450,9 @@ class PyStrandsClient(ClientBase):
                 write = not conn.sending and session.wants_write()
                 if write:
                     conn.sending = True
+                elif conn.hk_idle and session.acks is not None and session.acks.due:
+                    conn.hk_idle = False  # a skipped seq made an ack due: the housekeeper times it
+                    self._cond.notify_all()
             if write:
                 self._write(conn)
             if refused:
@@ -493,7 +490,7 @@ class PyStrandsClient(ClientBase):
                     continue
                 conn.hk_idle = not ready
                 deadline = session.next_deadline()
-                cond.wait(None if deadline is None else max(0.0, deadline - now))
+                cond.wait(None if deadline is None else min(max(0.0, deadline - now), threading.TIMEOUT_MAX))
                 conn.hk_idle = False
         if silent and not conn.closing:
             conn.closing = True  # the reader ends quietly; reconnecting follows
@@ -505,6 +502,7 @@ class PyStrandsClient(ClientBase):
                 self.connected = False
                 if self._disconnecting:
                     return  # disconnect() flushes and closes it after draining handlers
+                self._abort(conn)  # the session's link ends before another can start
                 self._conn = None
         self._close(conn)
 
@@ -519,51 +517,57 @@ class PyStrandsClient(ClientBase):
         """
         deadline = time.monotonic() + max(0.0, timeout)
         with self._disconnect_lock:
-            with self._lifecycle:
-                self._intentional_disconnect = True
-                self._disconnecting = True
-                self.connected = False
-                conn = self._conn
-                manager = self._manager
-                pool = self._pool
-            self._wake.set()
-            if conn is not None:
-                conn.closing = True
-                conn.shutdown(socket.SHUT_RD)  # a blocked recv returns EOF; writing goes on
-            idle = True
-            if pool is not None:
-                idle = pool.wait_idle(deadline - time.monotonic())
-                if not idle:
-                    logger.warning(
-                        "disconnect: %d event(s) still being handled after %.1fs; force-closing",
-                        pool.inflight,
-                        timeout,
-                    )
-            if conn is not None:
-                with self._io:
-                    self._session.ack_now()  # acknowledge what was handled before closing (v2)
-                self._kick(conn)
-                if not self._flush(conn, deadline - time.monotonic()):
-                    logger.warning("disconnect: unsent data dropped after %.1fs", timeout)
-                self._abort(conn)
-            if manager is not None and manager is not threading.current_thread():
-                try:
-                    manager.join(max(0.1, deadline - time.monotonic()))
-                except RuntimeError:  # interrupted while it was being started
-                    pass
-            if conn is not None:
-                self._close(conn)
-            with self._lifecycle:
-                if self._conn is conn:
-                    self._conn = None
-                if self._pool is pool:
-                    self._pool = None
-                self._disconnecting = False
-            if pool is not None:
-                pool.stop(abandon=not idle)
-            if conn is not None:
-                logger.info("Disconnected from the broker")
-            self._stop_event.set()
+            try:
+                self._disconnect(deadline, timeout)
+            finally:
+                with self._lifecycle:
+                    self._disconnecting = False
+
+    def _disconnect(self, deadline: float, timeout: float) -> None:
+        with self._lifecycle:
+            self._intentional_disconnect = True
+            self._disconnecting = True
+            self.connected = False
+            conn = self._conn
+            manager = self._manager
+            pool = self._pool
+        self._wake.set()
+        if conn is not None:
+            conn.closing = True
+            conn.shutdown(socket.SHUT_RD)  # a blocked recv returns EOF; writing goes on
+        idle = True
+        if pool is not None:
+            idle = pool.wait_idle(deadline - time.monotonic())
+            if not idle:
+                logger.warning(
+                    "disconnect: %d event(s) still being handled after %.1fs; force-closing",
+                    pool.inflight,
+                    timeout,
+                )
+        if conn is not None:
+            with self._io:
+                self._session.ack_now()  # acknowledge what was handled before closing (v2)
+            self._kick(conn)
+            if not self._flush(conn, deadline - time.monotonic()):
+                logger.warning("disconnect: unsent data dropped after %.1fs", timeout)
+            self._abort(conn)
+        if manager is not None and manager is not threading.current_thread():
+            try:
+                manager.join(max(0.1, deadline - time.monotonic()))
+            except RuntimeError:  # interrupted while it was being started
+                pass
+        if conn is not None:
+            self._close(conn)
+        with self._lifecycle:
+            if self._conn is conn:
+                self._conn = None
+            if self._pool is pool:
+                self._pool = None
+        if pool is not None:
+            pool.stop(abandon=not idle)
+        if conn is not None:
+            logger.info("Disconnected from the broker")
+        self._stop_event.set()
 
     def run_forever(self) -> None:
         """Connect if needed and block until :meth:`disconnect` (or Ctrl-C).
@@ -598,7 +602,7 @@ class PyStrandsClient(ClientBase):
         sendall = conn.sock.sendall
         while True:
             with cond:
-                data = b"" if conn.closed else session.data_to_send()
+                data = b"" if conn.closed or conn.number != session.link else session.data_to_send()
                 if not data:
                     conn.sending = False
                     cond.notify_all()
@@ -617,7 +621,8 @@ class PyStrandsClient(ClientBase):
     def _kick(self, conn: _Link) -> None:
         """Write now if the session has output and no thread is writing."""
         with self._io:
-            if conn.sending or conn.closed or not self._session.wants_write():
+            session = self._session
+            if conn.sending or conn.closed or conn.number != session.link or not session.wants_write():
                 return
             conn.sending = True
         self._write(conn)
@@ -639,9 +644,7 @@ class PyStrandsClient(ClientBase):
             if not conn.closed:
                 conn.closed = True
                 if self._session.open and self._session.link == conn.number:
-                    lost = self._session.connection_lost()
-                    if lost and not conn.closing:
-                        logger.warning("Connection closed with %d frame(s) not written", lost)
+                    self._session.connection_lost(quiet=conn.closing)
                 self._cond.notify_all()
         conn.shutdown(socket.SHUT_RDWR)
 
@@ -682,45 +685,26 @@ class PyStrandsClient(ClientBase):
 
     def _handle(self, item: tuple[_Link, Event]) -> None:
         conn, event = item
+        name, call, args = self._route(event)
         try:
-            if isinstance(event, NewMessage):
-                try:
-                    self.on_message(event.message, event.context)
-                except Exception as exc:
-                    self._handler_failed("on_message", exc, event.context)
-            elif isinstance(event, ConnectionRequest):
-                self._decide(event, conn.number)
-            elif isinstance(event, NewConnection):
-                try:
-                    self.on_new_connection(event.context)
-                except Exception as exc:
-                    self._handler_failed("on_new_connection", exc, event.context)
-            elif isinstance(event, Disconnected):
-                try:
-                    self.on_disconnect(event.context)
-                except Exception as exc:
-                    self._handler_failed("on_disconnect", exc, event.context)
-            elif isinstance(event, ErrorEvent):
-                try:
-                    self.on_error(event.error, event.context)
-                except Exception:
-                    logger.exception("on_error raised")
+            result = call(*args)
+        except Exception as exc:
+            if type(event) is ConnectionRequest:
+                self._submit(encode_reject(event.request_id), REPLY, conn.number)
+                self._handler_failed(name, exc, event.request.context)
+            elif type(event) is ErrorEvent:  # reporting the failure would call on_error again
+                logger.exception("on_error raised")
+            else:
+                self._handler_failed(name, exc, event.context)  # type: ignore[attr-defined]
+        else:
+            if type(event) is ConnectionRequest:
+                self._submit(response_for(event.request_id, result, event.request), REPLY, conn.number)
         finally:
             if event.seq:  # v2: handled (returned or raised) -> acknowledgeable
                 with self._io:
                     if self._session.event_done(conn.number, event.seq) and conn.hk_idle:
                         conn.hk_idle = False
                         self._cond.notify_all()
-
-    def _decide(self, event: ConnectionRequest, link: int) -> None:
-        request = event.request
-        try:
-            result = self.on_connection_request(request)
-        except Exception as exc:
-            self._submit(encode_reject(event.request_id), _REPLY, link)
-            self._handler_failed("on_connection_request", exc, request.context)
-            return
-        self._submit(response_for(event.request_id, result, request), _REPLY, link)
 
     def _handler_failed(self, name: str, exc: Exception, context: Context) -> None:
         logger.error("%s raised for client %r", name, context.client_id, exc_info=exc)
