@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,15 +13,6 @@ from pystrands import ConnectionRequestContext, Context, PyStrands
 from pystrands.app import SendResult
 
 FAST = {"reconnect_delay": 0.05, "max_reconnect_delay": 0.2}
-
-
-@pytest.fixture
-def broker() -> Iterator[FakeBroker]:
-    b = FakeBroker()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 class AppRunner:

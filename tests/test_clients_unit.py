@@ -31,15 +31,6 @@ T = TypeVar("T")
 FAST = {"reconnect_delay": 0.05, "max_reconnect_delay": 0.2}
 
 
-@pytest.fixture
-def broker() -> Iterator[FakeBroker]:
-    b = FakeBroker()
-    try:
-        yield b
-    finally:
-        b.close()
-
-
 def run_async(coro_fn: Callable[[], Awaitable[T]], timeout: float = 20.0) -> T:
     """Run an async test body with an overall deadline."""
 

@@ -18,7 +18,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 from unittest.mock import AsyncMock
@@ -45,15 +45,6 @@ LIST_NAMES = textwrap.dedent(
     print(json.dumps(out))
     """
 )
-
-
-@pytest.fixture
-def broker() -> Iterator[FakeBroker]:
-    b = FakeBroker()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def run_async_bounded(coro_fn: Callable[[], Coroutine[Any, Any, None]], timeout: float = 20.0) -> None:
