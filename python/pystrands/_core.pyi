@@ -6,7 +6,8 @@ Everything the binding exports is here; ``tests/test_settings_table.py`` compare
 documented in ``docs/broker.md`` (generated from the same table).
 """
 
-from typing import Literal, TypedDict
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypedDict
 
 from typing_extensions import Unpack
 
@@ -161,3 +162,35 @@ class NativeBroker:
         when not running); in a cluster also the ``cluster_*`` figures."""
     def room_members(self) -> dict[str, int]:
         """Room → members, cluster-wide in a cluster (empty when not running)."""
+
+class LineDecoder:
+    """The native inbound codec of the backend clients: ``LineFramer`` + ``decode_event`` in one.
+
+    ``LineDecoder(max_line_size, decode_fallback=None)`` frames like
+    :class:`pystrands._protocol.LineFramer` and decodes each complete line into the same event objects
+    :func:`pystrands._protocol.decode_event` returns. A line it does not fully understand is handed to
+    ``decode_fallback`` (default: ``decode_event``), so malformed input behaves exactly as in Python.
+    """
+
+    def __init__(
+        self, max_line_size: int = 67108864, decode_fallback: Callable[[bytes], Any] | None = None
+    ) -> None: ...
+    @property
+    def max_line_size(self) -> int:
+        """Largest accepted line; longer lines are dropped and the stream resyncs."""
+    @property
+    def dropped_lines(self) -> int:
+        """Overlong lines dropped so far."""
+    @property
+    def fallbacks(self) -> int:
+        """Lines handed to the Python decoder so far."""
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete line."""
+    def reset(self) -> None:
+        """Drop any partial line and any line not yet iterated."""
+    def feed(self, data: bytes | bytearray | memoryview) -> LineDecoder:
+        """Frame ``data``; returns this decoder, an iterator over the events of the lines completed
+        (decoded lazily, in order; lines that decode to nothing are skipped)."""
+    def __iter__(self) -> Iterator[Any]: ...
+    def __next__(self) -> Any: ...

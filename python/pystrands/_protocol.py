@@ -123,6 +123,15 @@ else:  # pragma: no cover - exercised only without orjson
 # ------------------------------------------------------------------------- framing
 
 
+def _warn_dropped_line(size: int, max_line_size: int) -> None:
+    """Log a dropped overlong line (the native ``LineDecoder`` calls this too)."""
+    logger.warning(
+        "Dropping an inbound line of at least %d bytes (max_line_size=%d); resyncing at the next newline",
+        size,
+        max_line_size,
+    )
+
+
 class LineFramer:
     """Incremental splitter of a byte stream into ``\\n``-terminated lines.
 
@@ -158,12 +167,7 @@ class LineFramer:
 
     def _drop(self, size: int) -> None:
         self.dropped_lines += 1
-        logger.warning(
-            "Dropping an inbound line of at least %d bytes (max_line_size=%d); resyncing "
-            "at the next newline",
-            size,
-            self.max_line_size,
-        )
+        _warn_dropped_line(size, self.max_line_size)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add ``data`` and return the complete non-blank lines it finished."""

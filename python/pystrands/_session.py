@@ -32,6 +32,13 @@ Each link gets a number (:attr:`Session.link`); completions reported for an even
 of an earlier link are ignored, so a handler finishing late never corrupts the
 acknowledgements of the next link.
 
+Inbound codec: the native ``pystrands._core.LineDecoder`` (framing and decoding in
+Rust, same events, malformed lines decoded by the Python reference) when the
+extension has it, else :class:`~pystrands._protocol.LineFramer` +
+:func:`~pystrands._protocol.decode_event`. ``PYSTRANDS_PURE_PYTHON=1`` in the
+environment forces the pure-Python codec; :attr:`Session.codec` says which one a
+session uses.
+
 Not thread-safe: the threading client calls it under its lock, the asyncio
 client from the loop thread only.
 """
@@ -39,9 +46,11 @@ client from the loop thread only.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
@@ -57,11 +66,28 @@ from ._protocol import (
     encode_hello,
 )
 
+PURE_PYTHON_ENV = "PYSTRANDS_PURE_PYTHON"
+"""Environment variable: set (to anything but ``0`` or empty) to force the pure-Python codec."""
+
+
+def native_decoder() -> Any | None:
+    """The native ``LineDecoder`` class, or ``None`` (no extension, or ``PYSTRANDS_PURE_PYTHON`` set)."""
+    if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from ._core import LineDecoder
+    except ImportError:  # no native extension (or an older one): the pure-Python codec
+        return None
+    return LineDecoder
+
+
 __all__ = [
     "BUFFER_POLICIES",
     "DEFAULT_MAX_BUFFERED_SENDS",
+    "PURE_PYTHON_ENV",
     "AckTracker",
     "Session",
+    "native_decoder",
     "validate_buffer_settings",
 ]
 
@@ -202,6 +228,12 @@ class Session:
             (``0``: it goes with the next write).
         clock: Monotonic time source in seconds.
         peer: ``host:port`` of the broker, named in log lines.
+        codec: ``"native"`` or ``"python"`` for the inbound codec; ``None``
+            (default): native when available and ``PYSTRANDS_PURE_PYTHON`` is unset.
+
+    :attr:`codec` is the inbound codec in use; :attr:`framer` is its framer
+    (a ``LineFramer``, or the native ``LineDecoder``), with ``dropped_lines``,
+    ``buffered``, ``max_line_size`` and ``reset()`` either way.
     """
 
     __slots__ = (
@@ -211,6 +243,8 @@ class Session:
         "_drop_oldest",
         "_ack_delay",
         "_clock",
+        "codec",
+        "_native",
         "framer",
         "link",
         "open",
@@ -239,6 +273,7 @@ class Session:
         ack_delay: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         peer: str = "",
+        codec: str | None = None,
     ) -> None:
         """Create a session with no link yet (sends are kept until one is up)."""
         self._max_buffered, policy = validate_buffer_settings(max_buffered_sends, buffer_policy)
@@ -247,7 +282,14 @@ class Session:
         self.peer = peer  # "host:port" of the broker, for log lines
         self._ack_delay = max(0.0, float(ack_delay))
         self._clock = clock
-        self.framer = LineFramer(max_line_size)
+        decoder = None if codec == "python" else native_decoder()
+        if codec not in (None, "native", "python"):
+            raise ValueError(f"codec must be 'native', 'python' or None, not {codec!r}")
+        if codec == "native" and decoder is None:
+            raise RuntimeError("the native codec is not available (no pystrands._core.LineDecoder, or PYSTRANDS_PURE_PYTHON set)")
+        self._native = decoder is not None
+        self.codec = "native" if self._native else "python"
+        self.framer: Any = LineFramer(max_line_size) if decoder is None else decoder(max_line_size)
         self.link = 0  # number of the current (or last) link; 0: none yet
         self.open = False
         self.acks: AckTracker | None = None  # set while the link speaks v2
@@ -342,8 +384,12 @@ class Session:
         events: list[Event] = []
         if not self.open:
             return events
-        for line in self.framer.feed(data):
-            event = decode_event(line)
+        decoded: Iterable[Event | None]
+        if self._native:  # frames and decodes; falls back to decode_event for odd lines
+            decoded = self.framer.feed(data)
+        else:
+            decoded = map(decode_event, self.framer.feed(data))
+        for event in decoded:
             if event is None:
                 continue
             if event.control:

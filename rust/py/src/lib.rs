@@ -1,6 +1,9 @@
 //! `pystrands._core`: the thin PyO3 binding of the broker core. It converts a settings dict into
 //! a validated [`Config`], starts and stops a [`BrokerHandle`] with the GIL released, and reads
 //! its stats. No Python is ever called from the broker's tokio threads.
+//! `codec` adds the optional native event codec of the Python clients (`LineDecoder`).
+
+mod codec;
 
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -238,6 +241,7 @@ impl Drop for NativeBroker {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeBroker>()?;
+    m.add_class::<codec::LineDecoder>()?;
     m.add_function(wrap_pyfunction!(default_settings, m)?)?;
     m.add_function(wrap_pyfunction!(settings_table, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
