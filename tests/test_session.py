@@ -15,9 +15,23 @@ from typing import Any
 import pytest
 
 from pystrands import _protocol as p
-from pystrands._session import Session
+from pystrands._session import PURE_PYTHON_ENV, Session, native_decoder
 
 LOGGER = "pystrands.session"
+CODEC = {"name": "python"}
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs against both inbound codecs (the native one when the extension has it)."""
+    if request.param == "native":
+        monkeypatch.delenv(PURE_PYTHON_ENV, raising=False)
+        if native_decoder() is None:
+            pytest.skip("no native LineDecoder in pystrands._core")
+    else:
+        monkeypatch.setenv(PURE_PYTHON_ENV, "1")
+    CODEC["name"] = request.param
+    return str(request.param)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -98,7 +112,9 @@ def sent_messages(data: bytes) -> list[str]:
 
 
 def new_session(clock: FakeClock | None = None, **kw: Any) -> Session:
-    return Session(clock=clock or FakeClock(), **kw)
+    s = Session(clock=clock or FakeClock(), **kw)
+    assert s.codec == CODEC["name"]
+    return s
 
 
 def open_link(s: Session) -> int:
