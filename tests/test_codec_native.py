@@ -206,7 +206,7 @@ UNICODE = [
     b'{"action":"new_message","params":{"message":"\\u00e9\\ud83d\\ude00\\u0041\\/","context":'
     b'{"client_id":"\\u0063","room_id":"r","metadata":{"k\\u00e9y":"v","\\n":1}}}}\n',
     json.dumps({"action": "new_message", "params": {"message": "x" * 100_000, "context": ctx()}}).encode() + b"\n",
-    "  \t{\"action\": \"new_message\" , \"params\" : {\"message\" : \"spaced\", \"context\": {}}}  \r\n".encode(),
+    b"  \t{\"action\": \"new_message\" , \"params\" : {\"message\" : \"spaced\", \"context\": {}}}  \r\n",
 ]
 
 
