@@ -14,6 +14,8 @@ What it does, all on 127.0.0.1, everything started here and stopped here (proces
 2. Systems under test, each started on free ports as its own process (group):
    * `pystrands`: our broker (`python -m pystrands server`) + our AsyncPyStrandsClient backend
    * `pystrands+uvloop`: the same, with the backend on uvloop instead of asyncio's own loop
+   * `pystrands+pure-python`: the same, with the native inbound codec off (`PYSTRANDS_PURE_PYTHON=1`)
+   * `pystrands@baseline` (only with `--baseline DIR`): broker and backend from an earlier build in DIR
    * `pystrands+v1-client`: our broker + the PyStrands 1.0 async client (PyPI) as the backend
    * `pystrands+rust-backend`: our broker + a Rust backend (accepting/handling done in Rust)
    * `python-socketio`: python-socketio on aiohttp + uvloop (or uvicorn, `--socketio-server`)
@@ -224,11 +226,14 @@ class Running:
 
 class System:
     def __init__(self, name: str, kind: str, workloads: set[str], description: str, socketio: bool = False, backend: str = "",
-                 pythonpath: str = ""):
+                 pythonpath: str = "", env: dict[str, str] | None = None):
         self.name, self.kind, self.workloads, self.description = name, kind, workloads, description
         self.socketio, self.backend = socketio, backend
-        # a directory holding another build of the `pystrands` package (broker and client), imported first
-        self.pythonpath = pythonpath
+        # environment for the broker and backend processes: `pythonpath` is a directory holding another
+        # build of the `pystrands` package (imported first), `env` extra variables
+        self.env = dict(env or {})
+        if pythonpath:
+            self.env["PYTHONPATH"] = pythonpath
 
     def start(self, logdir: Path, socketio_server: str) -> Running:
         ws_port = free_port()
@@ -236,7 +241,7 @@ class System:
         try:
             if self.kind == "pystrands":
                 tcp_port = free_port()
-                env = dict(os.environ, PYTHONPATH=self.pythonpath) if self.pythonpath else None
+                env = dict(os.environ, **self.env) if self.env else None
                 broker = Proc(f"{self.name}-broker", [str(venv_python(OUR_VENV)), "-m", "pystrands", "server", "--host", "127.0.0.1",
                                                       "--ws-port", str(ws_port), "--tcp-port", str(tcp_port), "--log-level", "error"], logdir,
                               env=env)
@@ -283,6 +288,9 @@ ALL = {"echo", "fanout", "idle", "connect", "broadcast"}
 SYSTEMS = [
     System("pystrands", "pystrands", ALL, "our broker (release) + our AsyncPyStrandsClient backend", backend="ours"),
     System("pystrands+uvloop", "pystrands", {"echo", "connect"}, "our broker + our AsyncPyStrandsClient backend on uvloop", backend="ours-uvloop"),
+    System("pystrands+pure-python", "pystrands", {"echo", "connect"},
+           "our broker + our AsyncPyStrandsClient backend with the native codec off (PYSTRANDS_PURE_PYTHON=1)",
+           backend="ours", env={"PYSTRANDS_PURE_PYTHON": "1"}),
     System("pystrands+v1-client", "pystrands", {"echo", "fanout", "connect", "broadcast"}, "our broker + PyStrands 1.0 async client (PyPI) as backend", backend="v1"),
     System("pystrands+rust-backend", "pystrands", {"echo", "fanout", "connect", "broadcast"}, "our broker + a Rust backend (no Python in the loop)", backend="rust"),
     System("python-socketio", "socketio", ALL, "python-socketio (server chosen by --socketio-server)", socketio=True),
