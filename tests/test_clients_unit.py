@@ -1581,6 +1581,8 @@ def test_sync_connect_during_disconnect_is_refused_and_nothing_reconnects(broker
         gate = h.gate("slow")
         broker.message("A", "slow")
         assert h.started["slow"].wait(DEADLINE)
+        reader = h.client._manager  # the thread that would reconnect
+        assert reader is not None
         closer = threading.Thread(target=h.client.disconnect, args=(DEADLINE,))
         closer.start()
         wait_for(lambda: not h.client.connected, what="disconnect under way")
@@ -1588,5 +1590,6 @@ def test_sync_connect_during_disconnect_is_refused_and_nothing_reconnects(broker
         gate.set()
         closer.join(DEADLINE)
         assert not closer.is_alive()
-        time.sleep(0.3)  # several reconnect delays: a reconnect would show up as connection #2
-        assert broker.connection_count == 1 and not h.client.connected
+        reader.join(DEADLINE)  # it ended: nothing is left that could reconnect
+        assert not reader.is_alive()
+        assert broker.connection_count == 1 and not h.client.connected and h.client._manager is None

@@ -155,8 +155,7 @@ class ClientBase:
         self._intentional_disconnect = False
         self._session = self._new_session()
 
-    def _new_session(self, clock: Callable[[], float] | None = None) -> Session:
-        kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
+    def _new_session(self) -> Session:
         return Session(
             backend_secret=self._backend_secret,
             max_line_size=self.max_line_size,
@@ -164,7 +163,6 @@ class ClientBase:
             buffer_policy=self.buffer_policy,
             ack_delay=self._ack_delay,
             peer=f"{self.host}:{self.port}",
-            **kwargs,
         )
 
     @property

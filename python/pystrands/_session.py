@@ -510,9 +510,7 @@ class Session:
             return b""
         out = self._out
         acks = self.acks
-        if acks is not None and acks.watermark > acks.sent and (
-            not self._ack_delay or self._ack_now or (self._clock() if now is None else now) >= self._ack_at
-        ):
+        if acks is not None and self._ack_ready(now):
             out.append(encode_ack(acks.take()))
             self._ack_at = 0.0
         self._ack_now = False
