@@ -28,6 +28,7 @@ from ._protocol import (
     NewMessage,
     resolve_backend_secret,
 )
+from ._inproc import Attachable
 from ._session import DEFAULT_MAX_BUFFERED_SENDS, Session
 from .context import ConnectionRequestContext, Context
 
@@ -154,6 +155,9 @@ class ClientBase:
         # PyStrands 1.0: True after disconnect(); no reconnection while it is set.
         self._intentional_disconnect = False
         self._session = self._new_session()
+        # Set by Broker.serve/start(backend=...): the in-process broker this client attaches to
+        # instead of connecting to host:port (see pystrands._inproc).
+        self._inproc: Attachable | None = None
 
     def _new_session(self) -> Session:
         return Session(
@@ -181,6 +185,11 @@ class ClientBase:
     def buffered_sends(self) -> int:
         """Sends kept while disconnected, waiting for the next connection."""
         return self._session.buffered
+
+    @property
+    def _where(self) -> str:
+        """Where the broker is, for log lines."""
+        return "in-process" if self._inproc is not None else f"{self.host}:{self.port}"
 
     def _backoff(self) -> Backoff:
         return Backoff(self.reconnect_delay, self.reconnect_backoff, self.max_reconnect_delay)

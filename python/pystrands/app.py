@@ -58,6 +58,7 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar, overload
 
 from ._coro import first_step, resume
+from ._inproc import Attachable
 from ._protocol import DEFAULT_MAX_LINE_SIZE
 from ._session import DEFAULT_MAX_BUFFERED_SENDS
 from .async_client import AsyncPyStrandsClient
@@ -197,6 +198,7 @@ class PyStrands:
         self._handlers: dict[str, Callable[..., Any]] = {}
         self._client: AsyncPyStrandsClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._inproc: Attachable | None = None  # set by Broker.serve/start(backend=app)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._stopping: set[asyncio.Task[None]] = set()
@@ -379,8 +381,17 @@ class PyStrands:
 
     async def run_async(self) -> None:
         """Connect and handle events until :meth:`disconnect` / :meth:`stop`."""
+        await self._run_client(self._begin_run())
+
+    def _begin_run(self) -> AsyncPyStrandsClient:
+        """Bind the app to the running loop and make its client (not connected yet)."""
         self._loop = asyncio.get_running_loop()
         client = self._client = self._create_client()
+        client._inproc = self._inproc
+        return client
+
+    async def _run_client(self, client: AsyncPyStrandsClient) -> None:
+        """Run ``client`` until it disconnects, then release what the app held for it."""
         try:
             await client.run_forever()
         finally:

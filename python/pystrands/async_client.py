@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
 
 from ._base import FAIRNESS_BATCH, REPLY, ClientBase, legacy_log_handler
+from ._inproc import LinkTransport
 from ._coro import first_step as _first_step
 from ._coro import resume as _resume
 from ._protocol import (
@@ -400,12 +401,21 @@ class AsyncPyStrandsClient(ClientBase):
             return False
         self._conn = conn
         self.connected = True
-        logger.info("Connected to the broker at %s:%s", self.host, self.port)
+        logger.info("Connected to the broker at %s", self._where)
         return True
 
     async def _open(self, log: Callable[..., None]) -> _AsyncConnection | None:
         """Open a connection; it is the current link if it returns one that is not closed."""
         loop = asyncio.get_running_loop()
+        if self._inproc is not None:
+            try:
+                link = self._inproc.attach()
+            except RuntimeError as exc:
+                log("Cannot attach to the in-process broker: %s", exc)
+                return None
+            proto = _AsyncConnection(self, loop)
+            LinkTransport(loop, link, proto).start()
+            return proto
         made: list[_AsyncConnection] = []
 
         def factory() -> _AsyncConnection:
@@ -476,7 +486,7 @@ class AsyncPyStrandsClient(ClientBase):
                     terminal = True
                     break
                 delay = backoff.next()
-                logger.info("Reconnecting to %s:%s in %.2fs", self.host, self.port, delay)
+                logger.info("Reconnecting to %s in %.2fs", self._where, delay)
                 try:
                     await asyncio.wait_for(wake.wait(), delay)
                 except asyncio.TimeoutError:

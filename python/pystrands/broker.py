@@ -3,16 +3,22 @@
 `Broker` is a thin wrapper over the Rust core (`pystrands._core`): it passes the settings through
 (validation happens in the core, so the CLI, this class and the Rust tests share one set of rules),
 starts the broker in background threads with the GIL released, and owns signal handling and waiting.
+With ``backend=`` it also hosts the application's handlers in this process (`pystrands._hosted`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from types import FrameType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._hosted import Backend, Hosted
 
 logger = logging.getLogger("pystrands.broker")
 
@@ -67,6 +73,14 @@ class Broker:
         cluster_name: Prefix of the cluster's Redis keys and channel, so several clusters can
             share one Redis server.
         cluster_node_id: This node's id (unique per running broker); ``None`` picks a random one.
+        inproc_queue_size: Events waiting for an in-process backend above which the broker stops
+            reading the WebSocket clients feeding it until it catches up (backpressure, no loss).
+
+    In-process backends: ``serve(backend=...)``, ``start(backend=...)`` and
+    ``async with broker.serving(backend)`` run the handlers of a :class:`PyStrandsClient`
+    subclass, an :class:`AsyncPyStrandsClient` subclass or a :class:`PyStrands` app in this
+    process, with no socket between broker and handlers. TCP backends can connect at the same
+    time; the router treats the in-process backend as one more backend.
     """
 
     def __init__(
@@ -99,6 +113,7 @@ class Broker:
         cluster_required: bool = True,
         cluster_name: str = "pystrands",
         cluster_node_id: str | None = None,
+        inproc_queue_size: int = 4096,
     ) -> None:
         from . import _core
 
@@ -131,9 +146,14 @@ class Broker:
             "cluster_required": cluster_required,
             "cluster_name": cluster_name,
             "cluster_node_id": cluster_node_id,
+            "inproc_queue_size": inproc_queue_size,
         }
         self._native = _core.NativeBroker(**self._settings)
         self._stop_requested = threading.Event()
+        self._hosted: Hosted | None = None
+        # Set while serve() runs: it owns the shutdown, stop() from elsewhere only asks for it.
+        self._serve_done: threading.Event | None = None
+        self._serve_thread: threading.Thread | None = None
 
     @property
     def settings(self) -> Mapping[str, Any]:
@@ -157,35 +177,126 @@ class Broker:
         port = self._native.tcp_port
         return int(port if port is not None else self._settings["tcp_port"])
 
-    def start(self) -> Broker:
+    def start(self, backend: Backend | None = None) -> Broker:
         """Start serving in background threads; returns once both listeners are bound.
+
+        Args:
+            backend: Handlers to run in this process: an instance of a
+                :class:`PyStrandsClient` subclass (its worker threads), an
+                :class:`AsyncPyStrandsClient` subclass or a :class:`PyStrands` app (an event
+                loop in a thread of its own). Returns once it is attached. To share an event
+                loop that is already running (a FastAPI lifespan), use :meth:`serving`.
 
         Raises:
             ConnectionError: ``cluster_url`` is set, Redis cannot be reached and
                 ``cluster_required`` is True.
             OSError: a port is in use or the address cannot be bound.
-            RuntimeError: the broker is already running.
+            RuntimeError: the broker is already running, or the backend could not attach.
+            TypeError: ``backend`` is not one of the three kinds above.
         """
+        hosted = self._host(backend)
         self._stop_requested.clear()
         self._native.start()
+        if hosted is not None:
+            try:
+                hosted.start()
+            except BaseException:
+                self._native.stop(1.0)
+                raise
+            self._hosted = hosted
         return self
+
+    def _host(self, backend: Backend | None) -> Hosted | None:
+        if backend is None:
+            return None
+        from ._hosted import Hosted
+
+        if self._hosted is not None and self.running:
+            raise RuntimeError("this broker already hosts a backend")
+        return Hosted(self._native, backend)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop: close 1001 to clients, flush what is queued to backends, close listeners.
 
-        Waits at most ``timeout`` seconds. Safe to call twice and from any thread; it also ends
-        a running :meth:`serve`.
+        With an in-process backend: the clients' last events are handled, then the backend
+        disconnects (its handlers finish, their sends go out), then the broker stops. Waits at
+        most about ``timeout`` seconds per step. Safe to call twice and from any thread; it also
+        ends a running :meth:`serve`. On the backend's own event loop use :meth:`stop_async`.
         """
         self._stop_requested.set()
-        self._native.stop(timeout)
+        serving = self._serve_done
+        if serving is not None and threading.current_thread() is not self._serve_thread:
+            serving.wait(3 * timeout + 5.0)  # serve() stops in its own thread
+            return
+        hosted, self._hosted = self._hosted, None
+        if hosted is None:
+            self._native.stop(timeout)
+        elif hosted.on_loop_thread():
+            self._hosted = hosted
+            raise RuntimeError("Broker.stop() called on the in-process backend's event loop; use await broker.stop_async()")
+        else:
+            hosted.stop(timeout)
 
-    def serve(self, drain_timeout: float = 5.0) -> None:
+    async def stop_async(self, timeout: float = 5.0) -> None:
+        """:meth:`stop` as a coroutine, for the event loop an in-process backend runs on (it
+        keeps running, so the backend can drain while the broker stops)."""
+        self._stop_requested.set()
+        hosted, self._hosted = self._hosted, None
+        if hosted is not None and hosted.on_loop_thread():
+            await hosted.stop_here(timeout)
+            return
+        loop = asyncio.get_running_loop()
+        if hosted is not None:
+            await loop.run_in_executor(None, hosted.stop, timeout)
+        else:
+            await loop.run_in_executor(None, self._native.stop, timeout)
+
+    @asynccontextmanager
+    async def serving(self, backend: Backend, drain_timeout: float = 5.0) -> AsyncIterator[Broker]:
+        """Run the broker with an asyncio ``backend`` on the event loop that is running now.
+
+        The handlers share the application's loop (and its connection pools); nothing else
+        runs Python. Made for a FastAPI/Starlette lifespan::
+
+            @asynccontextmanager
+            async def lifespan(app):
+                async with Broker(ws_port=8080).serving(ChatBackend()):
+                    yield
+
+        ``backend`` is an :class:`AsyncPyStrandsClient` subclass instance or a
+        :class:`PyStrands` app. Leaving the block stops backend and broker in order.
+        """
+        hosted = self._host(backend)
+        assert hosted is not None
+        if hosted.kind == "thread":
+            raise TypeError("serving() runs an asyncio backend; pass a PyStrandsClient to start()/serve()")
+        self._stop_requested.clear()
+        self._native.start()
+        try:
+            await hosted.start_here()
+        except BaseException:
+            self._native.stop(1.0)
+            raise
+        self._hosted = hosted
+        try:
+            yield self
+        finally:
+            if self._hosted is hosted:
+                self._hosted = None
+            await hosted.stop_here(drain_timeout)
+
+    def serve(self, drain_timeout: float = 5.0, *, backend: Backend | None = None) -> None:
         """Run until Ctrl-C, SIGTERM or :meth:`stop` (from another thread), then stop cleanly.
 
-        The broker runs in native threads; this thread only waits, with the GIL released.
+        Without ``backend`` the broker runs in native threads and this thread only waits, with
+        the GIL released. With ``backend`` (see :meth:`start`) its handlers run in this process:
+        a :class:`PyStrandsClient` in its worker threads, an asyncio backend on an event loop
+        run by this thread. A signal stops both: clients are closed, their last events handled,
+        the backend disconnects, then the broker stops.
         """
         # Handlers go in before the listeners open, so a signal sent as soon as the broker
         # logs "listening" still stops it cleanly.
+        hosted = self._host(backend)
         self._stop_requested.clear()
         restore: list[tuple[int, Any]] = []
         if threading.current_thread() is threading.main_thread():
@@ -196,21 +307,34 @@ class Broker:
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 restore.append((sig, signal.signal(sig, _on_signal)))
+        self._serve_thread = threading.current_thread()
+        self._serve_done = threading.Event()
         try:
-            self._native.start()
-        except BaseException:
-            for signum, handler in restore:
-                signal.signal(signum, handler)
-            raise
-        try:
-            while not self._stop_requested.wait(1.0):
+            if hosted is not None and hosted.kind != "thread":
+                asyncio.run(self._serve_on_loop(backend, drain_timeout))  # type: ignore[arg-type]
+                return
+            self.start(backend)
+            try:
+                while not self._stop_requested.wait(1.0):
+                    pass
+            except KeyboardInterrupt:
                 pass
-        except KeyboardInterrupt:
-            pass
+            finally:
+                hosted, self._hosted = self._hosted, None
+                if hosted is not None:
+                    hosted.stop(drain_timeout)
+                else:
+                    self._native.stop(drain_timeout)
         finally:
             for signum, handler in restore:
                 signal.signal(signum, handler)
-            self._native.stop(drain_timeout)
+            done, self._serve_done = self._serve_done, None
+            self._serve_thread = None
+            done.set()
+
+    async def _serve_on_loop(self, backend: Backend, drain_timeout: float) -> None:
+        async with self.serving(backend, drain_timeout):
+            await asyncio.get_running_loop().run_in_executor(None, self._stop_requested.wait)
 
     def stats(self) -> dict[str, Any]:
         """Clients, rooms, backends, queued events and every counter (empty when stopped).

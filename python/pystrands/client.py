@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._base import FAIRNESS_BATCH, REPLY, ClientBase, legacy_log_handler
+from ._inproc import LinkSocket
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
     READ_CHUNK_SIZE,
@@ -88,7 +89,7 @@ class _Link:
 
     __slots__ = ("sock", "number", "closed", "closing", "sending", "refused", "hk_idle", "housekeeping")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket | LinkSocket) -> None:
         self.sock = sock
         self.number = 0  # the session's link number, set when installed
         self.closed = False  # no further writes
@@ -124,6 +125,7 @@ class _KeyedWorkerPool:
         self._queues: dict[str, deque[Any]] = {}
         self._runq: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inflight = 0
+        self._low_mark = -1  # a reader waits in wait_below() for _inflight to reach it
         self._abandon = False
         self._local = threading.local()
         self._threads = [
@@ -170,7 +172,7 @@ class _KeyedWorkerPool:
     def _finished(self) -> None:
         # caller holds self._lock
         self._inflight -= 1
-        if self._inflight <= 1:
+        if self._inflight <= 1 or self._inflight == self._low_mark:
             self._idle.notify_all()
 
     def _worker(self) -> None:
@@ -202,6 +204,17 @@ class _KeyedWorkerPool:
                         self._runq.put((key, None))
                         break
                     item = dq.popleft()
+
+    def wait_below(self, mark: int, give_up: Callable[[], bool]) -> None:
+        """Block until at most ``mark`` items are in flight, or ``give_up()`` says so
+        (checked at least every half second)."""
+        with self._lock:
+            self._low_mark = mark
+            try:
+                while self._inflight > mark and not self._abandon and not give_up():
+                    self._idle.wait(0.5)
+            finally:
+                self._low_mark = -1
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every submitted item finished (the caller's own item excepted)."""
@@ -262,6 +275,9 @@ class PyStrandsClient(ClientBase):
             client reconnects (keyword only; ``0`` drops them).
         buffer_policy: ``"drop_oldest"`` or ``"drop_newest"``: what a full
             buffer drops, counted in :attr:`dropped_sends` (keyword only).
+        max_pending: Received events not yet handled above which reading pauses
+            until half of them are done (keyword only): the broker then holds
+            the rest, and with an in-process backend stops reading the clients.
     """
 
     _ack_delay = ACK_DELAY
@@ -281,6 +297,7 @@ class PyStrandsClient(ClientBase):
         backend_secret: str | None = None,
         max_buffered_sends: int = DEFAULT_MAX_BUFFERED_SENDS,
         buffer_policy: str = "drop_oldest",
+        max_pending: int = 10_000,
     ) -> None:
         """Configure the client; nothing connects until :meth:`connect`/:meth:`run_forever`."""
         super().__init__(
@@ -297,6 +314,7 @@ class PyStrandsClient(ClientBase):
             buffer_policy=buffer_policy,
         )
         self.workers = max(1, int(workers))
+        self.max_pending = max(1, int(max_pending))
         self._lifecycle = threading.RLock()
         self._disconnect_lock = threading.Lock()
         self._io = threading.Lock()  # guards the session and the links' I/O flags
@@ -317,6 +335,12 @@ class PyStrandsClient(ClientBase):
         self._stop_event.clear()
 
     def _open(self, log: Callable[..., None]) -> _Link | None:
+        if self._inproc is not None:
+            try:
+                return _Link(LinkSocket(self._inproc.attach()))
+            except RuntimeError as exc:
+                log("Cannot attach to the in-process broker: %s", exc)
+                return None
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
@@ -332,7 +356,7 @@ class PyStrandsClient(ClientBase):
             self._pool = _KeyedWorkerPool(self.workers, self._handle)
         self._conn = conn
         self.connected = True
-        logger.info("Connected to the broker at %s:%s", self.host, self.port)
+        logger.info("Connected to the broker at %s", self._where)
         with self._io:
             conn.number = self._session.connection_made()
             conn.sending = True  # claimed for the hello, written by the caller
@@ -398,7 +422,7 @@ class PyStrandsClient(ClientBase):
                     terminal = True
                     break
             delay = backoff.next()
-            logger.info("Reconnecting to %s:%s in %.2fs", self.host, self.port, delay)
+            logger.info("Reconnecting to %s in %.2fs", self._where, delay)
             if self._wake.wait(delay):
                 self._wake.clear()
                 continue
@@ -464,6 +488,8 @@ class PyStrandsClient(ClientBase):
                 threading.Thread(target=self._housekeep, args=(conn,), name="pystrands-v2", daemon=True).start()
             for event in events:
                 pool.submit(event.key, (conn, event))
+            if pool.inflight >= self.max_pending:  # handlers fell behind: stop reading for now
+                pool.wait_below(self.max_pending // 2, lambda: conn.closed or conn.closing)
 
     def _housekeep(self, conn: _Link) -> None:
         """Per-connection v2 thread: writes delayed acks; closes the connection on silence."""

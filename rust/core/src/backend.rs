@@ -32,7 +32,7 @@ const WRITE_BATCH: usize = 512;
 /// for a v1 backend.
 const HELLO_WAIT: Duration = Duration::from_millis(200);
 
-static NEXT_BACKEND: AtomicU64 = AtomicU64::new(1);
+pub(crate) static NEXT_BACKEND: AtomicU64 = AtomicU64::new(1);
 
 /// Accepts backends until `stop` fires.
 pub(crate) async fn listen(listener: TcpListener, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
@@ -204,7 +204,7 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
         match line {
             Ok(Some(Line::Data(line))) => {
                 if !line.iter().all(u8::is_ascii_whitespace) {
-                    handle_line(id, v2, &line, &shared, &mut errors).await;
+                    handle_line(id, v2, &line, &shared, &mut errors);
                 }
             }
             Ok(Some(Line::TooLong(n))) => {
@@ -231,7 +231,8 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
     let _ = writer.await;
 }
 
-async fn handle_line(id: BackendId, v2: bool, line: &[u8], shared: &Shared, errors: &mut ErrorLog) {
+/// Carries out one line a backend sent (TCP or in-process); bad lines are counted and logged.
+pub(crate) fn handle_line(id: BackendId, v2: bool, line: &[u8], shared: &Shared, errors: &mut ErrorLog) {
     match protocol::decode_backend_line(line) {
         Ok(BackendCommand::MessageToRoom { room_id, message }) => {
             delivery::to_room(shared, &room_id, message);

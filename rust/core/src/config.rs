@@ -533,6 +533,13 @@ settings! {
         help: "Unacknowledged events kept per v2 backend for redelivery; the oldest beyond it are \
                released unprotected (counted in unacked_overflow).",
     }
+    inproc_queue_size: usize = 4096 => {
+        kind: Kind::int(1, 10_000_000),
+        env: ["PYSTRANDS_INPROC_QUEUE_SIZE"],
+        flag: ["--inproc-queue-size"],
+        help: "Events waiting for an in-process backend above which the broker stops reading the \
+               WebSocket clients that feed it until it catches up (backpressure instead of loss).",
+    }
     client_rate_limit: f64 = 0.0 => {
         kind: Kind::Float { unit: "messages per second" },
         check: rate_rule,

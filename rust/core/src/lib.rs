@@ -18,6 +18,8 @@
 //! * `delivery` (backend sends to a client, a room or everyone: the hub, then the cluster).
 //! * `ws` (WebSocket connections) and `backend` (backend sessions, hello, writer) — the two
 //!   listeners, on top of everything else.
+//! * `inproc` (the in-process backend transport: a backend in this process, no socket; it reuses
+//!   `backend`'s line handling).
 
 mod backend;
 mod cluster;
@@ -25,6 +27,7 @@ pub mod config;
 mod delivery;
 mod http;
 mod hub;
+mod inproc;
 mod outbox;
 pub mod protocol;
 mod router;
@@ -34,6 +37,7 @@ mod throttle;
 mod ws;
 
 pub use config::{Config, ConfigError, LimitPolicy, SlowClientPolicy};
+pub use inproc::{InprocLink, Status as InprocStatus};
 pub use stats::{ClusterStats, Stats};
 
 use std::fmt;
@@ -161,6 +165,9 @@ pub struct BrokerHandle {
     backends: shutdown::TaskGroup,
     stop_cluster: shutdown::Trigger,
     cluster_tasks: shutdown::TaskGroup,
+    links: inproc::Links,
+    /// Set once [`stop_clients`](Self::stop_clients) ran.
+    clients_stopped: bool,
 }
 
 impl BrokerHandle {
@@ -245,7 +252,49 @@ impl BrokerHandle {
             backends,
             stop_cluster,
             cluster_tasks,
+            links: inproc::Links::default(),
+            clients_stopped: false,
         })
+    }
+
+    /// Attaches a backend that runs in this process (see [`InprocLink`]); `None` when the broker
+    /// is stopping or stopped. The link registers with the router on its first line (`hello`).
+    pub fn attach_backend(&self) -> Result<InprocLink, String> {
+        if self.runtime.is_none() || self.shared.stopping() {
+            return Err("the broker is not running".to_string());
+        }
+        let guard = self.backends.try_guard().ok_or_else(|| "the broker is stopping".to_string())?;
+        InprocLink::open(self.shared.clone(), guard, &self.links)
+            .map_err(|e| format!("cannot create the in-process wake-up: {e}"))
+    }
+
+    /// The in-process links that are open now.
+    pub fn inproc_links(&self) -> Vec<InprocLink> {
+        self.links.snapshot()
+    }
+
+    /// The first half of [`stop`](Self::stop), for in-process backends: listeners close,
+    /// clients get close 1001 and their last events are routed, then routing stops and every
+    /// backend is told to finish. In-process backends then drain what they were sent, close
+    /// their links, and `stop` does the rest. Waits at most `timeout` for the clients.
+    pub fn stop_clients(&mut self, timeout: Duration) {
+        if self.runtime.is_none() || self.clients_stopped {
+            return;
+        }
+        self.clients_stopped = true;
+        tracing::info!("PyStrands broker stopping");
+        self.shared.stopping.store(true, Ordering::Release);
+        self.stop_listeners.fire();
+        self.shared.hub.kick_all(protocol::CLOSE_GOING_AWAY);
+        let clients = &mut self.clients;
+        if let Some(runtime) = &self.runtime {
+            runtime.block_on(async {
+                if tokio::time::timeout(timeout, clients.wait()).await.is_err() {
+                    tracing::warn!("some clients did not close in time");
+                }
+            });
+        }
+        self.shared.router.stop();
     }
 
     pub fn ws_addr(&self) -> SocketAddr {
@@ -287,23 +336,17 @@ impl BrokerHandle {
     /// else queued for backends is flushed, then backend connections close. Waits at most
     /// `timeout` in all; whatever is still running then is dropped. Calling it twice is harmless.
     pub fn stop(&mut self, timeout: Duration) {
-        let Some(runtime) = self.runtime.take() else { return };
+        if self.runtime.is_none() {
+            return;
+        }
         let deadline = Instant::now() + timeout;
         let left = move || deadline.saturating_duration_since(Instant::now());
-        tracing::info!("PyStrands broker stopping");
-        self.shared.stopping.store(true, Ordering::Release);
-        self.stop_listeners.fire();
-        self.shared.hub.kick_all(protocol::CLOSE_GOING_AWAY);
-        let clients = &mut self.clients;
+        self.stop_clients(left());
+        let Some(runtime) = self.runtime.take() else { return };
         let backends = &mut self.backends;
-        let router = &self.shared.router;
         let stop_cluster = &self.stop_cluster;
         let cluster_tasks = &mut self.cluster_tasks;
         runtime.block_on(async {
-            if tokio::time::timeout(left(), clients.wait()).await.is_err() {
-                tracing::warn!("some clients did not close in time");
-            }
-            router.stop();
             if tokio::time::timeout(left(), backends.wait()).await.is_err() {
                 tracing::warn!("some backend connections did not finish flushing in time");
             }
@@ -313,6 +356,7 @@ impl BrokerHandle {
                 tracing::warn!("the cluster connection did not finish in time");
             }
         });
+        self.links.close_all();
         runtime.shutdown_timeout(left().max(Duration::from_millis(100)));
         tracing::info!("PyStrands broker stopped");
     }

@@ -3,6 +3,11 @@
 //! It exists as a module of its own because both sides meet here: the router pushes lines into
 //! it (never waiting, under its lock) and the backend session's writer drains it onto the socket.
 //! Neither needs to know the other: router → outbox ← backend, and no cycle between them.
+//!
+//! The in-process backend (`crate::inproc`) drains an outbox from a Python thread instead of a
+//! writer task, so an outbox can also call a hook on the empty→non-empty edge (the in-process
+//! wake-up), and can carry a high-water mark: above it the router reports pressure and the
+//! WebSocket tasks that fed it stop reading until [`Outbox::relieved`] (backpressure, not loss).
 
 use crate::stats::{add, Counters};
 use bytes::Bytes;
@@ -36,7 +41,16 @@ pub(crate) struct Outbox {
     wake: Notify,
     /// Set for v1 backends: events discarded on close are lost for good and counted.
     lost: Option<Arc<Counters>>,
+    /// Called (besides `wake`) whenever the writer should look again: the in-process wake-up.
+    hook: Option<Hook>,
+    /// Lines above which pushes report pressure (0: never).
+    high_water: usize,
+    /// Woken when the lines fall to half the high-water mark, or the outbox ends.
+    relief: Notify,
 }
+
+/// A wake-up the outbox calls on the empty→non-empty edge and when it finishes or closes.
+pub(crate) type Hook = Arc<dyn Fn() + Send + Sync>;
 
 struct OutboxState {
     /// Lines, each flagged when it is a client event (as opposed to a connection request).
@@ -73,6 +87,44 @@ impl Outbox {
             state: Mutex::new(OutboxState { lines: VecDeque::new(), bytes: 0, mode: Mode::Open, overflowed: false }),
             wake: Notify::new(),
             lost,
+            hook: None,
+            high_water: 0,
+            relief: Notify::new(),
+        }
+    }
+
+    /// This outbox with a wake-up `hook` and a high-water mark for backpressure.
+    pub(crate) fn with_hook(mut self, hook: Hook, high_water: usize) -> Self {
+        self.hook = Some(hook);
+        self.high_water = high_water;
+        self
+    }
+
+    fn notify(&self) {
+        self.wake.notify_one();
+        if let Some(hook) = &self.hook {
+            hook();
+        }
+    }
+
+    /// Whether the lines reached the high-water mark (always false without one).
+    pub(crate) fn pressured(&self) -> bool {
+        self.high_water > 0 && self.state.lock().lines.len() >= self.high_water
+    }
+
+    /// Waits until the lines are down to half the high-water mark (or the outbox ended).
+    pub(crate) async fn relieved(&self) {
+        loop {
+            let notified = self.relief.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let s = self.state.lock();
+                if s.mode != Mode::Open || s.lines.len() <= self.high_water / 2 {
+                    return;
+                }
+            }
+            notified.await;
         }
     }
 
@@ -93,7 +145,7 @@ impl Outbox {
         s.lines.push_back((line, is_event));
         drop(s);
         if was_empty {
-            self.wake.notify_one();
+            self.notify();
         }
         Ok(())
     }
@@ -107,13 +159,20 @@ impl Outbox {
         if s.lines.is_empty() {
             return if s.mode == Mode::Finishing { Take::Done } else { Take::Empty };
         }
-        let n = s.lines.len().min(max);
+        let before = s.lines.len();
+        let n = before.min(max);
         let mut taken = 0;
         for (line, _) in s.lines.drain(..n) {
             taken += line.len();
             out.push(line);
         }
         s.bytes -= taken;
+        let low = self.high_water / 2;
+        let relieved = self.high_water > 0 && before > low && s.lines.len() <= low;
+        drop(s);
+        if relieved {
+            self.relief.notify_waiters();
+        }
         Take::Lines
     }
 
@@ -129,7 +188,8 @@ impl Outbox {
             s.mode = Mode::Finishing;
         }
         drop(s);
-        self.wake.notify_one();
+        self.notify();
+        self.relief.notify_waiters();
     }
 
     /// Discards what is queued and refuses further pushes (idempotent). For a v1 backend the
@@ -141,11 +201,27 @@ impl Outbox {
         s.lines.clear();
         s.bytes = 0;
         drop(s);
-        self.wake.notify_one();
+        self.notify();
+        self.relief.notify_waiters();
         if let (Some(counters), true) = (&self.lost, events > 0) {
             add(&counters.events_lost, events);
             tracing::warn!(events, "events could not be written to a lost v1 backend (v1 has no redelivery)");
         }
+    }
+
+    /// Whether it was closed (not merely finishing).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.lock().mode == Mode::Closed
+    }
+
+    /// Whether it takes no more pushes (finishing or closed).
+    pub(crate) fn finished(&self) -> bool {
+        self.state.lock().mode != Mode::Open
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.state.lock().lines.is_empty()
     }
 
     /// Whether it closed because a push found it full.

@@ -183,6 +183,17 @@ impl Router {
         }
     }
 
+    /// A client's event, like [`RouterEvent::ClientEvent`]; returns the outbox it went to when
+    /// that outbox is above its high-water mark, so the caller can wait for
+    /// [`Outbox::relieved`] before reading more from the client.
+    pub(crate) fn client_event(&self, client_id: Arc<str>, line: Bytes, last: bool) -> Option<Arc<Outbox>> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = state.as_mut()?;
+        let pressure = state.route(Queued { client_id, line, last, redelivered: false });
+        state.publish_gauges();
+        pressure
+    }
+
     /// Stops routing (idempotent): every backend's writer is told to flush what it has and
     /// finish, and events still waiting for a backend are discarded and counted.
     pub(crate) fn stop(&self) {
@@ -205,7 +216,7 @@ impl State {
     fn handle(&mut self, event: RouterEvent) {
         match event {
             RouterEvent::ClientEvent { client_id, line, last } => {
-                self.route(Queued { client_id, line, last, redelivered: false })
+                self.route(Queued { client_id, line, last, redelivered: false });
             }
             RouterEvent::ConnRequest { request_id, url, line, reply } => self.ask(request_id, url, line, reply),
             RouterEvent::CancelRequest { request_id } => {
@@ -227,6 +238,10 @@ impl State {
             RouterEvent::Ack { backend, seq } => self.ack(backend, seq),
             RouterEvent::BackendDown { id } => self.drop_backend(id),
         }
+        self.publish_gauges();
+    }
+
+    fn publish_gauges(&self) {
         self.gauges.backends.store(self.backends.len(), Relaxed);
         self.gauges.queued_events.store(self.queue.len(), Relaxed);
         self.gauges.pending_requests.store(self.pending.len(), Relaxed);
@@ -259,12 +274,14 @@ impl State {
     }
 
     /// Sends one client event to the client's backend (pinning it on first use), or queues it.
-    fn route(&mut self, ev: Queued) {
+    /// Returns the backend's outbox when it is above its high-water mark (in-process backends:
+    /// the client should stop sending until it drains).
+    fn route(&mut self, ev: Queued) -> Option<Arc<Outbox>> {
         loop {
             let pinned = self.pinned.get(&ev.client_id).and_then(|&b| self.position(b));
             let Some(pos) = pinned.or_else(|| self.pick()) else {
                 self.enqueue(ev);
-                return;
+                return None;
             };
             let b = &mut self.backends[pos];
             let id = b.id;
@@ -288,17 +305,19 @@ impl State {
                 self.unacked_total += 1;
                 if b.outbox.push(wire, true).is_err() {
                     self.drop_backend(id);
-                    return;
+                    return None;
                 }
+                let pressure = b.outbox.pressured().then(|| b.outbox.clone());
                 incr(&self.counters.events_to_backends);
                 self.pin(client_id, id, last);
-                return;
+                return pressure;
             }
             match b.outbox.push(ev.line.clone(), true) {
                 Ok(()) => {
+                    let pressure = b.outbox.pressured().then(|| b.outbox.clone());
                     incr(&self.counters.events_to_backends);
                     self.pin(ev.client_id, id, ev.last);
-                    return;
+                    return pressure;
                 }
                 Err(()) => self.drop_backend(id),
             }
@@ -316,7 +335,7 @@ impl State {
     fn flush_queue(&mut self) {
         while !self.backends.is_empty() {
             let Some(ev) = self.queue.pop_front() else { return };
-            self.route(ev);
+            let _ = self.route(ev);
         }
     }
 
@@ -388,7 +407,7 @@ impl State {
             add(&self.counters.events_redelivered, b.unacked.len() as u64);
         }
         for u in b.unacked {
-            self.route(Queued { redelivered: true, ..u.event });
+            let _ = self.route(Queued { redelivered: true, ..u.event });
         }
         let orphaned: Vec<String> =
             self.pending.iter().filter(|(_, p)| p.backend == id).map(|(k, _)| k.clone()).collect();

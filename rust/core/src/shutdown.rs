@@ -54,6 +54,11 @@ impl TaskGroup {
         TaskGuard(self.tx.clone().expect("task group already closed"))
     }
 
+    /// A guard, or `None` once [`wait`](Self::wait) was called.
+    pub(crate) fn try_guard(&self) -> Option<TaskGuard> {
+        self.tx.clone().map(TaskGuard)
+    }
+
     /// Waits until every guard handed out so far (and their clones) has been dropped.
     pub(crate) async fn wait(&mut self) {
         self.tx.take();

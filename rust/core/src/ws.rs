@@ -10,6 +10,7 @@
 use crate::config::LimitPolicy;
 use crate::http::{self, UpgradeRequest};
 use crate::hub::ClientSlot;
+use crate::outbox::Outbox;
 use crate::protocol::{self, CLOSE_IDLE};
 use crate::router::{Decision, RouterEvent};
 use crate::shutdown::{Signal, TaskGuard};
@@ -218,10 +219,17 @@ async fn run(
     // of the loop cost two locked list operations per message.
     let kick = slot.kicked();
     tokio::pin!(kick);
+    // Set while the in-process backend this client feeds is above its high-water mark: the
+    // client is not read (TCP backpressure reaches the browser) until the backend catches up.
+    let mut paused: Option<Arc<Outbox>> = None;
 
     let end = loop {
         tokio::select! {
-            frame = ws.next() => {
+            _ = async { if let Some(o) = &paused { o.relieved().await } }, if paused.is_some() => {
+                paused = None;
+                last_heard = Instant::now(); // its pongs were not read meanwhile
+            }
+            frame = ws.next(), if paused.is_none() => {
                 last_heard = Instant::now();
                 let is_data = matches!(frame, Some(Ok(Message::Text(_) | Message::Binary(_))));
                 if is_data && bucket.as_mut().is_some_and(|b| !b.allow()) {
@@ -235,9 +243,9 @@ async fn run(
                     }
                 }
                 match frame {
-                    Some(Ok(Message::Text(text))) => forward(shared, slot, text.as_str()),
+                    Some(Ok(Message::Text(text))) => paused = forward(shared, slot, text.as_str()),
                     Some(Ok(Message::Binary(data))) => match std::str::from_utf8(&data) {
-                        Ok(text) => forward(shared, slot, text),
+                        Ok(text) => paused = forward(shared, slot, text),
                         Err(_) => break End::Close(1003, "binary data must be UTF-8", Some("binary message that is not UTF-8".into())),
                     },
                     Some(Ok(Message::Close(_))) | None => break End::Gone,
@@ -260,7 +268,7 @@ async fn run(
             }
             code = &mut kick => break kicked(code),
             _ = ping.tick(), if !ping_every.is_zero() => {
-                if last_heard.elapsed() > ping_every * 2 {
+                if paused.is_none() && last_heard.elapsed() > ping_every * 2 {
                     break End::Close(CLOSE_IDLE, "no pong", Some("client stopped answering pings".into()));
                 }
                 let sent = tokio::time::timeout(ping_every, async {
@@ -290,10 +298,11 @@ fn kicked(code: u16) -> End {
     End::Close(code, reason, report)
 }
 
-fn forward(shared: &Shared, slot: &ClientSlot, text: &str) {
+/// Hands a client message to the router; returns the outbox to wait for when it is full.
+fn forward(shared: &Shared, slot: &ClientSlot, text: &str) -> Option<Arc<Outbox>> {
     incr(&shared.counters.messages_in);
     let line = protocol::encode_new_message(&shared.next_id().to_string(), text, &slot.context_json);
-    let _ = shared.router.handle(RouterEvent::ClientEvent { client_id: slot.client_id.clone(), line, last: false });
+    shared.router.client_event(slot.client_id.clone(), line, false)
 }
 
 async fn write_batch(

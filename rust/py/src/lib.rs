@@ -1,9 +1,11 @@
 //! `pystrands._core`: the thin PyO3 binding of the broker core. It converts a settings dict into
 //! a validated [`Config`], starts and stops a [`BrokerHandle`] with the GIL released, and reads
 //! its stats. No Python is ever called from the broker's tokio threads.
-//! `codec` adds the optional native event codec of the Python clients (`LineDecoder`).
+//! `codec` adds the optional native event codec of the Python clients (`LineDecoder`); `inproc`
+//! the link of a backend running in this process (`InprocLink`).
 
 mod codec;
+mod inproc;
 
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -175,6 +177,45 @@ impl NativeBroker {
         Ok(())
     }
 
+    /// First half of `stop` for in-process backends: clients are closed (1001) and their last
+    /// events routed, then routing stops; the links then drain and close, and `stop` finishes.
+    #[pyo3(signature = (timeout = 5.0))]
+    fn stop_clients(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let timeout = seconds("timeout", timeout).map_err(value_error)?;
+        let taken = self.handle.lock().map_err(|_| PyRuntimeError::new_err("broker state poisoned"))?.take();
+        let Some(mut h) = taken else { return Ok(()) };
+        let h = py.detach(move || {
+            h.stop_clients(timeout);
+            h
+        });
+        let mut guard = self.handle.lock().map_err(|_| PyRuntimeError::new_err("broker state poisoned"))?;
+        if guard.is_none() {
+            *guard = Some(h);
+        }
+        Ok(())
+    }
+
+    /// After `stop_clients`: waits (GIL released) until every in-process link has taken all
+    /// it was sent, at most `timeout` seconds; true when all did.
+    #[pyo3(signature = (timeout = 5.0))]
+    fn wait_drained(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let timeout = seconds("timeout", timeout).map_err(value_error)?;
+        let links = self.with_handle(|h| h.inproc_links()).unwrap_or_default();
+        Ok(py.detach(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            links.iter().all(|l| l.wait_drained(deadline.saturating_duration_since(std::time::Instant::now())))
+        }))
+    }
+
+    /// A link for a backend running in this process (`RuntimeError` when not running).
+    fn attach(&self) -> PyResult<inproc::PyInprocLink> {
+        let link = self
+            .with_handle(|h| h.attach_backend())
+            .unwrap_or_else(|| Err("the broker is not running".to_string()))
+            .map_err(PyRuntimeError::new_err)?;
+        Ok(inproc::PyInprocLink::new(link))
+    }
+
     #[getter]
     fn running(&self) -> bool {
         self.with_handle(|h| h.is_running()).unwrap_or(false)
@@ -242,6 +283,7 @@ impl Drop for NativeBroker {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeBroker>()?;
     m.add_class::<codec::LineDecoder>()?;
+    m.add_class::<inproc::PyInprocLink>()?;
     m.add_function(wrap_pyfunction!(default_settings, m)?)?;
     m.add_function(wrap_pyfunction!(settings_table, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -1,0 +1,385 @@
+//! The in-process backend transport: a backend that lives in the broker's own process (Python
+//! handlers in the interpreter that embeds the broker) and talks to the router with no socket.
+//!
+//! It speaks the same lines as a TCP backend (so the router, acknowledgements, redelivery and
+//! the clients' sans-I/O session are the same code), but nothing crosses the kernel per message:
+//!
+//! * Broker → backend: the router pushes lines into the link's [`Outbox`] as for any backend.
+//!   The outbox calls the link's [`Wake`] on its empty→non-empty edge only; the wake sets a flag,
+//!   notifies a condition variable (threading backends block on it with the GIL released) and
+//!   writes one byte to a socket pair an event loop watches (`add_reader`). The backend drains a
+//!   whole batch with one [`InprocLink::take`] on its own thread.
+//! * Backend → broker: [`InprocLink::write`] carries out a batch of lines on the caller's thread
+//!   (`crate::backend::handle_line`: delivery, answers, acks), never waiting on I/O.
+//! * Backpressure: the outbox has a high-water mark (`inproc_queue_size`); above it the router
+//!   tells the WebSocket tasks feeding it to stop reading their clients until it drains.
+//!
+//! No tokio task and no Python object are involved here; the binding owns the GIL side.
+
+use crate::backend::{handle_line, NEXT_BACKEND};
+use crate::outbox::{Outbox, Take};
+use crate::protocol::{self, BackendCommand, Hello};
+use crate::router::{BackendId, RouterEvent};
+use crate::shutdown::TaskGuard;
+use crate::stats::incr;
+use crate::throttle::ErrorLog;
+use crate::Shared;
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// What [`InprocLink::take`] found.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Status {
+    /// Lines were moved into the caller's buffer.
+    Lines,
+    /// Nothing now; wait for the wake-up.
+    Empty,
+    /// The link is over (closed by the backend, or the broker is gone): end of stream.
+    End,
+}
+
+/// The broker → backend wake-up: raised on the outbox's empty→non-empty edge, cleared by the
+/// reader just before it takes lines, so a push after the take always raises it again.
+struct Wake {
+    pending: Mutex<bool>,
+    cv: Condvar,
+    rx: UnixStream,
+    tx: UnixStream,
+    /// The reader asked for end of stream (`shutdown`) or the link closed.
+    ended: AtomicBool,
+}
+
+impl Wake {
+    fn new() -> std::io::Result<Wake> {
+        let (rx, tx) = UnixStream::pair()?;
+        rx.set_nonblocking(true)?;
+        tx.set_nonblocking(true)?;
+        Ok(Wake { pending: Mutex::new(false), cv: Condvar::new(), rx, tx, ended: AtomicBool::new(false) })
+    }
+
+    fn raise(&self) {
+        let mut pending = self.pending.lock();
+        if !*pending {
+            *pending = true;
+            // One byte per edge: the pair never holds more than one, so this cannot block.
+            let _ = (&self.tx).write(&[1]);
+            self.cv.notify_all();
+        }
+    }
+
+    fn clear(&self) {
+        let mut pending = self.pending.lock();
+        if *pending {
+            *pending = false;
+            let mut buf = [0u8; 16];
+            let _ = (&self.rx).read(&mut buf);
+        }
+    }
+
+    /// Blocks until raised, or `timeout` passed; true if raised.
+    fn wait(&self, timeout: Option<Duration>) -> bool {
+        let mut pending = self.pending.lock();
+        match timeout {
+            None => {
+                while !*pending {
+                    self.cv.wait(&mut pending);
+                }
+            }
+            Some(t) => {
+                let deadline = Instant::now() + t;
+                while !*pending {
+                    if self.cv.wait_until(&mut pending, deadline).timed_out() {
+                        break;
+                    }
+                }
+            }
+        }
+        *pending
+    }
+}
+
+struct LinkState {
+    /// `None` until the backend's first line decided the protocol: `Some(v2)`.
+    opened: Option<bool>,
+    /// The end of a line not yet completed by a newline.
+    partial: Vec<u8>,
+    /// Bytes of a line over `max_line_size` are being skipped up to its newline.
+    skipping: bool,
+    /// The hello was refused: later lines are ignored until the backend closes the link.
+    refused: bool,
+    closed: bool,
+    errors: ErrorLog,
+    /// Held while the link is open, so the broker's shutdown waits for it.
+    guard: Option<TaskGuard>,
+}
+
+pub(crate) struct Inner {
+    shared: Arc<Shared>,
+    id: BackendId,
+    outbox: Arc<Outbox>,
+    wake: Arc<Wake>,
+    state: Mutex<LinkState>,
+    /// Notified when a take finds the outbox finished and empty (see [`InprocLink::wait_drained`]).
+    drained: Condvar,
+}
+
+/// One in-process backend's link to the broker. Dropping it closes it.
+pub struct InprocLink {
+    inner: Arc<Inner>,
+}
+
+/// The broker's side of its in-process links: closed when the broker has stopped, so a backend
+/// never waits on a broker that is gone.
+#[derive(Default)]
+pub(crate) struct Links(Mutex<Vec<Weak<Inner>>>);
+
+impl Links {
+    pub(crate) fn snapshot(&self) -> Vec<InprocLink> {
+        self.0.lock().iter().filter_map(Weak::upgrade).map(|inner| InprocLink { inner }).collect()
+    }
+
+    pub(crate) fn close_all(&self) {
+        for link in self.0.lock().drain(..) {
+            if let Some(inner) = link.upgrade() {
+                InprocLink { inner }.close();
+            }
+        }
+    }
+}
+
+impl InprocLink {
+    /// A new link, not yet known to the router (its first line, normally `hello`, registers it).
+    pub(crate) fn open(shared: Arc<Shared>, guard: TaskGuard, links: &Links) -> std::io::Result<InprocLink> {
+        let wake = Arc::new(Wake::new()?);
+        let hook_wake = wake.clone();
+        let high_water = shared.cfg.inproc_queue_size;
+        // Limits far above the high-water mark: every WebSocket task stops at the mark, so the
+        // lines beyond it are bounded by the number of clients, redeliveries and requests.
+        let outbox = Arc::new(
+            Outbox::new(None, usize::MAX, usize::MAX).with_hook(Arc::new(move || hook_wake.raise()), high_water),
+        );
+        let id = NEXT_BACKEND.fetch_add(1, Ordering::Relaxed);
+        let inner = Arc::new(Inner {
+            id,
+            outbox,
+            wake,
+            state: Mutex::new(LinkState {
+                opened: None,
+                partial: Vec::new(),
+                skipping: false,
+                refused: false,
+                closed: false,
+                errors: ErrorLog::new(id),
+                guard: Some(guard),
+            }),
+            drained: Condvar::new(),
+            shared,
+        });
+        let mut all = links.0.lock();
+        all.retain(|l| l.strong_count() > 0);
+        all.push(Arc::downgrade(&inner));
+        Ok(InprocLink { inner })
+    }
+
+    /// The backend id the router and the logs know this link by.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The file descriptor that becomes readable when [`take`](Self::take) has something (for
+    /// an event loop's `add_reader`). Never read it directly.
+    pub fn wake_fd(&self) -> i32 {
+        self.inner.wake.rx.as_raw_fd()
+    }
+
+    /// Moves up to `max` waiting lines into `out`, without blocking.
+    pub fn take(&self, out: &mut Vec<Bytes>, max: usize) -> Status {
+        let inner = &*self.inner;
+        if inner.wake.ended.load(Ordering::Acquire) {
+            return Status::End;
+        }
+        inner.wake.clear();
+        match inner.outbox.take(out, max) {
+            Take::Lines => {
+                if !inner.outbox.is_empty() {
+                    inner.wake.raise(); // more than one batch: come back at once
+                }
+                Status::Lines
+            }
+            Take::Empty => Status::Empty,
+            Take::Done if inner.outbox.is_closed() => Status::End,
+            Take::Done => {
+                // The broker is stopping and everything was handed over: the backend ends the
+                // link itself once its handlers are done (see `wait_drained`).
+                let _st = inner.state.lock();
+                inner.drained.notify_all();
+                Status::Empty
+            }
+        }
+    }
+
+    /// Blocks until [`take`](Self::take) may have something (or `timeout` passed).
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        self.inner.wake.wait(timeout)
+    }
+
+    /// Waits until the broker stopped routing to this link and the backend took every line
+    /// (true), or `timeout` passed (false).
+    pub fn wait_drained(&self, timeout: Duration) -> bool {
+        let inner = &*self.inner;
+        let deadline = Instant::now() + timeout;
+        let mut st = inner.state.lock();
+        loop {
+            if st.closed || (inner.outbox.finished() && inner.outbox.is_empty()) {
+                return true;
+            }
+            if inner.drained.wait_until(&mut st, deadline).timed_out() {
+                return inner.outbox.finished() && inner.outbox.is_empty();
+            }
+        }
+    }
+
+    /// Carries out the complete lines in `data` (a partial last line waits for the rest).
+    pub fn write(&self, data: &[u8]) {
+        let inner = &*self.inner;
+        let mut st = inner.state.lock();
+        if st.closed {
+            return;
+        }
+        let max = inner.shared.cfg.max_line_size;
+        let mut start = 0;
+        for nl in memchr::memchr_iter(b'\n', data) {
+            let piece = &data[start..nl];
+            start = nl + 1;
+            if st.skipping {
+                st.skipping = false;
+                st.partial.clear();
+                continue;
+            }
+            if st.partial.is_empty() {
+                inner.line(&mut st, piece);
+            } else {
+                let mut line = std::mem::take(&mut st.partial);
+                line.extend_from_slice(piece);
+                inner.line(&mut st, &line);
+                line.clear();
+                st.partial = line;
+            }
+            if st.closed {
+                return;
+            }
+        }
+        let rest = &data[start..];
+        if !st.skipping && !rest.is_empty() {
+            if st.partial.len() + rest.len() > max {
+                st.skipping = true;
+                st.partial.clear();
+                incr(&inner.shared.counters.backend_errors);
+                st.errors.report("line too long", &format!("discarded a line over max_line_size={max} bytes"));
+            } else {
+                st.partial.extend_from_slice(rest);
+            }
+        }
+    }
+
+    /// Ends the stream for the reader ([`take`](Self::take) answers `End`); writes still work.
+    pub fn shutdown(&self) {
+        self.inner.wake.ended.store(true, Ordering::Release);
+        self.inner.wake.raise();
+    }
+
+    /// Closes the link (idempotent): the router forgets the backend and redelivers what it had
+    /// not acknowledged to the others, and the broker's shutdown stops waiting for it.
+    pub fn close(&self) {
+        let inner = &*self.inner;
+        let mut st = inner.state.lock();
+        if st.closed {
+            return;
+        }
+        st.closed = true;
+        let registered = st.opened.is_some();
+        st.errors.flush();
+        let guard = st.guard.take();
+        inner.drained.notify_all();
+        drop(st);
+        inner.outbox.close();
+        if registered {
+            let _ = inner.shared.router.handle(RouterEvent::BackendDown { id: inner.id });
+            tracing::info!(backend = inner.id, "in-process backend detached");
+        }
+        drop(guard);
+        self.shutdown();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.state.lock().closed
+    }
+}
+
+impl Drop for InprocLink {
+    fn drop(&mut self) {
+        // Only the owner's handle closes; `Links::close_all` builds temporary handles too.
+        if Arc::strong_count(&self.inner) == 1 {
+            self.close();
+        }
+    }
+}
+
+impl Inner {
+    fn line(&self, st: &mut LinkState, line: &[u8]) {
+        if st.refused || line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let v2 = match st.opened {
+            Some(v2) => v2,
+            None => match self.open(st, line) {
+                Some(true) => return, // it was the hello
+                Some(false) => false,
+                None => return, // refused
+            },
+        };
+        handle_line(self.id, v2, line, &self.shared, &mut st.errors);
+    }
+
+    /// The backend's first line: a `hello` negotiates v2 (answered with heartbeats off: a
+    /// backend in this process cannot go silent without the link closing); anything else makes
+    /// it a v1 backend. Returns whether the line was the hello, `None` when refused.
+    fn open(&self, st: &mut LinkState, line: &[u8]) -> Option<bool> {
+        let hello = match protocol::decode_backend_line(line) {
+            Ok(BackendCommand::Hello(h)) => Some(h),
+            _ => None,
+        };
+        let v2 = match hello {
+            Some(Hello { version, .. }) if version < protocol::PROTOCOL_VERSION => {
+                let reason = format!(
+                    "unsupported protocol version {version} in hello (this broker speaks {})",
+                    protocol::PROTOCOL_VERSION
+                );
+                tracing::warn!(backend = self.id, "in-process backend refused: {reason}");
+                incr(&self.shared.counters.backends_refused);
+                let _ = self.outbox.push(protocol::encode_hello_reply(Err(&reason)), false);
+                self.outbox.finish();
+                st.refused = true;
+                return None;
+            }
+            Some(_) => {
+                let _ = self.outbox.push(protocol::encode_hello_reply(Ok(0.0)), false);
+                true
+            }
+            None => false,
+        };
+        st.opened = Some(v2);
+        let up =
+            RouterEvent::BackendUp { id: self.id, addr: "in-process".to_string(), outbox: self.outbox.clone(), v2 };
+        if self.shared.router.handle(up).is_err() {
+            self.outbox.finish(); // the broker is stopping: nothing will come
+        }
+        Some(v2)
+    }
+}
