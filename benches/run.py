@@ -13,6 +13,8 @@ What it does, all on 127.0.0.1, everything started here and stopped here (proces
    in the summary, not silently left out.
 2. Systems under test, each started on free ports as its own process (group):
    * `pystrands`: our broker (`python -m pystrands server`) + our AsyncPyStrandsClient backend
+   * `pystrands+inproc`: our broker with the same backend in the broker's process (no TCP between them)
+   * `pystrands+inproc-uvloop`: the same, on uvloop (`async with Broker.serving(backend)`)
    * `pystrands+uvloop`: the same, with the backend on uvloop instead of asyncio's own loop
    * `pystrands+pure-python`: the same, with the native inbound codec off (`PYSTRANDS_PURE_PYTHON=1`)
    * `pystrands@baseline` (only with `--baseline DIR`): broker and backend from an earlier build in DIR
@@ -239,7 +241,15 @@ class System:
         ws_port = free_port()
         procs: list[Proc] = []
         try:
-            if self.kind == "pystrands":
+            if self.kind == "inproc":
+                tcp_port = free_port()
+                env = dict(os.environ, **self.env) if self.env else None
+                loop = "uvloop" if self.backend == "ours-uvloop" else "asyncio"
+                p = Proc(self.name, [str(venv_python(OUR_VENV)), str(PEERS / "pystrands_inproc.py"), str(ws_port), str(tcp_port), loop],
+                         logdir, env=env)
+                procs.append(p)
+                rss = {"server": p.pid}
+            elif self.kind == "pystrands":
                 tcp_port = free_port()
                 env = dict(os.environ, **self.env) if self.env else None
                 broker = Proc(f"{self.name}-broker", [str(venv_python(OUR_VENV)), "-m", "pystrands", "server", "--host", "127.0.0.1",
@@ -287,6 +297,10 @@ class System:
 ALL = {"echo", "fanout", "idle", "connect", "broadcast"}
 SYSTEMS = [
     System("pystrands", "pystrands", ALL, "our broker (release) + our AsyncPyStrandsClient backend", backend="ours"),
+    System("pystrands+inproc", "inproc", {"echo", "fanout", "connect", "broadcast"},
+           "our broker with our AsyncPyStrandsClient backend in the same process (Broker.serve(backend=...))", backend="ours"),
+    System("pystrands+inproc-uvloop", "inproc", {"echo", "fanout", "connect", "broadcast"},
+           "the same on uvloop (async with Broker.serving(backend))", backend="ours-uvloop"),
     System("pystrands+uvloop", "pystrands", {"echo", "connect"}, "our broker + our AsyncPyStrandsClient backend on uvloop", backend="ours-uvloop"),
     System("pystrands+pure-python", "pystrands", {"echo", "connect"},
            "our broker + our AsyncPyStrandsClient backend with the native codec off (PYSTRANDS_PURE_PYTHON=1)",
@@ -627,7 +641,7 @@ def write_summary(data: dict, path: Path) -> None:
              "wall time; the machine has " + str(m["cores"]) + "; `irq` is the kernel's interrupt work (mostly moving the loopback "
              "packets of the benchmark itself); `others` is every other process on the machine. A load generator "
              "near 1.0 is saturated (it runs on one thread): then the load generator, not the system, sets the number.\n")
-    L.append("\n## Targets (issue 5), ratios from this run\n")
+    L.append("\n## Targets (issues 5 and 14), ratios from this run\n")
     L.append("| target | measured | met? |")
     L.append("|---|---|---|")
     for t in data["targets"]:
@@ -677,6 +691,17 @@ def targets(res: dict) -> list[dict]:
     ratio("W1 ours on uvloop ≥ 70% of picows echo", ("echo", "pystrands+uvloop"), ("echo", "picows"), 0.70)
     ratio("W4 Python accept on uvloop ≥ 80% of the same broker accepting in Rust", ("connect", "pystrands+uvloop"),
           ("connect", "pystrands+rust-backend"), 0.80)
+    # Issue 14: the backend in the broker's process.
+    ratio("W1 in-process ≥ 1.0x picows echo", ("echo", "pystrands+inproc"), ("echo", "picows"), 1.0)
+    ratio("W1 in-process on uvloop ≥ 1.0x picows echo", ("echo", "pystrands+inproc-uvloop"), ("echo", "picows"), 1.0)
+    ratio("W1 in-process ≥ 0.8x the tokio ceiling", ("echo", "pystrands+inproc"), ("echo", "tokio-ceiling"), 0.8)
+    ratio("W4 in-process Python accept ≥ 0.9x the same broker accepting in Rust", ("connect", "pystrands+inproc"),
+          ("connect", "pystrands+rust-backend"), 0.9)
+    ratio("W2 (max rate) in-process publisher ≥ 0.9x the tokio ceiling", ("fanout_max", "pystrands+inproc"),
+          ("fanout_max", "tokio-ceiling"), 0.9)
+    ratio("W5 p99 of last delivery, in-process publisher, ≤ 1/0.9x the ceiling's", ("broadcast", "pystrands+inproc"),
+          ("broadcast", "tokio-ceiling"), 1 / 0.9, higher=False)
+    ratio("W1 in-process ≥ 1.0x our TCP backend (same run)", ("echo", "pystrands+inproc"), ("echo", "pystrands"), 1.0)
     return out
 
 

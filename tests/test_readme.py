@@ -1,0 +1,107 @@
+"""The README's quick start, pasted as it is: its code blocks are extracted from README.md and run
+as programs (only the ports are changed to free ones), driven by real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+from pystrands.testing import running_broker, ws_url
+from v1peer import DEADLINE, wait_for
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def quick_start_blocks() -> list[str]:
+    text = README.read_text()
+    section = text[text.index("## Quick start") :]
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def run_program(code: str, tmp_path: Path) -> subprocess.Popen[str]:
+    script = tmp_path / "program.py"
+    script.write_text(code)
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+async def echo_round_trip(url: str) -> tuple[str, websockets.ClientConnection]:
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    while True:
+        try:
+            ws = await websockets.connect(url, open_timeout=DEADLINE)
+            break
+        except (OSError, websockets.InvalidStatus):  # not listening yet / backend not attached yet
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+    await ws.send("hi")
+    return await asyncio.wait_for(ws.recv(), DEADLINE), ws
+
+
+def test_readme_has_the_one_process_example_first():
+    blocks = quick_start_blocks()
+    assert ".serve(backend=" in blocks[0], "the quick start opens with the one-process example"
+
+
+def test_one_process_quick_start_runs_and_stops_on_sigterm(tmp_path):
+    code = quick_start_blocks()[0]
+    ws_port, tcp_port = free_port(), free_port()
+    assert "ws_port=8080, tcp_port=8081" in code
+    proc = run_program(code.replace("ws_port=8080, tcp_port=8081", f"ws_port={ws_port}, tcp_port={tcp_port}"), tmp_path)
+    try:
+
+        async def scenario() -> int | None:
+            reply, ws = await echo_round_trip(f"ws://127.0.0.1:{ws_port}/lobby")
+            assert reply == "echo: hi"
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(ws.recv(), DEADLINE)
+            except ConnectionClosed as closed:
+                return closed.rcvd.code if closed.rcvd else None
+            return None
+
+        assert asyncio.run(scenario()) == 1001, "SIGTERM closes the clients with 1001"
+        out, _ = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_tcp_backend_quick_start_runs(tmp_path):
+    code = quick_start_blocks()[1]
+    assert "port=8081" in code
+    with running_broker() as broker:
+        proc = run_program(code.replace("port=8081", f"port={broker.tcp_port}"), tmp_path)
+        try:
+            async def scenario() -> str:
+                await wait_for(lambda: broker.stats().get("backends") == 1, what="the README backend connects")
+                reply, ws = await echo_round_trip(ws_url(broker, "/lobby"))
+                await ws.close()
+                return reply
+
+            assert asyncio.run(scenario()) == "echo: hi"
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=DEADLINE)
+            assert "Traceback" not in out or "KeyboardInterrupt" in out, out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
