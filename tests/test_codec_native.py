@@ -561,3 +561,66 @@ def test_import_without_the_native_extension() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["python", "['NewMessage']"]
+
+
+# ------------------------------------------------------------------------------ encoders
+
+ENCODERS = [
+    ("encode_room_message", 2),
+    ("encode_private_message", 2),
+    ("encode_broadcast", 1),
+]
+
+HOSTILE_TEXT = [
+    "",
+    "plain",
+    'quote " backslash \\ slash /',
+    "".join(chr(c) for c in range(0x20)) + "\x7f",
+    "é ü ß — 中文 🎉 \u2028 \u2029 \ufeff",
+    "\U0010ffff" * 3,
+    "a" * 100_000,
+]
+
+
+@pytest.mark.parametrize("name, arity", ENCODERS)
+def test_native_encoders_write_the_reference_bytes(name: str, arity: int) -> None:
+    from pystrands import _core
+
+    native, python = getattr(_core, name), getattr(p, name)
+    rng = random.Random(name)
+    texts = HOSTILE_TEXT + [rand_str(rng) for _ in range(500)]
+    for i, text in enumerate(texts):
+        args = [text, texts[(i * 7) % len(texts)]][:arity]
+        rid = str(i)
+        assert native(*args, request_id=rid) == python(*args, request_id=rid), args
+    # Request ids of their own, each a fresh one, in the same line shape.
+    a, b = json.loads(native(*["x"] * arity)), json.loads(native(*["x"] * arity))
+    assert a["request_id"] != b["request_id"] and a["params"] == json.loads(python(*["x"] * arity))["params"]
+
+
+@pytest.mark.parametrize("name, arity", ENCODERS)
+def test_native_encoders_hand_odd_arguments_to_the_reference(name: str, arity: int) -> None:
+    from pystrands import _core
+
+    native, python = getattr(_core, name), getattr(p, name)
+    for odd in (5, None, 1.5, ["a"], {"k": "v"}, True):
+        args = ["room", odd][-arity:]
+        assert native(*args, request_id="7") == python(*args, request_id="7")
+
+    class Sub(str):
+        pass
+
+    args = [Sub("r"), Sub("m")][:arity]
+    assert native(*args, request_id="1") == python(*args, request_id="1")
+    surrogate = ["room", "\ud800"][-arity:]
+    with pytest.raises(TypeError):
+        python(*surrogate)
+    with pytest.raises(TypeError):
+        native(*surrogate)
+
+
+def test_sessions_send_with_the_encoders_of_their_codec() -> None:
+    from pystrands import _core
+
+    assert Session(codec="native").encoders.room is _core.encode_room_message
+    assert Session(codec="python").encoders.room is p.encode_room_message

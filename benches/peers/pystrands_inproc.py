@@ -13,8 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pystrands import Broker  # noqa: E402
 from pystrands_backend import Bench  # noqa: E402
+
+from pystrands import Broker  # noqa: E402
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._inproc import Attachable
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
     ConnectionRequest,
@@ -28,7 +29,6 @@ from ._protocol import (
     NewMessage,
     resolve_backend_secret,
 )
-from ._inproc import Attachable
 from ._session import DEFAULT_MAX_BUFFERED_SENDS, Session
 from .context import ConnectionRequestContext, Context
 

@@ -43,6 +43,7 @@ class BrokerSettings(TypedDict, total=False):
     cluster_required: bool
     cluster_name: str
     cluster_node_id: str | None
+    inproc_queue_size: int
 
 class SettingInfo(TypedDict):
     """One row of :func:`settings_table`."""
@@ -162,6 +163,54 @@ class NativeBroker:
         when not running); in a cluster also the ``cluster_*`` figures."""
     def room_members(self) -> dict[str, int]:
         """Room → members, cluster-wide in a cluster (empty when not running)."""
+    def attach(self) -> InprocLink:
+        """A link for a backend running in this process (``RuntimeError`` when not running)."""
+    def stop_clients(self, timeout: float = 5.0) -> None:
+        """First half of ``stop`` for in-process backends: clients are closed (1001) and their
+        last events routed, then routing stops; the links then drain and close, ``stop`` finishes."""
+    def wait_drained(self, timeout: float = 5.0) -> bool:
+        """After ``stop_clients``: waits (GIL released) until every in-process link has taken all
+        it was sent, at most ``timeout`` seconds; true when all did."""
+
+class InprocLink:
+    """An in-process backend's link to its broker (made by :meth:`NativeBroker.attach`).
+
+    The broker queues the backend's lines here; :meth:`fileno` becomes readable once per batch.
+    ``pystrands._inproc`` adapts it to a socket (threading client) and a transport (asyncio).
+    """
+
+    @property
+    def id(self) -> int:
+        """The backend id the broker's logs use for this link."""
+    @property
+    def closed(self) -> bool:
+        """True once the link is over (closed by the backend, or the broker stopped)."""
+    def fileno(self) -> int:
+        """The descriptor that becomes readable when :meth:`read` has lines (for ``add_reader``)."""
+    def read(self, max_lines: int = 4096) -> bytes | None:
+        """Up to ``max_lines`` waiting lines as one ``bytes`` without blocking: ``b""`` when there
+        are none, ``None`` at the end of the stream."""
+    def recv(self, timeout: float | None = None, max_lines: int = 4096) -> bytes | None:
+        """Blocks (GIL released) until lines arrive and returns them; ``b""`` at the end of the
+        stream; ``None`` when ``timeout`` passed first."""
+    def write(self, data: bytes) -> None:
+        """Hands the backend's lines (sends, answers, acks) to the broker; never blocks."""
+    def shutdown(self) -> None:
+        """Ends the stream for readers; writing still works."""
+    def close(self) -> None:
+        """Closes the link; the broker redelivers what was not acknowledged to other backends."""
+    def wait_drained(self, timeout: float) -> bool:
+        """After the broker began stopping: waits (GIL released) until every line was read."""
+
+def encode_room_message(room_id: str, message: str, request_id: str | None = None) -> bytes:
+    """Native ``pystrands._protocol.encode_room_message`` (same bytes; other argument types are
+    handed to the Python encoder)."""
+
+def encode_private_message(client_id: str, message: str, request_id: str | None = None) -> bytes:
+    """Native ``pystrands._protocol.encode_private_message`` (same bytes)."""
+
+def encode_broadcast(message: str, request_id: str | None = None) -> bytes:
+    """Native ``pystrands._protocol.encode_broadcast`` (same bytes)."""
 
 class LineDecoder:
     """The native inbound codec of the backend clients: ``LineFramer`` + ``decode_event`` in one.

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Coroutine
-from typing import Any, Union
+from typing import Any
 
 from .app import PyStrands
 from .async_client import AsyncPyStrandsClient
@@ -30,7 +30,7 @@ logger = logging.getLogger("pystrands.broker")
 
 __all__ = ["Backend", "Hosted"]
 
-Backend = Union[PyStrandsClient, AsyncPyStrandsClient, PyStrands]
+Backend = PyStrandsClient | AsyncPyStrandsClient | PyStrands
 """What ``Broker(...).serve(backend=...)`` and ``start(backend=...)`` accept."""
 
 _START_TIMEOUT = 10.0

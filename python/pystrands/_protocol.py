@@ -235,19 +235,19 @@ def encode(action: str, params: dict[str, Any], request_id: str | None = None) -
     return dumps({"request_id": request_id, "action": action, "params": params}) + b"\n"
 
 
-def encode_room_message(room_id: str, message: str) -> bytes:
+def encode_room_message(room_id: str, message: str, request_id: str | None = None) -> bytes:
     """Frame a ``message_to_room``."""
-    return encode("message_to_room", {"room_id": room_id, "message": message})
+    return encode("message_to_room", {"room_id": room_id, "message": message}, request_id)
 
 
-def encode_private_message(client_id: str, message: str) -> bytes:
+def encode_private_message(client_id: str, message: str, request_id: str | None = None) -> bytes:
     """Frame a ``message_to_connection`` (``conn_id`` is the client id)."""
-    return encode("message_to_connection", {"conn_id": client_id, "message": message})
+    return encode("message_to_connection", {"conn_id": client_id, "message": message}, request_id)
 
 
-def encode_broadcast(message: str) -> bytes:
+def encode_broadcast(message: str, request_id: str | None = None) -> bytes:
     """Frame a ``broadcast``."""
-    return encode("broadcast", {"message": message})
+    return encode("broadcast", {"message": message}, request_id)
 
 
 def encode_response(request_id: Any, accepted: bool, context: Context) -> bytes:

@@ -32,10 +32,11 @@ Each link gets a number (:attr:`Session.link`); completions reported for an even
 of an earlier link are ignored, so a handler finishing late never corrupts the
 acknowledgements of the next link.
 
-Inbound codec: the native ``pystrands._core.LineDecoder`` (framing and decoding in
-Rust, same events, malformed lines decoded by the Python reference) when the
-extension has it, else :class:`~pystrands._protocol.LineFramer` +
-:func:`~pystrands._protocol.decode_event`. ``PYSTRANDS_PURE_PYTHON=1`` in the
+Codec: the native ``pystrands._core.LineDecoder`` (framing and decoding in
+Rust, same events, malformed lines decoded by the Python reference) and the
+native send encoders (:attr:`Session.encoders`, same bytes) when the extension
+has them, else :class:`~pystrands._protocol.LineFramer` +
+:func:`~pystrands._protocol.decode_event` and the ``encode_*`` functions. ``PYSTRANDS_PURE_PYTHON=1`` in the
 environment forces the pure-Python codec; :attr:`Session.codec` says which one a
 session uses.
 
@@ -50,7 +51,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
@@ -63,7 +64,10 @@ from ._protocol import (
     Skipped,
     decode_event,
     encode_ack,
+    encode_broadcast,
     encode_hello,
+    encode_private_message,
+    encode_room_message,
 )
 
 PURE_PYTHON_ENV = "PYSTRANDS_PURE_PYTHON"
@@ -81,11 +85,36 @@ def native_decoder() -> Any | None:
     return LineDecoder
 
 
+class Encoders(NamedTuple):
+    """The encoders of the three sends: the session's codec picks the native or the Python ones."""
+
+    room: Callable[[str, str], bytes]
+    private: Callable[[str, str], bytes]
+    broadcast: Callable[[str], bytes]
+
+
+PYTHON_ENCODERS = Encoders(encode_room_message, encode_private_message, encode_broadcast)
+
+
+def native_encoders() -> Encoders | None:
+    """The native send encoders, or ``None`` (as :func:`native_decoder`)."""
+    if native_decoder() is None:
+        return None
+    try:
+        from ._core import encode_broadcast as broadcast
+        from ._core import encode_private_message as private
+        from ._core import encode_room_message as room
+    except ImportError:  # an extension without them
+        return None
+    return Encoders(room, private, broadcast)
+
+
 __all__ = [
     "BUFFER_POLICIES",
     "DEFAULT_MAX_BUFFERED_SENDS",
     "PURE_PYTHON_ENV",
     "AckTracker",
+    "Encoders",
     "Session",
     "native_decoder",
     "validate_buffer_settings",
@@ -245,6 +274,7 @@ class Session:
         "_clock",
         "codec",
         "_native",
+        "encoders",
         "framer",
         "link",
         "open",
@@ -290,6 +320,7 @@ class Session:
         self._native = decoder is not None
         self.codec = "native" if self._native else "python"
         self.framer: Any = LineFramer(max_line_size) if decoder is None else decoder(max_line_size)
+        self.encoders = (native_encoders() if self._native else None) or PYTHON_ENCODERS
         self.link = 0  # number of the current (or last) link; 0: none yet
         self.open = False
         self.acks: AckTracker | None = None  # set while the link speaks v2

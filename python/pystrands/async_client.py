@@ -44,18 +44,15 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
 
 from ._base import FAIRNESS_BATCH, REPLY, ClientBase, legacy_log_handler
-from ._inproc import LinkTransport
 from ._coro import first_step as _first_step
 from ._coro import resume as _resume
+from ._inproc import LinkTransport
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
     ConnectionRequest,
     ErrorEvent,
     Event,
-    encode_broadcast,
-    encode_private_message,
     encode_reject,
-    encode_room_message,
     response_for,
 )
 from ._session import DEFAULT_MAX_BUFFERED_SENDS
@@ -631,19 +628,19 @@ class AsyncPyStrandsClient(ClientBase):
 
     async def broadcast_message(self, message: str) -> None:
         """Send ``message`` to every connected WebSocket client."""
-        conn = self._submit(encode_broadcast(message), "broadcast")
+        conn = self._submit(self._session.encoders.broadcast(message), "broadcast")
         if conn is not None and conn.write_paused:
             await self._drained(conn)
 
     async def send_room_message(self, room_id: str, message: str) -> None:
         """Send ``message`` to every client in room ``room_id``."""
-        conn = self._submit(encode_room_message(room_id, message), "message_to_room")
+        conn = self._submit(self._session.encoders.room(room_id, message), "message_to_room")
         if conn is not None and conn.write_paused:
             await self._drained(conn)
 
     async def send_private_message(self, client_id: str, message: str) -> None:
         """Send ``message`` to the client ``client_id`` only."""
-        conn = self._submit(encode_private_message(client_id, message), "message_to_connection")
+        conn = self._submit(self._session.encoders.private(client_id, message), "message_to_connection")
         if conn is not None and conn.write_paused:
             await self._drained(conn)
 

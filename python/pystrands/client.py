@@ -51,10 +51,7 @@ from ._protocol import (
     ConnectionRequest,
     ErrorEvent,
     Event,
-    encode_broadcast,
-    encode_private_message,
     encode_reject,
-    encode_room_message,
     response_for,
 )
 from ._session import DEFAULT_MAX_BUFFERED_SENDS
@@ -697,15 +694,15 @@ class PyStrandsClient(ClientBase):
 
     def broadcast_message(self, message: str) -> None:
         """Send ``message`` to every connected WebSocket client."""
-        self._submit(encode_broadcast(message), "broadcast")
+        self._submit(self._session.encoders.broadcast(message), "broadcast")
 
     def send_room_message(self, room_id: str, message: str) -> None:
         """Send ``message`` to every client in room ``room_id``."""
-        self._submit(encode_room_message(room_id, message), "message_to_room")
+        self._submit(self._session.encoders.room(room_id, message), "message_to_room")
 
     def send_private_message(self, client_id: str, message: str) -> None:
         """Send ``message`` to the client ``client_id`` only."""
-        self._submit(encode_private_message(client_id, message), "message_to_connection")
+        self._submit(self._session.encoders.private(client_id, message), "message_to_connection")
 
     # ------------------------------------------------------------------- dispatch
 

@@ -9,8 +9,11 @@
 //!   notifies a condition variable (threading backends block on it with the GIL released) and
 //!   writes one byte to a socket pair an event loop watches (`add_reader`). The backend drains a
 //!   whole batch with one [`InprocLink::take`] on its own thread.
-//! * Backend → broker: [`InprocLink::write`] carries out a batch of lines on the caller's thread
-//!   (`crate::backend::handle_line`: delivery, answers, acks), never waiting on I/O.
+//! * Backend → broker: [`InprocLink::write`] hands a batch of lines (one drain's sends, answers
+//!   and acks) to the link's task in the broker's runtime with one channel send, and returns.
+//!   The task carries them out in order (`crate::backend::handle_line`), like a TCP backend's
+//!   reader: the clients' tasks it wakes are woken from a runtime thread (no cross-thread wake per
+//!   message), and the backend's thread does no parsing.
 //! * Backpressure: the outbox has a high-water mark (`inproc_queue_size`); above it the router
 //!   tells the WebSocket tasks feeding it to stop reading their clients until it drains.
 //!
@@ -32,6 +35,14 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What the backend hands to its link's task.
+enum Work {
+    Lines(Vec<u8>),
+    /// The backend closed the link: finish what came before, then leave the router.
+    Close,
+}
 
 /// What [`InprocLink::take`] found.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -120,6 +131,8 @@ struct LinkState {
 }
 
 pub(crate) struct Inner {
+    /// To the link's task; `None` once closed.
+    work: Mutex<Option<mpsc::UnboundedSender<Work>>>,
     shared: Arc<Shared>,
     id: BackendId,
     outbox: Arc<Outbox>,
@@ -132,6 +145,9 @@ pub(crate) struct Inner {
 /// One in-process backend's link to the broker. Dropping it closes it.
 pub struct InprocLink {
     inner: Arc<Inner>,
+    /// The backend's own handle (closes the link when dropped), as opposed to the broker's
+    /// temporary views of it.
+    owner: bool,
 }
 
 /// The broker's side of its in-process links: closed when the broker has stopped, so a backend
@@ -141,13 +157,14 @@ pub(crate) struct Links(Mutex<Vec<Weak<Inner>>>);
 
 impl Links {
     pub(crate) fn snapshot(&self) -> Vec<InprocLink> {
-        self.0.lock().iter().filter_map(Weak::upgrade).map(|inner| InprocLink { inner }).collect()
+        self.0.lock().iter().filter_map(Weak::upgrade).map(|inner| InprocLink { inner, owner: false }).collect()
     }
 
     pub(crate) fn close_all(&self) {
         for link in self.0.lock().drain(..) {
             if let Some(inner) = link.upgrade() {
-                InprocLink { inner }.close();
+                InprocLink { inner: inner.clone(), owner: false }.close();
+                inner.finish(); // the runtime is about to go: do not wait for the link's task
             }
         }
     }
@@ -155,7 +172,12 @@ impl Links {
 
 impl InprocLink {
     /// A new link, not yet known to the router (its first line, normally `hello`, registers it).
-    pub(crate) fn open(shared: Arc<Shared>, guard: TaskGuard, links: &Links) -> std::io::Result<InprocLink> {
+    pub(crate) fn open(
+        shared: Arc<Shared>,
+        guard: TaskGuard,
+        links: &Links,
+        runtime: &tokio::runtime::Handle,
+    ) -> std::io::Result<InprocLink> {
         let wake = Arc::new(Wake::new()?);
         let hook_wake = wake.clone();
         let high_water = shared.cfg.inproc_queue_size;
@@ -165,7 +187,9 @@ impl InprocLink {
             Outbox::new(None, usize::MAX, usize::MAX).with_hook(Arc::new(move || hook_wake.raise()), high_water),
         );
         let id = NEXT_BACKEND.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
+            work: Mutex::new(Some(tx)),
             id,
             outbox,
             wake,
@@ -184,7 +208,9 @@ impl InprocLink {
         let mut all = links.0.lock();
         all.retain(|l| l.strong_count() > 0);
         all.push(Arc::downgrade(&inner));
-        Ok(InprocLink { inner })
+        drop(all);
+        runtime.spawn(work_loop(inner.clone(), rx));
+        Ok(InprocLink { inner, owner: true })
     }
 
     /// The backend id the router and the logs know this link by.
@@ -245,45 +271,17 @@ impl InprocLink {
         }
     }
 
-    /// Carries out the complete lines in `data` (a partial last line waits for the rest).
+    /// Hands `data` (the backend's lines; a partial last line waits for the rest) to the link's
+    /// task, which carries them out in order. Never blocks.
     pub fn write(&self, data: &[u8]) {
-        let inner = &*self.inner;
-        let mut st = inner.state.lock();
-        if st.closed {
+        if data.is_empty() {
             return;
         }
-        let max = inner.shared.cfg.max_line_size;
-        let mut start = 0;
-        for nl in memchr::memchr_iter(b'\n', data) {
-            let piece = &data[start..nl];
-            start = nl + 1;
-            if st.skipping {
-                st.skipping = false;
-                st.partial.clear();
-                continue;
-            }
-            if st.partial.is_empty() {
-                inner.line(&mut st, piece);
-            } else {
-                let mut line = std::mem::take(&mut st.partial);
-                line.extend_from_slice(piece);
-                inner.line(&mut st, &line);
-                line.clear();
-                st.partial = line;
-            }
-            if st.closed {
-                return;
-            }
-        }
-        let rest = &data[start..];
-        if !st.skipping && !rest.is_empty() {
-            if st.partial.len() + rest.len() > max {
-                st.skipping = true;
-                st.partial.clear();
-                incr(&inner.shared.counters.backend_errors);
-                st.errors.report("line too long", &format!("discarded a line over max_line_size={max} bytes"));
-            } else {
-                st.partial.extend_from_slice(rest);
+        let work = self.inner.work.lock();
+        if let Some(tx) = work.as_ref() {
+            if let Err(mpsc::error::SendError(Work::Lines(lines))) = tx.send(Work::Lines(data.to_vec())) {
+                // The broker's runtime is gone: carry them out here (delivery never waits).
+                self.inner.lines(&lines);
             }
         }
     }
@@ -294,27 +292,15 @@ impl InprocLink {
         self.inner.wake.raise();
     }
 
-    /// Closes the link (idempotent): the router forgets the backend and redelivers what it had
-    /// not acknowledged to the others, and the broker's shutdown stops waiting for it.
+    /// Closes the link (idempotent): after the lines already written are carried out, the router
+    /// forgets the backend and redelivers what it had not acknowledged to the others, and the
+    /// broker's shutdown stops waiting for it.
     pub fn close(&self) {
-        let inner = &*self.inner;
-        let mut st = inner.state.lock();
-        if st.closed {
-            return;
-        }
-        st.closed = true;
-        let registered = st.opened.is_some();
-        st.errors.flush();
-        let guard = st.guard.take();
-        inner.drained.notify_all();
-        drop(st);
-        inner.outbox.close();
-        if registered {
-            let _ = inner.shared.router.handle(RouterEvent::BackendDown { id: inner.id });
-            tracing::info!(backend = inner.id, "in-process backend detached");
-        }
-        drop(guard);
         self.shutdown();
+        let Some(tx) = self.inner.work.lock().take() else { return };
+        if tx.send(Work::Close).is_err() {
+            self.inner.finish(); // the runtime is gone: nothing else will
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -324,14 +310,86 @@ impl InprocLink {
 
 impl Drop for InprocLink {
     fn drop(&mut self) {
-        // Only the owner's handle closes; `Links::close_all` builds temporary handles too.
-        if Arc::strong_count(&self.inner) == 1 {
+        if self.owner {
             self.close();
         }
     }
 }
 
+/// The link's task: carries out what the backend writes, in order, until it closes.
+async fn work_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Work>) {
+    while let Some(work) = rx.recv().await {
+        match work {
+            Work::Lines(data) => inner.lines(&data),
+            Work::Close => break,
+        }
+    }
+    inner.finish();
+}
+
 impl Inner {
+    /// Carries out the complete lines in `data`, keeping a partial last line for the next call.
+    fn lines(&self, data: &[u8]) {
+        let mut st = self.state.lock();
+        if st.closed {
+            return;
+        }
+        let max = self.shared.cfg.max_line_size;
+        let mut start = 0;
+        for nl in memchr::memchr_iter(b'\n', data) {
+            let piece = &data[start..nl];
+            start = nl + 1;
+            if st.skipping {
+                st.skipping = false;
+                st.partial.clear();
+                continue;
+            }
+            if st.partial.is_empty() {
+                self.line(&mut st, piece);
+            } else {
+                let mut line = std::mem::take(&mut st.partial);
+                line.extend_from_slice(piece);
+                self.line(&mut st, &line);
+                line.clear();
+                st.partial = line;
+            }
+        }
+        let rest = &data[start..];
+        if !st.skipping && !rest.is_empty() {
+            if st.partial.len() + rest.len() > max {
+                st.skipping = true;
+                st.partial.clear();
+                incr(&self.shared.counters.backend_errors);
+                st.errors.report("line too long", &format!("discarded a line over max_line_size={max} bytes"));
+            } else {
+                st.partial.extend_from_slice(rest);
+            }
+        }
+    }
+
+    /// The link is over: it leaves the router (which redelivers its unacknowledged events) and
+    /// the broker's shutdown stops waiting for it. Idempotent.
+    fn finish(&self) {
+        let mut st = self.state.lock();
+        if st.closed {
+            return;
+        }
+        st.closed = true;
+        let registered = st.opened.is_some();
+        st.errors.flush();
+        let guard = st.guard.take();
+        self.drained.notify_all();
+        drop(st);
+        self.outbox.close();
+        if registered {
+            let _ = self.shared.router.handle(RouterEvent::BackendDown { id: self.id });
+            tracing::info!(backend = self.id, "in-process backend detached");
+        }
+        drop(guard);
+        self.wake.ended.store(true, Ordering::Release);
+        self.wake.raise();
+    }
+
     fn line(&self, st: &mut LinkState, line: &[u8]) {
         if st.refused || line.iter().all(u8::is_ascii_whitespace) {
             return;

@@ -264,7 +264,8 @@ impl BrokerHandle {
             return Err("the broker is not running".to_string());
         }
         let guard = self.backends.try_guard().ok_or_else(|| "the broker is stopping".to_string())?;
-        InprocLink::open(self.shared.clone(), guard, &self.links)
+        let runtime = self.runtime.as_ref().ok_or_else(|| "the broker is not running".to_string())?;
+        InprocLink::open(self.shared.clone(), guard, &self.links, runtime.handle())
             .map_err(|e| format!("cannot create the in-process wake-up: {e}"))
     }
 

@@ -1,10 +1,12 @@
 //! `pystrands._core`: the thin PyO3 binding of the broker core. It converts a settings dict into
 //! a validated [`Config`], starts and stops a [`BrokerHandle`] with the GIL released, and reads
 //! its stats. No Python is ever called from the broker's tokio threads.
-//! `codec` adds the optional native event codec of the Python clients (`LineDecoder`); `inproc`
+//! `codec` and `encode` add the optional native codec of the Python clients (`LineDecoder`, the
+//! three send encoders); `inproc`
 //! the link of a backend running in this process (`InprocLink`).
 
 mod codec;
+mod encode;
 mod inproc;
 
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
@@ -284,6 +286,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeBroker>()?;
     m.add_class::<codec::LineDecoder>()?;
     m.add_class::<inproc::PyInprocLink>()?;
+    m.add_function(wrap_pyfunction!(encode::encode_room_message, m)?)?;
+    m.add_function(wrap_pyfunction!(encode::encode_private_message, m)?)?;
+    m.add_function(wrap_pyfunction!(encode::encode_broadcast, m)?)?;
     m.add_function(wrap_pyfunction!(default_settings, m)?)?;
     m.add_function(wrap_pyfunction!(settings_table, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
