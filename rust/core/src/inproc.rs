@@ -235,6 +235,12 @@ impl InprocLink {
             Take::Lines => {
                 if !inner.outbox.is_empty() {
                     inner.wake.raise(); // more than one batch: come back at once
+                } else if inner.outbox.finished() {
+                    // That was the last batch of a finishing outbox. Its `finish` may have found
+                    // the wake already raised (no new edge), so an event-loop reader is not
+                    // woken again to see `Done`: tell `wait_drained` now.
+                    let _st = inner.state.lock();
+                    inner.drained.notify_all();
                 }
                 Status::Lines
             }
@@ -279,6 +285,14 @@ impl InprocLink {
         }
         let work = self.inner.work.lock();
         if let Some(tx) = work.as_ref() {
+            if self.inner.state.lock().opened.is_none() {
+                // The first line (our clients' hello) registers the backend with the router:
+                // carry it out here, so the backend is routable once its connect() returns (a
+                // connection request right after `Broker.start(backend=...)` got 503). Other
+                // writers wait on `work` meanwhile, so the order of lines holds.
+                self.inner.lines(data);
+                return;
+            }
             if let Err(mpsc::error::SendError(Work::Lines(lines))) = tx.send(Work::Lines(data.to_vec())) {
                 // The broker's runtime is gone: carry them out here (delivery never waits).
                 self.inner.lines(&lines);

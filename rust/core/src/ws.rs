@@ -248,7 +248,13 @@ async fn run(
                         Ok(text) => paused = forward(shared, slot, text),
                         Err(_) => break End::Close(1003, "binary data must be UTF-8", Some("binary message that is not UTF-8".into())),
                     },
-                    Some(Ok(Message::Close(_))) | None => break End::Gone,
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the answering close frame: send it, completing the
+                        // closing handshake (dropped unsent, the client sees 1006, abnormal).
+                        let _ = tokio::time::timeout(CLOSE_GRACE, ws.flush()).await;
+                        break End::Gone;
+                    }
+                    None => break End::Gone,
                     Some(Ok(_)) => {} // ping/pong: answered by tungstenite
                     Some(Err(e)) => {
                         let end = read_error(&e, max);

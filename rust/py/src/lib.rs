@@ -154,18 +154,23 @@ impl NativeBroker {
 
     /// Binds both listeners and starts serving in background threads; returns once bound.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        let mut guard = self.handle.lock().map_err(|_| PyRuntimeError::new_err("broker state poisoned"))?;
-        if guard.as_ref().is_some_and(|h| h.is_running()) {
-            return Err(PyRuntimeError::new_err("broker is already running"));
-        }
+        // The lock is taken and released without the GIL: the getters (`running`, `stats`, ...)
+        // lock it while holding the GIL, so holding it while waiting for the GIL deadlocks.
         let cfg = self.config.clone();
-        let handle = py.detach(move || BrokerHandle::start(cfg)).map_err(|e| match e {
-            StartError::Config(c) => value_error(c),
-            StartError::Cluster(_) => PyConnectionError::new_err(e.to_string()),
-            StartError::Bind { .. } | StartError::Runtime(_) => PyOSError::new_err(e.to_string()),
-        })?;
-        *guard = Some(handle);
-        Ok(())
+        let slot = &self.handle;
+        py.detach(move || {
+            let mut guard = slot.lock().map_err(|_| PyRuntimeError::new_err("broker state poisoned"))?;
+            if guard.as_ref().is_some_and(|h| h.is_running()) {
+                return Err(PyRuntimeError::new_err("broker is already running"));
+            }
+            let handle = BrokerHandle::start(cfg).map_err(|e| match e {
+                StartError::Config(c) => value_error(c),
+                StartError::Cluster(_) => PyConnectionError::new_err(e.to_string()),
+                StartError::Bind { .. } | StartError::Runtime(_) => PyOSError::new_err(e.to_string()),
+            })?;
+            *guard = Some(handle);
+            Ok(())
+        })
     }
 
     /// Stops serving: close 1001 to clients, flush backends; waits at most `timeout` seconds.
