@@ -533,13 +533,6 @@ settings! {
         help: "Unacknowledged events kept per v2 backend for redelivery; the oldest beyond it are \
                released unprotected (counted in unacked_overflow).",
     }
-    inproc_queue_size: usize = 4096 => {
-        kind: Kind::int(1, 10_000_000),
-        env: ["PYSTRANDS_INPROC_QUEUE_SIZE"],
-        flag: ["--inproc-queue-size"],
-        help: "Events waiting for an in-process backend above which the broker stops reading the \
-               WebSocket clients that feed it until it catches up (backpressure instead of loss).",
-    }
     client_rate_limit: f64 = 0.0 => {
         kind: Kind::Float { unit: "messages per second" },
         check: rate_rule,
@@ -591,6 +584,13 @@ settings! {
         env: ["PYSTRANDS_CLUSTER_NODE_ID"],
         flag: ["--cluster-node-id"],
         help: "This node's id in the cluster (unique per running broker); unset picks a random one.",
+    }
+    inproc_queue_size: usize = 4096 => {
+        kind: Kind::int(1, 10_000_000),
+        env: ["PYSTRANDS_INPROC_QUEUE_SIZE"],
+        flag: ["--inproc-queue-size"],
+        help: "Events waiting for an in-process backend above which the broker stops reading the \
+               WebSocket clients that feed it until it catches up (backpressure instead of loss).",
     }
 }
 
@@ -837,7 +837,7 @@ mod tests {
     #[test]
     fn table_rows_are_complete_and_follow_the_naming_rules() {
         let mut names: Vec<_> = settings_table().iter().map(|s| s.name).collect();
-        assert_eq!(names.len(), 26);
+        assert_eq!(names.len(), 27);
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), settings_table().len(), "duplicate setting names");

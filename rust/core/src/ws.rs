@@ -287,6 +287,17 @@ async fn run(
     match end {
         End::Gone => None,
         End::Close(code, reason, report) => {
+            if code == protocol::CLOSE_GOING_AWAY {
+                // Shutting down: what was already queued for this client goes out before the
+                // close frame instead of being dropped uncounted.
+                let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                    while let Ok(m) = rx.try_recv() {
+                        ws.feed(Message::Text(m)).await?;
+                    }
+                    ws.flush().await
+                })
+                .await;
+            }
             close(&mut ws, code, reason).await;
             report
         }

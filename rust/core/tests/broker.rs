@@ -339,3 +339,91 @@ fn a_malformed_backend_line_is_counted_and_the_session_carries_on() {
         assert_eq!(broker.stats().clients, 2);
     });
 }
+
+/// The next batch of lines from an in-process link (blocking wait on a helper thread).
+async fn link_lines(link: &std::sync::Arc<pystrands_core::InprocLink>) -> Vec<Value> {
+    let link = link.clone();
+    tokio::time::timeout(
+        WAIT,
+        tokio::task::spawn_blocking(move || loop {
+            let mut lines = Vec::new();
+            match link.take(&mut lines, 1024) {
+                pystrands_core::InprocStatus::Lines => {
+                    return lines
+                        .iter()
+                        .map(|l| serde_json::from_slice::<Value>(l).expect("the broker sent JSON"))
+                        .filter(|v| v["action"] != "heartbeat")
+                        .collect::<Vec<_>>();
+                }
+                pystrands_core::InprocStatus::Empty => {
+                    link.wait(Some(WAIT));
+                }
+                pystrands_core::InprocStatus::End => panic!("the link ended"),
+            }
+        }),
+    )
+    .await
+    .expect("lines from the link in time")
+    .expect("reader thread")
+}
+
+fn line(v: Value) -> Vec<u8> {
+    let mut l = v.to_string().into_bytes();
+    l.push(b'\n');
+    l
+}
+
+#[test]
+fn an_in_process_backend_is_one_more_backend_and_its_unacked_events_move_on_when_it_closes() {
+    let broker = start_broker(|_| {});
+    run(async {
+        let link = std::sync::Arc::new(broker.attach_backend().expect("attach"));
+        link.write(&line(json!({"request_id": "h", "action": "hello", "params": {"version": 2}})));
+        let hello = link_lines(&link).await;
+        assert_eq!(hello[0]["params"]["ok"], true, "{hello:?}");
+        assert_eq!(hello[0]["params"]["heartbeat_interval"], 0.0, "no heartbeats in-process: {hello:?}");
+        wait_until("the in-process backend is registered", || broker.stats().backends == 1).await;
+
+        // A client is asked about, accepted, and its messages arrive with seqs; a send reaches it
+        // (written in two pieces: a line may span writes).
+        let task = dial(&broker, "/room");
+        let request = link_lines(&link).await.remove(0);
+        assert_eq!(request["action"], "connection_request", "{request}");
+        let response = line(json!({"request_id": request["request_id"], "action": "response",
+            "params": {"accepted": true, "client_id": "c1", "room_id": "room", "metadata": {}}}));
+        let (a, b) = response.split_at(10);
+        link.write(a);
+        link.write(b);
+        let mut ws = dialed(task).await.expect("upgraded");
+        let events = link_lines(&link).await;
+        assert_eq!(events[0]["action"], "new_connection", "{events:?}");
+        ws.send(Message::text("one")).await.expect("client send");
+        ws.send(Message::text("two")).await.expect("client send");
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(link_lines(&link).await);
+        }
+        assert_eq!(got[0]["params"]["message"], "one");
+        assert_eq!(got[1]["params"]["message"], "two");
+        assert!(got[1]["seq"].as_u64() > got[0]["seq"].as_u64(), "v2 seqs: {got:?}");
+        link.write(&line(json!({"request_id": "s", "action": "message_to_connection",
+            "params": {"conn_id": "c1", "message": "hello c1"}})));
+        assert_eq!(text(&mut ws).await, "hello c1");
+
+        // A TCP backend joins; the in-process one closes without acking anything: its events go
+        // to the TCP backend, in order, marked as redelivered.
+        let mut tcp = Backend::v2(&broker).await;
+        link.close();
+        let again = tcp.expect("new_connection").await;
+        assert_eq!(again["redelivered"], true, "{again}");
+        let first = tcp.expect("new_message").await;
+        let second = tcp.expect("new_message").await;
+        assert_eq!(
+            (first["params"]["message"].as_str(), second["params"]["message"].as_str()),
+            (Some("one"), Some("two"))
+        );
+        assert_eq!(first["redelivered"], true, "{first}");
+        wait_until("the in-process backend is gone", || broker.stats().backends == 1).await;
+        assert!(link.is_closed());
+    });
+}
