@@ -1018,3 +1018,102 @@ def test_starting_twice_is_a_runtime_error_and_the_first_backend_keeps_working()
     finally:
         broker.stop()
     assert not broker.running
+
+
+# ------------------------------------------------- stop() from handlers and from several threads
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_concurrent_stops_all_wait_for_one_ordered_stop(flavour):
+    script = Script()
+    broker = Broker(host="127.0.0.1", ws_port=0, tcp_port=0, log_level="warn")
+    broker.start(backend=make_backend(flavour, script))
+
+    async def main():
+        ws = await websockets.connect(f"ws://127.0.0.1:{broker.ws_port}/r", additional_headers=user("a"), open_timeout=DEADLINE)
+        assert await asyncio.wait_for(ws.recv(), DEADLINE) == "welcome a"
+        stoppers = [threading.Thread(target=broker.stop, args=(30.0,)) for _ in range(3)]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            await asyncio.to_thread(t.join, 20.0)
+            assert not t.is_alive(), "a stop() outlived the ordered stop"
+        # Every caller returned only after the one ordered stop finished: the client's last
+        # event was handled, and the broker is down.
+        assert script.of("disconnect") == [("disconnect", "a", "r")]
+        assert not broker.running
+        await asyncio.wait_for(ws.wait_closed(), DEADLINE)
+        assert ws.close_code == 1001
+
+    run(main())
+
+
+class StopFromHandler(Script):
+    """Stops the broker from its handler when a client says "stop"."""
+
+    def __init__(self, broker: Broker, use_async: bool) -> None:
+        super().__init__()
+        self.broker = broker
+        self.use_async = use_async
+
+    def message(self, message: str, ctx: Any) -> list[tuple[Any, ...]]:
+        if message == "stop":
+            self.events.append(("stopping",))
+            if not self.use_async:
+                self.broker.stop(30.0)  # returns at once: the stop waits for this handler
+                self.events.append(("stop returned",))
+            return []
+        return super().message(message, ctx)
+
+
+class AsyncStopper(AsyncPyStrandsClient):
+    def __init__(self, broker: Broker, script: Script) -> None:
+        super().__init__()
+        self.broker, self.script = broker, script
+
+    async def on_message(self, message: str, context: Any) -> None:
+        self.script.message(message, context)
+        if message == "stop":
+            await self.broker.stop_async(30.0)
+            self.script.events.append(("stop_async returned",))
+
+
+@pytest.mark.parametrize("how", ["thread-handler-stop", "async-handler-stop", "async-handler-stop_async"])
+def test_serve_stopped_from_one_of_its_own_handlers_ends_without_waiting_out_the_timeout(how):
+    broker = Broker(host="127.0.0.1", ws_port=0, tcp_port=0, log_level="warn")
+    script = StopFromHandler(broker, use_async=how.endswith("stop_async"))
+    if how.startswith("thread"):
+        backend: Any = make_backend("thread", script)
+    elif how.endswith("stop_async"):
+        backend = AsyncStopper(broker, script)
+    else:
+        backend = make_backend("async", script)
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            broker.serve(60.0, backend=backend)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=serve, name="test-serve")
+    thread.start()
+
+    async def main():
+        await wait_for(lambda: broker.running and broker.stats().get("backends") == 1, what="serve() attached the backend")
+        ws = await websockets.connect(f"ws://127.0.0.1:{broker.ws_port}/r", additional_headers=user("a"), open_timeout=DEADLINE)
+        await ws.send("stop")
+        await asyncio.to_thread(thread.join, 20.0)
+        assert not thread.is_alive(), "serve() waited out its 60 s drain timeout"
+        await asyncio.wait_for(ws.wait_closed(), DEADLINE)
+        assert ws.close_code == 1001
+
+    try:
+        run(main())
+    finally:
+        broker.stop()
+        thread.join(DEADLINE)
+    assert failure == [] and not broker.running
+    assert ("stopping",) in script.events
+    if how == "thread-handler-stop":
+        assert ("stop returned",) in script.events

@@ -184,7 +184,8 @@ class InprocLink:
         """The backend id the broker's logs use for this link."""
     @property
     def closed(self) -> bool:
-        """True once the link is over (closed by the backend, or the broker stopped)."""
+        """True once the link is over: shortly after :meth:`close` (the broker finishes what was
+        written first), or when the broker stopped."""
     def fileno(self) -> int:
         """The descriptor that becomes readable when :meth:`read` has lines (for ``add_reader``)."""
     def read(self, max_lines: int = 4096) -> bytes | None:
@@ -194,7 +195,8 @@ class InprocLink:
         """Blocks (GIL released) until lines arrive and returns them; ``b""`` at the end of the
         stream; ``None`` when ``timeout`` passed first."""
     def write(self, data: bytes) -> None:
-        """Hands the backend's lines (sends, answers, acks) to the broker; never blocks."""
+        """Hands the backend's lines (sends, answers, acks) to the broker. Never blocks, unless
+        64 MiB of this link's lines are still to be carried out (then it waits, GIL released)."""
     def shutdown(self) -> None:
         """Ends the stream for readers; writing still works."""
     def close(self) -> None:

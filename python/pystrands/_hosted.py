@@ -63,6 +63,7 @@ class Hosted:
         self.task: asyncio.Task[None] | None = None
         self._stopping = False
         self._lock = threading.Lock()
+        self.stopped = threading.Event()  # set when the stop that claimed it has finished
 
     # ------------------------------------------------------------------ starting
 
@@ -100,6 +101,7 @@ class Hosted:
         self.thread = threading.Thread(target=main, name="pystrands-backend-loop", daemon=True)
         self.thread.start()
         if not ready.wait(_START_TIMEOUT):
+            # The caller stops the broker; the loop thread's attach then fails and it ends.
             raise RuntimeError(f"the backend did not attach within {_START_TIMEOUT:.0f}s")
         if failure:
             raise failure[0]
@@ -136,6 +138,13 @@ class Hosted:
             self._stopping = True
             return True
 
+    def in_handler_thread(self) -> bool:
+        """True on a thread the backend runs handlers on: its loop, or a worker of its pool."""
+        if self.on_loop_thread():
+            return True
+        pool = getattr(self.backend, "_pool", None)
+        return bool(pool is not None and pool.in_worker())
+
     def on_loop_thread(self) -> bool:
         loop = self.loop
         if loop is None or loop.is_closed():
@@ -147,9 +156,15 @@ class Hosted:
 
     def stop(self, timeout: float) -> None:
         """Stop broker and backend in order, from a thread that is not the backend's loop."""
-        if not self._claim_stop():
-            self.native.stop(timeout)
+        if not self._claim_stop():  # another thread is stopping: wait for it to finish
+            self.stopped.wait(5 * timeout + 10.0)
             return
+        try:
+            self._stop(timeout)
+        finally:
+            self.stopped.set()
+
+    def _stop(self, timeout: float) -> None:
         native = self.native
         native.stop_clients(timeout)
         if not native.wait_drained(timeout):
@@ -172,10 +187,17 @@ class Hosted:
     async def stop_here(self, timeout: float) -> None:
         """:meth:`stop`, awaited on the backend's own loop (which keeps running meanwhile)."""
         loop = asyncio.get_running_loop()
-        native = self.native
-        if not self._claim_stop():
-            await loop.run_in_executor(None, native.stop, timeout)
+        if not self._claim_stop():  # another stop is under way: wait for it to finish
+            await loop.run_in_executor(None, self.stopped.wait, 5 * timeout + 10.0)
             return
+        try:
+            await self._stop_here(timeout)
+        finally:
+            self.stopped.set()
+
+    async def _stop_here(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        native = self.native
         await loop.run_in_executor(None, native.stop_clients, timeout)
         if not await loop.run_in_executor(None, native.wait_drained, timeout):
             logger.warning("the in-process backend did not read everything within %.1fs", timeout)
@@ -191,10 +213,6 @@ class Hosted:
         self._forget()
 
     def _forget(self) -> None:
-        backend = self.backend
-        if isinstance(backend, (PyStrandsClient, AsyncPyStrandsClient)):
-            backend._inproc = None
-        else:
-            backend._inproc = None
-            if self.client is not None:
-                self.client._inproc = None
+        self.backend._inproc = None
+        if self.client is not None:
+            self.client._inproc = None

@@ -154,6 +154,7 @@ class Broker:
         # Set while serve() runs: it owns the shutdown, stop() from elsewhere only asks for it.
         self._serve_done: threading.Event | None = None
         self._serve_thread: threading.Thread | None = None
+        self._stopping_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def settings(self) -> Mapping[str, Any]:
@@ -194,16 +195,8 @@ class Broker:
             RuntimeError: the broker is already running, or the backend could not attach.
             TypeError: ``backend`` is not one of the three kinds above.
         """
-        hosted = self._host(backend)
         self._stop_requested.clear()
-        self._native.start()
-        if hosted is not None:
-            try:
-                hosted.start()
-            except BaseException:
-                self._native.stop(1.0)
-                raise
-            self._hosted = hosted
+        self._start(self._host(backend))
         return self
 
     def _host(self, backend: Backend | None) -> Hosted | None:
@@ -215,41 +208,68 @@ class Broker:
             raise RuntimeError("this broker already hosts a backend")
         return Hosted(self._native, backend)
 
+    def _start(self, hosted: Hosted | None) -> None:
+        self._native.start()
+        if hosted is not None:
+            try:
+                hosted.start()
+            except BaseException:
+                self._native.stop(1.0)
+                raise
+            self._hosted = hosted
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop: close 1001 to clients, flush what is queued to backends, close listeners.
 
         With an in-process backend: the clients' last events are handled, then the backend
         disconnects (its handlers finish, their sends go out), then the broker stops. Waits at
         most about ``timeout`` seconds per step. Safe to call twice and from any thread; it also
-        ends a running :meth:`serve`. On the backend's own event loop use :meth:`stop_async`.
+        ends a running :meth:`serve`. Called from one of the in-process backend's handlers (its
+        event loop or a worker thread) it starts the stop and returns at once, since the stop
+        waits for the handlers; ``await broker.stop_async()`` there waits for it.
         """
         self._stop_requested.set()
+        hosted = self._hosted
         serving = self._serve_done
         if serving is not None and threading.current_thread() is not self._serve_thread:
-            serving.wait(3 * timeout + 5.0)  # serve() stops in its own thread
+            # serve() stops in its own thread; a handler asking for it must not wait for it
+            if hosted is None or not hosted.in_handler_thread():
+                serving.wait(5 * timeout + 10.0)
             return
-        hosted, self._hosted = self._hosted, None
         if hosted is None:
             self._native.stop(timeout)
-        elif hosted.on_loop_thread():
-            self._hosted = hosted
-            raise RuntimeError("Broker.stop() called on the in-process backend's event loop; use await broker.stop_async()")
-        else:
-            hosted.stop(timeout)
+            return
+        if hosted.in_handler_thread():
+            if hosted.on_loop_thread():
+                task = asyncio.get_running_loop().create_task(self._stop_hosted_async(hosted, timeout))
+                self._stopping_tasks.add(task)
+                task.add_done_callback(self._stopping_tasks.discard)
+            else:
+                threading.Thread(target=self._stop_hosted, args=(hosted, timeout), name="pystrands-stop", daemon=True).start()
+            return
+        self._stop_hosted(hosted, timeout)
+
+    def _stop_hosted(self, hosted: Hosted, timeout: float) -> None:
+        hosted.stop(timeout)  # concurrent callers wait for the first one's stop to finish
+        if self._hosted is hosted:
+            self._hosted = None
+
+    async def _stop_hosted_async(self, hosted: Hosted, timeout: float) -> None:
+        await hosted.stop_here(timeout)
+        if self._hosted is hosted:
+            self._hosted = None
 
     async def stop_async(self, timeout: float = 5.0) -> None:
-        """:meth:`stop` as a coroutine, for the event loop an in-process backend runs on (it
-        keeps running, so the backend can drain while the broker stops)."""
+        """:meth:`stop` as a coroutine: on the event loop an in-process backend runs on, the loop
+        keeps running meanwhile, so the backend can drain while the broker stops."""
         self._stop_requested.set()
-        hosted, self._hosted = self._hosted, None
+        hosted = self._hosted
         if hosted is not None and hosted.on_loop_thread():
-            await hosted.stop_here(timeout)
-            return
-        loop = asyncio.get_running_loop()
-        if hosted is not None:
-            await loop.run_in_executor(None, hosted.stop, timeout)
+            await self._stop_hosted_async(hosted, timeout)
+        elif hosted is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._stop_hosted, hosted, timeout)
         else:
-            await loop.run_in_executor(None, self._native.stop, timeout)
+            await asyncio.get_running_loop().run_in_executor(None, self._native.stop, timeout)
 
     @asynccontextmanager
     async def serving(self, backend: Backend, drain_timeout: float = 5.0) -> AsyncIterator[Broker]:
@@ -266,11 +286,16 @@ class Broker:
         ``backend`` is an :class:`AsyncPyStrandsClient` subclass instance or a
         :class:`PyStrands` app. Leaving the block stops backend and broker in order.
         """
+        self._stop_requested.clear()
+        async with self._serving(backend, drain_timeout):
+            yield self
+
+    @asynccontextmanager
+    async def _serving(self, backend: Backend, drain_timeout: float) -> AsyncIterator[None]:
         hosted = self._host(backend)
         assert hosted is not None
         if hosted.kind == "thread":
             raise TypeError("serving() runs an asyncio backend; pass a PyStrandsClient to start()/serve()")
-        self._stop_requested.clear()
         self._native.start()
         try:
             await hosted.start_here()
@@ -279,11 +304,9 @@ class Broker:
             raise
         self._hosted = hosted
         try:
-            yield self
+            yield
         finally:
-            if self._hosted is hosted:
-                self._hosted = None
-            await hosted.stop_here(drain_timeout)
+            await self._stop_hosted_async(hosted, drain_timeout)
 
     def serve(self, drain_timeout: float = 5.0, *, backend: Backend | None = None) -> None:
         """Run until Ctrl-C, SIGTERM or :meth:`stop` (from another thread), then stop cleanly.
@@ -296,7 +319,9 @@ class Broker:
         """
         # Handlers go in before the listeners open, so a signal sent as soon as the broker
         # logs "listening" still stops it cleanly.
-        hosted = self._host(backend)
+        from ._hosted import kind_of
+
+        on_loop = backend is not None and kind_of(backend) != "thread"
         self._stop_requested.clear()
         restore: list[tuple[int, Any]] = []
         if threading.current_thread() is threading.main_thread():
@@ -310,19 +335,19 @@ class Broker:
         self._serve_thread = threading.current_thread()
         self._serve_done = threading.Event()
         try:
-            if hosted is not None and hosted.kind != "thread":
+            if on_loop:
                 asyncio.run(self._serve_on_loop(backend, drain_timeout))  # type: ignore[arg-type]
                 return
-            self.start(backend)
+            self._start(self._host(backend))
             try:
                 while not self._stop_requested.wait(1.0):
                     pass
             except KeyboardInterrupt:
                 pass
             finally:
-                hosted, self._hosted = self._hosted, None
+                hosted = self._hosted
                 if hosted is not None:
-                    hosted.stop(drain_timeout)
+                    self._stop_hosted(hosted, drain_timeout)
                 else:
                     self._native.stop(drain_timeout)
         finally:
@@ -333,7 +358,7 @@ class Broker:
             done.set()
 
     async def _serve_on_loop(self, backend: Backend, drain_timeout: float) -> None:
-        async with self.serving(backend, drain_timeout):
+        async with self._serving(backend, drain_timeout):
             await asyncio.get_running_loop().run_in_executor(None, self._stop_requested.wait)
 
     def stats(self) -> dict[str, Any]:

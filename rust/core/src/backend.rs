@@ -207,13 +207,7 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
                     handle_line(id, v2, &line, &shared, &mut errors);
                 }
             }
-            Ok(Some(Line::TooLong(n))) => {
-                incr(&shared.counters.backend_errors);
-                errors.report(
-                    "line too long",
-                    &format!("discarded a line of {n} bytes (max_line_size={})", shared.cfg.max_line_size),
-                );
-            }
+            Ok(Some(Line::TooLong(n))) => report_too_long(&shared, &mut errors, n),
             Ok(None) => break,
             Err(e) => {
                 tracing::debug!(backend = id, error = %e, "backend read failed");
@@ -229,6 +223,15 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
     outbox.close();
     let _ = shared.router.handle(RouterEvent::BackendDown { id });
     let _ = writer.await;
+}
+
+/// A line over `max_line_size` was discarded: counted and logged (rate-limited).
+pub(crate) fn report_too_long(shared: &Shared, errors: &mut ErrorLog, n: usize) {
+    incr(&shared.counters.backend_errors);
+    errors.report(
+        "line too long",
+        &format!("discarded a line of {n} bytes (max_line_size={})", shared.cfg.max_line_size),
+    );
 }
 
 /// Carries out one line a backend sent (TCP or in-process); bad lines are counted and logged.

@@ -17,11 +17,12 @@
 //! * Backpressure: the outbox has a high-water mark (`inproc_queue_size`); above it the router
 //!   tells the WebSocket tasks feeding it to stop reading their clients until it drains.
 //!
-//! No tokio task and no Python object are involved here; the binding owns the GIL side.
+//! One tokio task per link carries out what the backend writes; no Python object is involved
+//! here (the binding owns the GIL side).
 
-use crate::backend::{handle_line, NEXT_BACKEND};
+use crate::backend::{self, handle_line, NEXT_BACKEND};
 use crate::outbox::{Outbox, Take};
-use crate::protocol::{self, BackendCommand, Hello};
+use crate::protocol::{self, BackendCommand, Hello, Line, LineSplitter};
 use crate::router::{BackendId, RouterEvent};
 use crate::shutdown::TaskGuard;
 use crate::stats::incr;
@@ -32,7 +33,7 @@ use parking_lot::{Condvar, Mutex};
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -118,10 +119,8 @@ impl Wake {
 struct LinkState {
     /// `None` until the backend's first line decided the protocol: `Some(v2)`.
     opened: Option<bool>,
-    /// The end of a line not yet completed by a newline.
-    partial: Vec<u8>,
-    /// Bytes of a line over `max_line_size` are being skipped up to its newline.
-    skipping: bool,
+    /// Splits what the backend writes into lines (a line may span writes).
+    split: LineSplitter,
     /// The hello was refused: later lines are ignored until the backend closes the link.
     refused: bool,
     closed: bool,
@@ -140,7 +139,20 @@ pub(crate) struct Inner {
     state: Mutex<LinkState>,
     /// Notified when a take finds the outbox finished and empty (see [`InprocLink::wait_drained`]).
     drained: Condvar,
+    /// The first line registered the backend (read without the state lock, which the link's
+    /// task holds while it carries out a batch).
+    opened: AtomicBool,
+    closed: AtomicBool,
+    /// Bytes written by the backend and not yet carried out by the link's task.
+    backlog: AtomicUsize,
+    /// Notified (with `backlog_lock`) when the backlog falls to half of [`MAX_BACKLOG`].
+    backlog_lock: Mutex<()>,
+    backlog_cv: Condvar,
 }
+
+/// Bytes the backend may have written and the broker not yet carried out before its writes wait
+/// (the backend → broker direction is bounded too).
+pub const MAX_BACKLOG: usize = 64 * 1024 * 1024;
 
 /// One in-process backend's link to the broker. Dropping it closes it.
 pub struct InprocLink {
@@ -195,14 +207,18 @@ impl InprocLink {
             wake,
             state: Mutex::new(LinkState {
                 opened: None,
-                partial: Vec::new(),
-                skipping: false,
+                split: LineSplitter::new(shared.cfg.max_line_size),
                 refused: false,
                 closed: false,
                 errors: ErrorLog::new(id),
                 guard: Some(guard),
             }),
             drained: Condvar::new(),
+            opened: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            backlog: AtomicUsize::new(0),
+            backlog_lock: Mutex::new(()),
+            backlog_cv: Condvar::new(),
             shared,
         });
         let mut all = links.0.lock();
@@ -285,7 +301,7 @@ impl InprocLink {
         }
         let work = self.inner.work.lock();
         if let Some(tx) = work.as_ref() {
-            if self.inner.state.lock().opened.is_none() {
+            if !self.inner.opened.load(Ordering::Acquire) {
                 // The first line (our clients' hello) registers the backend with the router:
                 // carry it out here, so the backend is routable once its connect() returns (a
                 // connection request right after `Broker.start(backend=...)` got 503). Other
@@ -293,10 +309,27 @@ impl InprocLink {
                 self.inner.lines(data);
                 return;
             }
+            self.inner.backlog.fetch_add(data.len(), Ordering::AcqRel);
             if let Err(mpsc::error::SendError(Work::Lines(lines))) = tx.send(Work::Lines(data.to_vec())) {
                 // The broker's runtime is gone: carry them out here (delivery never waits).
                 self.inner.lines(&lines);
+                self.inner.carried_out(lines.len());
             }
+        }
+    }
+
+    /// Whether the backend wrote more than [`MAX_BACKLOG`] bytes the broker has not carried out
+    /// yet: the caller should [`wait_backlog`](Self::wait_backlog) (without the GIL) first.
+    pub fn backlogged(&self) -> bool {
+        self.inner.backlog.load(Ordering::Acquire) > MAX_BACKLOG
+    }
+
+    /// Blocks until the backlog fell to half of [`MAX_BACKLOG`] (or the link closed).
+    pub fn wait_backlog(&self) {
+        let inner = &*self.inner;
+        let mut guard = inner.backlog_lock.lock();
+        while inner.backlog.load(Ordering::Acquire) > MAX_BACKLOG / 2 && !inner.closed.load(Ordering::Acquire) {
+            inner.backlog_cv.wait_for(&mut guard, Duration::from_millis(100));
         }
     }
 
@@ -317,8 +350,9 @@ impl InprocLink {
         }
     }
 
+    /// True once the link is over (its task carried out the close, or the broker stopped).
     pub fn is_closed(&self) -> bool {
-        self.inner.state.lock().closed
+        self.inner.closed.load(Ordering::Acquire)
     }
 }
 
@@ -334,7 +368,10 @@ impl Drop for InprocLink {
 async fn work_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Work>) {
     while let Some(work) = rx.recv().await {
         match work {
-            Work::Lines(data) => inner.lines(&data),
+            Work::Lines(data) => {
+                inner.lines(&data);
+                inner.carried_out(data.len());
+            }
             Work::Close => break,
         }
     }
@@ -348,36 +385,24 @@ impl Inner {
         if st.closed {
             return;
         }
-        let max = self.shared.cfg.max_line_size;
-        let mut start = 0;
-        for nl in memchr::memchr_iter(b'\n', data) {
-            let piece = &data[start..nl];
-            start = nl + 1;
-            if st.skipping {
-                st.skipping = false;
-                st.partial.clear();
-                continue;
-            }
-            if st.partial.is_empty() {
-                self.line(&mut st, piece);
-            } else {
-                let mut line = std::mem::take(&mut st.partial);
-                line.extend_from_slice(piece);
-                self.line(&mut st, &line);
-                line.clear();
-                st.partial = line;
+        st.split.extend(data);
+        while let Some(line) = st.split.next_line() {
+            match line {
+                Line::Data(line) => self.line(&mut st, &line),
+                Line::TooLong(n) => {
+                    let st = &mut *st;
+                    backend::report_too_long(&self.shared, &mut st.errors, n);
+                }
             }
         }
-        let rest = &data[start..];
-        if !st.skipping && !rest.is_empty() {
-            if st.partial.len() + rest.len() > max {
-                st.skipping = true;
-                st.partial.clear();
-                incr(&self.shared.counters.backend_errors);
-                st.errors.report("line too long", &format!("discarded a line over max_line_size={max} bytes"));
-            } else {
-                st.partial.extend_from_slice(rest);
-            }
+    }
+
+    /// `n` bytes of the backlog were carried out.
+    fn carried_out(&self, n: usize) {
+        let before = self.backlog.fetch_sub(n, Ordering::AcqRel);
+        if before > MAX_BACKLOG / 2 && before - n <= MAX_BACKLOG / 2 {
+            let _g = self.backlog_lock.lock();
+            self.backlog_cv.notify_all();
         }
     }
 
@@ -389,6 +414,7 @@ impl Inner {
             return;
         }
         st.closed = true;
+        self.closed.store(true, Ordering::Release);
         let registered = st.opened.is_some();
         st.errors.flush();
         let guard = st.guard.take();
@@ -447,6 +473,7 @@ impl Inner {
             None => false,
         };
         st.opened = Some(v2);
+        self.opened.store(true, Ordering::Release);
         let up =
             RouterEvent::BackendUp { id: self.id, addr: "in-process".to_string(), outbox: self.outbox.clone(), v2 };
         if self.shared.router.handle(up).is_err() {

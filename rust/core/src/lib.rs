@@ -257,7 +257,7 @@ impl BrokerHandle {
         })
     }
 
-    /// Attaches a backend that runs in this process (see [`InprocLink`]); `None` when the broker
+    /// Attaches a backend that runs in this process (see [`InprocLink`]); `Err` when the broker
     /// is stopping or stopped. The link registers with the router on its first line (`hello`).
     pub fn attach_backend(&self) -> Result<InprocLink, String> {
         if self.runtime.is_none() || self.shared.stopping() {

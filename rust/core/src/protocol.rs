@@ -442,61 +442,95 @@ pub enum Line {
     TooLong(usize),
 }
 
-/// Splits a byte stream into lines in linear time, with a size limit: a line over the limit is
-/// discarded up to its `\n` and reported, after which reading carries on with the next line.
-pub struct LineReader<R> {
-    inner: R,
+/// Splits bytes into lines in linear time, with a size limit, without doing any I/O: a line over
+/// the limit is discarded up to its `\n` and reported, after which splitting carries on with the
+/// next line. [`LineReader`] feeds it from a socket; the in-process backend link from the
+/// batches its backend writes.
+pub struct LineSplitter {
     buf: BytesMut,
     scanned: usize,
     max_line: usize,
     discarding: Option<usize>,
 }
 
+impl LineSplitter {
+    pub fn new(max_line: usize) -> Self {
+        LineSplitter { buf: BytesMut::new(), scanned: 0, max_line, discarding: None }
+    }
+
+    /// Appends bytes to split.
+    pub fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete line, or `None` until more bytes come.
+    pub fn next_line(&mut self) -> Option<Line> {
+        if let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
+            let end = self.scanned + pos;
+            let mut line = self.buf.split_to(end + 1);
+            self.scanned = 0;
+            if let Some(dropped) = self.discarding.take() {
+                return Some(Line::TooLong(dropped + line.len()));
+            }
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            if line.len() > self.max_line {
+                return Some(Line::TooLong(line.len()));
+            }
+            return Some(Line::Data(line.freeze()));
+        }
+        self.scanned = self.buf.len();
+        if self.scanned > self.max_line {
+            let dropped = self.buf.len();
+            self.buf.clear();
+            self.scanned = 0;
+            *self.discarding.get_or_insert(0) += dropped;
+        }
+        None
+    }
+
+    /// At the end of the stream: what is left of an unterminated last line, if anything.
+    pub fn finish(&mut self) -> Option<Line> {
+        self.scanned = 0;
+        if let Some(dropped) = self.discarding.take() {
+            let n = dropped + self.buf.len();
+            self.buf.clear();
+            return Some(Line::TooLong(n));
+        }
+        if self.buf.is_empty() {
+            return None;
+        }
+        Some(Line::Data(self.buf.split().freeze()))
+    }
+}
+
+/// A [`LineSplitter`] reading from an async byte stream.
+pub struct LineReader<R> {
+    inner: R,
+    split: LineSplitter,
+}
+
 impl<R: AsyncRead + Unpin> LineReader<R> {
     pub fn new(inner: R, max_line: usize) -> Self {
-        LineReader { inner, buf: BytesMut::with_capacity(16 * 1024), scanned: 0, max_line, discarding: None }
+        let mut split = LineSplitter::new(max_line);
+        split.buf.reserve(16 * 1024);
+        LineReader { inner, split }
     }
 
     /// The next line, or `None` at end of stream (a final unterminated line is returned first).
     pub async fn next_line(&mut self) -> io::Result<Option<Line>> {
         loop {
-            if let Some(pos) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
-                let end = self.scanned + pos;
-                let mut line = self.buf.split_to(end + 1);
-                self.scanned = 0;
-                if let Some(dropped) = self.discarding.take() {
-                    return Ok(Some(Line::TooLong(dropped + line.len())));
-                }
-                line.truncate(end);
-                if line.last() == Some(&b'\r') {
-                    line.truncate(end - 1);
-                }
-                if line.len() > self.max_line {
-                    return Ok(Some(Line::TooLong(line.len())));
-                }
-                return Ok(Some(Line::Data(line.freeze())));
+            if let Some(line) = self.split.next_line() {
+                return Ok(Some(line));
             }
-            self.scanned = self.buf.len();
-            if self.scanned > self.max_line {
-                let dropped = self.buf.len();
-                self.buf.clear();
-                self.scanned = 0;
-                *self.discarding.get_or_insert(0) += dropped;
+            let buf = &mut self.split.buf;
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
             }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(16 * 1024);
-            }
-            let n = self.inner.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                if let Some(dropped) = self.discarding.take() {
-                    return Ok(Some(Line::TooLong(dropped + self.buf.len())));
-                }
-                if self.buf.is_empty() {
-                    return Ok(None);
-                }
-                let line = self.buf.split().freeze();
-                self.scanned = 0;
-                return Ok(Some(Line::Data(line)));
+            if self.inner.read_buf(buf).await? == 0 {
+                return Ok(self.split.finish());
             }
         }
     }
@@ -667,6 +701,27 @@ mod tests {
             out.push(l);
         }
         out
+    }
+
+    #[test]
+    fn line_splitter_joins_pieces_and_skips_overlong_lines() {
+        let mut s = LineSplitter::new(8);
+        s.extend(b"ab");
+        assert_eq!(s.next_line(), None);
+        s.extend(b"c\r\nde");
+        assert_eq!(s.next_line(), Some(Line::Data(Bytes::from_static(b"abc"))));
+        assert_eq!(s.next_line(), None);
+        s.extend(b"fghijklmnop"); // over the limit before its newline: discarded as it comes
+        assert_eq!(s.next_line(), None);
+        s.extend(b"q\nok\n");
+        assert_eq!(s.next_line(), Some(Line::TooLong(15))); // "de" + 11 + "q\n"
+        assert_eq!(s.next_line(), Some(Line::Data(Bytes::from_static(b"ok"))));
+        s.extend(b"123456789\n"); // complete but over the limit
+        assert_eq!(s.next_line(), Some(Line::TooLong(9)));
+        s.extend(b"tail");
+        assert_eq!(s.next_line(), None);
+        assert_eq!(s.finish(), Some(Line::Data(Bytes::from_static(b"tail"))));
+        assert_eq!(s.finish(), None);
     }
 
     #[tokio::test]

@@ -4,17 +4,15 @@
 //! Why it exists: the backend clients drive their sans-I/O session over a socket; in the broker's
 //! own process this object stands in for the socket. Reads take a whole batch of lines in one
 //! call and return them as one `bytes`; `fileno()` is what an event loop watches (readable once
-//! per batch); `recv` blocks a reader thread with the GIL released; `write` carries out a batch of
-//! the backend's lines on the calling thread. The broker's tokio threads never touch Python.
+//! per batch); `recv` blocks a reader thread with the GIL released; `write` hands a batch of the
+//! backend's lines to the broker without blocking (the link's task in the broker's runtime
+//! carries them out). The broker's tokio threads never touch Python.
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use pystrands_core::{InprocLink, InprocStatus};
 use std::time::Duration;
-
-/// Writes larger than this are carried out with the GIL released.
-const DETACH_WRITE: usize = 64 * 1024;
 
 /// An in-process backend's link to its broker (made by `NativeBroker.attach()`).
 #[pyclass(module = "pystrands._core", name = "InprocLink", frozen)]
@@ -72,7 +70,8 @@ impl PyInprocLink {
         self.link.id()
     }
 
-    /// True once `close()` was called (or the broker stopped).
+    /// True once the link is over: shortly after `close()` (the broker finishes what was
+    /// written first), or when the broker stopped.
     #[getter]
     fn closed(&self) -> bool {
         self.link.is_closed()
@@ -85,9 +84,8 @@ impl PyInprocLink {
         self.take(py, max_lines)
     }
 
-    /// Like `socket.recv`: blocks (GIL released) until lines arrive and returns them, or
-    /// returns `b""` at the end of the stream. With `timeout`, `b""`... only at the end;
-    /// a timeout returns `None`.
+    /// Like `socket.recv`: blocks (GIL released) until lines arrive and returns them; `b""` at
+    /// the end of the stream; `None` when `timeout` (seconds) passed first.
     #[pyo3(signature = (timeout = None, max_lines = 4096))]
     fn recv<'py>(
         &self,
@@ -110,15 +108,15 @@ impl PyInprocLink {
         }
     }
 
-    /// Carries out the complete lines in `data` (the backend's sends, answers and acks).
+    /// Hands the backend's lines (sends, answers, acks) to the broker. Never blocks, unless the
+    /// broker has more than 64 MiB of this link's lines still to carry out: then it waits, with
+    /// the GIL released, until half of them are.
     fn write(&self, py: Python<'_>, data: &[u8]) {
-        if data.len() > DETACH_WRITE {
-            let owned = data.to_vec();
-            let link = &self.link;
-            py.detach(|| link.write(&owned));
-        } else {
-            self.link.write(data);
+        let link = &self.link;
+        if link.backlogged() {
+            py.detach(|| link.wait_backlog());
         }
+        link.write(data);
     }
 
     /// Ends the stream for readers (`read` → `None`, `recv` → `b""`); writing still works.

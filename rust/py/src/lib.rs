@@ -2,8 +2,7 @@
 //! a validated [`Config`], starts and stops a [`BrokerHandle`] with the GIL released, and reads
 //! its stats. No Python is ever called from the broker's tokio threads.
 //! `codec` and `encode` add the optional native codec of the Python clients (`LineDecoder`, the
-//! three send encoders); `inproc`
-//! the link of a backend running in this process (`InprocLink`).
+//! three send encoders); `inproc` the link of a backend running in this process (`InprocLink`).
 
 mod codec;
 mod encode;
