@@ -790,20 +790,26 @@ def test_serving_on_an_already_running_loop(flavour, loop):
     run(main(), loop)
 
 
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_serve_with_backend_stopped_by_stop_from_another_thread(flavour):
-    script = Script()
-    broker = Broker(host="127.0.0.1", ws_port=0, tcp_port=0, log_level="warn")
+def serve_in_thread(broker: Broker, backend: Any, drain_timeout: float = 5.0) -> tuple[threading.Thread, list[BaseException]]:
+    """Runs ``broker.serve(backend=...)`` in a thread; returns it and the list its failure lands in."""
     failure: list[BaseException] = []
 
     def serve() -> None:
         try:
-            broker.serve(backend=make_backend(flavour, script))
+            broker.serve(drain_timeout, backend=backend)
         except BaseException as exc:
             failure.append(exc)
 
     thread = threading.Thread(target=serve, name="test-serve")
     thread.start()
+    return thread, failure
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_serve_with_backend_stopped_by_stop_from_another_thread(flavour):
+    script = Script()
+    broker = Broker(host="127.0.0.1", ws_port=0, tcp_port=0, log_level="warn")
+    thread, failure = serve_in_thread(broker, make_backend(flavour, script))
 
     async def main():
         await wait_for(lambda: broker.running and broker.stats().get("backends") == 1, what="serve() attached the backend")
@@ -1088,16 +1094,7 @@ def test_serve_stopped_from_one_of_its_own_handlers_ends_without_waiting_out_the
         backend = AsyncStopper(broker, script)
     else:
         backend = make_backend("async", script)
-    failure: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            broker.serve(60.0, backend=backend)
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=serve, name="test-serve")
-    thread.start()
+    thread, failure = serve_in_thread(broker, backend, drain_timeout=60.0)
 
     async def main():
         await wait_for(lambda: broker.running and broker.stats().get("backends") == 1, what="serve() attached the backend")

@@ -153,6 +153,23 @@ class _ClientState:
         self.received: list[str] = []
         """Every message this client received, oldest first (also those read by ``wait_closed``)."""
         self._backlog: deque[str] = deque()  # read by wait_closed, not yet returned by receive
+        self.ws: Any = None  # the websockets connection (asyncio or sync), set by the subclass
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once the connection is closed (the broker's, if it closed it)."""
+        code: int | None = self.ws.close_code
+        return code
+
+    @property
+    def close_reason(self) -> str:
+        """The close reason once closed, else ``""``."""
+        return self.ws.close_reason or ""
+
+    @property
+    def closed(self) -> bool:
+        """True once the closing handshake is over."""
+        return self.ws.close_code is not None
 
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
@@ -187,21 +204,6 @@ class WebSocketClient(_ClientState):
         super().__init__(harness, path, timeout)
         self.ws = ws
         """The underlying ``websockets`` connection, for anything not wrapped here."""
-
-    @property
-    def close_code(self) -> int | None:
-        """The close code once the connection is closed (the broker's, if it closed it)."""
-        return self.ws.close_code
-
-    @property
-    def close_reason(self) -> str:
-        """The close reason once closed, else ``""``."""
-        return self.ws.close_reason or ""
-
-    @property
-    def closed(self) -> bool:
-        """True once the closing handshake is over."""
-        return self.ws.close_code is not None
 
     async def send(self, message: str | bytes) -> None:
         """Send a text frame (``str``) or a binary frame (``bytes``)."""
@@ -336,21 +338,6 @@ class SyncWebSocketClient(_ClientState):
         super().__init__(harness, path, timeout)
         self.ws = ws
         """The underlying ``websockets.sync`` connection."""
-
-    @property
-    def close_code(self) -> int | None:
-        """The close code once the connection is closed (the broker's, if it closed it)."""
-        return self.ws.close_code
-
-    @property
-    def close_reason(self) -> str:
-        """The close reason once closed, else ``""``."""
-        return self.ws.close_reason or ""
-
-    @property
-    def closed(self) -> bool:
-        """True once the closing handshake is over."""
-        return self.ws.close_code is not None
 
     def send(self, message: str | bytes) -> None:
         """Send a text frame (``str``) or a binary frame (``bytes``)."""
