@@ -13,13 +13,10 @@ import threading
 
 import pytest
 
+from procinfo import free_port
+
 DEADLINE = 20.0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def module_cmd(*args: str) -> list[str]:

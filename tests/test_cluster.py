@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from procinfo import free_port
 from pystrands import Broker
 from pystrands.testing import running_broker
 from v1peer import DEADLINE, RawBackend, connect_backend, connect_client, wait_for
@@ -37,11 +38,6 @@ if REDIS is None:
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

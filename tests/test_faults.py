@@ -16,6 +16,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from procinfo import rss_kib
 from pystrands import Broker
 from pystrands.testing import running_broker
 from v1peer import DEADLINE, RawBackend, connect_backend, connect_client, connect_v2_backend, open_ws, wait_for
@@ -485,13 +486,6 @@ def _stalled_client(port: int) -> socket.socket:
     return s
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
 
 async def _room_with_a_stalled_client(broker, backend, readers: int):
     loop = asyncio.get_running_loop()
@@ -597,11 +591,11 @@ def test_drop_policy_keeps_memory_bounded_under_a_long_stall():
                 if i % 8 == 7:
                     await _paced(progress, i + 1)
                 if i == 1000:
-                    rss_before = _rss_kib()
+                    rss_before = rss_kib()
             await backend.send("message_to_room", {"room_id": "room", "message": "end"})
             got = await collect
             assert got == [f"{i:08d}" for i in range(total)]
-            grown = _rss_kib() - rss_before
+            grown = rss_kib() - rss_before
             assert grown < 48 * 1024, f"RSS grew by {grown} KiB while a client stalled"
             stats = broker.stats()
             assert stats["slow_client_drops"] > 4000, stats["slow_client_drops"]

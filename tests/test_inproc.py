@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import websockets
 
+from procinfo import rss_kib
 from pystrands import AsyncPyStrandsClient, Broker, PyStrands, PyStrandsClient
 from pystrands.testing import BrokerHarness
 from v1peer import DEADLINE, wait_for
@@ -547,13 +548,6 @@ def test_pings_and_frames_are_answered_while_a_handler_holds_the_gil(flavour):
 
 # -------------------------------------------------------------------------- 7. backpressure
 
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 BACKPRESSURE_SECONDS = float(os.environ.get("PYSTRANDS_TEST_BACKPRESSURE_SECONDS", "8"))

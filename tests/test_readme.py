@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,12 @@ from pathlib import Path
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from procinfo import free_port
 from pystrands.testing import running_broker, ws_url
 from v1peer import DEADLINE, wait_for
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def quick_start_blocks() -> list[str]:

@@ -119,6 +119,8 @@ class ClientBase:
         buffer_policy: ``"drop_oldest"`` (default) or ``"drop_newest"``: what a
             full buffer drops. Drops are counted in :attr:`dropped_sends` and
             logged once per disconnected period.
+        max_pending: Received events not yet handled above which reading pauses
+            until half of them are done.
     """
 
     _ack_delay = 0.0  # seconds a due ack may wait (the threading client batches them)
@@ -138,6 +140,7 @@ class ClientBase:
         backend_secret: str | None = None,
         max_buffered_sends: int = DEFAULT_MAX_BUFFERED_SENDS,
         buffer_policy: str = "drop_oldest",
+        max_pending: int = 10_000,
     ) -> None:
         """Configure the client; nothing connects until ``connect()``/``run_forever()``."""
         self.host = host
@@ -151,6 +154,7 @@ class ClientBase:
         self.max_line_size = max_line_size
         self.max_buffered_sends = max_buffered_sends
         self.buffer_policy = buffer_policy
+        self.max_pending = max(1, int(max_pending))
         self._backend_secret = resolve_backend_secret(backend_secret)
         # PyStrands 1.0: True after disconnect(); no reconnection while it is set.
         self._intentional_disconnect = False

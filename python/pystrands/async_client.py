@@ -343,8 +343,8 @@ class AsyncPyStrandsClient(ClientBase):
             backend_secret=backend_secret,
             max_buffered_sends=max_buffered_sends,
             buffer_policy=buffer_policy,
+            max_pending=max_pending,
         )
-        self.max_pending = max(1, int(max_pending))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._conn: _AsyncConnection | None = None

@@ -309,9 +309,9 @@ class PyStrandsClient(ClientBase):
             backend_secret=backend_secret,
             max_buffered_sends=max_buffered_sends,
             buffer_policy=buffer_policy,
+            max_pending=max_pending,
         )
         self.workers = max(1, int(workers))
-        self.max_pending = max(1, int(max_pending))
         self._lifecycle = threading.RLock()
         self._disconnect_lock = threading.Lock()
         self._io = threading.Lock()  # guards the session and the links' I/O flags

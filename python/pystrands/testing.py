@@ -174,6 +174,12 @@ class _ClientState:
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
 
+    def _took(self, data: str | bytes) -> str:
+        """A message just received: checked to be text and kept in :attr:`received`."""
+        text = self._text(data)
+        self.received.append(text)
+        return text
+
     def _text(self, data: str | bytes) -> str:
         if isinstance(data, bytes):
             raise AssertionError(f"{self.path}: expected a text message, got {len(data)} bytes of binary data")
@@ -223,9 +229,7 @@ class WebSocketClient(_ClientState):
             raise self._timeout_error(f"no {what}", timeout) from None
         except exc_closed:
             raise self._closed_error(what, self.close_code, self.close_reason) from None
-        text = self._text(data)
-        self.received.append(text)
-        return text
+        return self._took(data)
 
     async def receive(self, timeout: float | None = None) -> str:
         """The next text message; :class:`ReceiveTimeout` after ``timeout`` seconds."""
@@ -259,7 +263,7 @@ class WebSocketClient(_ClientState):
             data = await asyncio.wait_for(self.ws.recv(), within)
         except (asyncio.TimeoutError, exc_closed):
             return
-        self.received.append(self._text(data))
+        self._took(data)
         raise AssertionError(f"{self.path}: unexpected message {data!r} within {within:g}s")
 
     async def ping(self, timeout: float | None = None) -> None:
@@ -290,9 +294,7 @@ class WebSocketClient(_ClientState):
                 raise self._timeout_error("the connection was not closed", limit) from None
             except exc_closed:
                 return self.close_code
-            text = self._text(data)
-            self.received.append(text)
-            self._backlog.append(text)
+            self._backlog.append(self._took(data))
 
     async def __aenter__(self) -> WebSocketClient:
         return self
@@ -357,9 +359,7 @@ class SyncWebSocketClient(_ClientState):
             raise self._timeout_error(f"no {what}", timeout) from None
         except exc_closed:
             raise self._closed_error(what, self.close_code, self.close_reason) from None
-        text = self._text(data)
-        self.received.append(text)
-        return text
+        return self._took(data)
 
     def receive(self, timeout: float | None = None) -> str:
         """The next text message; :class:`ReceiveTimeout` after ``timeout`` seconds."""
@@ -390,7 +390,7 @@ class SyncWebSocketClient(_ClientState):
             data = self.ws.recv(timeout=within)
         except (TimeoutError, exc_closed):
             return
-        self.received.append(self._text(data))
+        self._took(data)
         raise AssertionError(f"{self.path}: unexpected message {data!r} within {within:g}s")
 
     def ping(self, timeout: float | None = None) -> None:
@@ -416,9 +416,7 @@ class SyncWebSocketClient(_ClientState):
                 raise self._timeout_error("the connection was not closed", limit) from None
             except exc_closed:
                 return self.close_code
-            text = self._text(data)
-            self.received.append(text)
-            self._backlog.append(text)
+            self._backlog.append(self._took(data))
 
     def __enter__(self) -> SyncWebSocketClient:
         return self

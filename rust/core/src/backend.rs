@@ -288,13 +288,13 @@ async fn write_loop(
     loop {
         batch.clear();
         match outbox.take(&mut batch, WRITE_BATCH) {
-            Take::Lines => {
+            Take::Lines { .. } => {
                 if last_beat.elapsed() >= heartbeat {
                     batch.push(protocol::heartbeat_line());
                     last_beat = Instant::now();
                 }
             }
-            Take::Done => break,
+            Take::Done | Take::Closed => break,
             Take::Empty => {
                 tokio::select! {
                     _ = outbox.wait() => {

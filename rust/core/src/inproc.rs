@@ -248,25 +248,25 @@ impl InprocLink {
         }
         inner.wake.clear();
         match inner.outbox.take(out, max) {
-            Take::Lines => {
-                if !inner.outbox.is_empty() {
-                    inner.wake.raise(); // more than one batch: come back at once
-                } else if inner.outbox.finished() {
+            Take::Lines { more: true, .. } => {
+                inner.wake.raise(); // more than one batch: come back at once
+                Status::Lines
+            }
+            Take::Lines { finishing, .. } => {
+                if finishing {
                     // That was the last batch of a finishing outbox. Its `finish` may have found
                     // the wake already raised (no new edge), so an event-loop reader is not
                     // woken again to see `Done`: tell `wait_drained` now.
-                    let _st = inner.state.lock();
-                    inner.drained.notify_all();
+                    inner.notify_drained();
                 }
                 Status::Lines
             }
             Take::Empty => Status::Empty,
-            Take::Done if inner.outbox.is_closed() => Status::End,
+            Take::Closed => Status::End,
             Take::Done => {
                 // The broker is stopping and everything was handed over: the backend ends the
                 // link itself once its handlers are done (see `wait_drained`).
-                let _st = inner.state.lock();
-                inner.drained.notify_all();
+                inner.notify_drained();
                 Status::Empty
             }
         }
@@ -284,11 +284,11 @@ impl InprocLink {
         let deadline = Instant::now() + timeout;
         let mut st = inner.state.lock();
         loop {
-            if st.closed || (inner.outbox.finished() && inner.outbox.is_empty()) {
+            if st.closed || inner.outbox.drained() {
                 return true;
             }
             if inner.drained.wait_until(&mut st, deadline).timed_out() {
-                return inner.outbox.finished() && inner.outbox.is_empty();
+                return inner.outbox.drained();
             }
         }
     }
@@ -379,6 +379,11 @@ async fn work_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Work>) {
 }
 
 impl Inner {
+    fn notify_drained(&self) {
+        let _st = self.state.lock();
+        self.drained.notify_all();
+    }
+
     /// Carries out the complete lines in `data`, keeping a partial last line for the next call.
     fn lines(&self, data: &[u8]) {
         let mut st = self.state.lock();

@@ -71,10 +71,16 @@ enum Mode {
 /// What [`Outbox::take`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Take {
-    Lines,
+    /// Lines were taken; `more` are still queued; `finishing`: no more pushes will come.
+    Lines {
+        more: bool,
+        finishing: bool,
+    },
     Empty,
-    /// Finishing and drained, or closed.
+    /// Finishing, and everything was taken.
     Done,
+    /// Closed (what was queued was discarded).
+    Closed,
 }
 
 impl Outbox {
@@ -154,7 +160,7 @@ impl Outbox {
     pub(crate) fn take(&self, out: &mut Vec<Bytes>, max: usize) -> Take {
         let mut s = self.state.lock();
         if s.mode == Mode::Closed {
-            return Take::Done;
+            return Take::Closed;
         }
         if s.lines.is_empty() {
             return if s.mode == Mode::Finishing { Take::Done } else { Take::Empty };
@@ -169,11 +175,12 @@ impl Outbox {
         s.bytes -= taken;
         let low = self.high_water / 2;
         let relieved = self.high_water > 0 && before > low && s.lines.len() <= low;
+        let taken = Take::Lines { more: !s.lines.is_empty(), finishing: s.mode == Mode::Finishing };
         drop(s);
         if relieved {
             self.relief.notify_waiters();
         }
-        Take::Lines
+        taken
     }
 
     /// Waits until something was pushed (or the outbox finished or closed) since the last take.
@@ -209,19 +216,10 @@ impl Outbox {
         }
     }
 
-    /// Whether it was closed (not merely finishing).
-    pub(crate) fn is_closed(&self) -> bool {
-        self.state.lock().mode == Mode::Closed
-    }
-
-    /// Whether it takes no more pushes (finishing or closed).
-    pub(crate) fn finished(&self) -> bool {
-        self.state.lock().mode != Mode::Open
-    }
-
-    /// Whether nothing is queued.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.state.lock().lines.is_empty()
+    /// Whether it takes no more pushes and holds nothing: finished and drained, or closed.
+    pub(crate) fn drained(&self) -> bool {
+        let s = self.state.lock();
+        s.mode != Mode::Open && s.lines.is_empty()
     }
 
     /// Whether it closed because a push found it full.
