@@ -16,9 +16,8 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._inproc import Attachable
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
     ConnectionRequest,
@@ -31,6 +30,9 @@ from ._protocol import (
 )
 from ._session import DEFAULT_MAX_BUFFERED_SENDS, Session
 from .context import ConnectionRequestContext, Context
+
+if TYPE_CHECKING:
+    from ._core import NativeBroker
 
 __all__ = ["FAIRNESS_BATCH", "REPLY", "Backoff", "ClientBase", "legacy_log_handler"]
 
@@ -161,7 +163,7 @@ class ClientBase:
         self._session = self._new_session()
         # Set by Broker.serve/start(backend=...): the in-process broker this client attaches to
         # instead of connecting to host:port (see pystrands._inproc).
-        self._inproc: Attachable | None = None
+        self._inproc: NativeBroker | None = None
 
     def _new_session(self) -> Session:
         return Session(

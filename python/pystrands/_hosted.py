@@ -20,11 +20,14 @@ import asyncio
 import logging
 import threading
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .app import PyStrands
 from .async_client import AsyncPyStrandsClient
 from .client import PyStrandsClient
+
+if TYPE_CHECKING:
+    from ._core import NativeBroker
 
 logger = logging.getLogger("pystrands.broker")
 
@@ -53,9 +56,9 @@ def kind_of(backend: object) -> str:
 class Hosted:
     """One backend attached to one running native broker."""
 
-    def __init__(self, native: Any, backend: Backend) -> None:
+    def __init__(self, native: NativeBroker, backend: Backend) -> None:
         self.kind = kind_of(backend)
-        self.native: Any = native  # _core.NativeBroker
+        self.native = native
         self.backend = backend
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None

@@ -19,31 +19,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._core import InprocLink
 
 logger = logging.getLogger("pystrands.inproc")
 
-__all__ = ["Attachable", "LinkSocket", "LinkTransport"]
+__all__ = ["LinkSocket", "LinkTransport"]
 
 READ_BATCH = 4096
 """Most lines taken from the link in one read."""
-
-
-class Link(Protocol):
-    """What :class:`pystrands._core.InprocLink` offers (typed for the two adapters)."""
-
-    def fileno(self) -> int: ...
-    def read(self, max_lines: int = ...) -> bytes | None: ...
-    def recv(self, timeout: float | None = ..., max_lines: int = ...) -> bytes | None: ...
-    def write(self, data: bytes) -> None: ...
-    def shutdown(self) -> None: ...
-    def close(self) -> None: ...
-
-
-class Attachable(Protocol):
-    """A running native broker that hands out in-process links."""
-
-    def attach(self) -> Link: ...
 
 
 class LinkSocket:
@@ -51,7 +37,7 @@ class LinkSocket:
 
     __slots__ = ("_link",)
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: InprocLink) -> None:
         self._link = link
 
     def recv(self, _bufsize: int) -> bytes:
@@ -77,7 +63,7 @@ class LinkTransport(asyncio.Transport):
     batch per readiness of the link's descriptor, handed to the protocol's ``data_received``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, link: Link, protocol: asyncio.Protocol) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, link: InprocLink, protocol: asyncio.Protocol) -> None:
         super().__init__()
         self._loop = loop
         self._link = link

@@ -55,14 +55,16 @@ import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ._coro import first_step, resume
-from ._inproc import Attachable
 from ._protocol import DEFAULT_MAX_LINE_SIZE
 from ._session import DEFAULT_MAX_BUFFERED_SENDS
 from .async_client import AsyncPyStrandsClient
 from .context import ConnectionRequestContext, Context
+
+if TYPE_CHECKING:
+    from ._core import NativeBroker
 
 logger = logging.getLogger("pystrands.app")
 
@@ -198,7 +200,7 @@ class PyStrands:
         self._handlers: dict[str, Callable[..., Any]] = {}
         self._client: AsyncPyStrandsClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inproc: Attachable | None = None  # set by Broker.serve/start(backend=app)
+        self._inproc: NativeBroker | None = None  # set by Broker.serve/start(backend=app)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._stopping: set[asyncio.Task[None]] = set()
