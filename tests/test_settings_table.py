@@ -62,7 +62,7 @@ def load_script(name: str):
 
 
 def test_table_rows():
-    assert len(NAMES) == len(set(NAMES)) == 27
+    assert len(NAMES) == len(set(NAMES)) == 29
     assert _core.default_settings() == {s["name"]: s["default"] for s in TABLE}
     for s in TABLE:
         assert set(s) == {"name", "type", "kind", "default", "default_text", "help", "env", "envs", "flag", "flags", "secret"}

@@ -44,6 +44,8 @@ class BrokerSettings(TypedDict, total=False):
     cluster_name: str
     cluster_node_id: str | None
     inproc_queue_size: int
+    max_rooms_per_client: int
+    max_id_length: int
 
 class SettingInfo(TypedDict):
     """One row of :func:`settings_table`."""
@@ -80,6 +82,10 @@ class BrokerStats(TypedDict, total=False):
     """WebSocket clients connected to this node."""
     rooms: int
     """Rooms with members on this node."""
+    users: int
+    """Distinct users with a connection on this node."""
+    memberships: int
+    """Room memberships on this node (a client in three rooms counts three)."""
     backends: int
     """Backends connected to this node."""
     queued_events: int
@@ -115,6 +121,12 @@ class BrokerStats(TypedDict, total=False):
     cluster_missed: int
     cluster_decode_errors: int
     cluster_reconnects: int
+    cluster_query_timeouts: int
+    rooms_joined: int
+    rooms_left: int
+    clients_disconnected: int
+    commands_unmatched: int
+    commands_refused: int
     # Only in a cluster.
     cluster_node_id: str
     """This node's id."""

@@ -75,6 +75,9 @@ class Broker:
         cluster_node_id: This node's id (unique per running broker); ``None`` picks a random one.
         inproc_queue_size: Events waiting for an in-process backend above which the broker stops
             reading the WebSocket clients feeding it until it catches up (backpressure, no loss).
+        max_rooms_per_client: Rooms one connection may be in at once (its first room included);
+            a ``join_room`` beyond it is refused and reported to the backend.
+        max_id_length: Longest client, room or user id (bytes) a backend may set or name.
 
     In-process backends: ``serve(backend=...)``, ``start(backend=...)`` and
     ``async with broker.serving(backend)`` run the handlers of a :class:`PyStrandsClient`
@@ -114,6 +117,8 @@ class Broker:
         cluster_name: str = "pystrands",
         cluster_node_id: str | None = None,
         inproc_queue_size: int = 4096,
+        max_rooms_per_client: int = 100,
+        max_id_length: int = 256,
     ) -> None:
         from . import _core
 
@@ -147,6 +152,8 @@ class Broker:
             "cluster_name": cluster_name,
             "cluster_node_id": cluster_node_id,
             "inproc_queue_size": inproc_queue_size,
+            "max_rooms_per_client": max_rooms_per_client,
+            "max_id_length": max_id_length,
         }
         self._native = _core.NativeBroker(**self._settings)
         self._stop_requested = threading.Event()

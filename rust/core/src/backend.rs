@@ -124,7 +124,7 @@ async fn opening(
             Some(_) => {}
         }
     }
-    let reply = protocol::encode_hello_reply(Ok(shared.cfg.heartbeat_interval.as_secs_f64()));
+    let reply = protocol::encode_hello_reply(Ok((shared.cfg.heartbeat_interval.as_secs_f64(), limits(shared))));
     match tokio::time::timeout(Duration::from_secs(5), wr.write_all(&reply)).await {
         Ok(Ok(())) => Opening::Serve { v2: true, first: None },
         _ => Opening::Stop,
@@ -204,7 +204,7 @@ async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
         match line {
             Ok(Some(Line::Data(line))) => {
                 if !line.iter().all(u8::is_ascii_whitespace) {
-                    handle_line(id, v2, &line, &shared, &mut errors);
+                    handle_line(id, v2, &line, &shared, &outbox, &mut errors);
                 }
             }
             Ok(Some(Line::TooLong(n))) => report_too_long(&shared, &mut errors, n),
@@ -234,11 +234,29 @@ pub(crate) fn report_too_long(shared: &Shared, errors: &mut ErrorLog, n: usize) 
     );
 }
 
+/// The limits announced in the `hello` answer.
+pub(crate) fn limits(shared: &Shared) -> protocol::Limits {
+    protocol::Limits { max_rooms_per_client: shared.cfg.max_rooms_per_client, max_id_length: shared.cfg.max_id_length }
+}
+
 /// Carries out one line a backend sent (TCP or in-process); bad lines are counted and logged.
-pub(crate) fn handle_line(id: BackendId, v2: bool, line: &[u8], shared: &Shared, errors: &mut ErrorLog) {
+/// `outbox` is that backend's: answers to its queries and refusals of its commands go there.
+pub(crate) fn handle_line(
+    id: BackendId,
+    v2: bool,
+    line: &[u8],
+    shared: &Arc<Shared>,
+    outbox: &Arc<Outbox>,
+    errors: &mut ErrorLog,
+) {
+    let refuse = |errors: &mut ErrorLog, request_id: &str, command: &str, error: String| {
+        incr(&shared.counters.commands_refused);
+        errors.report("command refused", &error);
+        let _ = outbox.push(protocol::encode_command_error(request_id, command, &error), false);
+    };
     match protocol::decode_backend_line(line) {
-        Ok(BackendCommand::MessageToRoom { room_id, message }) => {
-            delivery::to_room(shared, &room_id, message);
+        Ok(BackendCommand::MessageToRoom { room_id, message, exclude }) => {
+            delivery::to_room(shared, &room_id, message, &exclude);
         }
         Ok(BackendCommand::MessageToConnection { conn_id, message }) => {
             if !delivery::to_client(shared, &conn_id, message) {
@@ -247,6 +265,42 @@ pub(crate) fn handle_line(id: BackendId, v2: bool, line: &[u8], shared: &Shared,
         }
         Ok(BackendCommand::Broadcast { message }) => {
             delivery::to_all(shared, message);
+        }
+        Ok(BackendCommand::MessageToUser { user_id, message }) => {
+            delivery::to_user(shared, &user_id, message);
+        }
+        Ok(BackendCommand::Membership { request_id, join, client_id, room_id }) => {
+            let command = if join { "join_room" } else { "leave_room" };
+            if let Err(e) = check_id(shared, command, "client_id", &client_id)
+                .and_then(|()| check_id(shared, command, "room_id", &room_id))
+            {
+                return refuse(errors, &request_id, command, e);
+            }
+            if delivery::membership(shared, &client_id, &room_id, join) == delivery::Applied::Full {
+                let max = shared.cfg.max_rooms_per_client;
+                let e =
+                    format!("join_room: client {client_id:?} is already in {max} rooms (max_rooms_per_client={max})");
+                refuse(errors, &request_id, command, e);
+            }
+        }
+        Ok(BackendCommand::Disconnect { request_id, client_id, code, reason }) => {
+            let checked =
+                check_id(shared, "disconnect", "client_id", &client_id).and_then(|()| check_close(code, &reason));
+            match checked {
+                Ok(code) => {
+                    delivery::disconnect(shared, &client_id, code, &reason);
+                }
+                Err(e) => refuse(errors, &request_id, "disconnect", e),
+            }
+        }
+        Ok(BackendCommand::RoomQuery { request_id, room_id, count_only, timeout }) => {
+            let command = if count_only { "room_count" } else { "room_members" };
+            if let Err(e) = check_id(shared, command, "room_id", &room_id) {
+                incr(&shared.counters.commands_refused);
+                let _ = outbox.push(protocol::encode_error_reply(&request_id, &e), false);
+                return;
+            }
+            answer_query(shared, outbox, request_id, room_id, count_only, timeout);
         }
         Ok(BackendCommand::Response(resp)) => {
             let _ = shared.router.handle(RouterEvent::Response { backend: id, resp });
@@ -268,6 +322,73 @@ pub(crate) fn handle_line(id: BackendId, v2: bool, line: &[u8], shared: &Shared,
             errors.report(e.cause, &e.detail);
         }
     }
+}
+
+/// An id a backend named: not empty, at most `max_id_length` bytes.
+pub(crate) fn check_id(shared: &Shared, command: &str, field: &str, id: &str) -> Result<(), String> {
+    let max = shared.cfg.max_id_length;
+    if id.is_empty() {
+        Err(format!("{command}: {field} is empty"))
+    } else if id.len() > max {
+        Err(format!("{command}: {field} is {} bytes long (max_id_length={max})", id.len()))
+    } else {
+        Ok(())
+    }
+}
+
+/// A close code and reason a backend may use: 1000 or 4000–4999, at most 123 bytes of reason.
+fn check_close(code: u64, reason: &str) -> Result<u16, String> {
+    if !(code == 1000 || (4000..=4999).contains(&code)) {
+        return Err(format!("disconnect: close code {code} is not allowed (use 1000 or 4000-4999)"));
+    }
+    if reason.len() > protocol::MAX_CLOSE_REASON {
+        return Err(format!(
+            "disconnect: reason is {} bytes of UTF-8, at most {} fit in a close frame",
+            reason.len(),
+            protocol::MAX_CLOSE_REASON
+        ));
+    }
+    Ok(code as u16)
+}
+
+/// Default and longest time a `room_members` query may take.
+const QUERY_TIMEOUT: f64 = 5.0;
+const QUERY_TIMEOUT_MAX: f64 = 60.0;
+
+/// Answers `room_count` at once (presence cache) and `room_members` at once when alone, or once
+/// the other live nodes answered (a task, so this backend's next lines are not held up).
+fn answer_query(
+    shared: &Arc<Shared>,
+    outbox: &Arc<Outbox>,
+    request_id: String,
+    room_id: String,
+    count_only: bool,
+    timeout: Option<f64>,
+) {
+    if count_only {
+        let n = match &shared.cluster {
+            Some(c) => c.room_count(&shared.hub, &room_id),
+            None => shared.hub.room_size(&room_id),
+        };
+        let _ = outbox.push(protocol::encode_count_reply(&request_id, n), false);
+        return;
+    }
+    let runtime = tokio::runtime::Handle::try_current();
+    let (Some(_), Ok(runtime)) = (&shared.cluster, runtime) else {
+        let members = shared.hub.members(&room_id);
+        let _ = outbox.push(protocol::encode_members_reply(&request_id, &members, &[]), false);
+        return;
+    };
+    // Answer a little before the backend's own deadline, so a slow node costs completeness,
+    // not the whole answer.
+    let wait = Duration::from_secs_f64(timeout.unwrap_or(QUERY_TIMEOUT).min(QUERY_TIMEOUT_MAX) * 0.8);
+    let (shared, outbox) = (shared.clone(), outbox.clone());
+    runtime.spawn(async move {
+        let Some(cluster) = &shared.cluster else { return };
+        let (pieces, missing) = cluster.members(&shared.hub, &room_id, wait).await;
+        let pieces: Vec<&str> = pieces.iter().filter_map(|p| std::str::from_utf8(p).ok()).collect();
+        let _ = outbox.push(protocol::encode_members_reply(&request_id, &pieces, &missing), false);
+    });
 }
 
 /// Writes the outbox and heartbeats; sets `dead` when the backend cannot be written to.

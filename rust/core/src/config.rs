@@ -592,6 +592,20 @@ settings! {
         help: "Events waiting for an in-process backend above which the broker stops reading the \
                WebSocket clients that feed it until it catches up (backpressure instead of loss).",
     }
+    max_rooms_per_client: usize = 100 => {
+        kind: Kind::int(1, 100_000),
+        env: ["PYSTRANDS_MAX_ROOMS_PER_CLIENT"],
+        flag: ["--max-rooms-per-client"],
+        help: "Rooms one connection may be in at once (its first room included); a join beyond it is \
+               refused and reported to the backend.",
+    }
+    max_id_length: usize = 256 => {
+        kind: Kind::int(1, 65_536),
+        env: ["PYSTRANDS_MAX_ID_LENGTH"],
+        flag: ["--max-id-length"],
+        help: "Longest client, room or user id in bytes that a backend may set or name; longer ones are \
+               refused (an accept with one answers 503 to the client).",
+    }
 }
 
 // The per-setting checks named in the table (`check:`), run by `Config::validate`.
@@ -837,7 +851,7 @@ mod tests {
     #[test]
     fn table_rows_are_complete_and_follow_the_naming_rules() {
         let mut names: Vec<_> = settings_table().iter().map(|s| s.name).collect();
-        assert_eq!(names.len(), 27);
+        assert_eq!(names.len(), 29);
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), settings_table().len(), "duplicate setting names");

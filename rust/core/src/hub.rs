@@ -1,5 +1,12 @@
-//! The hub: which WebSocket clients are connected and which room each is in. It is the only
-//! state shared between the WebSocket side and the backend side, and it does the fan-out.
+//! The hub: which WebSocket clients are connected, which rooms each is in and which user each
+//! belongs to. It is the only state shared between the WebSocket side and the backend side, and
+//! it does the fan-out.
+//!
+//! A connection is in the room it was accepted into (its context's `room_id`) and in every room a
+//! backend joined it to, up to `max_rooms_per_client`. Rooms and users are indexes of the same
+//! slots (room → members, user → connections), kept under one lock so a join, a leave or a close
+//! is seen whole; sending to a room walks that room's members only, so a client that is in
+//! several rooms costs nothing on another room's fan-out.
 //!
 //! Each connected client is a [`ClientSlot`]: the sending half of its bounded outbound queue plus
 //! a "kick" signal. Delivery never waits: a message goes into the queue with `try_send`; a full
@@ -10,7 +17,7 @@
 use crate::config::SlowClientPolicy;
 use crate::protocol::{CLOSE_REPLACED, CLOSE_SLOW_CONSUMER};
 use crate::stats::{incr, Counters};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,12 +32,16 @@ pub(crate) struct ClientSlot {
     pub(crate) room_id: Arc<str>,
     /// The `context` object sent to backends with every event of this client, encoded once.
     pub(crate) context_json: Arc<str>,
+    /// The user this connection belongs to, if the backend named one on accept.
+    pub(crate) user_id: Option<Arc<str>>,
     /// Wall-clock time of registration (ms since the Unix epoch); in a cluster it decides which
     /// of two connections with the same `client_id` on different nodes is the newer one.
     pub(crate) since_ms: u64,
     tx: mpsc::Sender<Utf8Bytes>,
     kick: Notify,
     kick_code: AtomicU16,
+    /// Set when a backend asked for the close (`disconnect`): the reason it gave.
+    kick_reason: Mutex<Option<String>>,
 }
 
 impl ClientSlot {
@@ -38,6 +49,7 @@ impl ClientSlot {
         conn_id: u64,
         client_id: Arc<str>,
         room_id: Arc<str>,
+        user_id: Option<Arc<str>>,
         context_json: Arc<str>,
         tx: mpsc::Sender<Utf8Bytes>,
     ) -> Self {
@@ -48,10 +60,12 @@ impl ClientSlot {
             client_id,
             room_id,
             context_json,
+            user_id,
             since_ms,
             tx,
             kick: Notify::new(),
             kick_code: AtomicU16::new(0),
+            kick_reason: Mutex::new(None),
         }
     }
 
@@ -60,6 +74,25 @@ impl ClientSlot {
         if self.kick_code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.kick.notify_one();
         }
+    }
+
+    /// A backend's `disconnect`: closes with its code and reason (unless a close is already on
+    /// its way). Returns whether this request decided the close.
+    pub(crate) fn kick_by_backend(&self, code: u16, reason: String) -> bool {
+        let mut r = self.kick_reason.lock();
+        if self.kick_code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            *r = Some(reason);
+            drop(r);
+            self.kick.notify_one();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The reason a backend gave for closing this client, if a backend closed it.
+    pub(crate) fn backend_close_reason(&self) -> Option<String> {
+        self.kick_reason.lock().clone()
     }
 
     /// Resolves when [`kick`](Self::kick) was called; returns the close code.
@@ -74,10 +107,67 @@ impl ClientSlot {
     }
 }
 
+type Members = HashMap<u64, Arc<ClientSlot>>;
+
 #[derive(Default)]
 struct State {
     clients: HashMap<Arc<str>, Arc<ClientSlot>>,
-    rooms: HashMap<Arc<str>, HashMap<u64, Arc<ClientSlot>>>,
+    rooms: HashMap<Arc<str>, Members>,
+    users: HashMap<Arc<str>, Members>,
+    /// Connection → the rooms it is in (first: the room it was accepted into, while it stays).
+    joined: HashMap<u64, Vec<Arc<str>>>,
+    memberships: usize,
+}
+
+impl State {
+    fn add(&mut self, slot: &Arc<ClientSlot>) {
+        self.rooms.entry(slot.room_id.clone()).or_default().insert(slot.conn_id, slot.clone());
+        self.joined.insert(slot.conn_id, vec![slot.room_id.clone()]);
+        self.memberships += 1;
+        if let Some(user) = &slot.user_id {
+            self.users.entry(user.clone()).or_default().insert(slot.conn_id, slot.clone());
+        }
+    }
+
+    /// Takes a connection out of every room and its user.
+    fn remove(&mut self, slot: &ClientSlot) {
+        for room in self.joined.remove(&slot.conn_id).unwrap_or_default() {
+            self.memberships -= 1;
+            remove_member(&mut self.rooms, &room, slot.conn_id);
+        }
+        if let Some(user) = &slot.user_id {
+            remove_member(&mut self.users, user, slot.conn_id);
+        }
+    }
+}
+
+fn remove_member(index: &mut HashMap<Arc<str>, Members>, key: &str, conn_id: u64) {
+    if let Some(members) = index.get_mut(key) {
+        members.remove(&conn_id);
+        if members.is_empty() {
+            index.remove(key);
+        }
+    }
+}
+
+/// What a `join_room` did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Joined {
+    Joined,
+    /// It already was a member: nothing changed.
+    Already,
+    /// The client is in `max_rooms_per_client` rooms already: refused.
+    Full,
+    /// No such client on this node.
+    NotHere,
+}
+
+/// What a `leave_room` did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Left {
+    Left,
+    NotMember,
+    NotHere,
 }
 
 /// Shared registry of clients and rooms.
@@ -108,9 +198,9 @@ impl Hub {
         let mut st = self.state.write();
         let old = st.clients.insert(slot.client_id.clone(), slot.clone());
         if let Some(old) = &old {
-            remove_from_room(&mut st, old);
+            st.remove(old);
         }
-        st.rooms.entry(slot.room_id.clone()).or_default().insert(slot.conn_id, slot.clone());
+        st.add(&slot);
         self.version.fetch_add(1, Ordering::Release);
         drop(st);
         if let Some(old) = &old {
@@ -127,7 +217,7 @@ impl Hub {
         match st.clients.get(&slot.client_id) {
             Some(current) if current.conn_id == slot.conn_id => {
                 st.clients.remove(&slot.client_id);
-                remove_from_room(&mut st, slot);
+                st.remove(slot);
                 self.version.fetch_add(1, Ordering::Release);
                 true
             }
@@ -175,6 +265,99 @@ impl Hub {
             Some(members) => self.deliver_all(members.values(), &msg),
             None => 0,
         }
+    }
+
+    /// Sends to every member of a room but the excluded client ids; returns how many got it.
+    pub(crate) fn send_room_except(&self, room_id: &str, text: String, exclude: &[String]) -> usize {
+        if exclude.is_empty() {
+            return self.send_room(room_id, text);
+        }
+        let msg = Utf8Bytes::from(text);
+        let st = self.state.read();
+        let Some(members) = st.rooms.get(room_id) else { return 0 };
+        if exclude.len() <= 8 {
+            self.deliver_all(members.values().filter(|s| !exclude.iter().any(|e| **e == *s.client_id)), &msg)
+        } else {
+            let skip: std::collections::HashSet<&str> = exclude.iter().map(String::as_str).collect();
+            self.deliver_all(members.values().filter(|s| !skip.contains(&*s.client_id)), &msg)
+        }
+    }
+
+    /// Sends to every connection of a user here; returns how many got it.
+    pub(crate) fn send_user(&self, user_id: &str, text: String) -> usize {
+        let msg = Utf8Bytes::from(text);
+        let st = self.state.read();
+        match st.users.get(user_id) {
+            Some(conns) => self.deliver_all(conns.values(), &msg),
+            None => 0,
+        }
+    }
+
+    /// Adds a connected client to a room (at most `max_rooms` rooms per client).
+    pub(crate) fn join(&self, client_id: &str, room_id: &str, max_rooms: usize) -> Joined {
+        let mut st = self.state.write();
+        let Some(slot) = st.clients.get(client_id).cloned() else { return Joined::NotHere };
+        let rooms = st.joined.entry(slot.conn_id).or_default();
+        if rooms.iter().any(|r| **r == *room_id) {
+            return Joined::Already;
+        }
+        if rooms.len() >= max_rooms {
+            return Joined::Full;
+        }
+        // One allocation per room name: the member map and the client's list share it.
+        let room: Arc<str> = match st.rooms.get_key_value(room_id) {
+            Some((k, _)) => k.clone(),
+            None => room_id.into(),
+        };
+        st.joined.entry(slot.conn_id).or_default().push(room.clone());
+        st.rooms.entry(room).or_default().insert(slot.conn_id, slot);
+        st.memberships += 1;
+        self.version.fetch_add(1, Ordering::Release);
+        Joined::Joined
+    }
+
+    /// Removes a connected client from a room (its first room too).
+    pub(crate) fn leave(&self, client_id: &str, room_id: &str) -> Left {
+        let mut st = self.state.write();
+        let Some(conn_id) = st.clients.get(client_id).map(|s| s.conn_id) else { return Left::NotHere };
+        let Some(rooms) = st.joined.get_mut(&conn_id) else { return Left::NotMember };
+        let Some(i) = rooms.iter().position(|r| **r == *room_id) else { return Left::NotMember };
+        rooms.remove(i);
+        st.memberships -= 1;
+        remove_member(&mut st.rooms, room_id, conn_id);
+        self.version.fetch_add(1, Ordering::Release);
+        Left::Left
+    }
+
+    /// A backend's `disconnect` for a client here: `None` when it is not connected here,
+    /// otherwise whether this request decided the close.
+    pub(crate) fn disconnect(&self, client_id: &str, code: u16, reason: String) -> Option<bool> {
+        let st = self.state.read();
+        st.clients.get(client_id).map(|slot| slot.kick_by_backend(code, reason))
+    }
+
+    /// The contexts of a room's members here (encoded JSON, shared).
+    pub(crate) fn members(&self, room_id: &str) -> Vec<Arc<str>> {
+        let st = self.state.read();
+        st.rooms.get(room_id).map_or_else(Vec::new, |m| m.values().map(|s| s.context_json.clone()).collect())
+    }
+
+    #[cfg(test)]
+    /// Rooms a client here is in, in the order it entered them (`None`: not connected here).
+    pub(crate) fn rooms_of(&self, client_id: &str) -> Option<Vec<Arc<str>>> {
+        let st = self.state.read();
+        let slot = st.clients.get(client_id)?;
+        Some(st.joined.get(&slot.conn_id).cloned().unwrap_or_default())
+    }
+
+    /// Distinct users with at least one connection here.
+    pub(crate) fn user_count(&self) -> usize {
+        self.state.read().users.len()
+    }
+
+    /// Room memberships here (a client in three rooms counts three).
+    pub(crate) fn membership_count(&self) -> usize {
+        self.state.read().memberships
     }
 
     /// Sends to every connected client; returns how many got it.
@@ -250,22 +433,13 @@ impl Hub {
     }
 }
 
-fn remove_from_room(st: &mut State, slot: &ClientSlot) {
-    if let Some(members) = st.rooms.get_mut(&slot.room_id) {
-        members.remove(&slot.conn_id);
-        if members.is_empty() {
-            st.rooms.remove(&slot.room_id);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn slot(conn: u64, id: &str, room: &str, cap: usize) -> (Arc<ClientSlot>, mpsc::Receiver<Utf8Bytes>) {
         let (tx, rx) = mpsc::channel(cap);
-        (Arc::new(ClientSlot::new(conn, id.into(), room.into(), "{}".into(), tx)), rx)
+        (Arc::new(ClientSlot::new(conn, id.into(), room.into(), None, "{}".into(), tx)), rx)
     }
 
     #[tokio::test]
@@ -291,6 +465,100 @@ mod tests {
         assert_eq!(hub.room_size("r1"), 1);
         assert!(hub.unregister(&b));
         assert_eq!(hub.room_count(), 1);
+    }
+
+    fn user_slot(conn: u64, id: &str, room: &str, user: &str) -> (Arc<ClientSlot>, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(8);
+        let ctx: Arc<str> = format!("{{\"client_id\":\"{id}\"}}").into();
+        (Arc::new(ClientSlot::new(conn, id.into(), room.into(), Some(user.into()), ctx, tx)), rx)
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Utf8Bytes>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            out.push(m.to_string());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn many_rooms_users_exclusions_and_leaving() {
+        let hub = Hub::new(SlowClientPolicy::Close, Arc::default());
+        let (a, mut ra) = user_slot(1, "a", "lobby", "ann");
+        let (a2, mut ra2) = user_slot(2, "a2", "lobby", "ann");
+        let (b, mut rb) = user_slot(3, "b", "lobby", "bob");
+        for s in [&a, &a2, &b] {
+            hub.register(s.clone());
+        }
+        assert_eq!((hub.user_count(), hub.membership_count()), (2, 3));
+        assert_eq!(hub.join("a", "game", 3), Joined::Joined);
+        assert_eq!(hub.join("a", "game", 3), Joined::Already);
+        assert_eq!(hub.join("a", "third", 3), Joined::Joined);
+        assert_eq!(hub.join("a", "fourth", 3), Joined::Full, "lobby + game + third = 3");
+        assert_eq!(hub.join("nobody", "game", 3), Joined::NotHere);
+        assert_eq!(
+            hub.rooms_of("a").unwrap().iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            ["lobby", "game", "third"]
+        );
+        assert_eq!(hub.membership_count(), 5);
+
+        assert_eq!(hub.send_room("game", "g".into()), 1);
+        assert_eq!(hub.send_room_except("lobby", "l".into(), &["a".into()]), 2);
+        let many: Vec<String> = (0..20).map(|i| format!("x{i}")).chain(["b".to_string()]).collect();
+        assert_eq!(hub.send_room_except("lobby", "l2".into(), &many), 2, "a long exclude list works the same");
+        assert_eq!(hub.send_user("ann", "u".into()), 2, "both of ann's connections");
+        assert_eq!(hub.send_user("nobody", "u".into()), 0);
+        assert_eq!(drain(&mut ra), ["g", "l2", "u"]);
+        assert_eq!(drain(&mut ra2), ["l", "l2", "u"]);
+        assert_eq!(drain(&mut rb), ["l"]);
+
+        let mut members: Vec<String> = hub.members("lobby").iter().map(|m| m.to_string()).collect();
+        members.sort();
+        assert_eq!(members, [r#"{"client_id":"a"}"#, r#"{"client_id":"a2"}"#, r#"{"client_id":"b"}"#]);
+
+        assert_eq!(hub.leave("a", "lobby"), Left::Left, "the first room can be left too");
+        assert_eq!(hub.leave("a", "lobby"), Left::NotMember);
+        assert_eq!(hub.leave("nobody", "lobby"), Left::NotHere);
+        assert_eq!(hub.send_room("lobby", "l3".into()), 2);
+        assert!(drain(&mut ra).is_empty());
+        assert_eq!(hub.join("a", "fourth", 3), Joined::Joined, "leaving made room");
+
+        assert!(hub.unregister(&a));
+        assert_eq!(hub.room_count(), 1, "game, third and fourth went with their only member");
+        assert_eq!((hub.user_count(), hub.membership_count()), (2, 2));
+        assert!(hub.unregister(&a2));
+        assert_eq!(hub.user_count(), 1);
+        assert_eq!(hub.send_user("ann", "u".into()), 0);
+    }
+
+    #[tokio::test]
+    async fn a_backend_disconnect_carries_its_code_and_reason_once() {
+        let hub = Hub::new(SlowClientPolicy::Close, Arc::default());
+        let (a, _ra) = user_slot(1, "a", "r", "u");
+        hub.register(a.clone());
+        assert_eq!(hub.disconnect("nobody", 4000, "x".into()), None);
+        assert_eq!(hub.disconnect("a", 4321, "bye".into()), Some(true));
+        assert_eq!(hub.disconnect("a", 4000, "again".into()), Some(false), "the first close wins");
+        assert_eq!(a.kicked().await, 4321);
+        assert_eq!(a.backend_close_reason().as_deref(), Some("bye"));
+        let (b, _rb) = user_slot(2, "b", "r", "u");
+        hub.register(b.clone());
+        b.kick(CLOSE_SLOW_CONSUMER);
+        assert_eq!(hub.disconnect("b", 4000, "late".into()), Some(false));
+        assert_eq!(b.backend_close_reason(), None, "a broker close keeps its own reason");
+    }
+
+    #[tokio::test]
+    async fn a_replaced_connection_leaves_every_room_and_its_user() {
+        let hub = Hub::new(SlowClientPolicy::Close, Arc::default());
+        let (old, _r1) = user_slot(1, "dup", "r", "u1");
+        hub.register(old.clone());
+        hub.join("dup", "extra", 10);
+        let (new, _r2) = user_slot(2, "dup", "r", "u2");
+        hub.register(new.clone());
+        assert_eq!(hub.room_size("extra"), 0);
+        assert_eq!(hub.send_user("u1", "x".into()), 0);
+        assert_eq!((hub.user_count(), hub.membership_count()), (1, 1));
     }
 
     #[tokio::test]

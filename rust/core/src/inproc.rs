@@ -447,7 +447,7 @@ impl Inner {
                 None => return, // refused
             },
         };
-        handle_line(self.id, v2, line, &self.shared, &mut st.errors);
+        handle_line(self.id, v2, line, &self.shared, &self.outbox, &mut st.errors);
     }
 
     /// The backend's first line: a `hello` negotiates v2 (answered with heartbeats off: a
@@ -472,7 +472,7 @@ impl Inner {
                 return None;
             }
             Some(_) => {
-                let _ = self.outbox.push(protocol::encode_hello_reply(Ok(0.0)), false);
+                let _ = self.outbox.push(protocol::encode_hello_reply(Ok((0.0, backend::limits(&self.shared)))), false);
                 true
             }
             None => false,

@@ -216,7 +216,11 @@ impl BrokerHandle {
             }
         };
         let gauges = Arc::new(router::Gauges::default());
-        let limits = router::Limits { queue_size: cfg.queue_size, max_unacked: cfg.max_unacked };
+        let limits = router::Limits {
+            queue_size: cfg.queue_size,
+            max_unacked: cfg.max_unacked,
+            max_id_length: cfg.max_id_length,
+        };
         let router = router::Router::new(limits, counters.clone(), gauges.clone());
         let shared = Arc::new(Shared {
             hub: hub::Hub::new(cfg.slow_client_policy, counters.clone()),
@@ -315,6 +319,8 @@ impl BrokerHandle {
         Stats {
             clients: self.shared.hub.client_count(),
             rooms: self.shared.hub.room_count(),
+            users: self.shared.hub.user_count(),
+            memberships: self.shared.hub.membership_count(),
             backends: g.backends.load(Ordering::Relaxed),
             queued_events: g.queued_events.load(Ordering::Relaxed),
             pending_requests: g.pending_requests.load(Ordering::Relaxed),

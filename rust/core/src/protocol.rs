@@ -27,7 +27,16 @@ pub const CLOSE_POLICY: u16 = 1008;
 /// The protocol version this broker speaks beyond v1.
 pub const PROTOCOL_VERSION: u64 = 2;
 /// Features of v2 this broker implements, announced in its `hello`.
-pub const FEATURES: [&str; 2] = ["ack", "heartbeat"];
+pub const FEATURES: [&str; 3] = ["ack", "heartbeat", "rooms"];
+/// Longest close reason a WebSocket close frame can carry (125 bytes minus the code).
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// Limits a backend may check before it sends (announced in the `hello` answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_rooms_per_client: usize,
+    pub max_id_length: usize,
+}
 
 /// Go's `textproto.CanonicalMIMEHeaderKey`: `x-token` → `X-Token`. Names with characters outside
 /// the token set are returned unchanged, as Go does.
@@ -65,8 +74,9 @@ fn line_end(mut buf: Vec<u8>) -> Bytes {
     Bytes::from(buf)
 }
 
-/// The JSON object a backend sees as `context`: `{"client_id", "room_id", "metadata"}`.
-pub fn encode_context(client_id: &str, room_id: &str, metadata: &Value) -> String {
+/// The JSON object a backend sees as `context`: `{"client_id", "room_id", "metadata"}`, plus
+/// `"user_id"` only when the connection has one (so v1 contexts stay byte-for-byte as they were).
+pub fn encode_context(client_id: &str, room_id: &str, metadata: &Value, user_id: Option<&str>) -> String {
     let mut buf = Vec::with_capacity(64 + client_id.len() + room_id.len());
     buf.extend_from_slice(b"{\"client_id\":");
     push_json_str(&mut buf, client_id);
@@ -74,9 +84,58 @@ pub fn encode_context(client_id: &str, room_id: &str, metadata: &Value) -> Strin
     push_json_str(&mut buf, room_id);
     buf.extend_from_slice(b",\"metadata\":");
     let _ = serde_json::to_writer(&mut buf, metadata);
+    if let Some(user_id) = user_id {
+        buf.extend_from_slice(b",\"user_id\":");
+        push_json_str(&mut buf, user_id);
+    }
     buf.push(b'}');
     // Only JSON text was written, which is UTF-8.
     String::from_utf8(buf).unwrap_or_default()
+}
+
+/// The answer to a `room_members` query: every member's context (already JSON).
+pub fn encode_members_reply<S: AsRef<str>>(request_id: &str, members: &[S], missing: &[String]) -> Bytes {
+    let size: usize = members.iter().map(|m| m.as_ref().len() + 1).sum();
+    let mut buf = line_start(request_id, "reply", size + 32);
+    buf.extend_from_slice(b"\"members\":[");
+    for (i, m) in members.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(m.as_ref().as_bytes());
+    }
+    buf.extend_from_slice(b"],\"complete\":");
+    buf.extend_from_slice(if missing.is_empty() { b"true" } else { b"false" });
+    if !missing.is_empty() {
+        buf.extend_from_slice(b",\"missing\":");
+        let _ = serde_json::to_writer(&mut buf, missing);
+    }
+    line_end(buf)
+}
+
+/// The answer to a `room_count` query.
+pub fn encode_count_reply(request_id: &str, count: usize) -> Bytes {
+    let mut buf = line_start(request_id, "reply", 16);
+    buf.extend_from_slice(format!("\"count\":{count}").as_bytes());
+    line_end(buf)
+}
+
+/// The answer to a query the broker cannot answer.
+pub fn encode_error_reply(request_id: &str, error: &str) -> Bytes {
+    let mut buf = line_start(request_id, "reply", error.len() + 16);
+    buf.extend_from_slice(b"\"error\":");
+    push_json_str(&mut buf, error);
+    line_end(buf)
+}
+
+/// Tells a backend that one of its commands was refused, and why.
+pub fn encode_command_error(request_id: &str, command: &str, error: &str) -> Bytes {
+    let mut buf = line_start(request_id, "command_error", error.len() + 32);
+    buf.extend_from_slice(b"\"command\":");
+    push_json_str(&mut buf, command);
+    buf.extend_from_slice(b",\"error\":");
+    push_json_str(&mut buf, error);
+    line_end(buf)
 }
 
 /// `connection_request`: headers as `{Canonical-Name: [values]}`, the path as `url`, the query
@@ -157,10 +216,10 @@ pub fn heartbeat_line() -> Bytes {
 
 /// The broker's answer to a backend's `hello`: accepted (the connection is v2 from now on), or
 /// refused with the reason, after which the broker closes the connection.
-pub fn encode_hello_reply(result: Result<f64, &str>) -> Bytes {
-    let mut buf = line_start("hello", "hello", 128);
+pub fn encode_hello_reply(result: Result<(f64, Limits), &str>) -> Bytes {
+    let mut buf = line_start("hello", "hello", 160);
     match result {
-        Ok(heartbeat_secs) => {
+        Ok((heartbeat_secs, limits)) => {
             buf.extend_from_slice(format!("\"ok\":true,\"version\":{PROTOCOL_VERSION},\"features\":[").as_bytes());
             for (i, f) in FEATURES.iter().enumerate() {
                 if i > 0 {
@@ -169,6 +228,13 @@ pub fn encode_hello_reply(result: Result<f64, &str>) -> Bytes {
                 push_json_str(&mut buf, f);
             }
             buf.extend_from_slice(format!("],\"heartbeat_interval\":{heartbeat_secs:?}").as_bytes());
+            buf.extend_from_slice(
+                format!(
+                    ",\"limits\":{{\"max_rooms_per_client\":{},\"max_id_length\":{}}}",
+                    limits.max_rooms_per_client, limits.max_id_length
+                )
+                .as_bytes(),
+            );
         }
         Err(reason) => {
             buf.extend_from_slice(b"\"ok\":false,\"error\":");
@@ -221,6 +287,8 @@ pub struct AcceptResponse {
     pub metadata: Value,
     /// Optional human-readable reason for a rejection (sent in the 403 body).
     pub reason: Option<String>,
+    /// v2 `rooms`: the user this connection belongs to.
+    pub user_id: Option<String>,
 }
 
 /// One parsed backend line.
@@ -230,6 +298,8 @@ pub enum BackendCommand {
     MessageToRoom {
         room_id: String,
         message: String,
+        /// v2 `rooms`: client ids that must not get it.
+        exclude: Vec<String>,
     },
     MessageToConnection {
         conn_id: String,
@@ -245,6 +315,32 @@ pub enum BackendCommand {
     /// v2: every event with `seq` up to this one has been handled.
     Ack {
         seq: u64,
+    },
+    /// v2 `rooms`: every connection of a user.
+    MessageToUser {
+        user_id: String,
+        message: String,
+    },
+    /// v2 `rooms`: add a connection to a room, or remove it.
+    Membership {
+        request_id: String,
+        join: bool,
+        client_id: String,
+        room_id: String,
+    },
+    /// v2 `rooms`: close a client's WebSocket with this code and reason.
+    Disconnect {
+        request_id: String,
+        client_id: String,
+        code: u64,
+        reason: String,
+    },
+    /// v2 `rooms`: who is in a room (`count_only`: how many), answered with a `reply`.
+    RoomQuery {
+        request_id: String,
+        room_id: String,
+        count_only: bool,
+        timeout: Option<f64>,
     },
 }
 
@@ -311,6 +407,31 @@ fn optional_string(
     }
 }
 
+/// `message_to_room`'s optional `exclude`: an array of client ids (a single string is accepted too).
+fn take_exclude(params: &mut serde_json::Map<String, Value>) -> Result<Vec<String>, DecodeError> {
+    match params.get_mut("exclude").map(Value::take) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s]),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(err(
+                    "wrong type",
+                    format!(
+                        "message_to_room: params.exclude must hold client ids (strings), got a {}",
+                        type_name(&other)
+                    ),
+                )),
+            })
+            .collect(),
+        Some(other) => Err(err(
+            "wrong type",
+            format!("message_to_room: params.exclude must be an array of client ids, got {}", type_name(&other)),
+        )),
+    }
+}
+
 /// Parses one backend line (without its `\n`).
 pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
     let value: Value = serde_json::from_slice(line).map_err(|e| {
@@ -363,6 +484,7 @@ pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
             let client_id = optional_string(p, "response", "client_id")?;
             let room_id = optional_string(p, "response", "room_id")?;
             let reason = optional_string(p, "response", "reason")?;
+            let user_id = optional_string(p, "response", "user_id")?;
             let metadata = match p.get_mut("metadata").map(Value::take) {
                 None | Some(Value::Null) => Value::Object(Default::default()),
                 Some(v @ Value::Object(_)) => v,
@@ -373,12 +495,87 @@ pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
                     ))
                 }
             };
-            Ok(BackendCommand::Response(AcceptResponse { request_id, accepted, client_id, room_id, metadata, reason }))
+            Ok(BackendCommand::Response(AcceptResponse {
+                request_id,
+                accepted,
+                client_id,
+                room_id,
+                metadata,
+                reason,
+                user_id,
+            }))
         }
         "message_to_room" => Ok(BackendCommand::MessageToRoom {
             room_id: take_string(p, "message_to_room", "room_id")?,
             message: take_message(p, "message_to_room")?,
+            exclude: take_exclude(p)?,
         }),
+        "message_to_user" => Ok(BackendCommand::MessageToUser {
+            user_id: take_string(p, "message_to_user", "user_id")?,
+            message: take_message(p, "message_to_user")?,
+        }),
+        "join_room" | "leave_room" => {
+            let join = action == "join_room";
+            Ok(BackendCommand::Membership {
+                client_id: take_string(p, &action, "client_id")?,
+                room_id: take_string(p, &action, "room_id")?,
+                request_id,
+                join,
+            })
+        }
+        "disconnect" => {
+            let code = match p.get("code") {
+                None | Some(Value::Null) => 1000,
+                Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
+                    err(
+                        "wrong type",
+                        format!("disconnect: params.code must be a close code (1000 or 4000-4999), got {n}"),
+                    )
+                })?,
+                Some(other) => {
+                    return Err(err(
+                        "wrong type",
+                        format!("disconnect: params.code must be an integer, got {}", type_name(other)),
+                    ))
+                }
+            };
+            Ok(BackendCommand::Disconnect {
+                client_id: take_string(p, "disconnect", "client_id")?,
+                reason: optional_string(p, "disconnect", "reason")?.unwrap_or_default(),
+                request_id,
+                code,
+            })
+        }
+        "room_members" | "room_count" => {
+            let count_only = action == "room_count";
+            let timeout = match p.get("timeout") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => match n.as_f64() {
+                    Some(t) if t.is_finite() && t > 0.0 => Some(t),
+                    _ => {
+                        return Err(err(
+                            "wrong type",
+                            format!("{action}: params.timeout must be a positive number, got {n}"),
+                        ))
+                    }
+                },
+                Some(other) => {
+                    return Err(err(
+                        "wrong type",
+                        format!("{action}: params.timeout must be a number, got {}", type_name(other)),
+                    ))
+                }
+            };
+            if request_id.is_empty() {
+                return Err(err("missing field", format!("{action}: request_id is missing")));
+            }
+            Ok(BackendCommand::RoomQuery {
+                room_id: take_string(p, &action, "room_id")?,
+                request_id,
+                count_only,
+                timeout,
+            })
+        }
         "message_to_connection" => Ok(BackendCommand::MessageToConnection {
             conn_id: take_string(p, "message_to_connection", "conn_id")?,
             message: take_message(p, "message_to_connection")?,
@@ -554,12 +751,140 @@ mod tests {
         assert_eq!(v["redelivered"], json!(true));
         assert!(with_seq(&line, 1, false).ends_with(b"\n"));
 
-        let v: Value = serde_json::from_slice(&encode_hello_reply(Ok(15.0))).unwrap();
+        let limits = Limits { max_rooms_per_client: 7, max_id_length: 99 };
+        let v: Value = serde_json::from_slice(&encode_hello_reply(Ok((15.0, limits)))).unwrap();
         assert_eq!(v["params"]["ok"], json!(true));
+        assert_eq!(v["params"]["features"], json!(["ack", "heartbeat", "rooms"]));
+        assert_eq!(v["params"]["limits"], json!({"max_rooms_per_client": 7, "max_id_length": 99}));
         assert_eq!(v["params"]["version"], json!(2));
         assert_eq!(v["params"]["heartbeat_interval"], json!(15.0));
         let v: Value = serde_json::from_slice(&encode_hello_reply(Err("wrong \"secret\""))).unwrap();
         assert_eq!(v["params"], json!({"ok": false, "error": "wrong \"secret\""}));
+    }
+
+    #[test]
+    fn rooms_commands_and_replies() {
+        let d = |l: &str| decode_backend_line(l.as_bytes());
+        assert_eq!(
+            d(r#"{"action":"message_to_room","params":{"room_id":"r","message":"m","exclude":["a","b"]}}"#).unwrap(),
+            BackendCommand::MessageToRoom {
+                room_id: "r".into(),
+                message: "m".into(),
+                exclude: vec!["a".into(), "b".into()]
+            }
+        );
+        assert_eq!(
+            d(r#"{"action":"message_to_room","params":{"room_id":"r","message":"m","exclude":"a"}}"#).unwrap(),
+            BackendCommand::MessageToRoom { room_id: "r".into(), message: "m".into(), exclude: vec!["a".into()] }
+        );
+        assert_eq!(
+            d(r#"{"action":"message_to_user","params":{"user_id":"u","message":{"x":1}}}"#).unwrap(),
+            BackendCommand::MessageToUser { user_id: "u".into(), message: r#"{"x":1}"#.into() }
+        );
+        assert_eq!(
+            d(r#"{"request_id":"j","action":"join_room","params":{"client_id":"c","room_id":"r"}}"#).unwrap(),
+            BackendCommand::Membership {
+                request_id: "j".into(),
+                join: true,
+                client_id: "c".into(),
+                room_id: "r".into()
+            }
+        );
+        assert_eq!(
+            d(r#"{"action":"leave_room","params":{"client_id":"c","room_id":"r"}}"#).unwrap(),
+            BackendCommand::Membership {
+                request_id: "".into(),
+                join: false,
+                client_id: "c".into(),
+                room_id: "r".into()
+            }
+        );
+        assert_eq!(
+            d(r#"{"action":"disconnect","params":{"client_id":"c","code":4100,"reason":"bye"}}"#).unwrap(),
+            BackendCommand::Disconnect {
+                request_id: "".into(),
+                client_id: "c".into(),
+                code: 4100,
+                reason: "bye".into()
+            }
+        );
+        assert_eq!(
+            d(r#"{"action":"disconnect","params":{"client_id":"c"}}"#).unwrap(),
+            BackendCommand::Disconnect { request_id: "".into(), client_id: "c".into(), code: 1000, reason: "".into() }
+        );
+        assert_eq!(
+            d(r#"{"request_id":"q","action":"room_members","params":{"room_id":"r","timeout":2.5}}"#).unwrap(),
+            BackendCommand::RoomQuery {
+                request_id: "q".into(),
+                room_id: "r".into(),
+                count_only: false,
+                timeout: Some(2.5)
+            }
+        );
+        assert_eq!(
+            d(r#"{"request_id":"q","action":"room_count","params":{"room_id":"r"}}"#).unwrap(),
+            BackendCommand::RoomQuery { request_id: "q".into(), room_id: "r".into(), count_only: true, timeout: None }
+        );
+        match d(r#"{"request_id":"c","action":"response","params":{"accepted":true,"user_id":"u1"}}"#).unwrap() {
+            BackendCommand::Response(a) => assert_eq!(a.user_id.as_deref(), Some("u1")),
+            other => panic!("{other:?}"),
+        }
+        for (bad, says) in [
+            (
+                r#"{"action":"message_to_room","params":{"room_id":"r","message":"m","exclude":[1]}}"#,
+                "exclude must hold client ids",
+            ),
+            (
+                r#"{"action":"message_to_room","params":{"room_id":"r","message":"m","exclude":{}}}"#,
+                "exclude must be an array",
+            ),
+            (r#"{"action":"join_room","params":{"client_id":"c"}}"#, "join_room: params.room_id is missing"),
+            (
+                r#"{"action":"leave_room","params":{"client_id":5,"room_id":"r"}}"#,
+                "leave_room: params.client_id must be a string",
+            ),
+            (
+                r#"{"action":"disconnect","params":{"client_id":"c","code":-1}}"#,
+                "disconnect: params.code must be a close code",
+            ),
+            (r#"{"action":"disconnect","params":{"client_id":"c","code":"1000"}}"#, "params.code must be an integer"),
+            (r#"{"action":"message_to_user","params":{"message":"m"}}"#, "message_to_user: params.user_id is missing"),
+            (r#"{"action":"room_members","params":{"room_id":"r"}}"#, "room_members: request_id is missing"),
+            (
+                r#"{"request_id":"q","action":"room_members","params":{"room_id":"r","timeout":0}}"#,
+                "timeout must be a positive number",
+            ),
+            (
+                r#"{"request_id":"q","action":"room_count","params":{"room_id":"r","timeout":"1"}}"#,
+                "timeout must be a number",
+            ),
+        ] {
+            let e = d(bad).unwrap_err();
+            assert!(e.detail.contains(says), "{bad}: {e}");
+        }
+
+        let v: Value = serde_json::from_slice(&encode_members_reply(
+            "q1",
+            &["{\"client_id\":\"a\"}", "{\"client_id\":\"b\"}"],
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"request_id":"q1","action":"reply","params":{"members":[{"client_id":"a"},{"client_id":"b"}],"complete":true}})
+        );
+        let none: [&str; 0] = [];
+        let v: Value = serde_json::from_slice(&encode_members_reply("q2", &none, &["n2".to_string()])).unwrap();
+        assert_eq!(v["params"], json!({"members":[],"complete":false,"missing":["n2"]}));
+        let v: Value = serde_json::from_slice(&encode_count_reply("q3", 42)).unwrap();
+        assert_eq!(v["params"], json!({"count": 42}));
+        let v: Value = serde_json::from_slice(&encode_error_reply("q4", "bad \"room\"")).unwrap();
+        assert_eq!(v["params"], json!({"error": "bad \"room\""}));
+        let v: Value = serde_json::from_slice(&encode_command_error("j", "join_room", "full")).unwrap();
+        assert_eq!(
+            v,
+            json!({"request_id":"j","action":"command_error","params":{"command":"join_room","error":"full"}})
+        );
     }
 
     #[test]
@@ -625,7 +950,16 @@ mod tests {
 
     #[test]
     fn events_are_valid_json_with_escapes() {
-        let ctx = encode_context("c\"1", "room\n", &json!({"user": "ü"}));
+        let ctx = encode_context("c\"1", "room\n", &json!({"user": "ü"}), None);
+        assert_eq!(
+            encode_context("a", "r", &json!({}), None),
+            r#"{"client_id":"a","room_id":"r","metadata":{}}"#,
+            "without a user id: the v1 context, byte for byte"
+        );
+        assert_eq!(
+            encode_context("a", "r", &json!({}), Some("u\"1")),
+            r#"{"client_id":"a","room_id":"r","metadata":{},"user_id":"u\"1"}"#
+        );
         let line = encode_new_message("7", "hi \"there\"\n\u{0}", &ctx);
         let v: Value = serde_json::from_slice(&line[..line.len() - 1]).unwrap();
         assert_eq!(v["params"]["message"], "hi \"there\"\n\u{0}");
@@ -655,7 +989,7 @@ mod tests {
         assert!(matches!(r, BackendCommand::Response(AcceptResponse { accepted: false, .. })));
         assert_eq!(
             decode_backend_line(br#"{"action":"message_to_room","params":{"room_id":"r","message":"m"}}"#).unwrap(),
-            BackendCommand::MessageToRoom { room_id: "r".into(), message: "m".into() }
+            BackendCommand::MessageToRoom { room_id: "r".into(), message: "m".into(), exclude: vec![] }
         );
         assert_eq!(
             decode_backend_line(br#"{"action":"message_to_connection","params":{"conn_id":"c","message":"m"}}"#)

@@ -37,7 +37,7 @@ pub(crate) type BackendId = u64;
 /// What a waiting WebSocket handshake is told.
 #[derive(Debug)]
 pub(crate) enum Decision {
-    Accept { client_id: String, room_id: String, metadata: Value },
+    Accept { client_id: String, room_id: String, metadata: Value, user_id: Option<String> },
     Reject { reason: Option<String> },
     Unavailable(&'static str),
 }
@@ -99,6 +99,8 @@ pub(crate) struct Limits {
     pub(crate) queue_size: usize,
     /// Unacknowledged events kept per v2 backend.
     pub(crate) max_unacked: usize,
+    /// Longest client, room or user id a backend may set on accept (bytes).
+    pub(crate) max_id_length: usize,
 }
 
 struct Pending {
@@ -377,10 +379,22 @@ impl State {
             let client_id =
                 resp.client_id.filter(|c| !c.is_empty()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             let room_id = resp.room_id.unwrap_or(p.url);
+            let user_id = resp.user_id.filter(|u| !u.is_empty());
+            let max = self.limits.max_id_length;
+            let longest = client_id.len().max(room_id.len()).max(user_id.as_ref().map_or(0, String::len));
+            if longest > max || room_id.is_empty() {
+                self.counters.backend_errors.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    client_id = %client_id.chars().take(64).collect::<String>(),
+                    "a backend accepted a connection with an empty room_id or an id over {max} bytes (max_id_length); answered 503"
+                );
+                let _ = p.reply.send(Decision::Unavailable("backend answered with an invalid id"));
+                return;
+            }
             if self.position(backend).is_some() {
                 self.pinned.insert(Arc::from(client_id.as_str()), backend);
             }
-            Decision::Accept { client_id, room_id, metadata: resp.metadata }
+            Decision::Accept { client_id, room_id, metadata: resp.metadata, user_id }
         } else {
             Decision::Reject { reason: resp.reason }
         };
@@ -424,7 +438,7 @@ mod tests {
     use super::*;
 
     fn start(queue_size: usize) -> (Router, Arc<Counters>) {
-        start_with(Limits { queue_size, max_unacked: 1000 })
+        start_with(Limits { queue_size, max_unacked: 1000, max_id_length: 256 })
     }
 
     fn start_with(limits: Limits) -> (Router, Arc<Counters>) {
@@ -535,6 +549,7 @@ mod tests {
             room_id: None,
             metadata: Value::Null,
             reason: None,
+            user_id: None,
         };
         router.handle(RouterEvent::Response { backend: 1, resp }).unwrap();
         match orx.await.unwrap() {
@@ -632,7 +647,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_overflowing_backend_is_dropped_without_stalling_the_router() {
-        let (router, counters) = start_with(Limits { queue_size: 100_000, max_unacked: 100_000 });
+        let (router, counters) = start_with(Limits { queue_size: 100_000, max_unacked: 100_000, max_id_length: 256 });
         let _stuck = backend_with(&router, 1, true, OUTBOX_LIMIT_FOR_TESTS).await; // never read: overflows
         let n = OUTBOX_LIMIT_FOR_TESTS + 10;
         for i in 0..n {
@@ -652,7 +667,7 @@ mod tests {
 
     #[tokio::test]
     async fn max_unacked_releases_the_oldest_and_counts() {
-        let (router, counters) = start_with(Limits { queue_size: 10, max_unacked: 2 });
+        let (router, counters) = start_with(Limits { queue_size: 10, max_unacked: 2, max_id_length: 256 });
         let b1 = backend(&router, 1, true).await;
         for n in 0..5 {
             router.handle(v2_ev("a", n)).unwrap();

@@ -73,6 +73,20 @@ counters! {
     cluster_decode_errors,
     /// Cluster: connections to Redis re-established after a loss.
     cluster_reconnects,
+    /// Cluster: `room_members` queries answered without every live node (one did not answer in time).
+    cluster_query_timeouts,
+    /// `join_room` commands that added a membership.
+    rooms_joined,
+    /// `leave_room` commands that removed a membership.
+    rooms_left,
+    /// Clients closed by a backend's `disconnect`.
+    clients_disconnected,
+    /// Commands that named a client, room or user this broker does not have (they did nothing;
+    /// in a cluster a command for a client elsewhere is handed on, not counted here).
+    commands_unmatched,
+    /// Commands refused for bad arguments (an over-long id, an invalid close code, a join beyond
+    /// `max_rooms_per_client`); each also reported to the backend as a `command_error`.
+    commands_refused,
 }
 
 /// Adds one to a counter.
@@ -92,6 +106,10 @@ pub(crate) fn add(c: &AtomicU64, n: u64) {
 pub struct Stats {
     pub clients: usize,
     pub rooms: usize,
+    /// Distinct users with a connection here.
+    pub users: usize,
+    /// Room memberships here (a client in three rooms counts three).
+    pub memberships: usize,
     pub backends: usize,
     pub queued_events: usize,
     pub pending_requests: usize,

@@ -18,6 +18,7 @@ use crate::stats::incr;
 use crate::throttle::TokenBucket;
 use crate::Shared;
 use futures_util::{SinkExt, StreamExt};
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,8 +107,8 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
         refuse(stream, 503, "too many connections").await;
         return None;
     }
-    let (client_id, room_id, metadata) = match ask_backend(&req, addr, shared).await {
-        Decision::Accept { client_id, room_id, metadata } => (client_id, room_id, metadata),
+    let (client_id, room_id, metadata, user_id) = match ask_backend(&req, addr, shared).await {
+        Decision::Accept { client_id, room_id, metadata, user_id } => (client_id, room_id, metadata, user_id),
         Decision::Reject { reason } => {
             incr(&shared.counters.connections_rejected);
             refuse(stream, 403, reason.as_deref().unwrap_or("connection rejected")).await;
@@ -120,7 +121,7 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
             return None;
         }
     };
-    let context_json: Arc<str> = protocol::encode_context(&client_id, &room_id, &metadata).into();
+    let context_json: Arc<str> = protocol::encode_context(&client_id, &room_id, &metadata, user_id.as_deref()).into();
     if stream.write_all(&http::switching_protocols(&req.key)).await.is_err() {
         // The client left while we were asking: tell the backend it came and went.
         send_event(shared, &client_id, "disconnected", &context_json, true);
@@ -134,6 +135,7 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
         shared.next_id(),
         client_id.as_str().into(),
         room_id.as_str().into(),
+        user_id.map(|u| u.as_str().into()),
         context_json.clone(),
         tx,
     ));
@@ -182,18 +184,20 @@ enum End {
     /// The client closed or vanished.
     Gone,
     /// We close with this code and reason; `report` goes to the backend as an `error` event.
-    Close(u16, &'static str, Option<String>),
+    Close(u16, Cow<'static, str>, Option<String>),
 }
 
 fn read_error(e: &WsError, max: usize) -> End {
     match e {
         WsError::Capacity(_) => {
-            End::Close(1009, "message too big", Some(format!("message too big (max_message_size={max})")))
+            End::Close(1009, "message too big".into(), Some(format!("message too big (max_message_size={max})")))
         }
-        WsError::Utf8(_) => End::Close(1007, "invalid UTF-8", Some("invalid UTF-8 in a text message".into())),
+        WsError::Utf8(_) => End::Close(1007, "invalid UTF-8".into(), Some("invalid UTF-8 in a text message".into())),
         // A client that vanished without a close frame (tab killed, network lost) just left.
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
-        WsError::Protocol(p) => End::Close(1002, "protocol error", Some(format!("WebSocket protocol error: {p}"))),
+        WsError::Protocol(p) => {
+            End::Close(1002, "protocol error".into(), Some(format!("WebSocket protocol error: {p}")))
+        }
         _ => End::Gone,
     }
 }
@@ -238,7 +242,7 @@ async fn run(
                         LimitPolicy::Drop => continue,
                         LimitPolicy::Close => {
                             let why = format!("message rate limit exceeded (client_rate_limit={})", shared.cfg.client_rate_limit);
-                            break End::Close(protocol::CLOSE_POLICY, "rate limit exceeded", Some(why));
+                            break End::Close(protocol::CLOSE_POLICY, "rate limit exceeded".into(), Some(why));
                         }
                     }
                 }
@@ -246,7 +250,7 @@ async fn run(
                     Some(Ok(Message::Text(text))) => paused = forward(shared, slot, text.as_str()),
                     Some(Ok(Message::Binary(data))) => match std::str::from_utf8(&data) {
                         Ok(text) => paused = forward(shared, slot, text),
-                        Err(_) => break End::Close(1003, "binary data must be UTF-8", Some("binary message that is not UTF-8".into())),
+                        Err(_) => break End::Close(1003, "binary data must be UTF-8".into(), Some("binary message that is not UTF-8".into())),
                     },
                     Some(Ok(Message::Close(_))) => {
                         // tungstenite queued the answering close frame: send it, completing the
@@ -269,13 +273,13 @@ async fn run(
                 let Some(msg) = msg else { break End::Gone };
                 tokio::select! {
                     r = write_batch(&mut ws, msg, &mut rx) => if r.is_err() { break End::Gone },
-                    code = &mut kick => break kicked(code),
+                    code = &mut kick => break kicked(code, slot),
                 }
             }
-            code = &mut kick => break kicked(code),
+            code = &mut kick => break kicked(code, slot),
             _ = ping.tick(), if !ping_every.is_zero() => {
                 if paused.is_none() && last_heard.elapsed() > ping_every * 2 {
-                    break End::Close(CLOSE_IDLE, "no pong", Some("client stopped answering pings".into()));
+                    break End::Close(CLOSE_IDLE, "no pong".into(), Some("client stopped answering pings".into()));
                 }
                 let sent = tokio::time::timeout(ping_every, async {
                     ws.send(Message::Ping(Default::default())).await
@@ -287,9 +291,10 @@ async fn run(
     match end {
         End::Gone => None,
         End::Close(code, reason, report) => {
-            if code == protocol::CLOSE_GOING_AWAY {
-                // Shutting down: what was already queued for this client goes out before the
-                // close frame instead of being dropped uncounted.
+            if code == protocol::CLOSE_GOING_AWAY || slot.backend_close_reason().is_some() {
+                // Shutting down, or a backend's `disconnect`: what was already queued for this
+                // client (a backend's last words) goes out before the close frame instead of
+                // being dropped uncounted.
                 let _ = tokio::time::timeout(CLOSE_GRACE, async {
                     while let Ok(m) = rx.try_recv() {
                         ws.feed(Message::Text(m)).await?;
@@ -304,7 +309,10 @@ async fn run(
     }
 }
 
-fn kicked(code: u16) -> End {
+fn kicked(code: u16, slot: &ClientSlot) -> End {
+    if let Some(reason) = slot.backend_close_reason() {
+        return End::Close(code, reason.into(), None);
+    }
     let reason = match code {
         protocol::CLOSE_GOING_AWAY => "broker shutting down",
         protocol::CLOSE_SLOW_CONSUMER => "slow consumer: outbound queue full",
@@ -312,7 +320,7 @@ fn kicked(code: u16) -> End {
         _ => "closed by broker",
     };
     let report = (code == protocol::CLOSE_SLOW_CONSUMER).then(|| reason.to_string());
-    End::Close(code, reason, report)
+    End::Close(code, reason.into(), report)
 }
 
 /// Hands a client message to the router; returns the outbox to wait for when it is full.
@@ -338,8 +346,8 @@ async fn write_batch(
 }
 
 /// Sends a close frame and waits briefly for the client's answer so the close code arrives.
-async fn close(ws: &mut WebSocketStream<TcpStream>, code: u16, reason: &'static str) {
-    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+async fn close(ws: &mut WebSocketStream<TcpStream>, code: u16, reason: Cow<'static, str>) {
+    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.as_ref().into() };
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         if ws.close(Some(frame)).await.is_ok() {
             while let Some(Ok(_)) = ws.next().await {}

@@ -31,8 +31,14 @@ fn arb_json() -> impl Strategy<Value = Value> {
     })
 }
 
-const ACTIONS: [&str; 10] = [
+const ACTIONS: [&str; 16] = [
     "response",
+    "join_room",
+    "leave_room",
+    "message_to_user",
+    "disconnect",
+    "room_members",
+    "room_count",
     "message_to_room",
     "message_to_connection",
     "broadcast",
@@ -43,8 +49,13 @@ const ACTIONS: [&str; 10] = [
     "",
     "RESPONSE",
 ];
-const KEYS: [&str; 12] = [
+const KEYS: [&str; 17] = [
     "accepted",
+    "user_id",
+    "exclude",
+    "code",
+    "timeout",
+    "count",
     "client_id",
     "room_id",
     "metadata",
@@ -140,9 +151,9 @@ proptest! {
     #[test]
     fn v2_event_lines_round_trip(
         id in any::<u64>(), message in ".{0,64}", client in ".{0,16}", room in ".{0,16}",
-        meta in arb_json(), seq in any::<u64>(), redelivered in any::<bool>(),
+        meta in arb_json(), seq in any::<u64>(), redelivered in any::<bool>(), user in proptest::option::of(".{0,16}"),
     ) {
-        let context = protocol::encode_context(&client, &room, &meta);
+        let context = protocol::encode_context(&client, &room, &meta, user.as_deref());
         let line = protocol::encode_new_message(&id.to_string(), &message, &context);
         let wire = protocol::with_seq(&line, seq, redelivered);
         prop_assert!(wire.ends_with(b"\n"));
@@ -155,13 +166,15 @@ proptest! {
         prop_assert_eq!(v["params"]["message"].as_str(), Some(message.as_str()));
         prop_assert_eq!(v["params"]["context"]["client_id"].as_str(), Some(client.as_str()));
         prop_assert_eq!(&v["params"]["context"]["metadata"], &meta);
+        prop_assert_eq!(v["params"]["context"].get("user_id").and_then(Value::as_str), user.as_deref());
     }
 
     #[test]
     fn hello_replies_are_valid_json(error in ".{0,64}", hb in 0.01f64..1e6) {
         let v: Value = serde_json::from_slice(&protocol::encode_hello_reply(Err(&error))).unwrap();
         prop_assert_eq!(v["params"]["error"].as_str(), Some(error.as_str()));
-        let v: Value = serde_json::from_slice(&protocol::encode_hello_reply(Ok(hb))).unwrap();
+        let limits = protocol::Limits { max_rooms_per_client: 3, max_id_length: 9 };
+        let v: Value = serde_json::from_slice(&protocol::encode_hello_reply(Ok((hb, limits)))).unwrap();
         prop_assert_eq!(v["params"]["heartbeat_interval"].as_f64(), Some(hb));
     }
 

@@ -247,6 +247,8 @@ impl NativeBroker {
         if let Some(s) = self.with_handle(|h| h.stats()) {
             d.set_item("clients", s.clients)?;
             d.set_item("rooms", s.rooms)?;
+            d.set_item("users", s.users)?;
+            d.set_item("memberships", s.memberships)?;
             d.set_item("backends", s.backends)?;
             d.set_item("queued_events", s.queued_events)?;
             d.set_item("pending_requests", s.pending_requests)?;

@@ -5,8 +5,15 @@
 //! record  := kind:u8  target_len:u32be target  body_len:u32be body
 //!
 //! Binary and length-prefixed: a message is copied, never escaped, and room ids or messages can
-//! hold any byte. `kind` is one of R (room), P (private), B (broadcast; empty target), C (claim:
-//! target is the client_id, body the registration time in ms since the epoch, u64be).
+//! hold any byte. `kind` (target; body) is one of
+//!
+//! * R room (room; message), X room with exclusions (room; `count:u32be (len:u32be id)*count`
+//!   then the message), P private (client; message), U user (user; message), B broadcast (empty;
+//!   message);
+//! * C claim (client; its registration time in ms since the epoch, u64be);
+//! * J join / L leave (client; room), K kick (client; `code:u16be` then the reason);
+//! * Q members query (room; query id u64be), A answer (asking node; query id u64be then a JSON
+//!   array of the members' contexts).
 
 use bytes::Bytes;
 
@@ -17,29 +24,39 @@ pub(crate) const ENVELOPE_VERSION: u8 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
     Room,
+    RoomExcept,
     Private,
+    User,
     Broadcast,
     Claim,
+    Join,
+    Leave,
+    Kick,
+    Query,
+    Answer,
 }
+
+const KINDS: [(Kind, u8); 11] = [
+    (Kind::Room, b'R'),
+    (Kind::RoomExcept, b'X'),
+    (Kind::Private, b'P'),
+    (Kind::User, b'U'),
+    (Kind::Broadcast, b'B'),
+    (Kind::Claim, b'C'),
+    (Kind::Join, b'J'),
+    (Kind::Leave, b'L'),
+    (Kind::Kick, b'K'),
+    (Kind::Query, b'Q'),
+    (Kind::Answer, b'A'),
+];
 
 impl Kind {
     fn byte(self) -> u8 {
-        match self {
-            Kind::Room => b'R',
-            Kind::Private => b'P',
-            Kind::Broadcast => b'B',
-            Kind::Claim => b'C',
-        }
+        KINDS.iter().find(|(k, _)| *k == self).map_or(0, |(_, b)| *b)
     }
 
     fn from_byte(b: u8) -> Option<Kind> {
-        match b {
-            b'R' => Some(Kind::Room),
-            b'P' => Some(Kind::Private),
-            b'B' => Some(Kind::Broadcast),
-            b'C' => Some(Kind::Claim),
-            _ => None,
-        }
+        KINDS.iter().find(|(_, kb)| *kb == b).map(|(k, _)| *k)
     }
 }
 
@@ -52,6 +69,61 @@ pub(crate) fn encode_record(kind: Kind, target: &str, body: &[u8]) -> Bytes {
     v.extend_from_slice(&(body.len() as u32).to_be_bytes());
     v.extend_from_slice(body);
     Bytes::from(v)
+}
+
+/// The body of an X record: the excluded client ids, then the message.
+pub(crate) fn encode_except_body(exclude: &[String], message: &str) -> Vec<u8> {
+    let ids: usize = exclude.iter().map(|e| e.len() + 4).sum();
+    let mut v = Vec::with_capacity(4 + ids + message.len());
+    v.extend_from_slice(&(exclude.len() as u32).to_be_bytes());
+    for e in exclude {
+        v.extend_from_slice(&(e.len() as u32).to_be_bytes());
+        v.extend_from_slice(e.as_bytes());
+    }
+    v.extend_from_slice(message.as_bytes());
+    v
+}
+
+/// Splits an X record's body into the excluded ids and the message.
+pub(crate) fn decode_except_body(body: &[u8]) -> Result<(Vec<String>, &str), &'static str> {
+    let mut c = Cursor(body);
+    let n = c.u32()? as usize;
+    let mut ids = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        let len = c.u32()? as usize;
+        ids.push(c.str(len)?.to_owned());
+    }
+    let message = std::str::from_utf8(c.0).map_err(|_| "message is not UTF-8")?;
+    Ok((ids, message))
+}
+
+/// The body of a K record: the close code, then the reason.
+pub(crate) fn encode_kick_body(code: u16, reason: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2 + reason.len());
+    v.extend_from_slice(&code.to_be_bytes());
+    v.extend_from_slice(reason.as_bytes());
+    v
+}
+
+pub(crate) fn decode_kick_body(body: &[u8]) -> Result<(u16, &str), &'static str> {
+    let mut c = Cursor(body);
+    let code = c.take(2)?;
+    let reason = std::str::from_utf8(c.0).map_err(|_| "close reason is not UTF-8")?;
+    Ok((u16::from_be_bytes([code[0], code[1]]), reason))
+}
+
+/// The body of a Q or A record: the query id, then (A) the answer.
+pub(crate) fn encode_query_body(query: u64, rest: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + rest.len());
+    v.extend_from_slice(&query.to_be_bytes());
+    v.extend_from_slice(rest);
+    v
+}
+
+pub(crate) fn decode_query_body(body: &[u8]) -> Result<(u64, &[u8]), &'static str> {
+    let mut c = Cursor(body);
+    let q = c.u64()?;
+    Ok((q, c.0))
 }
 
 /// Packs encoded records behind a header naming the origin node and the first sequence number.
@@ -177,6 +249,30 @@ mod tests {
         assert_eq!(r[2], Record { kind: Kind::Broadcast, target: "", body: "ß∂ƒ".as_bytes() });
         assert_eq!(r[3].kind, Kind::Claim);
         assert_eq!(u64::from_be_bytes(r[3].body.try_into().unwrap()), 42);
+    }
+
+    #[test]
+    fn every_kind_and_body_round_trips() {
+        for (kind, _) in KINDS {
+            let p = encode_payload("n", 1, &[encode_record(kind, "t", b"b")]);
+            assert_eq!(decode_payload(&p).unwrap().records().unwrap()[0].kind, kind);
+        }
+        let ex = vec!["a".to_string(), "b\u{0}ü".to_string()];
+        let body = encode_except_body(&ex, "hi \"there\"");
+        assert_eq!(decode_except_body(&body).unwrap(), (ex, "hi \"there\""));
+        assert_eq!(decode_except_body(&encode_except_body(&[], "m")).unwrap(), (vec![], "m"));
+        assert_eq!(decode_kick_body(&encode_kick_body(4321, "bye ü")).unwrap(), (4321, "bye ü"));
+        assert_eq!(decode_query_body(&encode_query_body(77, b"[1]")).unwrap(), (77, &b"[1]"[..]));
+        // Truncated bodies are errors, never panics.
+        let body = encode_except_body(&["abc".to_string()], "m");
+        for cut in 0..8 {
+            assert!(decode_except_body(&body[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(decode_kick_body(b"x").is_err());
+        assert!(decode_query_body(b"1234567").is_err());
+        let mut huge = 5u32.to_be_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_except_body(&huge).is_err());
     }
 
     #[test]

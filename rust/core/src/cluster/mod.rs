@@ -31,6 +31,19 @@
 //!   reads the other live nodes' reports (one Lua script, one round trip, Redis' clock).
 //!   `stats()` reads that cache and never calls Redis. A node that dies drops out within
 //!   `PRESENCE_TTL`.
+//! * **Rooms, users, moderation.** A client's rooms and user live in its node's hub only.
+//!   `message_to_room` with `exclude` and `message_to_user` are published like room messages and
+//!   every node delivers to its own members; `join_room`, `leave_room` and `disconnect` for a
+//!   client that is not here are published like private messages and the node holding the
+//!   client applies them. No Redis call on any per-message path, and nothing to keep consistent
+//!   when a client moves.
+//! * **`room_members`** is a scatter-gather on the same channel: the asking node publishes a
+//!   query, every other node answers with its members' contexts, and the asker waits for the
+//!   nodes its presence view lists as live (until the query's deadline; a node that did not
+//!   answer is named as missing). A dead node is not asked once its presence report expired
+//!   ([`PRESENCE_TTL`](presence::PRESENCE_TTL)), and its members are never listed after it died,
+//!   since they come from live answers only. Cost: one message per node per query.
+//!   `room_count` is answered from the presence cache (at most one report period old).
 //! * **Faults.** The publisher (whose connection presence shares) and the subscriber each notice a
 //!   lost connection (an error, a closed socket, an unanswered PING) and reconnect with capped
 //!   exponential backoff with jitter.
@@ -44,7 +57,7 @@ mod presence;
 mod publisher;
 mod subscriber;
 
-pub(crate) use envelope::{encode_record, Kind};
+pub(crate) use envelope::{encode_except_body, encode_kick_body, encode_record, Kind};
 
 use crate::config::Config;
 use crate::hub::{ClientSlot, Hub};
@@ -85,8 +98,17 @@ const BACKOFF_CAP: Duration = Duration::from_secs(2);
 pub(super) struct View {
     at: Option<Instant>,
     nodes: usize,
+    node_ids: Vec<String>,
     clients: usize,
     rooms: HashMap<String, usize>,
+}
+
+/// A `room_members` query waiting for other nodes' answers.
+struct Query {
+    waiting: Vec<String>,
+    /// Comma-joined member contexts of each answer (empty answers are left out).
+    answers: Vec<Bytes>,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 #[derive(Default)]
@@ -105,6 +127,8 @@ pub(crate) struct Cluster {
     state: Arc<State>,
     counters: Arc<Counters>,
     full_log: LogLimit,
+    queries: parking_lot::Mutex<HashMap<u64, Query>>,
+    next_query: AtomicU64,
 }
 
 impl Cluster {
@@ -124,6 +148,69 @@ impl Cluster {
     /// Announces a new connection so an older one with the same `client_id` elsewhere closes.
     pub(crate) fn claim(&self, slot: &ClientSlot) {
         self.publish(encode_record(Kind::Claim, &slot.client_id, &slot.since_ms.to_be_bytes()));
+    }
+
+    /// Every member of a room on every live node: this node's now, the others' as they answer,
+    /// until `deadline`. Returns the contexts (each piece is one or several comma-joined context
+    /// objects) and the nodes that did not answer in time.
+    pub(crate) async fn members(&self, hub: &Hub, room_id: &str, deadline: Duration) -> (Vec<Bytes>, Vec<String>) {
+        let local = hub.members(room_id);
+        let mut pieces: Vec<Bytes> = Vec::with_capacity(1);
+        if !local.is_empty() {
+            pieces.push(join_contexts(&local));
+        }
+        let waiting: Vec<String> = {
+            let view = self.state.view.read();
+            if view.at.is_some_and(|t| t.elapsed() < PRESENCE_TTL) {
+                view.node_ids.iter().filter(|n| **n != *self.node_id).cloned().collect()
+            } else {
+                Vec::new()
+            }
+        };
+        if waiting.is_empty() {
+            return (pieces, Vec::new());
+        }
+        let id = self.next_query.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queries.lock().insert(id, Query { waiting, answers: Vec::new(), done: Some(tx) });
+        self.publish(encode_record(Kind::Query, room_id, &envelope::encode_query_body(id, b"")));
+        let _ = tokio::time::timeout(deadline, rx).await;
+        let q = self.queries.lock().remove(&id);
+        if let Some(q) = q {
+            if !q.waiting.is_empty() {
+                incr(&self.counters.cluster_query_timeouts);
+            }
+            pieces.extend(q.answers);
+            return (pieces, q.waiting);
+        }
+        (pieces, Vec::new())
+    }
+
+    /// Another node answered query `id` (pieces of comma-joined contexts).
+    pub(super) fn answered(&self, node: &str, id: u64, contexts: &[u8]) {
+        let mut queries = self.queries.lock();
+        let Some(q) = queries.get_mut(&id) else { return }; // too late, or not ours
+        let Some(i) = q.waiting.iter().position(|n| n == node) else { return };
+        q.waiting.swap_remove(i);
+        if !contexts.is_empty() {
+            q.answers.push(Bytes::copy_from_slice(contexts));
+        }
+        if q.waiting.is_empty() {
+            if let Some(done) = q.done.take() {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Members on every live node, from the presence cache (no Redis call).
+    pub(crate) fn room_count(&self, hub: &Hub, room_id: &str) -> usize {
+        let view = self.state.view.read();
+        let others = if view.at.is_some_and(|t| t.elapsed() < PRESENCE_TTL) {
+            view.rooms.get(room_id).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        others + hub.room_size(room_id)
     }
 
     /// Both connections to Redis are up.
@@ -159,6 +246,18 @@ impl Cluster {
     }
 }
 
+/// Contexts joined by commas: a piece of a JSON array.
+pub(crate) fn join_contexts(contexts: &[Arc<str>]) -> Bytes {
+    let mut v = Vec::with_capacity(contexts.iter().map(|c| c.len() + 1).sum());
+    for (i, c) in contexts.iter().enumerate() {
+        if i > 0 {
+            v.push(b',');
+        }
+        v.extend_from_slice(c.as_bytes());
+    }
+    Bytes::from(v)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Start-up: the handle, then the three tasks.
 // ---------------------------------------------------------------------------------------------
@@ -187,8 +286,15 @@ pub(crate) fn build(cfg: &Config, counters: Arc<Counters>) -> Result<(Cluster, S
     };
     let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
     let state = Arc::new(State::default());
-    let cluster =
-        Cluster { node_id: node_id.clone(), tx, state: state.clone(), counters, full_log: LogLimit::default() };
+    let cluster = Cluster {
+        node_id: node_id.clone(),
+        tx,
+        state: state.clone(),
+        counters,
+        full_log: LogLimit::default(),
+        queries: parking_lot::Mutex::new(HashMap::new()),
+        next_query: AtomicU64::new(1),
+    };
     let starter = Starter {
         client,
         url_shown,

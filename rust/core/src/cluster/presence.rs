@@ -136,6 +136,7 @@ impl Presence {
             match serde_json::from_slice::<NodeReport>(raw) {
                 Ok(r) => {
                     view.nodes += 1;
+                    view.node_ids.push(r.node);
                     view.clients += r.clients;
                     for (room, n) in r.rooms {
                         *view.rooms.entry(room).or_default() += n;

@@ -3,8 +3,9 @@
 //! overflow of the bounded receive queue) and delivers the records to this node's hub. It is
 //! the receiving half of the cluster; it reconnects with backoff when the subscription is lost.
 
-use super::envelope::{decode_payload, Kind};
+use super::envelope::{self, decode_payload, Kind, Record};
 use super::{State, CONNECT_TIMEOUT, PING_EVERY, RESPONSE_TIMEOUT};
+use crate::hub::{Joined, Left};
 use crate::shutdown::Signal;
 use crate::stats::{add, incr};
 use crate::throttle::{Backoff, LogLimit};
@@ -231,32 +232,93 @@ impl Subscriber {
             }
         }
         add(&self.shared.counters.cluster_received, records.len() as u64);
-        let hub = &self.shared.hub;
         for r in records {
-            match r.kind {
-                Kind::Claim => {
-                    let Ok(ms) = <[u8; 8]>::try_from(r.body) else { return self.bad("claim without a timestamp") };
-                    hub.replaced_elsewhere(r.target, u64::from_be_bytes(ms), payload.origin > &*self.node_id);
+            if let Err(why) = self.apply(payload.origin, &r) {
+                return self.bad(why);
+            }
+        }
+    }
+
+    /// Carries out one record of another node on this node's clients.
+    fn apply(&self, origin: &str, r: &Record<'_>) -> Result<(), &'static str> {
+        let shared = &*self.shared;
+        let hub = &shared.hub;
+        let text = |body: &[u8]| std::str::from_utf8(body).map(str::to_owned).map_err(|_| "message is not UTF-8");
+        match r.kind {
+            Kind::Claim => {
+                let ms = <[u8; 8]>::try_from(r.body).map_err(|_| "claim without a timestamp")?;
+                hub.replaced_elsewhere(r.target, u64::from_be_bytes(ms), origin > &*self.node_id);
+            }
+            Kind::Room if hub.room_size(r.target) == 0 => {}
+            Kind::Room => {
+                hub.send_room(r.target, text(r.body)?);
+            }
+            Kind::RoomExcept if hub.room_size(r.target) == 0 => {}
+            Kind::RoomExcept => {
+                let (exclude, message) = envelope::decode_except_body(r.body)?;
+                hub.send_room_except(r.target, message.to_owned(), &exclude);
+            }
+            Kind::Broadcast => {
+                hub.broadcast(text(r.body)?);
+            }
+            // Not here: another node holds the client (or nobody does).
+            Kind::Private => {
+                let _ = hub.try_send_to(r.target, text(r.body)?);
+            }
+            Kind::User => {
+                hub.send_user(r.target, text(r.body)?);
+            }
+            Kind::Join | Kind::Leave => {
+                let room = std::str::from_utf8(r.body).map_err(|_| "room id is not UTF-8")?;
+                let applied = if r.kind == Kind::Join {
+                    match hub.join(r.target, room, shared.cfg.max_rooms_per_client) {
+                        Joined::Joined => Some(&shared.counters.rooms_joined),
+                        Joined::Full => {
+                            incr(&shared.counters.commands_refused);
+                            tracing::warn!(
+                                client_id = r.target,
+                                room,
+                                "join_room from another node refused: max_rooms_per_client reached"
+                            );
+                            None
+                        }
+                        _ => None,
+                    }
+                } else {
+                    (hub.leave(r.target, room) == Left::Left).then_some(&shared.counters.rooms_left)
+                };
+                if let Some(counter) = applied {
+                    incr(counter);
                 }
-                Kind::Room if hub.room_size(r.target) == 0 => {}
-                Kind::Room | Kind::Broadcast | Kind::Private => {
-                    let Ok(text) = std::str::from_utf8(r.body) else { return self.bad("message is not UTF-8") };
-                    let text = text.to_owned();
-                    match r.kind {
-                        Kind::Room => {
-                            hub.send_room(r.target, text);
-                        }
-                        Kind::Broadcast => {
-                            hub.broadcast(text);
-                        }
-                        // Not here: another node holds the client (or nobody does).
-                        _ => {
-                            let _ = hub.try_send_to(r.target, text);
-                        }
+            }
+            Kind::Kick => {
+                let (code, reason) = envelope::decode_kick_body(r.body)?;
+                if hub.disconnect(r.target, code, reason.to_owned()) == Some(true) {
+                    incr(&shared.counters.clients_disconnected);
+                }
+            }
+            Kind::Query => {
+                let (id, _) = envelope::decode_query_body(r.body)?;
+                if let Some(cluster) = &shared.cluster {
+                    let members = super::join_contexts(&hub.members(r.target));
+                    // The answer goes to the asking node only (its id is the target).
+                    cluster.publish(super::encode_record(
+                        Kind::Answer,
+                        origin,
+                        &envelope::encode_query_body(id, &members),
+                    ));
+                }
+            }
+            Kind::Answer => {
+                if r.target == &*self.node_id {
+                    let (id, contexts) = envelope::decode_query_body(r.body)?;
+                    if let Some(cluster) = &shared.cluster {
+                        cluster.answered(origin, id, contexts);
                     }
                 }
             }
         }
+        Ok(())
     }
 }
 
