@@ -6,7 +6,7 @@
 //! A lone broker never touches `crate::cluster` from here.
 
 use crate::cluster::{self, Kind};
-use crate::hub::{Joined, Left};
+use crate::hub::{Join, Leave};
 use crate::stats::incr;
 use crate::Shared;
 
@@ -85,16 +85,16 @@ pub(crate) enum Applied {
 pub(crate) fn membership(shared: &Shared, client_id: &str, room_id: &str, join: bool) -> Applied {
     let applied = if join {
         match shared.hub.join(client_id, room_id, shared.cfg.max_rooms_per_client) {
-            Joined::Joined => Applied::Done,
-            Joined::Already => Applied::Unchanged,
-            Joined::Full => Applied::Full,
-            Joined::NotHere => Applied::Elsewhere,
+            Join::Added => Applied::Done,
+            Join::Already => Applied::Unchanged,
+            Join::Full => Applied::Full,
+            Join::NotHere => Applied::Elsewhere,
         }
     } else {
         match shared.hub.leave(client_id, room_id) {
-            Left::Left => Applied::Done,
-            Left::NotMember => Applied::Unchanged,
-            Left::NotHere => Applied::Elsewhere,
+            Leave::Removed => Applied::Done,
+            Leave::NotMember => Applied::Unchanged,
+            Leave::NotHere => Applied::Elsewhere,
         }
     };
     match applied {

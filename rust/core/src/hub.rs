@@ -152,8 +152,8 @@ fn remove_member(index: &mut HashMap<Arc<str>, Members>, key: &str, conn_id: u64
 
 /// What a `join_room` did.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Joined {
-    Joined,
+pub(crate) enum Join {
+    Added,
     /// It already was a member: nothing changed.
     Already,
     /// The client is in `max_rooms_per_client` rooms already: refused.
@@ -164,8 +164,8 @@ pub(crate) enum Joined {
 
 /// What a `leave_room` did.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Left {
-    Left,
+pub(crate) enum Leave {
+    Removed,
     NotMember,
     NotHere,
 }
@@ -294,15 +294,15 @@ impl Hub {
     }
 
     /// Adds a connected client to a room (at most `max_rooms` rooms per client).
-    pub(crate) fn join(&self, client_id: &str, room_id: &str, max_rooms: usize) -> Joined {
+    pub(crate) fn join(&self, client_id: &str, room_id: &str, max_rooms: usize) -> Join {
         let mut st = self.state.write();
-        let Some(slot) = st.clients.get(client_id).cloned() else { return Joined::NotHere };
+        let Some(slot) = st.clients.get(client_id).cloned() else { return Join::NotHere };
         let rooms = st.joined.entry(slot.conn_id).or_default();
         if rooms.iter().any(|r| **r == *room_id) {
-            return Joined::Already;
+            return Join::Already;
         }
         if rooms.len() >= max_rooms {
-            return Joined::Full;
+            return Join::Full;
         }
         // One allocation per room name: the member map and the client's list share it.
         let room: Arc<str> = match st.rooms.get_key_value(room_id) {
@@ -313,20 +313,20 @@ impl Hub {
         st.rooms.entry(room).or_default().insert(slot.conn_id, slot);
         st.memberships += 1;
         self.version.fetch_add(1, Ordering::Release);
-        Joined::Joined
+        Join::Added
     }
 
     /// Removes a connected client from a room (its first room too).
-    pub(crate) fn leave(&self, client_id: &str, room_id: &str) -> Left {
+    pub(crate) fn leave(&self, client_id: &str, room_id: &str) -> Leave {
         let mut st = self.state.write();
-        let Some(conn_id) = st.clients.get(client_id).map(|s| s.conn_id) else { return Left::NotHere };
-        let Some(rooms) = st.joined.get_mut(&conn_id) else { return Left::NotMember };
-        let Some(i) = rooms.iter().position(|r| **r == *room_id) else { return Left::NotMember };
+        let Some(conn_id) = st.clients.get(client_id).map(|s| s.conn_id) else { return Leave::NotHere };
+        let Some(rooms) = st.joined.get_mut(&conn_id) else { return Leave::NotMember };
+        let Some(i) = rooms.iter().position(|r| **r == *room_id) else { return Leave::NotMember };
         rooms.remove(i);
         st.memberships -= 1;
         remove_member(&mut st.rooms, room_id, conn_id);
         self.version.fetch_add(1, Ordering::Release);
-        Left::Left
+        Leave::Removed
     }
 
     /// A backend's `disconnect` for a client here: `None` when it is not connected here,
@@ -491,11 +491,11 @@ mod tests {
             hub.register(s.clone());
         }
         assert_eq!((hub.user_count(), hub.membership_count()), (2, 3));
-        assert_eq!(hub.join("a", "game", 3), Joined::Joined);
-        assert_eq!(hub.join("a", "game", 3), Joined::Already);
-        assert_eq!(hub.join("a", "third", 3), Joined::Joined);
-        assert_eq!(hub.join("a", "fourth", 3), Joined::Full, "lobby + game + third = 3");
-        assert_eq!(hub.join("nobody", "game", 3), Joined::NotHere);
+        assert_eq!(hub.join("a", "game", 3), Join::Added);
+        assert_eq!(hub.join("a", "game", 3), Join::Already);
+        assert_eq!(hub.join("a", "third", 3), Join::Added);
+        assert_eq!(hub.join("a", "fourth", 3), Join::Full, "lobby + game + third = 3");
+        assert_eq!(hub.join("nobody", "game", 3), Join::NotHere);
         assert_eq!(
             hub.rooms_of("a").unwrap().iter().map(|r| r.to_string()).collect::<Vec<_>>(),
             ["lobby", "game", "third"]
@@ -516,12 +516,12 @@ mod tests {
         members.sort();
         assert_eq!(members, [r#"{"client_id":"a"}"#, r#"{"client_id":"a2"}"#, r#"{"client_id":"b"}"#]);
 
-        assert_eq!(hub.leave("a", "lobby"), Left::Left, "the first room can be left too");
-        assert_eq!(hub.leave("a", "lobby"), Left::NotMember);
-        assert_eq!(hub.leave("nobody", "lobby"), Left::NotHere);
+        assert_eq!(hub.leave("a", "lobby"), Leave::Removed, "the first room can be left too");
+        assert_eq!(hub.leave("a", "lobby"), Leave::NotMember);
+        assert_eq!(hub.leave("nobody", "lobby"), Leave::NotHere);
         assert_eq!(hub.send_room("lobby", "l3".into()), 2);
         assert!(drain(&mut ra).is_empty());
-        assert_eq!(hub.join("a", "fourth", 3), Joined::Joined, "leaving made room");
+        assert_eq!(hub.join("a", "fourth", 3), Join::Added, "leaving made room");
 
         assert!(hub.unregister(&a));
         assert_eq!(hub.room_count(), 1, "game, third and fourth went with their only member");

@@ -17,7 +17,7 @@
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 
@@ -223,6 +223,7 @@ struct Ctx<'py> {
     client_id: Option<Bound<'py, PyString>>,
     room_id: Option<Bound<'py, PyString>>,
     metadata: Option<Bound<'py, PyAny>>,
+    user_id: Option<Option<Bound<'py, PyString>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -242,12 +243,13 @@ impl<'de, 'py> Visitor<'de> for CtxSeed<'py> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let py = self.0;
-        let mut c = Ctx { client_id: None, room_id: None, metadata: None };
+        let mut c = Ctx { client_id: None, room_id: None, metadata: None, user_id: None };
         while let Some(key) = map.next_key::<&str>()? {
             match key {
                 "client_id" => put(&mut c.client_id, map.next_value_seed(Str(py))?)?,
                 "room_id" => put(&mut c.room_id, map.next_value_seed(Str(py))?)?,
                 "metadata" => put(&mut c.metadata, map.next_value_seed(AnyValue(py))?)?,
+                "user_id" => put(&mut c.user_id, map.next_value_seed(OptStr(py))?)?,
                 _ => {
                     map.next_value_seed(Skip)?;
                 }
@@ -266,10 +268,6 @@ struct Params<'py> {
     url: Option<Bound<'py, PyString>>,
     remote_addr: Option<Bound<'py, PyString>>,
     query: Option<Option<Bound<'py, PyString>>>,
-    ok: Option<bool>,
-    version: Option<Bound<'py, PyAny>>,
-    features: Option<Bound<'py, PyAny>>,
-    heartbeat_interval: Option<Bound<'py, PyAny>>,
 }
 
 #[derive(Clone, Copy)]
@@ -308,10 +306,6 @@ impl<'de, 'py> Visitor<'de> for ParamsSeed<'py> {
                 "url" => put(&mut p.url, map.next_value_seed(Str(py))?)?,
                 "remote_addr" => put(&mut p.remote_addr, map.next_value_seed(Str(py))?)?,
                 "query" => put(&mut p.query, map.next_value_seed(OptStr(py))?)?,
-                "ok" => put(&mut p.ok, map.next_value::<bool>()?)?,
-                "version" => put(&mut p.version, map.next_value_seed(AnyValue(py))?)?,
-                "features" => put(&mut p.features, map.next_value_seed(AnyValue(py))?)?,
-                "heartbeat_interval" => put(&mut p.heartbeat_interval, map.next_value_seed(AnyValue(py))?)?,
                 _ => {
                     map.next_value_seed(Skip)?;
                 }
@@ -411,7 +405,6 @@ struct Refs {
     disconnected: Py<PyAny>,
     error_event: Py<PyAny>,
     connection_request: Py<PyAny>,
-    hello_reply: Py<PyAny>,
     skipped: Py<PyAny>,
     heartbeat: Py<PyAny>,
     fallback: Py<PyAny>,
@@ -432,7 +425,6 @@ impl Refs {
             disconnected: get("Disconnected")?,
             error_event: get("ErrorEvent")?,
             connection_request: get("ConnectionRequest")?,
-            hello_reply: get("HelloReply")?,
             skipped: get("Skipped")?,
             heartbeat: get("HEARTBEAT")?,
             fallback: match fallback {
@@ -447,11 +439,11 @@ impl Refs {
         self.object_new.bind(py).call1((cls.bind(py),))
     }
 
-    /// A `Context` as `Context(client_id, room_id, metadata)` builds it.
+    /// A `Context` as `Context(client_id, room_id, metadata, user_id)` builds it.
     fn context<'py>(&self, py: Python<'py>, c: Option<Ctx<'py>>) -> PyResult<Bound<'py, PyAny>> {
-        let (client_id, room_id, metadata) = match c {
-            Some(c) => (c.client_id, c.room_id, c.metadata),
-            None => (None, None, None),
+        let (client_id, room_id, metadata, user_id) = match c {
+            Some(c) => (c.client_id, c.room_id, c.metadata, c.user_id.flatten()),
+            None => (None, None, None, None),
         };
         let empty = || PyString::new(py, "");
         let ctx = self.blank(py, &self.context)?;
@@ -462,6 +454,10 @@ impl Refs {
             _ => PyDict::new(py).into_any(),
         };
         ctx.setattr(intern!(py, "metadata"), metadata)?;
+        match user_id {
+            Some(u) => ctx.setattr(intern!(py, "user_id"), u)?,
+            None => ctx.setattr(intern!(py, "user_id"), py.None())?,
+        }
         Ok(ctx)
     }
 
@@ -495,45 +491,9 @@ impl Refs {
                     Some(s) => self.skipped.bind(py).call1((s,))?,
                 }))
             }
-            Action::Hello => {
-                if let Some(s) = seq {
-                    return Ok(Some(self.skipped.bind(py).call1((s,))?));
-                }
-                let Some(ok) = p.ok else { return Ok(None) };
-                let error = p.error.unwrap_or_else(|| PyString::new(py, ""));
-                let version = match p.version {
-                    Some(v) if v.is_exact_instance_of::<PyInt>() => v,
-                    _ => PyInt::new(py, 0).into_any(),
-                };
-                let features = match p.features {
-                    Some(f) if f.is_exact_instance_of::<PyList>() => {
-                        let items: Vec<Bound<'py, PyAny>> =
-                            f.cast::<PyList>()?.iter().filter(|x| x.is_instance_of::<PyString>()).collect();
-                        PyTuple::new(py, items)?
-                    }
-                    _ => PyTuple::empty(py),
-                };
-                let interval = match p.heartbeat_interval {
-                    Some(v) if v.is_exact_instance_of::<PyFloat>() => {
-                        let x: f64 = v.extract()?;
-                        if x > 0.0 && x < f64::INFINITY {
-                            x
-                        } else {
-                            0.0
-                        }
-                    }
-                    Some(v) if v.is_exact_instance_of::<PyInt>() => {
-                        let n: i128 = v.extract()?;
-                        if n > 0 {
-                            n as f64
-                        } else {
-                            0.0
-                        }
-                    }
-                    _ => 0.0,
-                };
-                return Ok(Some(self.hello_reply.bind(py).call1((ok, error, version, features, interval))?));
-            }
+            // Once per connection, and its answer grows with the protocol: the reference
+            // decoder reads it.
+            Action::Hello => return Ok(None),
             Action::ConnectionRequest => {
                 let Some(Some(request_id)) = fr.request_id else { return Ok(None) };
                 let headers = p.headers.unwrap_or_else(|| py.None().into_bound(py));

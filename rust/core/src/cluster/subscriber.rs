@@ -5,7 +5,7 @@
 
 use super::envelope::{self, decode_payload, Kind, Record};
 use super::{State, CONNECT_TIMEOUT, PING_EVERY, RESPONSE_TIMEOUT};
-use crate::hub::{Joined, Left};
+use crate::hub::{Join, Leave};
 use crate::shutdown::Signal;
 use crate::stats::{add, incr};
 use crate::throttle::{Backoff, LogLimit};
@@ -272,8 +272,8 @@ impl Subscriber {
                 let room = std::str::from_utf8(r.body).map_err(|_| "room id is not UTF-8")?;
                 let applied = if r.kind == Kind::Join {
                     match hub.join(r.target, room, shared.cfg.max_rooms_per_client) {
-                        Joined::Joined => Some(&shared.counters.rooms_joined),
-                        Joined::Full => {
+                        Join::Added => Some(&shared.counters.rooms_joined),
+                        Join::Full => {
                             incr(&shared.counters.commands_refused);
                             tracing::warn!(
                                 client_id = r.target,
@@ -285,7 +285,7 @@ impl Subscriber {
                         _ => None,
                     }
                 } else {
-                    (hub.leave(r.target, room) == Left::Left).then_some(&shared.counters.rooms_left)
+                    (hub.leave(r.target, room) == Leave::Removed).then_some(&shared.counters.rooms_left)
                 };
                 if let Some(counter) = applied {
                     incr(counter);
