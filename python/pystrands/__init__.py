@@ -7,8 +7,10 @@ at-least-once redelivery, heartbeats, backend secret - when the broker accepts t
 * :class:`AsyncPyStrandsClient` - asyncio client,
 * :class:`PyStrands` - decorator app on top of the asyncio client,
 
-and the context types :class:`Context`, :class:`ConnectionRequestContext`,
-:class:`Headers`. ``pystrands.Broker`` (the native broker) is imported lazily, so
+the context types :class:`Context`, :class:`ConnectionRequestContext`,
+:class:`Headers`, and the errors of the rooms/users/presence calls
+(:class:`BrokerUnavailable`, :class:`QueryTimeout`, :class:`QueryError`,
+:class:`UnsupportedFeature`; see :mod:`pystrands.errors`). ``pystrands.Broker`` (the native broker) is imported lazily, so
 the clients work even where the native extension is not available.
 """
 
@@ -21,6 +23,7 @@ from .app import PyStrands
 from .async_client import AsyncPyStrandsClient
 from .client import PyStrandsClient
 from .context import ConnectionRequestContext, Context, Headers
+from .errors import BrokerUnavailable, QueryError, QueryTimeout, UnsupportedFeature
 
 if TYPE_CHECKING:  # pragma: no cover
     from .broker import Broker
@@ -30,11 +33,15 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "AsyncPyStrandsClient",
     "Broker",
+    "BrokerUnavailable",
     "ConnectionRequestContext",
     "Context",
     "Headers",
     "PyStrands",
     "PyStrandsClient",
+    "QueryError",
+    "QueryTimeout",
+    "UnsupportedFeature",
     "__version__",
     "context",
 ]

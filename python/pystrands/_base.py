@@ -9,6 +9,12 @@ the send methods and the bodies of the default callbacks. The two clients add
 only I/O and concurrency: sockets and threads, or a transport and a dispatcher.
 
 :class:`Backoff` is the reconnect schedule both clients follow.
+
+The rooms/users/presence calls of both clients (``join_room``, ``leave_room``,
+``send_room_message(..., exclude=...)``, ``send_user_message``, ``disconnect_client``,
+``room_members``, ``room_count``) have their rules in the session too; what the broker
+announced is :attr:`ClientBase.broker_features` / :attr:`ClientBase.broker_limits`, and
+their errors are in :mod:`pystrands.errors`.
 """
 
 from __future__ import annotations
@@ -173,6 +179,7 @@ class ClientBase:
             buffer_policy=self.buffer_policy,
             ack_delay=self._ack_delay,
             peer=f"{self.host}:{self.port}",
+            log=self._logger,
         )
 
     @property
@@ -180,6 +187,19 @@ class ClientBase:
         """Protocol of the current connection: ``2`` once the broker accepted our hello, else ``1``."""
         session = self._session
         return 2 if session.open and session.acks is not None else 1
+
+    @property
+    def broker_features(self) -> frozenset[str]:
+        """Protocol features the broker announced on the current connection (e.g. ``"rooms"``);
+        empty when not connected, with a v1 broker, or before its hello answer came."""
+        session = self._session
+        return (session.features or frozenset()) if session.open else frozenset()
+
+    @property
+    def broker_limits(self) -> dict[str, int]:
+        """The limits the last broker with the ``rooms`` feature announced
+        (``max_rooms_per_client``, ``max_id_length``); ``{}`` if none did."""
+        return dict(self._session.limits)
 
     @property
     def dropped_sends(self) -> int:

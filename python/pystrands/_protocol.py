@@ -7,12 +7,14 @@ those live in :mod:`pystrands._session`, which drives this module.
 * :class:`LineFramer`, an incremental linear-time splitter of newline-delimited
   frames with a maximum line size,
 * encoders for the backend -> broker frames (``message_to_room``,
-  ``message_to_connection``, ``broadcast``, ``response``, and the v2 ``hello``,
-  ``ack`` and heartbeat reply) with cheap counter request ids,
+  ``message_to_connection``, ``broadcast``, ``response``, the v2 ``hello``,
+  ``ack`` and heartbeat reply, and the commands and queries of the ``rooms``
+  feature) with cheap counter request ids,
 * :func:`decode_event`, turning one inbound line into a typed :class:`Event` (or
   ``None`` for unknown actions and malformed input, which is logged, never
-  raised); control events (hello replies, heartbeats, skipped frames) have
-  :attr:`Event.control` set and never reach user callbacks.
+  raised); control events (hello replies, heartbeats, skipped frames, query
+  replies and command errors) have :attr:`Event.control` set and never reach
+  user callbacks.
 
 The per-client ordering key of an event is :attr:`Event.key`: the ``client_id`` of
 its context; connection requests have ``key = None`` and may run concurrently. An
@@ -36,12 +38,15 @@ logger = logging.getLogger("pystrands.protocol")
 __all__ = [
     "BACKEND_SECRET_ENV",
     "DEFAULT_MAX_LINE_SIZE",
+    "MAX_CLOSE_REASON_BYTES",
+    "ROOMS_FEATURE",
     "HEARTBEAT",
     "HEARTBEAT_REPLY",
     "PROTOCOL_VERSION",
     "READ_CHUNK_SIZE",
     "SILENCE_FACTOR",
     "V2_FEATURES",
+    "CommandError",
     "ConnectionRequest",
     "Disconnected",
     "ErrorEvent",
@@ -51,18 +56,26 @@ __all__ = [
     "LineFramer",
     "NewConnection",
     "NewMessage",
+    "QueryReply",
     "Skipped",
     "client_name",
+    "context_from_wire",
     "decode_event",
     "dumps",
     "encode",
     "encode_ack",
     "encode_broadcast",
+    "encode_disconnect",
     "encode_hello",
+    "encode_join_room",
+    "encode_leave_room",
     "encode_private_message",
     "encode_reject",
     "encode_response",
+    "encode_room_count",
+    "encode_room_members",
     "encode_room_message",
+    "encode_user_message",
     "loads",
     "resolve_accepted",
     "resolve_backend_secret",
@@ -78,8 +91,14 @@ READ_CHUNK_SIZE = 256 * 1024
 PROTOCOL_VERSION = 2
 """Highest protocol version the clients speak (announced in the ``hello``)."""
 
-V2_FEATURES = ("ack", "heartbeat")
+ROOMS_FEATURE = "rooms"
+"""The v2 feature of rooms, users, presence and moderation (``docs/protocol.md``)."""
+
+V2_FEATURES = ("ack", "heartbeat", ROOMS_FEATURE)
 """v2 features the clients announce."""
+
+MAX_CLOSE_REASON_BYTES = 123
+"""Longest WebSocket close reason (UTF-8 bytes) a ``disconnect`` may carry."""
 
 BACKEND_SECRET_ENV = "PYSTRANDS_BACKEND_SECRET"
 """Environment variable read when no ``backend_secret`` is given (empty = none)."""
@@ -235,9 +254,44 @@ def encode(action: str, params: dict[str, Any], request_id: str | None = None) -
     return dumps({"request_id": request_id, "action": action, "params": params}) + b"\n"
 
 
-def encode_room_message(room_id: str, message: str, request_id: str | None = None) -> bytes:
-    """Frame a ``message_to_room``."""
-    return encode("message_to_room", {"room_id": room_id, "message": message}, request_id)
+def encode_room_message(
+    room_id: str, message: str, request_id: str | None = None, exclude: list[str] | None = None
+) -> bytes:
+    """Frame a ``message_to_room``; ``exclude`` (client ids, ``rooms`` feature) only when non-empty."""
+    params: dict[str, Any] = {"room_id": room_id, "message": message}
+    if exclude:
+        params["exclude"] = exclude
+    return encode("message_to_room", params, request_id)
+
+
+def encode_join_room(client_id: str, room_id: str, request_id: str | None = None) -> bytes:
+    """Frame a ``join_room`` (``rooms`` feature)."""
+    return encode("join_room", {"client_id": client_id, "room_id": room_id}, request_id)
+
+
+def encode_leave_room(client_id: str, room_id: str, request_id: str | None = None) -> bytes:
+    """Frame a ``leave_room`` (``rooms`` feature)."""
+    return encode("leave_room", {"client_id": client_id, "room_id": room_id}, request_id)
+
+
+def encode_user_message(user_id: str, message: str, request_id: str | None = None) -> bytes:
+    """Frame a ``message_to_user`` (``rooms`` feature)."""
+    return encode("message_to_user", {"user_id": user_id, "message": message}, request_id)
+
+
+def encode_disconnect(client_id: str, code: int, reason: str, request_id: str | None = None) -> bytes:
+    """Frame a ``disconnect`` of one WebSocket client (``rooms`` feature)."""
+    return encode("disconnect", {"client_id": client_id, "code": code, "reason": reason}, request_id)
+
+
+def encode_room_members(room_id: str, timeout: float, request_id: str) -> bytes:
+    """Frame a ``room_members`` query (``rooms`` feature); ``request_id`` must be unique."""
+    return encode("room_members", {"room_id": room_id, "timeout": timeout}, request_id)
+
+
+def encode_room_count(room_id: str, timeout: float, request_id: str) -> bytes:
+    """Frame a ``room_count`` query (``rooms`` feature); ``request_id`` must be unique."""
+    return encode("room_count", {"room_id": room_id, "timeout": timeout}, request_id)
 
 
 def encode_private_message(client_id: str, message: str, request_id: str | None = None) -> bytes:
@@ -251,17 +305,21 @@ def encode_broadcast(message: str, request_id: str | None = None) -> bytes:
 
 
 def encode_response(request_id: Any, accepted: bool, context: Context) -> bytes:
-    """Frame the ``response`` to a ``connection_request`` (same ``request_id``)."""
-    return encode(
-        "response",
-        {
-            "accepted": bool(accepted),
-            "client_id": context.client_id,
-            "room_id": context.room_id,
-            "metadata": context.metadata,
-        },
-        request_id,
-    )
+    """Frame the ``response`` to a ``connection_request`` (same ``request_id``).
+
+    ``user_id`` is included only when the context has one (``rooms`` feature), so a
+    response without it is byte for byte the v1 one.
+    """
+    params: dict[str, Any] = {
+        "accepted": bool(accepted),
+        "client_id": context.client_id,
+        "room_id": context.room_id,
+        "metadata": context.metadata,
+    }
+    user_id = context.user_id
+    if user_id is not None:
+        params["user_id"] = user_id
+    return encode("response", params, request_id)
 
 
 def encode_reject(request_id: Any) -> bytes:
@@ -420,11 +478,17 @@ class HelloReply(Event):
     """The broker's answer to our ``hello`` (control).
 
     ``ok`` true: the connection is v2 from now on; ``heartbeat_interval`` is the
-    announced interval in seconds (``0.0`` if absent or invalid). ``ok`` false:
-    refused (``error`` says why) and the broker closes the connection.
+    announced interval in seconds (``0.0`` if absent or invalid); ``features`` the
+    features the broker has; ``limits`` what it announced of its limits
+    (``max_rooms_per_client``, ``max_id_length``: only positive integers are kept,
+    ``{}`` if none). ``ok`` false: refused (``error`` says why) and the broker closes
+    the connection.
+
+    ``limits`` is given as the raw JSON value of the frame's ``limits`` and checked
+    here (so both codecs keep the same values).
     """
 
-    __slots__ = ("ok", "error", "version", "features", "heartbeat_interval")
+    __slots__ = ("ok", "error", "version", "features", "heartbeat_interval", "limits")
     kind = "hello"
     control = True
 
@@ -435,6 +499,7 @@ class HelloReply(Event):
         version: int = 0,
         features: tuple[str, ...] = (),
         heartbeat_interval: float = 0.0,
+        limits: Any = None,
     ) -> None:
         super().__init__(None)
         self.ok = ok
@@ -442,6 +507,11 @@ class HelloReply(Event):
         self.version = version
         self.features = features
         self.heartbeat_interval = heartbeat_interval
+        self.limits: dict[str, int] = (
+            {k: v for k, v in limits.items() if isinstance(k, str) and type(v) is int and v > 0}
+            if isinstance(limits, dict)
+            else {}
+        )
 
 
 class Heartbeat(Event):
@@ -457,6 +527,42 @@ class Heartbeat(Event):
 
 HEARTBEAT = Heartbeat()
 """The (stateless) heartbeat event :func:`decode_event` returns for every heartbeat."""
+
+
+class QueryReply(Event):
+    """The broker's ``reply`` to one of our queries (control; ``rooms`` feature).
+
+    ``request_id`` is the query's; ``params`` the reply's params as sent
+    (``members``/``complete``/``missing``, ``count``, or ``error``): the session
+    matches and interprets them. Replies carry no ``seq`` and are never acknowledged.
+    """
+
+    __slots__ = ("request_id", "params")
+    kind = "reply"
+    control = True
+
+    def __init__(self, request_id: str, params: dict[str, Any]) -> None:
+        super().__init__(None)
+        self.request_id = request_id
+        self.params = params
+
+
+class CommandError(Event):
+    """The broker refused one of our commands (control; ``rooms`` feature).
+
+    ``command`` is the command's action, ``error`` why, ``request_id`` the
+    command's. The session logs it; nothing else happens.
+    """
+
+    __slots__ = ("request_id", "command", "error")
+    kind = "command_error"
+    control = True
+
+    def __init__(self, request_id: str, command: str, error: str) -> None:
+        super().__init__(None)
+        self.request_id = request_id
+        self.command = command
+        self.error = error
 
 
 class Skipped(Event):
@@ -481,6 +587,28 @@ def _snippet(line: bytes | bytearray) -> str:
     return text + ("..." if len(line) > 200 else "")
 
 
+def context_from_wire(raw: Any) -> Context | None:
+    """A :class:`Context` from a wire ``context`` object, or ``None`` when it is malformed.
+
+    ``client_id`` / ``room_id`` must be strings (missing: ``""``), ``user_id`` a
+    string or absent/``null`` (none); a ``null`` or missing ``metadata`` gives ``{}``.
+    """
+    if not isinstance(raw, dict):
+        return None
+    client_id = raw.get("client_id", "")
+    room_id = raw.get("room_id", "")
+    if not isinstance(client_id, str) or not isinstance(room_id, str):
+        return None
+    metadata = raw.get("metadata")
+    ctx = Context(client_id, room_id, {} if metadata is None else metadata)
+    user_id = raw.get("user_id")
+    if user_id is not None:
+        if not isinstance(user_id, str):
+            return None
+        ctx._user_id = user_id
+    return ctx
+
+
 def _context(
     params: dict[str, Any], action: str, line: bytes | bytearray, required: bool = True
 ) -> Context | None:
@@ -490,13 +618,10 @@ def _context(
     if not isinstance(raw, dict):
         logger.warning("Skipping %s without a valid context: %s", action, _snippet(line))
         return None
-    client_id = raw.get("client_id", "")
-    room_id = raw.get("room_id", "")
-    if not isinstance(client_id, str) or not isinstance(room_id, str):
+    ctx = context_from_wire(raw)
+    if ctx is None:
         logger.warning("Skipping %s with a malformed context: %s", action, _snippet(line))
-        return None
-    metadata = raw.get("metadata")
-    return Context(client_id, room_id, {} if metadata is None else metadata)
+    return ctx
 
 
 def _hello_reply(params: dict[str, Any], line: bytes | bytearray) -> HelloReply | None:
@@ -519,6 +644,7 @@ def _hello_reply(params: dict[str, Any], line: bytes | bytearray) -> HelloReply 
         version if type(version) is int else 0,
         tuple(f for f in features if isinstance(f, str)) if isinstance(features, list) else (),
         float(interval),
+        params.get("limits"),
     )
 
 
@@ -537,8 +663,10 @@ def decode_event(line: bytes | bytearray) -> Event | None:
     Returns ``None`` (never raises) for unknown actions (debug log) and malformed
     input: invalid JSON or UTF-8, non-object frames, wrong field types (warning
     log); such a frame that carries a valid v2 ``seq`` comes back as
-    :class:`Skipped` instead. Heartbeats return :data:`HEARTBEAT` and hello
-    replies a :class:`HelloReply` (control events). Events with a top-level
+    :class:`Skipped` instead. Heartbeats return :data:`HEARTBEAT`, hello
+    replies a :class:`HelloReply`, query replies a :class:`QueryReply` and
+    command errors a :class:`CommandError` (control events; the last two carry no
+    ``seq`` and are never acknowledged, a ``seq`` on them is ignored). Events with a top-level
     positive integer ``seq`` get it in :attr:`Event.seq`, and their context gets
     ``event_id`` (the ``request_id``) and ``redelivered``.
     """
@@ -605,6 +733,21 @@ def decode_event(line: bytes | bytearray) -> Event | None:
         event = None if ctx is None else ErrorEvent(error if isinstance(error, str) else str(error), ctx)
     elif action == "hello":
         return _hello_reply(params, line) if seq is None else Skipped(seq)
+    elif action == "reply":  # a query's answer: no seq by the spec, never acknowledged
+        request_id = frame.get("request_id")
+        if not isinstance(request_id, str):
+            logger.warning("Skipping a reply without a string request_id: %s", _snippet(line))
+            return None
+        return QueryReply(request_id, params)
+    elif action == "command_error":  # control, like a reply: no seq, never acknowledged
+        command = params.get("command")
+        error = params.get("error")
+        rid = frame.get("request_id")
+        return CommandError(
+            rid if isinstance(rid, str) else ("" if rid is None else str(rid)),
+            command if isinstance(command, str) else ("?" if command is None else str(command)),
+            error if isinstance(error, str) else ("no reason given" if error is None else str(error)),
+        )
     else:
         if isinstance(action, str):
             logger.debug("Ignoring unknown action %r", action)

@@ -27,6 +27,20 @@ Rules kept here (``docs/protocol.md``):
   the next link's hello; what the bound drops is counted in
   :attr:`Session.dropped_sends` and logged once per down period. Replies to
   connection requests are never kept: they mean nothing on another link.
+* **Rooms, users, presence and moderation** (the v2 feature ``rooms``): the
+  hello answer's ``features`` and ``limits`` say whether the link has it
+  (:attr:`Session.features`, :attr:`Session.limits`). Commands
+  (:meth:`Session.join_room`, ...) are checked here (ids, close code and
+  reason), raise :class:`~pystrands.errors.UnsupportedFeature` on a link
+  without the feature, are kept like any send while the link is down, and wait
+  (with every send made after them, so the order holds) until the hello is
+  answered on a link where that is not known yet; kept ones are dropped, with
+  one warning, when the next broker lacks the feature. Queries
+  (:meth:`Session.query_room_members`, :meth:`Session.query_room_count`) get a
+  unique ``request_id``; ``reply`` lines are matched to them here and
+  interpreted (members, count, or the broker's error), and a link that ends
+  fails them with :class:`~pystrands.errors.BrokerUnavailable`. The shells only
+  wait, with their own deadline. ``command_error`` lines are logged.
 
 Each link gets a number (:attr:`Session.link`); completions reported for an event
 of an earlier link are ignored, so a handler finishing late never corrupts the
@@ -46,36 +60,50 @@ client from the loop thread only.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
     HEARTBEAT_REPLY,
+    MAX_CLOSE_REASON_BYTES,
+    ROOMS_FEATURE,
     SILENCE_FACTOR,
+    CommandError,
     Event,
     Heartbeat,
     HelloReply,
     LineFramer,
+    QueryReply,
     Skipped,
+    context_from_wire,
     decode_event,
     encode_ack,
     encode_broadcast,
+    encode_disconnect,
     encode_hello,
+    encode_join_room,
+    encode_leave_room,
     encode_private_message,
+    encode_room_count,
+    encode_room_members,
     encode_room_message,
+    encode_user_message,
 )
+from .context import Context
+from .errors import BrokerUnavailable, QueryError, QueryTimeout, UnsupportedFeature
 
 PURE_PYTHON_ENV = "PYSTRANDS_PURE_PYTHON"
 """Environment variable: set (to anything but ``0`` or empty) to force the pure-Python codec."""
 
 
-def native_decoder() -> Any | None:
-    """The native ``LineDecoder`` class, or ``None`` (no extension, or ``PYSTRANDS_PURE_PYTHON`` set)."""
+def _available_decoder() -> Any | None:
+    """The native ``LineDecoder`` class if the extension has one and the environment allows it."""
     if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
         return None
     try:
@@ -83,6 +111,11 @@ def native_decoder() -> Any | None:
     except ImportError:  # no native extension (or an older one): the pure-Python codec
         return None
     return LineDecoder
+
+
+def native_decoder() -> Any | None:
+    """The native ``LineDecoder`` class, or ``None`` (no extension, or ``PYSTRANDS_PURE_PYTHON`` set)."""
+    return _available_decoder()
 
 
 class Encoders(NamedTuple):
@@ -112,10 +145,16 @@ def native_encoders() -> Encoders | None:
 __all__ = [
     "BUFFER_POLICIES",
     "DEFAULT_MAX_BUFFERED_SENDS",
+    "DEFAULT_QUERY_TIMEOUT",
+    "HELLO_WAIT",
     "PURE_PYTHON_ENV",
     "AckTracker",
     "Encoders",
+    "Query",
     "Session",
+    "check_close",
+    "check_id",
+    "check_timeout",
     "native_decoder",
     "validate_buffer_settings",
 ]
@@ -141,6 +180,190 @@ def validate_buffer_settings(max_buffered_sends: object, buffer_policy: object) 
     if buffer_policy not in BUFFER_POLICIES:
         raise ValueError(f"buffer_policy={buffer_policy!r}: must be 'drop_oldest' or 'drop_newest'")
     return max_buffered_sends, str(buffer_policy)
+
+
+# ------------------------------------------------------------------ rooms: checks
+
+DEFAULT_QUERY_TIMEOUT = 5.0
+"""Seconds a query waits for the broker's reply unless told otherwise."""
+
+HELLO_WAIT = 2.0
+"""Seconds after a link came up within which the broker's hello answer is expected. Room
+commands made before the answer wait for it (with every later send); when none came in
+this time and nothing else either, the link is taken for one without the ``rooms`` feature."""
+
+
+def check_id(what: str, value: object, max_length: int | None = None) -> str:
+    """``value`` if it is a usable id: ``TypeError`` unless a str, ``ValueError`` if empty or
+    (``max_length`` known) longer than ``max_length`` UTF-8 bytes."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if max_length is not None and len(value) * 4 > max_length:  # else it fits in any encoding
+        size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+        if size > max_length:
+            raise ValueError(
+                f"{what} {value[:40]!r}{'...' if len(value) > 40 else ''} is {size} bytes long; "
+                f"the broker's max_id_length is {max_length}"
+            )
+    return value
+
+
+def check_close(code: object, reason: object) -> tuple[int, str]:
+    """A WebSocket close ``code`` (1000 or 4000-4999; a bool is not one) and ``reason``
+    (a str of at most 123 UTF-8 bytes) for ``disconnect_client``; ``ValueError`` /
+    ``TypeError`` name the bad one."""
+    if isinstance(code, bool) or not isinstance(code, int) or not (code == 1000 or 4000 <= code <= 4999):
+        raise ValueError(f"code={code!r}: a close code must be the int 1000 or 4000-4999")
+    code = int(code)  # an IntEnum close code as the plain number
+    if not isinstance(reason, str):
+        raise TypeError(f"reason must be a str, not {type(reason).__name__}")
+    try:
+        size = len(reason.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"reason={reason!r} is not valid UTF-8 text") from None
+    if size > MAX_CLOSE_REASON_BYTES:
+        raise ValueError(
+            f"reason is {size} bytes of UTF-8; a WebSocket close reason holds at most "
+            f"{MAX_CLOSE_REASON_BYTES}: {reason[:40]!r}..."
+        )
+    return code, reason
+
+
+def check_timeout(timeout: object) -> float:
+    """A query ``timeout``: a positive finite number of seconds."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    value = float(timeout)
+    if not 0.0 < value < float("inf"):
+        raise ValueError(f"timeout={timeout!r}: must be a positive number of seconds")
+    return value
+
+
+def _exclude_list(exclude: object, max_length: int | None) -> list[str]:
+    """``exclude`` of ``send_room_message`` (a client id or an iterable of them) as a list
+    without duplicates, in order."""
+    if exclude is None:
+        return []
+    if isinstance(exclude, str):
+        return [check_id("exclude", exclude, max_length)]
+    if isinstance(exclude, (bytes, bytearray)) or not isinstance(exclude, Iterable):
+        raise TypeError(f"exclude must be a client id (str) or an iterable of them, not {type(exclude).__name__}")
+    ids = [check_id("exclude client id", item, max_length) for item in exclude]
+    return list(dict.fromkeys(ids)) if len(ids) > 1 else ids
+
+
+class _RoomsFrame(bytes):
+    """A frame of the ``rooms`` feature: only for a link whose broker announced it."""
+
+
+class _QueryFrame(_RoomsFrame):
+    """A query's frame: it belongs to its link (never kept for another)."""
+
+
+T = TypeVar("T")
+
+_query_ids = itertools.count(1)
+
+
+class Query(Generic[T]):
+    """One query waiting for the broker's ``reply`` (made by :meth:`Session.query_room_members`
+    / :meth:`Session.query_room_count`, resolved by the session).
+
+    :attr:`done` turns true when the reply came or the query failed; ``on_done``
+    (given by the shell) is called then, from wherever the session is driven.
+    :meth:`result` returns the value or raises the error.
+    """
+
+    __slots__ = ("request_id", "action", "room_id", "timeout", "done", "on_done", "_value", "_error", "_interpret")
+
+    def __init__(
+        self,
+        action: str,
+        room_id: str,
+        timeout: float,
+        interpret: Callable[[Query[T], dict[str, Any]], T],
+        on_done: Callable[[], None] | None,
+    ) -> None:
+        """A pending query with a fresh unique ``request_id``."""
+        self.request_id = f"q{next(_query_ids)}"
+        self.action = action
+        self.room_id = room_id
+        self.timeout = timeout
+        self.done = False
+        self.on_done = on_done
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._interpret = interpret
+
+    def __repr__(self) -> str:
+        return f"{self.action}({self.room_id!r})"
+
+    def result(self) -> T:
+        """The answer; raises the query's error (or ``RuntimeError`` if it is not done)."""
+        if self._error is not None:
+            raise self._error
+        if not self.done:
+            raise RuntimeError(f"{self!r}: no answer yet")
+        return self._value  # type: ignore[return-value]
+
+    def _finish(self, value: T | None = None, error: BaseException | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._value = value
+        self._error = error
+        callback = self.on_done
+        if callback is not None:
+            callback()
+
+    def _answer(self, params: dict[str, Any]) -> None:
+        """Interpret the reply's params (the broker's error, or the answer)."""
+        error = params.get("error")
+        if error is not None:
+            self._finish(error=QueryError(f"{self!r}: the broker answered: {error}"))
+            return
+        try:
+            value = self._interpret(self, params)
+        except QueryError as exc:
+            self._finish(error=exc)
+        else:
+            self._finish(value)
+
+
+def _members(query: Query[list[Context]], params: dict[str, Any], log: logging.Logger) -> list[Context]:
+    raw = params.get("members")
+    if not isinstance(raw, list):
+        raise QueryError(f"{query!r}: malformed reply from the broker (no members list)")
+    members = []
+    bad = 0
+    for item in raw:
+        ctx = context_from_wire(item)
+        if ctx is None:
+            bad += 1
+        else:
+            members.append(ctx)
+    if bad:
+        log.warning("%r: skipped %d malformed member context(s) in the broker's reply", query, bad)
+    if params.get("complete") is False:
+        missing = params.get("missing")
+        nodes = ", ".join(str(n) for n in missing) if isinstance(missing, list) and missing else "unknown"
+        log.warning(
+            "%r is incomplete: broker node(s) %s did not answer in time; returning the %d member(s) "
+            "of the nodes that did",
+            query,
+            nodes,
+            len(members),
+        )
+    return members
+
+
+def _count(query: Query[int], params: dict[str, Any]) -> int:
+    count = params.get("count")
+    if type(count) is not int or count < 0:
+        raise QueryError(f"{query!r}: malformed reply from the broker (count={count!r})")
+    return count
 
 
 # --------------------------------------------------------------- acknowledgements
@@ -259,6 +482,8 @@ class Session:
         peer: ``host:port`` of the broker, named in log lines.
         codec: ``"native"`` or ``"python"`` for the inbound codec; ``None``
             (default): native when available and ``PYSTRANDS_PURE_PYTHON`` is unset.
+        log: Where broker ``command_error`` lines and incomplete query answers
+            are logged (the client's logger); default ``pystrands.session``.
 
     :attr:`codec` is the inbound codec in use; :attr:`framer` is its framer
     (a ``LineFramer``, or the native ``LineDecoder``), with ``dropped_lines``,
@@ -291,6 +516,12 @@ class Session:
         "_backlog",
         "dropped_sends",
         "_period_dropped",
+        "_log",
+        "features",
+        "limits",
+        "_held",
+        "_hello_at",
+        "_queries",
     )
 
     def __init__(
@@ -304,6 +535,7 @@ class Session:
         clock: Callable[[], float] = time.monotonic,
         peer: str = "",
         codec: str | None = None,
+        log: logging.Logger | None = None,
     ) -> None:
         """Create a session with no link yet (sends are kept until one is up)."""
         self._max_buffered, policy = validate_buffer_settings(max_buffered_sends, buffer_policy)
@@ -312,9 +544,9 @@ class Session:
         self.peer = peer  # "host:port" of the broker, for log lines
         self._ack_delay = max(0.0, float(ack_delay))
         self._clock = clock
-        decoder = None if codec == "python" else native_decoder()
         if codec not in (None, "native", "python"):
             raise ValueError(f"codec must be 'native', 'python' or None, not {codec!r}")
+        decoder = None if codec == "python" else native_decoder()
         if codec == "native" and decoder is None:
             raise RuntimeError("the native codec is not available (no pystrands._core.LineDecoder, or PYSTRANDS_PURE_PYTHON set)")
         self._native = decoder is not None
@@ -336,6 +568,12 @@ class Session:
         self._backlog: deque[bytes] = deque()  # sends made while the link is down
         self.dropped_sends = 0
         self._period_dropped = 0
+        self._log = log or logger
+        self.features: frozenset[str] | None = None  # the current link's; None: not known (yet)
+        self.limits: dict[str, int] = {}  # the last limits a broker announced
+        self._held: list[bytes] = []  # sends waiting for the hello answer (after a room command)
+        self._hello_at = 0.0  # when the hello answer is given up on (HELLO_WAIT after link up)
+        self._queries: dict[str, Query[Any]] = {}  # request_id -> query waiting for its reply
 
     def use_clock(self, clock: Callable[[], float]) -> None:
         """Take time from ``clock`` from now on (the asyncio client passes its loop's)."""
@@ -370,6 +608,9 @@ class Session:
         self._ack_at = 0.0
         self._ack_now = False
         self._hello = encode_hello(self._secret)
+        self.features = None
+        self._held = []
+        self._hello_at = self.last_read + HELLO_WAIT
         backlog = self._backlog
         if self._period_dropped:
             logger.warning(
@@ -381,8 +622,13 @@ class Session:
         if backlog:
             logger.info("Sending %d message(s) kept while disconnected", len(backlog))
             self._out = list(backlog)
-            self.out_bytes = sum(len(frame) for frame in backlog)
             backlog.clear()
+            for i, frame in enumerate(self._out):
+                if isinstance(frame, _RoomsFrame):  # it and what follows wait for the hello answer
+                    self._held = self._out[i:]
+                    del self._out[i:]
+                    break
+            self.out_bytes = sum(len(frame) for frame in self._out)
         else:
             self._out = []
             self.out_bytes = 0
@@ -401,6 +647,12 @@ class Session:
         self._hello = b""
         self._ack_now = False
         self._ack_at = 0.0
+        self.features = None
+        held, self._held = self._held, []
+        for frame in held:  # never written: kept for the next link like any send made now
+            if type(frame) is not _QueryFrame:
+                self._keep(frame, "send")
+        self.fail_queries(f"the connection to the broker at {self.peer or '?'} was lost before the reply")
         return lost
 
     # --------------------------------------------------------------------- input
@@ -423,6 +675,8 @@ class Session:
         for event in decoded:
             if event is None:
                 continue
+            if self.features is None and type(event) is not HelloReply:
+                self._decide(frozenset(), "it sent something else before answering the hello (a v1 broker)")
             if event.control:
                 self._control(event)
                 if self.refused:
@@ -458,10 +712,24 @@ class Session:
                 self.acks = AckTracker()
                 self.heartbeat_interval = event.heartbeat_interval
                 self.silence_limit = SILENCE_FACTOR * event.heartbeat_interval
+                if event.limits:
+                    self.limits = dict(event.limits)
                 logger.info(
-                    "Protocol v2 with the broker (acks, heartbeats every %ss)",
+                    "Protocol v2 with the broker (acks, heartbeats every %ss%s)",
                     event.heartbeat_interval or "?",
+                    ", rooms" if ROOMS_FEATURE in event.features else "",
                 )
+                self._decide(frozenset(event.features), "its hello answer does not list 'rooms'")
+        elif isinstance(event, QueryReply):
+            query = self._queries.pop(event.request_id, None)
+            if query is None:
+                logger.debug("Ignoring a reply to no pending query (request_id %r)", event.request_id)
+            else:
+                query._answer(event.params)
+        elif isinstance(event, CommandError):
+            self._log.warning(
+                "The broker refused %s (request_id %r): %s", event.command, event.request_id, event.error
+            )
 
     def event_done(self, link: int, seq: int) -> bool:
         """The handler of event ``seq`` of link ``link`` returned or raised.
@@ -489,6 +757,9 @@ class Session:
         that link is the live one.
         """
         if self.open and (not link or link == self.link):
+            if self._held and not link:  # behind a room command waiting for the hello answer
+                self._held.append(frame)
+                return False
             self._out.append(frame)
             self.out_bytes += len(frame)
             return True
@@ -496,15 +767,26 @@ class Session:
             self.dropped_sends += 1
             logger.debug("Dropping %s: its connection is closed", what)
             return False
-        if keep and self._max_buffered:
+        if keep:
+            self._keep(frame, what)
+        else:
+            self._dropped(what)
+        return False
+
+    def _keep(self, frame: bytes, what: str) -> None:
+        """Keep ``frame`` for the next link, within ``max_buffered_sends``."""
+        if self._max_buffered:
             backlog = self._backlog
             if len(backlog) < self._max_buffered:
                 backlog.append(frame)
-                return False
+                return
             if self._drop_oldest:
                 backlog.popleft()
                 backlog.append(frame)
             what = f"{what} (buffer of {self._max_buffered} full, policy {'drop_oldest' if self._drop_oldest else 'drop_newest'})"
+        self._dropped(what)
+
+    def _dropped(self, what: str) -> None:
         self.dropped_sends += 1
         self._period_dropped += 1
         if self._period_dropped == 1:
@@ -513,7 +795,6 @@ class Session:
                 "until the connection is back)",
                 what,
             )
-        return False
 
     def ack_now(self) -> None:
         """Let the next write carry the due ``ack`` whatever ``ack_delay`` says."""
@@ -553,7 +834,209 @@ class Session:
             return b""
         self._out = []
         self.out_bytes = 0
-        return out[0] if len(out) == 1 else b"".join(out)
+        if len(out) == 1:
+            frame = out[0]
+            return frame if type(frame) is bytes else bytes(frame)
+        return b"".join(out)
+
+    # ---------------------------------------------------------------------- rooms
+
+    @property
+    def rooms(self) -> bool | None:
+        """Whether the current link has the ``rooms`` feature: ``None`` while that is not
+        known (no link, or the hello is not answered yet)."""
+        features = self.features
+        if not self.open or features is None:
+            return None
+        return ROOMS_FEATURE in features
+
+    @property
+    def max_id_length(self) -> int | None:
+        """The broker's ``max_id_length`` (UTF-8 bytes of an id), when one announced it."""
+        return self.limits.get("max_id_length")
+
+    @property
+    def hello_deadline(self) -> float:
+        """When the shell must call :meth:`check_hello` (``0.0``: no need): sends wait for
+        the hello answer on this link."""
+        return self._hello_at if self._held and self.features is None and self.open else 0.0
+
+    def check_hello(self, now: float | None = None) -> bool:
+        """At :attr:`hello_deadline`: without a hello answer by then, the link is taken for
+        one without ``rooms`` and the sends that waited go out (the room commands among
+        them are dropped, logged). ``True`` when frames were released (the shell writes)."""
+        if not self._held or self.features is not None or not self.open:
+            return False
+        if (self._clock() if now is None else now) < self._hello_at:
+            return False
+        self._decide(frozenset(), f"it did not answer the hello within {HELLO_WAIT:g}s")
+        return bool(self._out)
+
+    def _decide(self, features: frozenset[str], why: str) -> None:
+        """The link's features are known now: release or drop what waited for them."""
+        self.features = features
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        rooms = ROOMS_FEATURE in features
+        out = self._out
+        dropped = 0
+        for frame in held:
+            if not rooms and isinstance(frame, _RoomsFrame):
+                if type(frame) is not _QueryFrame:
+                    dropped += 1
+                continue
+            out.append(frame)
+            self.out_bytes += len(frame)
+        if dropped:
+            logger.warning(
+                "Dropping %d room/user command(s) (join_room, leave_room, send_room_message with "
+                "exclude, send_user_message, disconnect_client): the broker at %s does not support "
+                "rooms/users (a 1.0 broker?): %s",
+                dropped,
+                self.peer or "?",
+                why,
+            )
+        if not rooms:
+            self.fail_queries(self._unsupported("it"), UnsupportedFeature)
+
+    def _unsupported(self, what: str) -> str:
+        return (
+            f"{what} needs the 'rooms' feature, and the broker at {self.peer or '?'} does not "
+            "support rooms/users (a 1.0 broker?)"
+        )
+
+    def command(self, frame: bytes, what: str) -> bool:
+        """Queue a ``rooms`` command frame; ``True`` if it goes on the live link now (the shell
+        writes it). Kept while the link is down; waits (with later sends) for the hello
+        answer; raises :class:`UnsupportedFeature` on a link without the feature."""
+        if not self.open:
+            self._keep(_RoomsFrame(frame), what)
+            return False
+        if self.features is None and not self._held and self._clock() >= self._hello_at:
+            # no answer in time (what waits for it, if anything, is the shell's timer's to release)
+            self._decide(frozenset(), f"it did not answer the hello within {HELLO_WAIT:g}s")
+        features = self.features
+        if features is None:
+            self._held.append(_RoomsFrame(frame))
+            return False
+        if ROOMS_FEATURE not in features:
+            raise UnsupportedFeature(self._unsupported(what))
+        self._out.append(frame)
+        self.out_bytes += len(frame)
+        return True
+
+    def join_room(self, client_id: str, room_id: str) -> bool:
+        """Queue ``join_room`` (checked first; see :meth:`command`)."""
+        limit = self.max_id_length
+        frame = encode_join_room(check_id("client_id", client_id, limit), check_id("room_id", room_id, limit))
+        return self.command(frame, "join_room")
+
+    def leave_room(self, client_id: str, room_id: str) -> bool:
+        """Queue ``leave_room`` (checked first; see :meth:`command`)."""
+        limit = self.max_id_length
+        frame = encode_leave_room(check_id("client_id", client_id, limit), check_id("room_id", room_id, limit))
+        return self.command(frame, "leave_room")
+
+    def room_message(self, room_id: str, message: Any, exclude: object) -> bool:
+        """Queue ``message_to_room`` with ``exclude`` (a client id or several; see
+        :meth:`command`). Without any id to exclude it is the plain v1 send."""
+        limit = self.max_id_length
+        ids = _exclude_list(exclude, limit)
+        if not ids:
+            return self.send(self.encoders.room(room_id, message), "message_to_room")
+        return self.command(encode_room_message(check_id("room_id", room_id, limit), message, None, ids), "message_to_room")
+
+    def user_message(self, user_id: str, message: Any) -> bool:
+        """Queue ``message_to_user`` (checked first; see :meth:`command`)."""
+        frame = encode_user_message(check_id("user_id", user_id, self.max_id_length), message)
+        return self.command(frame, "message_to_user")
+
+    def disconnect_client(self, client_id: str, code: int = 1000, reason: str = "") -> bool:
+        """Queue ``disconnect`` (checked first; see :meth:`command`)."""
+        client_id = check_id("client_id", client_id, self.max_id_length)
+        code, reason = check_close(code, reason)
+        return self.command(encode_disconnect(client_id, code, reason), "disconnect")
+
+    # -------------------------------------------------------------------- queries
+
+    @property
+    def pending_queries(self) -> int:
+        """Queries waiting for their reply."""
+        return len(self._queries)
+
+    def query_room_members(
+        self, room_id: str, timeout: float = DEFAULT_QUERY_TIMEOUT, on_done: Callable[[], None] | None = None
+    ) -> Query[list[Context]]:
+        """Start a ``room_members`` query (see :meth:`_query`)."""
+        log = self._log
+        return self._query("room_members", room_id, timeout, lambda q, p: _members(q, p, log), on_done)
+
+    def query_room_count(
+        self, room_id: str, timeout: float = DEFAULT_QUERY_TIMEOUT, on_done: Callable[[], None] | None = None
+    ) -> Query[int]:
+        """Start a ``room_count`` query (see :meth:`_query`)."""
+        return self._query("room_count", room_id, timeout, _count, on_done)
+
+    def _query(
+        self,
+        action: str,
+        room_id: str,
+        timeout: float,
+        interpret: Callable[[Query[T], dict[str, Any]], T],
+        on_done: Callable[[], None] | None,
+    ) -> Query[T]:
+        """Check the arguments, register the query and queue its frame (the shell writes
+        when :meth:`wants_write`). Raises :class:`BrokerUnavailable` without a link and
+        :class:`UnsupportedFeature` on a link without ``rooms``; on a link whose hello is
+        not answered yet the frame waits for the answer.
+
+        ``timeout`` goes in the query too: the broker answers within a part of it (80%),
+        with what it has, so that a partial answer arrives before the caller gives up.
+        """
+        room_id = check_id("room_id", room_id, self.max_id_length)
+        timeout = check_timeout(timeout)
+        query = Query(action, room_id, timeout, interpret, on_done)
+        if not self.open:
+            raise BrokerUnavailable(f"{query!r}: not connected to the broker at {self.peer or '?'}")
+        if self.features is None and not self._held and self._clock() >= self._hello_at:
+            # no answer in time (what waits for it, if anything, is the shell's timer's to release)
+            self._decide(frozenset(), f"it did not answer the hello within {HELLO_WAIT:g}s")
+        features = self.features
+        if features is not None and ROOMS_FEATURE not in features:
+            raise UnsupportedFeature(self._unsupported(repr(query)))
+        encode = encode_room_members if action == "room_members" else encode_room_count
+        frame = encode(room_id, timeout, query.request_id)
+        self._queries[query.request_id] = query
+        if features is None:
+            self._held.append(_QueryFrame(frame))
+        else:
+            self._out.append(frame)
+            self.out_bytes += len(frame)
+        return query
+
+    def query_timed_out(self, query: Query[Any]) -> QueryTimeout:
+        """The shell's deadline passed: forget ``query`` (a later reply is ignored) and
+        return the error to raise."""
+        self.forget_query(query)
+        return QueryTimeout(f"{query!r}: no answer from the broker at {self.peer or '?'} within {query.timeout:g}s")
+
+    def forget_query(self, query: Query[Any]) -> None:
+        """Stop waiting for ``query`` (its caller gave up or was cancelled)."""
+        if self._queries.get(query.request_id) is query:
+            del self._queries[query.request_id]
+
+    def fail_queries(self, reason: str, error: type[Exception] = BrokerUnavailable) -> None:
+        """Fail every pending query with ``error`` (default :class:`BrokerUnavailable`):
+        their replies cannot come (the link ended, or reading stopped)."""
+        queries = self._queries
+        if not queries:
+            return
+        pending = list(queries.values())
+        queries.clear()
+        for query in pending:
+            query._finish(error=error(f"{query!r}: {reason}"))
 
     # --------------------------------------------------------------------- timers
 
@@ -562,6 +1045,9 @@ class Session:
         deadline = None
         if self.silence_limit and self.open:
             deadline = self.last_read + self.silence_limit
+        hello_at = self.hello_deadline
+        if hello_at:
+            deadline = hello_at if deadline is None else min(deadline, hello_at)
         acks = self.acks
         if self._ack_at and acks is not None and acks.watermark > acks.sent:
             deadline = self._ack_at if deadline is None else min(deadline, self._ack_at)

@@ -41,6 +41,14 @@ keep working):
   ``await`` it in an async one (it completes at once unless the socket buffer
   is full). They work from any thread, and do nothing while the app is not
   running; while it reconnects, the client keeps them for the next connection.
+  The room and user commands (``join_room``, ``leave_room``,
+  ``send_room_message(..., exclude=...)``, ``send_user_message``,
+  ``disconnect_client``) work the same way, except that their errors (bad ids,
+  a broker without the ``rooms`` feature) are raised in the caller, whichever
+  thread it is on.
+* ``room_members`` / ``room_count`` return a :class:`QueryResult`: ``await`` it in
+  an async handler, call ``.result()`` in a sync one (which runs in the thread
+  pool, so the loop stays free to read the reply).
 * Protocol v2 (acknowledgements, heartbeats, ``backend_secret``) is the async
   client's: with a v2 broker delivery is at least once, and a handler can
   deduplicate on ``context.event_id`` (``context.redelivered`` marks
@@ -54,23 +62,25 @@ import concurrent.futures
 import inspect
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Generator
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from ._coro import first_step, resume
 from ._protocol import DEFAULT_MAX_LINE_SIZE
-from ._session import DEFAULT_MAX_BUFFERED_SENDS
+from ._session import DEFAULT_MAX_BUFFERED_SENDS, DEFAULT_QUERY_TIMEOUT
 from .async_client import AsyncPyStrandsClient
 from .context import ConnectionRequestContext, Context
+from .errors import BrokerUnavailable
 
 if TYPE_CHECKING:
     from ._core import NativeBroker
 
 logger = logging.getLogger("pystrands.app")
 
-__all__ = ["PyStrands", "SendResult"]
+__all__ = ["PyStrands", "QueryResult", "SendResult"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 EVENTS = ("connection_request", "new_connection", "message", "disconnect", "error")
 """The keys of ``app._handlers``, one per decorator (``@app.on_<event>``)."""
@@ -104,8 +114,56 @@ class SendResult:
 _DONE = SendResult()
 
 
-async def _finish(it: Any, pending: Any) -> None:
-    await resume(it, pending)
+class QueryResult(Generic[T]):
+    """The answer of an app query (:meth:`PyStrands.room_members`, :meth:`PyStrands.room_count`).
+
+    ``await`` it in async code; call :meth:`result` in sync code (a plain ``def``
+    handler, which runs in the app's thread pool). The query's errors
+    (:class:`~pystrands.QueryTimeout`, :class:`~pystrands.BrokerUnavailable`, ...)
+    are raised by either.
+    """
+
+    __slots__ = ("_future", "_timeout")
+
+    def __init__(self, future: asyncio.Future[T] | concurrent.futures.Future[T], timeout: float) -> None:
+        """Wrap the future of a query started on the app's loop, or from another thread."""
+        self._future = future
+        self._timeout = timeout
+
+    def done(self) -> bool:
+        """True when the answer (or the error) is there."""
+        return self._future.done()
+
+    def result(self) -> T:
+        """Block until the answer and return it (from a thread other than the app's loop)."""
+        future = self._future
+        if isinstance(future, asyncio.Future):
+            if future.done():
+                return future.result()
+            raise RuntimeError(
+                "the query was made on the app's event loop: await it (calling .result() there "
+                "would block the loop its reply must come through)"
+            )
+        try:
+            return future.result(self._timeout + 1.0)  # the query itself ends by its timeout
+        except TimeoutError:
+            if future.done():
+                raise  # the query's own QueryTimeout
+            future.cancel()
+            raise BrokerUnavailable("the app's event loop did not run the query (is it stopped?)") from None
+
+    def __await__(self) -> Generator[Any, None, T]:
+        future = self._future
+        if isinstance(future, concurrent.futures.Future):
+            return (yield from asyncio.wrap_future(future).__await__())
+        return (yield from future.__await__())
+
+    def __repr__(self) -> str:
+        return f"<QueryResult {'done' if self.done() else 'waiting'}>"
+
+
+async def _finish(it: Any, pending: Any) -> Any:
+    return await resume(it, pending)
 
 
 async def _awaited(send: Awaitable[None]) -> None:
@@ -362,10 +420,118 @@ class PyStrands:
             return _DONE
         return SendResult(running.create_task(_finish(it, value)))
 
-    def send_room_message(self, room_id: str, message: str) -> SendResult:
-        """Send ``message`` to every client in room ``room_id`` (await optional)."""
+    def _command(self, send: Callable[..., Coroutine[Any, Any, None]] | None, *args: Any) -> SendResult:
+        """Run one of the client's room/user commands: as :meth:`_send`, but from another
+        thread the caller waits until the loop queued it, so its errors reach the caller."""
+        if send is None:
+            return _DONE
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop or loop.is_closed():
+            return self._send(send, *args)
+        outcome: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def start() -> None:
+            try:
+                it, value = first_step(send(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                outcome.set_exception(exc)
+                return
+            if it is not None:  # waits for room in the socket buffer: finish on the loop
+                task = loop.create_task(_finish(it, value))
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
+            outcome.set_result(None)
+
+        try:
+            loop.call_soon_threadsafe(start)
+        except RuntimeError:  # the loop closed meanwhile
+            return _DONE
+        while True:
+            try:
+                outcome.result(0.5)
+                return _DONE
+            except TimeoutError:
+                if outcome.done():
+                    raise
+                if loop.is_closed() or not loop.is_running():
+                    return _DONE  # the app stopped: like a send of an app that does not run
+
+    def _query(self, ask: Callable[..., Coroutine[Any, Any, T]] | None, room_id: str, timeout: float) -> QueryResult[T]:
+        """Start one of the client's queries from wherever the caller is."""
+        loop = self._loop
+        if ask is None or loop is None or loop.is_closed():
+            raise BrokerUnavailable("the app is not running")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop:  # another thread (a sync handler in the pool)
+            return QueryResult(asyncio.run_coroutine_threadsafe(ask(room_id, timeout), loop), timeout)
+        it, value = first_step(ask(room_id, timeout))  # argument and link errors raise here
+        if it is None:
+            done: asyncio.Future[T] = loop.create_future()
+            done.set_result(value)
+            return QueryResult(done, timeout)
+        return QueryResult(loop.create_task(_finish(it, value)), timeout)
+
+    def send_room_message(
+        self, room_id: str, message: str, exclude: str | Iterable[str] | None = None
+    ) -> SendResult:
+        """Send ``message`` to every client in room ``room_id`` (await optional).
+
+        ``exclude``: a client id, or several, that must not get it (needs a broker with
+        the ``rooms`` feature; errors as :meth:`join_room`).
+        """
         client = self._client
-        return self._send(None if client is None else client.send_room_message, room_id, message)
+        if exclude is None:
+            return self._send(None if client is None else client.send_room_message, room_id, message)
+        return self._command(None if client is None else client.send_room_message, room_id, message, exclude)
+
+    def join_room(self, client_id: str, room_id: str) -> SendResult:
+        """Add the connection ``client_id`` to the room ``room_id`` (await optional).
+
+        Needs a broker with the ``rooms`` feature: raises
+        :class:`~pystrands.UnsupportedFeature` when the connected broker lacks it,
+        ``TypeError``/``ValueError`` for a bad id. Kept while reconnecting; does
+        nothing while the app is not running. Unknown ids are not an error.
+        """
+        client = self._client
+        return self._command(None if client is None else client.join_room, client_id, room_id)
+
+    def leave_room(self, client_id: str, room_id: str) -> SendResult:
+        """Remove the connection ``client_id`` from the room ``room_id`` (as :meth:`join_room`)."""
+        client = self._client
+        return self._command(None if client is None else client.leave_room, client_id, room_id)
+
+    def send_user_message(self, user_id: str, message: str) -> SendResult:
+        """Send ``message`` to every connection of the user ``user_id`` (as :meth:`join_room`)."""
+        client = self._client
+        return self._command(None if client is None else client.send_user_message, user_id, message)
+
+    def disconnect_client(self, client_id: str, code: int = 1000, reason: str = "") -> SendResult:
+        """Close the WebSocket of ``client_id`` with ``code`` (1000 or 4000-4999) and
+        ``reason`` (at most 123 UTF-8 bytes); otherwise as :meth:`join_room`."""
+        client = self._client
+        return self._command(None if client is None else client.disconnect_client, client_id, code, reason)
+
+    def room_members(self, room_id: str, timeout: float = DEFAULT_QUERY_TIMEOUT) -> QueryResult[list[Context]]:
+        """The contexts of every member of ``room_id`` on every live node: ``await`` the
+        result, or call ``.result()`` in a sync handler.
+
+        Errors as :meth:`AsyncPyStrandsClient.room_members`; also
+        :class:`~pystrands.BrokerUnavailable` while the app does not run.
+        """
+        client = self._client
+        return self._query(None if client is None else client.room_members, room_id, timeout)
+
+    def room_count(self, room_id: str, timeout: float = DEFAULT_QUERY_TIMEOUT) -> QueryResult[int]:
+        """How many connections are in ``room_id`` on every live node (as :meth:`room_members`)."""
+        client = self._client
+        return self._query(None if client is None else client.room_count, room_id, timeout)
 
     def send_private_message(self, client_id: str, message: str) -> SendResult:
         """Send ``message`` to the client ``client_id`` only (await optional)."""

@@ -22,7 +22,11 @@ the silence deadline, sends kept while disconnected) lives in
 * sends are coalesced: frames queued during one loop iteration go to the socket
   in one ``transport.write``, with the due ``ack`` (v2); a send only waits when
   the transport's buffer is above its high-water mark;
-* a ``loop.call_later`` timer asks the session whether the broker went silent.
+* a ``loop.call_later`` timer asks the session whether the broker went silent
+  (another one, whether a hello answer that sends wait for is overdue);
+* queries (:meth:`AsyncPyStrandsClient.room_members`, ...) are futures the
+  session resolves when ``data_received`` hands it the reply; reading goes on
+  while queries wait even when handlers fell behind (up to twice ``max_pending``).
 
 No asyncio object is created in ``__init__``: a client may be constructed at import
 time, outside any running loop (e.g. a FastAPI module), and is bound to the loop
@@ -40,8 +44,8 @@ import threading
 import types
 import uuid  # noqa: F401 - a public name of this module in PyStrands 1.0
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from typing import Any, TypeVar, cast
 
 from ._base import FAIRNESS_BATCH, REPLY, ClientBase, legacy_log_handler
 from ._coro import first_step as _first_step
@@ -55,8 +59,11 @@ from ._protocol import (
     encode_reject,
     response_for,
 )
-from ._session import DEFAULT_MAX_BUFFERED_SENDS
+from ._session import DEFAULT_MAX_BUFFERED_SENDS, DEFAULT_QUERY_TIMEOUT, Query, Session
 from .context import ConnectionRequestContext, Context
+from .errors import BrokerUnavailable
+
+T = TypeVar("T")
 
 logger = logging.getLogger("pystrands.async_client")
 
@@ -118,6 +125,7 @@ class _AsyncConnection(asyncio.Protocol):
         self.link = 0  # the session's link number, once adopted
         self.refused = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.flush_scheduled = False
         self.write_paused = False
@@ -140,6 +148,7 @@ class _AsyncConnection(asyncio.Protocol):
             return
         self.link = self._session.connection_made()
         self.flush()  # the hello, then the sends kept while disconnected
+        self.watch_hello()
 
     def data_received(self, data: bytes) -> None:
         session = self._session
@@ -196,6 +205,25 @@ class _AsyncConnection(asyncio.Protocol):
         delay = session.silence_limit if deadline is None else max(0.0, deadline - now)
         self._watchdog = self._loop.call_later(delay, self._check_silence)
 
+    def watch_hello(self) -> None:
+        """Sends wait for the broker's hello answer: release them at the session's
+        deadline if it does not come."""
+        if self._hello_timer is None and not self.closed:
+            deadline = self._session.hello_deadline
+            if deadline:
+                self._hello_timer = self._loop.call_at(deadline, self._hello_overdue)
+
+    def _hello_overdue(self) -> None:
+        self._hello_timer = None
+        session = self._session
+        if self.closed or session.link != self.link:
+            return
+        if session.check_hello(self._loop.time()):
+            if not self.flush_scheduled:
+                self.schedule_flush()
+        else:
+            self.watch_hello()
+
     # -- writing ----------------------------------------------------------------
 
     def schedule_flush(self) -> None:
@@ -249,6 +277,9 @@ class _AsyncConnection(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
         session = self._session
         if self.link and session.open and session.link == self.link:
             session.connection_lost(quiet=self.closing)
@@ -277,7 +308,10 @@ class AsyncPyStrandsClient(ClientBase):
     :meth:`send_room_message`, :meth:`send_private_message` and
     :meth:`broadcast_message`. Sending while disconnected never raises: the send
     is kept (up to ``max_buffered_sends``) and written once the connection is
-    back.
+    back. With a broker that has the ``rooms`` feature: the coroutines
+    :meth:`join_room`, :meth:`leave_room`, ``send_room_message(..., exclude=...)``,
+    :meth:`send_user_message`, :meth:`disconnect_client`, :meth:`room_members` and
+    :meth:`room_count` (``docs/broker.md``).
 
     Delivery: from a v1 broker every event arrives at most once. A v2 broker
     (negotiated automatically, see ``docs/protocol.md``) delivers **at least
@@ -531,6 +565,8 @@ class AsyncPyStrandsClient(ClientBase):
             if conn is not None:
                 conn.closing = True
                 conn.pause_reading()
+                # nothing more is read: no query reply can come
+                self._session.fail_queries("disconnect() stopped reading before the reply")
             current = asyncio.current_task()
             while True:  # handlers may start others (a dispatcher taking over): wait for all
                 tasks = {t for t in self._tasks if t is not current and not t.done()}
@@ -624,6 +660,50 @@ class AsyncPyStrandsClient(ClientBase):
         if waiter is not None:
             await waiter
 
+    def _command(self, queue: Callable[[Session], bool]) -> _AsyncConnection | None:
+        """Queue a ``rooms`` command with the session (``queue`` checks and queues it; its
+        errors propagate); returns the link that will write it, as :meth:`_submit`."""
+        queued = queue(self._session)
+        conn = self._conn
+        if conn is None:
+            return None
+        if not queued:
+            conn.watch_hello()
+            return None
+        if not conn.flush_scheduled:
+            conn.schedule_flush()
+        return conn
+
+    async def _ask(self, start: Callable[[Session, Callable[[], None]], Query[T]]) -> T:
+        """Run a query: register it with the session, let the link write it, wait for
+        the reply (or the deadline, or the connection's end)."""
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        if conn is None or not self.connected or self._intentional_disconnect or loop is not self._loop:
+            if conn is not None and loop is not self._loop:
+                raise RuntimeError("room_members()/room_count() must be awaited on the client's event loop")
+            raise BrokerUnavailable(f"not connected to the broker at {self._where}")
+        answered: asyncio.Future[None] = loop.create_future()
+
+        def done() -> None:
+            if not answered.done():
+                answered.set_result(None)
+
+        query = start(self._session, done)
+        if not conn.flush_scheduled:
+            conn.schedule_flush()
+        conn.watch_hello()
+        if conn.reading_paused and not conn.closing and self._pending < 2 * self.max_pending:
+            conn.resume_reading()  # handlers fell behind, but this reply must be read
+        try:
+            await asyncio.wait((answered,), timeout=query.timeout)
+        finally:
+            if not query.done:
+                self._session.forget_query(query)
+        if not query.done:
+            raise self._session.query_timed_out(query)
+        return query.result()
+
     # The three sends inline the fast path: no nested coroutine per message.
 
     async def broadcast_message(self, message: str) -> None:
@@ -632,9 +712,19 @@ class AsyncPyStrandsClient(ClientBase):
         if conn is not None and conn.write_paused:
             await self._drained(conn)
 
-    async def send_room_message(self, room_id: str, message: str) -> None:
-        """Send ``message`` to every client in room ``room_id``."""
-        conn = self._submit(self._session.encoders.room(room_id, message), "message_to_room")
+    async def send_room_message(
+        self, room_id: str, message: str, exclude: str | Iterable[str] | None = None
+    ) -> None:
+        """Send ``message`` to every client in room ``room_id``.
+
+        ``exclude``: a client id, or several, that must not get it (e.g. the sender;
+        needs a broker with the ``rooms`` feature, see :meth:`join_room` for the
+        errors). Without it (or with none to exclude) this is the 1.0 send.
+        """
+        if exclude is None:
+            conn = self._submit(self._session.encoders.room(room_id, message), "message_to_room")
+        else:
+            conn = self._command(lambda s: s.room_message(room_id, message, exclude))
         if conn is not None and conn.write_paused:
             await self._drained(conn)
 
@@ -643,6 +733,75 @@ class AsyncPyStrandsClient(ClientBase):
         conn = self._submit(self._session.encoders.private(client_id, message), "message_to_connection")
         if conn is not None and conn.write_paused:
             await self._drained(conn)
+
+    # ------------------------------------------------- rooms, users and moderation
+
+    async def join_room(self, client_id: str, room_id: str) -> None:
+        """Add the connection ``client_id`` to the room ``room_id`` (it stays in its others).
+
+        Needs a broker with the ``rooms`` feature. Raises ``TypeError`` for a non-str id,
+        ``ValueError`` for an empty one or one longer than the broker's
+        ``max_id_length``, :class:`~pystrands.UnsupportedFeature` when the connected
+        broker lacks the feature. An unknown client is not an error (the broker ignores
+        it). While disconnected it is kept like any send (and dropped, logged, if the
+        next broker lacks the feature). A refusal by the broker (e.g. beyond
+        ``max_rooms_per_client``) is logged as a warning.
+        """
+        conn = self._command(lambda s: s.join_room(client_id, room_id))
+        if conn is not None and conn.write_paused:
+            await self._drained(conn)
+
+    async def leave_room(self, client_id: str, room_id: str) -> None:
+        """Remove the connection ``client_id`` from the room ``room_id`` (its first room too).
+
+        Errors and buffering as :meth:`join_room`.
+        """
+        conn = self._command(lambda s: s.leave_room(client_id, room_id))
+        if conn is not None and conn.write_paused:
+            await self._drained(conn)
+
+    async def send_user_message(self, user_id: str, message: str) -> None:
+        """Send ``message`` to every connection of the user ``user_id``, on every node.
+
+        A connection has a user id when ``on_connection_request`` set
+        ``request.context.user_id``. Errors and buffering as :meth:`join_room`.
+        """
+        conn = self._command(lambda s: s.user_message(user_id, message))
+        if conn is not None and conn.write_paused:
+            await self._drained(conn)
+
+    async def disconnect_client(self, client_id: str, code: int = 1000, reason: str = "") -> None:
+        """Close the WebSocket of ``client_id`` with close ``code`` and ``reason``.
+
+        ``code`` must be 1000 or 4000-4999 and ``reason`` at most 123 UTF-8 bytes
+        (``ValueError`` otherwise). The client's backend then gets ``on_disconnect``
+        as for any close. Other errors and buffering as :meth:`join_room`.
+        """
+        conn = self._command(lambda s: s.disconnect_client(client_id, code, reason))
+        if conn is not None and conn.write_paused:
+            await self._drained(conn)
+
+    async def room_members(self, room_id: str, timeout: float = DEFAULT_QUERY_TIMEOUT) -> list[Context]:
+        """The contexts of every member of ``room_id``, on every live broker node.
+
+        Waits at most ``timeout`` seconds. Raises :class:`~pystrands.BrokerUnavailable`
+        when not connected or when the connection ends before the reply,
+        :class:`~pystrands.QueryTimeout` after ``timeout``,
+        :class:`~pystrands.QueryError` when the broker answers with an error,
+        :class:`~pystrands.UnsupportedFeature` when the broker lacks the ``rooms``
+        feature, and ``TypeError``/``ValueError`` for a bad ``room_id`` or
+        ``timeout``. When a node did not answer in time the members of the others are
+        returned and a warning names the missing nodes.
+        """
+        return await self._ask(lambda s, done: s.query_room_members(room_id, timeout, done))
+
+    async def room_count(self, room_id: str, timeout: float = DEFAULT_QUERY_TIMEOUT) -> int:
+        """How many connections are in ``room_id`` on every live broker node.
+
+        Answered from each node's last presence report (at most about a second old).
+        Waiting and errors as :meth:`room_members`.
+        """
+        return await self._ask(lambda s, done: s.query_room_count(room_id, timeout, done))
 
     # ------------------------------------------------------------------- dispatch
 
@@ -659,7 +818,9 @@ class AsyncPyStrandsClient(ClientBase):
         self._ready.append((conn, event))
         if self._dispatcher is None:
             self._start_dispatcher(loop)
-        if self._pending >= self.max_pending:
+        if self._pending >= self.max_pending and not (
+            self._session.pending_queries and self._pending < 2 * self.max_pending
+        ):  # handlers fell behind: stop reading (unless a query waits for its reply)
             conn.pause_reading()
 
     def _start_dispatcher(self, loop: asyncio.AbstractEventLoop) -> None:

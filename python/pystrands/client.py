@@ -25,7 +25,14 @@ the silence deadline, sends kept while disconnected) lives in
   ``ack`` :data:`ACK_DELAY` after it became due (inside the running ``sendall``
   when there is one), so there is at most one ack per ``ACK_DELAY`` whatever the
   event rate, and closes the connection when the session says the broker went
-  silent. It sleeps until there is work.
+  silent. It sleeps until there is work. It also starts when sends wait for the
+  broker's hello answer (a room command made right after connecting), to release
+  them if that answer never comes.
+* queries (:meth:`PyStrandsClient.room_members`, :meth:`PyStrandsClient.room_count`)
+  block the calling thread (a handler's worker) until the reader thread hands the
+  session the reply, or the deadline passes. The reader never runs handlers, so
+  it is always free to read the reply; while queries wait it keeps reading even
+  when handlers fell behind (up to twice ``max_pending``).
 
 Delivery from a v2 broker is at least once: see :attr:`Context.event_id`.
 """
@@ -40,8 +47,8 @@ import threading
 import time
 import uuid  # noqa: F401 - a public name of this module in PyStrands 1.0
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from ._base import FAIRNESS_BATCH, REPLY, ClientBase, legacy_log_handler
 from ._inproc import LinkSocket
@@ -54,8 +61,11 @@ from ._protocol import (
     encode_reject,
     response_for,
 )
-from ._session import DEFAULT_MAX_BUFFERED_SENDS
+from ._session import DEFAULT_MAX_BUFFERED_SENDS, DEFAULT_QUERY_TIMEOUT, Query, Session
 from .context import ConnectionRequestContext, Context
+from .errors import BrokerUnavailable
+
+T = TypeVar("T")
 
 logger = logging.getLogger("pystrands.client")
 
@@ -202,6 +212,11 @@ class _KeyedWorkerPool:
                         break
                     item = dq.popleft()
 
+    def nudge(self) -> None:
+        """Have a reader waiting in :meth:`wait_below` check ``give_up`` again now."""
+        with self._lock:
+            self._idle.notify_all()
+
     def wait_below(self, mark: int, give_up: Callable[[], bool]) -> None:
         """Block until at most ``mark`` items are in flight, or ``give_up()`` says so
         (checked at least every half second)."""
@@ -241,7 +256,10 @@ class PyStrandsClient(ClientBase):
     :meth:`send_room_message`, :meth:`send_private_message` and
     :meth:`broadcast_message` from any thread. Sending while disconnected never
     raises: the send is kept (up to ``max_buffered_sends``) and written once
-    the connection is back.
+    the connection is back. With a broker that has the ``rooms`` feature:
+    :meth:`join_room`, :meth:`leave_room`, ``send_room_message(..., exclude=...)``,
+    :meth:`send_user_message`, :meth:`disconnect_client` and the blocking queries
+    :meth:`room_members` and :meth:`room_count` (``docs/broker.md``).
 
     Delivery: from a v1 broker every event arrives at most once. A v2 broker
     (negotiated automatically, see ``docs/protocol.md``) delivers **at least
@@ -357,6 +375,14 @@ class PyStrandsClient(ClientBase):
         with self._io:
             conn.number = self._session.connection_made()
             conn.sending = True  # claimed for the hello, written by the caller
+            self._watch_hello(conn)
+
+    def _watch_hello(self, conn: _Link) -> None:
+        """Sends wait for the broker's hello answer: have the housekeeper release them at
+        the session's deadline if it does not come (caller holds ``_io``)."""
+        if self._session.hello_deadline and not conn.housekeeping and not conn.closed:
+            conn.housekeeping = True
+            threading.Thread(target=self._housekeep, args=(conn,), name="pystrands-v2", daemon=True).start()
 
     def _start_manager(self, conn: _Link | None) -> None:
         # caller holds self._lifecycle
@@ -486,10 +512,17 @@ class PyStrandsClient(ClientBase):
             for event in events:
                 pool.submit(event.key, (conn, event))
             if pool.inflight >= self.max_pending:  # handlers fell behind: stop reading for now
-                pool.wait_below(self.max_pending // 2, lambda: conn.closed or conn.closing)
+                # ... unless handlers wait for query replies, which only this thread can read
+                pool.wait_below(
+                    self.max_pending // 2,
+                    lambda: conn.closed
+                    or conn.closing
+                    or (session.pending_queries > 0 and pool.inflight < 2 * self.max_pending),
+                )
 
     def _housekeep(self, conn: _Link) -> None:
-        """Per-connection v2 thread: writes delayed acks; closes the connection on silence."""
+        """Per-connection v2 thread: writes delayed acks; closes the connection on silence;
+        releases the sends that waited for a hello answer that did not come in time."""
         session = self._session
         cond = self._cond
         silent = False
@@ -499,8 +532,9 @@ class PyStrandsClient(ClientBase):
                 if session.check_silence(now):
                     silent = True
                     break
+                released = session.check_hello(now)  # no hello answer in time: sends go out
                 ready = session.acks is not None and session.acks.due
-                if ready and session.wants_write(now):
+                if (ready or released) and session.wants_write(now):
                     if conn.sending:  # the running write takes it along, or we get woken
                         cond.wait(ACK_DELAY)
                         continue
@@ -520,6 +554,9 @@ class PyStrandsClient(ClientBase):
             self._abort(conn)
 
     def _lost(self, conn: _Link) -> None:
+        with self._io:  # nothing more is read from it: no query reply can come
+            if self._session.link == conn.number:
+                self._session.fail_queries("the connection to the broker ended before the reply")
         with self._lifecycle:
             if self._conn is conn:
                 self.connected = False
@@ -692,17 +729,134 @@ class PyStrandsClient(ClientBase):
             conn.sending = True
         self._write(conn)
 
+    def _command(self, queue: Callable[[Session], bool]) -> None:
+        """Queue a ``rooms`` command with the session (``queue`` checks and queues it;
+        its errors propagate), then write as :meth:`_submit` does."""
+        with self._io:
+            session = self._session
+            if not queue(session):
+                conn = self._conn
+                if conn is not None:
+                    self._watch_hello(conn)
+                return
+            conn = self._conn
+            if conn is None or conn.sending or conn.closed:
+                return
+            conn.sending = True
+        self._write(conn)
+
+    def _ask(self, start: Callable[[Session, Callable[[], None]], Query[T]]) -> T:
+        """Run a query: register it with the session, write it, block until the reply
+        (or the deadline, or the connection's end)."""
+        if threading.current_thread() is self._manager:
+            raise RuntimeError(
+                "room_members()/room_count() cannot run on the client's reader thread: "
+                "it would wait for a reply only that thread can read"
+            )
+        answered = threading.Event()
+        with self._io:
+            if not self.connected or self._disconnecting:
+                raise BrokerUnavailable(f"not connected to the broker at {self._where}")
+            session = self._session
+            query = start(session, answered.set)
+            conn = self._conn
+            write = conn is not None and not conn.sending and not conn.closed and session.wants_write()
+            if conn is not None:
+                if write:
+                    conn.sending = True
+                self._watch_hello(conn)
+        if write and conn is not None:
+            self._write(conn)
+        pool = self._pool
+        if pool is not None:
+            pool.nudge()  # a reader paused for backpressure reads on while the query waits
+        if not answered.wait(query.timeout):
+            with self._io:
+                if not query.done:
+                    raise self._session.query_timed_out(query)
+        return query.result()
+
     def broadcast_message(self, message: str) -> None:
         """Send ``message`` to every connected WebSocket client."""
         self._submit(self._session.encoders.broadcast(message), "broadcast")
 
-    def send_room_message(self, room_id: str, message: str) -> None:
-        """Send ``message`` to every client in room ``room_id``."""
-        self._submit(self._session.encoders.room(room_id, message), "message_to_room")
+    def send_room_message(self, room_id: str, message: str, exclude: str | Iterable[str] | None = None) -> None:
+        """Send ``message`` to every client in room ``room_id``.
+
+        ``exclude``: a client id, or several, that must not get it (e.g. the sender;
+        needs a broker with the ``rooms`` feature, see :meth:`join_room` for the
+        errors). Without it (or with none to exclude) this is the 1.0 send.
+        """
+        if exclude is None:
+            self._submit(self._session.encoders.room(room_id, message), "message_to_room")
+        else:
+            self._command(lambda s: s.room_message(room_id, message, exclude))
 
     def send_private_message(self, client_id: str, message: str) -> None:
         """Send ``message`` to the client ``client_id`` only."""
         self._submit(self._session.encoders.private(client_id, message), "message_to_connection")
+
+    # ------------------------------------------------- rooms, users and moderation
+
+    def join_room(self, client_id: str, room_id: str) -> None:
+        """Add the connection ``client_id`` to the room ``room_id`` (it stays in its others).
+
+        Needs a broker with the ``rooms`` feature. Raises ``TypeError`` for a non-str id,
+        ``ValueError`` for an empty one or one longer than the broker's
+        ``max_id_length``, :class:`~pystrands.UnsupportedFeature` when the connected
+        broker lacks the feature. An unknown client is not an error (the broker ignores
+        it). While disconnected it is kept like any send (and dropped, logged, if the
+        next broker lacks the feature). A refusal by the broker (e.g. beyond
+        ``max_rooms_per_client``) is logged as a warning.
+        """
+        self._command(lambda s: s.join_room(client_id, room_id))
+
+    def leave_room(self, client_id: str, room_id: str) -> None:
+        """Remove the connection ``client_id`` from the room ``room_id`` (its first room too).
+
+        Errors and buffering as :meth:`join_room`.
+        """
+        self._command(lambda s: s.leave_room(client_id, room_id))
+
+    def send_user_message(self, user_id: str, message: str) -> None:
+        """Send ``message`` to every connection of the user ``user_id``, on every node.
+
+        A connection has a user id when ``on_connection_request`` set
+        ``request.context.user_id``. Errors and buffering as :meth:`join_room`.
+        """
+        self._command(lambda s: s.user_message(user_id, message))
+
+    def disconnect_client(self, client_id: str, code: int = 1000, reason: str = "") -> None:
+        """Close the WebSocket of ``client_id`` with close ``code`` and ``reason``.
+
+        ``code`` must be 1000 or 4000-4999 and ``reason`` at most 123 UTF-8 bytes
+        (``ValueError`` otherwise). The client's backend then gets ``on_disconnect``
+        as for any close. Other errors and buffering as :meth:`join_room`.
+        """
+        self._command(lambda s: s.disconnect_client(client_id, code, reason))
+
+    def room_members(self, room_id: str, timeout: float = DEFAULT_QUERY_TIMEOUT) -> list[Context]:
+        """The contexts of every member of ``room_id``, on every live broker node.
+
+        Blocks the calling thread (call it from handlers, which run on worker
+        threads) for at most ``timeout`` seconds. Raises
+        :class:`~pystrands.BrokerUnavailable` when not connected or when the
+        connection ends before the reply, :class:`~pystrands.QueryTimeout` after
+        ``timeout``, :class:`~pystrands.QueryError` when the broker answers with an
+        error, :class:`~pystrands.UnsupportedFeature` when the broker lacks the
+        ``rooms`` feature, and ``TypeError``/``ValueError`` for a bad ``room_id`` or
+        ``timeout``. When a node did not answer in time the members of the others are
+        returned and a warning names the missing nodes.
+        """
+        return self._ask(lambda s, done: s.query_room_members(room_id, timeout, done))
+
+    def room_count(self, room_id: str, timeout: float = DEFAULT_QUERY_TIMEOUT) -> int:
+        """How many connections are in ``room_id`` on every live broker node.
+
+        Answered from each node's last presence report (at most about a second old).
+        Blocking and errors as :meth:`room_members`.
+        """
+        return self._ask(lambda s, done: s.query_room_count(room_id, timeout, done))
 
     # ------------------------------------------------------------------- dispatch
 

@@ -1,7 +1,8 @@
 """Context objects handed to PyStrands backend callbacks.
 
 * :class:`Context` identifies one WebSocket client: ``client_id``, ``room_id`` and
-  ``metadata`` (exactly the value the backend set when it accepted the connection).
+  ``metadata`` (exactly the value the backend set when it accepted the connection),
+  and the optional ``user_id`` (``None`` unless a backend set one on accept).
 * :class:`ConnectionRequestContext` describes a pending WebSocket connection: the
   request ``headers``, ``url``, ``remote_addr``, ``query`` and a mutable
   :class:`Context` the backend fills in before accepting.
@@ -10,7 +11,8 @@
   ``request.headers.get("x-token")`` both work.
 
 All three have ``from_json`` / ``to_json`` converting from and to the plain JSON
-shapes of wire protocol v1. :class:`JSONModel`, the base class of the two context
+shapes of wire protocol v1 (a context's ``user_id`` appears in its JSON form only
+when it is set, so a context without one is exactly the 1.0 shape). :class:`JSONModel`, the base class of the two context
 types in PyStrands 1.0, is kept with its 1.0 behaviour (keyword construction over
 the annotated fields, missing ones ``None``) for code that subclasses it; as in
 1.0, ``from_json`` gives ``None`` for fields missing from its input.
@@ -209,6 +211,11 @@ class Context(JSONModel):
         room_id: The room the client is in.
         metadata: Exactly the value the backend set in ``on_connection_request``
             (a dict unless the backend chose otherwise; ``{}`` by default).
+        user_id: The user this connection belongs to, or ``None`` (the default).
+            Set it on ``request.context`` in ``on_connection_request`` to tie the
+            connection to a user (a broker with the ``rooms`` feature then carries
+            it on every context of that connection, and ``send_user_message``
+            reaches every connection of that user). See :attr:`user_id`.
         event_id: Read only. The id of the event this context came with, when the
             broker speaks protocol v2 (``None`` otherwise). See :attr:`event_id`.
         redelivered: Read only. ``True`` when a v2 broker marks the event as a
@@ -218,11 +225,12 @@ class Context(JSONModel):
     not part of :meth:`to_json`, :meth:`from_json` or equality.
     """
 
-    __slots__ = ("client_id", "room_id", "metadata", "_event_id", "_redelivered")
+    __slots__ = ("client_id", "room_id", "metadata", "_event_id", "_redelivered", "_user_id")
 
     if TYPE_CHECKING:  # declared for type checkers only: not fields of the model
         _event_id: str | None  # set only by the clients, for events from a v2 broker
         _redelivered: bool
+        _user_id: str | None  # unset (read as None) unless a user id was given
 
     @classmethod
     def _get_annotations(cls) -> dict[str, Any]:
@@ -233,14 +241,37 @@ class Context(JSONModel):
         client_id: str = "",
         room_id: str = "",
         metadata: Any = None,
+        user_id: str | None = None,
         **_ignored: Any,
     ) -> None:
         """Create a context; unknown keyword arguments are ignored (as in 1.0)."""
         self.client_id: str = client_id
         self.room_id: str = room_id
         self.metadata: Any = {} if metadata is None else metadata
-        # _event_id / _redelivered stay unset (read as None / False) unless a client
-        # sets them for an event from a v2 broker: nothing to pay per v1 event.
+        if user_id is not None:
+            self.user_id = user_id
+        # _event_id / _redelivered / _user_id stay unset (read as None / False / None)
+        # unless set: nothing to pay per v1 event.
+
+    @property
+    def user_id(self) -> str | None:
+        """The user this connection belongs to (``None``: none, the default).
+
+        Set it in ``on_connection_request`` (``request.context.user_id = "u1"``):
+        the ``response`` then carries it, and a broker with the ``rooms`` feature
+        puts it on every context of that connection. Several connections may share
+        a user id. Part of :meth:`to_json` and equality only when set.
+        """
+        try:
+            return self._user_id
+        except AttributeError:
+            return None
+
+    @user_id.setter
+    def user_id(self, value: str | None) -> None:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"user_id must be a str or None, not {type(value).__name__}")
+        self._user_id = value
 
     @property
     def event_id(self) -> str | None:
@@ -268,11 +299,12 @@ class Context(JSONModel):
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | Context | None) -> Context:
-        """Build from the wire form ``{"client_id", "room_id", "metadata"}``.
+        """Build from the wire form ``{"client_id", "room_id", "metadata"}`` (and
+        ``"user_id"`` when present).
 
         A :class:`Context` is returned unchanged; ``None`` gives an empty context.
         Extra keys are ignored; a missing key gives ``None`` (as in 1.0), a
-        ``null`` metadata gives ``{}``.
+        ``null`` metadata gives ``{}``, a missing or ``null`` ``user_id`` none.
         """
         if isinstance(data, Context):
             return data
@@ -289,20 +321,29 @@ class Context(JSONModel):
             self.metadata = {} if metadata is None else metadata
         else:
             self.metadata = None
+        user_id = data.get("user_id")
+        if user_id is not None:
+            self._user_id = _as_str(user_id)
         return self
 
     def to_json(self) -> dict[str, Any]:
-        """Return ``{"client_id", "room_id", "metadata"}``."""
-        return {
+        """Return ``{"client_id", "room_id", "metadata"}``, plus ``"user_id"`` when set."""
+        data = {
             "client_id": self.client_id,
             "room_id": self.room_id,
             "metadata": self.metadata,
         }
+        user_id = self.user_id
+        if user_id is not None:
+            data["user_id"] = user_id
+        return data
 
     def __repr__(self) -> str:
+        user_id = self.user_id
+        user = "" if user_id is None else f", user_id={user_id!r}"
         return (
             f"Context(client_id={self.client_id!r}, room_id={self.room_id!r}, "
-            f"metadata={self.metadata!r})"
+            f"metadata={self.metadata!r}{user})"
         )
 
     def __eq__(self, other: object) -> bool:
@@ -312,6 +353,7 @@ class Context(JSONModel):
             self.client_id == other.client_id
             and self.room_id == other.room_id
             and self.metadata == other.metadata
+            and self.user_id == other.user_id
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -326,8 +368,8 @@ class ConnectionRequestContext(JSONModel):
         url: Request path, e.g. ``/ws/chat``.
         remote_addr: ``ip:port`` of the WebSocket client.
         context: Mutable :class:`Context` for the new client; set ``room_id``,
-            ``client_id`` and ``metadata`` here. Defaults: a fresh uuid4, the
-            ``url`` and ``{}``.
+            ``client_id``, ``metadata`` and (optionally) ``user_id`` here.
+            Defaults: a fresh uuid4, the ``url``, ``{}`` and no user id.
         accepted: The decision, ``True`` by default. ``on_connection_request`` may
             return a bool instead of setting it.
         query: The query string without ``?`` (``""`` when absent or when the
