@@ -283,3 +283,90 @@ def test_every_rooms_api_across_three_nodes(flavour: str, redis: Any) -> None:
             await scenario(nodes, rec)
 
     run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# The documented chat example (docs/broker.md), run as pasted (only the ports changed)
+# ---------------------------------------------------------------------------------------------
+
+
+def chat_example() -> str:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "broker.md").read_text()
+    section = text[text.index("## Rooms, users, presence and moderation") :]
+    section = section[: section.index("\n## ", 1)]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    return code
+
+
+def test_the_documented_chat_example_works(tmp_path: Any) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    import websockets
+
+    from procinfo import free_port
+
+    code = chat_example()
+    assert "ws_port=8080, tcp_port=8081" in code
+    ws_port, tcp_port = free_port(), free_port()
+    script = tmp_path / "chat.py"
+    script.write_text(code.replace("ws_port=8080, tcp_port=8081", f"ws_port={ws_port}, tcp_port={tcp_port}"))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    async def connect(user: str) -> Any:
+        end = asyncio.get_running_loop().time() + DEADLINE
+        while True:
+            try:
+                return await websockets.connect(f"ws://127.0.0.1:{ws_port}/", additional_headers={"X-User": user}, open_timeout=DEADLINE)
+            except (OSError, websockets.InvalidStatus):  # not up yet
+                if asyncio.get_running_loop().time() > end:
+                    raise
+                await asyncio.sleep(0.05)
+
+    async def recv(ws: Any) -> str:
+        return await asyncio.wait_for(ws.recv(), DEADLINE)
+
+    async def main() -> None:
+        root = await connect("root")
+        ann = await connect("ann")
+        assert await recv(root) == "ann is here"  # excluded from its own announcement
+        ann2 = await connect("ann")  # a second tab of ann
+        assert await recv(root) == "ann is here" and await recv(ann) == "ann is here"
+        await ann.send("/join game")
+        await ann2.send("/count lobby")
+        assert await recv(ann2) == "lobby: 3 connection(s)"
+        await root.send("/join game")
+        assert await recv(ann) == "root joined game"
+        await root.send("/who game")
+        assert await recv(root) == "game: ann, root"
+        await root.send("/dm ann psst")
+        assert await recv(ann) == "root (private): psst" and await recv(ann2) == "root (private): psst"
+        await ann.send("/join " + "x" * 300)
+        assert (await recv(ann)).startswith("bad command: ")
+        await ann.send("/kick root")  # not a moderator: a plain lobby message
+        assert await recv(root) == "ann: /kick root" and await recv(ann2) == "ann: /kick root"
+        await root.send("/say game bye")
+        assert await recv(ann) == "root: bye"
+        # The moderator kicks every tab of ann (found with room_members).
+        await root.send("/kick ann")
+        for tab in (ann, ann2):
+            with pytest.raises(websockets.ConnectionClosed):
+                await recv(tab)
+            assert (tab.close_code, tab.close_reason) == (4000, "kicked by a moderator")
+        await root.send("/count lobby")
+        assert await recv(root) == "lobby: 1 connection(s)"
+        await root.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 0 and "Traceback" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
