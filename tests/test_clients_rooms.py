@@ -189,7 +189,7 @@ def test_threading_client_blocks_on_a_query_while_its_reader_reads_the_reply(roo
         assert client.broker_features == frozenset({"ack", "heartbeat", "rooms"})
         assert client.broker_limits == {"max_rooms_per_client": 100, "max_id_length": 64}
         with pytest.raises(ValueError, match="max_id_length is 64"):
-            client.join_room("x" * 65, "r")
+            client.join_room("x", "r" * 65)
     finally:
         client.disconnect()
     with pytest.raises(BrokerUnavailable, match="not connected"):

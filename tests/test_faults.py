@@ -47,7 +47,13 @@ def test_v2_hello_seq_and_acks_release_events():
         with running_broker(heartbeat_interval=7.5) as broker:
             b = await RawBackend.connect(broker.tcp_port)
             reply = await b.hello()
-            assert reply == {"ok": True, "version": 2, "features": ["ack", "heartbeat"], "heartbeat_interval": 7.5}
+            assert reply == {
+                "ok": True,
+                "version": 2,
+                "features": ["ack", "heartbeat", "rooms"],
+                "heartbeat_interval": 7.5,
+                "limits": {"max_rooms_per_client": 100, "max_id_length": 256},
+            }
             await wait_for(lambda: broker.stats()["backends"] == 1)
             task = open_ws(f"ws://127.0.0.1:{broker.ws_port}/")
             req = await b.expect("connection_request")

@@ -628,9 +628,13 @@ def test_argument_errors() -> None:
             call()
     long_id = "é" * 9  # 18 bytes > max_id_length 16
     with pytest.raises(ValueError, match=r"is 18 bytes long; the broker's max_id_length is 16"):
-        s.join_room(long_id, "r")
+        s.join_room("c", long_id)
     with pytest.raises(ValueError, match="max_id_length"):
-        s.room_message("r", "m", ["ok", "x" * 17])
+        s.user_message("u" * 17, "m")
+    # Client ids are not limited (v1 backends may use long ones): only room and user ids are.
+    assert s.join_room("c" * 300, "r") is True
+    assert s.room_message("r", "m", ["ok", "x" * 300]) is True
+    assert s.disconnect_client("c" * 300) is True
     with pytest.raises(ValueError, match="max_id_length"):
         s.query_room_count("r" * 17)
     assert s.join_room("x" * 16, "é" * 8) is True  # exactly at the limit
@@ -650,7 +654,7 @@ def test_argument_errors() -> None:
             s.query_room_count("r", timeout)
     with pytest.raises(TypeError, match="timeout"):
         s.query_room_count("r", "5")  # type: ignore[arg-type]
-    assert s.data_to_send().count(b"\n") == 1 and s.pending_queries == 0  # only the valid join went
+    assert s.data_to_send().count(b"\n") == 4 and s.pending_queries == 0  # only the valid commands went
     assert s.disconnect_client("a", 4999, "é" * 61) is True  # 122 bytes
     assert s.disconnect_client("a", 1000) is True
     # without a known max_id_length only the type and emptiness are checked

@@ -102,8 +102,8 @@ PURE_PYTHON_ENV = "PYSTRANDS_PURE_PYTHON"
 """Environment variable: set (to anything but ``0`` or empty) to force the pure-Python codec."""
 
 
-def _available_decoder() -> Any | None:
-    """The native ``LineDecoder`` class if the extension has one and the environment allows it."""
+def native_decoder() -> Any | None:
+    """The native ``LineDecoder`` class, or ``None`` (no extension, or ``PYSTRANDS_PURE_PYTHON`` set)."""
     if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
         return None
     try:
@@ -111,11 +111,6 @@ def _available_decoder() -> Any | None:
     except ImportError:  # no native extension (or an older one): the pure-Python codec
         return None
     return LineDecoder
-
-
-def native_decoder() -> Any | None:
-    """The native ``LineDecoder`` class, or ``None`` (no extension, or ``PYSTRANDS_PURE_PYTHON`` set)."""
-    return _available_decoder()
 
 
 class Encoders(NamedTuple):
@@ -241,16 +236,17 @@ def check_timeout(timeout: object) -> float:
     return value
 
 
-def _exclude_list(exclude: object, max_length: int | None) -> list[str]:
+def _exclude_list(exclude: object) -> list[str]:
     """``exclude`` of ``send_room_message`` (a client id or an iterable of them) as a list
-    without duplicates, in order."""
+    without duplicates, in order. Client ids have no length limit (``max_id_length`` is for
+    room and user ids)."""
     if exclude is None:
         return []
     if isinstance(exclude, str):
-        return [check_id("exclude", exclude, max_length)]
+        return [check_id("exclude", exclude)]
     if isinstance(exclude, (bytes, bytearray)) or not isinstance(exclude, Iterable):
         raise TypeError(f"exclude must be a client id (str) or an iterable of them, not {type(exclude).__name__}")
-    ids = [check_id("exclude client id", item, max_length) for item in exclude]
+    ids = [check_id("exclude client id", item) for item in exclude]
     return list(dict.fromkeys(ids)) if len(ids) > 1 else ids
 
 
@@ -907,6 +903,14 @@ class Session:
             "support rooms/users (a 1.0 broker?)"
         )
 
+    def _link_features(self) -> frozenset[str] | None:
+        """The live link's features; ``None`` while its hello answer may still come. Past
+        :data:`HELLO_WAIT` with nothing held, the link counts as one without features (what is
+        held is released by the shell's timer)."""
+        if self.features is None and not self._held and self._clock() >= self._hello_at:
+            self._decide(frozenset(), f"it did not answer the hello within {HELLO_WAIT:g}s")
+        return self.features
+
     def command(self, frame: bytes, what: str) -> bool:
         """Queue a ``rooms`` command frame; ``True`` if it goes on the live link now (the shell
         writes it). Kept while the link is down; waits (with later sends) for the hello
@@ -914,10 +918,7 @@ class Session:
         if not self.open:
             self._keep(_RoomsFrame(frame), what)
             return False
-        if self.features is None and not self._held and self._clock() >= self._hello_at:
-            # no answer in time (what waits for it, if anything, is the shell's timer's to release)
-            self._decide(frozenset(), f"it did not answer the hello within {HELLO_WAIT:g}s")
-        features = self.features
+        features = self._link_features()
         if features is None:
             self._held.append(_RoomsFrame(frame))
             return False
@@ -930,20 +931,20 @@ class Session:
     def join_room(self, client_id: str, room_id: str) -> bool:
         """Queue ``join_room`` (checked first; see :meth:`command`)."""
         limit = self.max_id_length
-        frame = encode_join_room(check_id("client_id", client_id, limit), check_id("room_id", room_id, limit))
+        frame = encode_join_room(check_id("client_id", client_id), check_id("room_id", room_id, limit))
         return self.command(frame, "join_room")
 
     def leave_room(self, client_id: str, room_id: str) -> bool:
         """Queue ``leave_room`` (checked first; see :meth:`command`)."""
         limit = self.max_id_length
-        frame = encode_leave_room(check_id("client_id", client_id, limit), check_id("room_id", room_id, limit))
+        frame = encode_leave_room(check_id("client_id", client_id), check_id("room_id", room_id, limit))
         return self.command(frame, "leave_room")
 
     def room_message(self, room_id: str, message: Any, exclude: object) -> bool:
         """Queue ``message_to_room`` with ``exclude`` (a client id or several; see
         :meth:`command`). Without any id to exclude it is the plain v1 send."""
         limit = self.max_id_length
-        ids = _exclude_list(exclude, limit)
+        ids = _exclude_list(exclude)
         if not ids:
             return self.send(self.encoders.room(room_id, message), "message_to_room")
         return self.command(encode_room_message(check_id("room_id", room_id, limit), message, None, ids), "message_to_room")
@@ -955,7 +956,7 @@ class Session:
 
     def disconnect_client(self, client_id: str, code: int = 1000, reason: str = "") -> bool:
         """Queue ``disconnect`` (checked first; see :meth:`command`)."""
-        client_id = check_id("client_id", client_id, self.max_id_length)
+        client_id = check_id("client_id", client_id)
         code, reason = check_close(code, reason)
         return self.command(encode_disconnect(client_id, code, reason), "disconnect")
 
@@ -1000,10 +1001,7 @@ class Session:
         query = Query(action, room_id, timeout, interpret, on_done)
         if not self.open:
             raise BrokerUnavailable(f"{query!r}: not connected to the broker at {self.peer or '?'}")
-        if self.features is None and not self._held and self._clock() >= self._hello_at:
-            # no answer in time (what waits for it, if anything, is the shell's timer's to release)
-            self._decide(frozenset(), f"it did not answer the hello within {HELLO_WAIT:g}s")
-        features = self.features
+        features = self._link_features()
         if features is not None and ROOMS_FEATURE not in features:
             raise UnsupportedFeature(self._unsupported(repr(query)))
         encode = encode_room_members if action == "room_members" else encode_room_count

@@ -146,11 +146,11 @@ class QueryResult(Generic[T]):
             )
         try:
             return future.result(self._timeout + 1.0)  # the query itself ends by its timeout
-        except TimeoutError:
-            if future.done():
-                raise  # the query's own QueryTimeout
-            future.cancel()
-            raise BrokerUnavailable("the app's event loop did not run the query (is it stopped?)") from None
+        except concurrent.futures.TimeoutError:  # the builtin TimeoutError from 3.11 on, not on 3.10
+            if not future.done():
+                future.cancel()
+                raise BrokerUnavailable("the app's event loop did not run the query (is it stopped?)") from None
+        return future.result()  # done meanwhile, or it was the query's own QueryTimeout
 
     def __await__(self) -> Generator[Any, None, T]:
         future = self._future
@@ -454,9 +454,10 @@ class PyStrands:
             try:
                 outcome.result(0.5)
                 return _DONE
-            except TimeoutError:
+            except concurrent.futures.TimeoutError:  # the builtin TimeoutError from 3.11 on, not on 3.10
                 if outcome.done():
-                    raise
+                    outcome.result()  # done meanwhile: its own error, if any
+                    return _DONE
                 if loop.is_closed() or not loop.is_running():
                     return _DONE  # the app stopped: like a send of an app that does not run
 

@@ -77,7 +77,8 @@ class Broker:
             reading the WebSocket clients feeding it until it catches up (backpressure, no loss).
         max_rooms_per_client: Rooms one connection may be in at once (its first room included);
             a ``join_room`` beyond it is refused and reported to the backend.
-        max_id_length: Longest client, room or user id (bytes) a backend may set or name.
+        max_id_length: Longest room or user id (bytes) a backend may set or name (client ids
+            are not limited).
 
     In-process backends: ``serve(backend=...)``, ``start(backend=...)`` and
     ``async with broker.serving(backend)`` run the handlers of a :class:`PyStrandsClient`

@@ -266,13 +266,16 @@ pub(crate) fn handle_line(
         Ok(BackendCommand::Broadcast { message }) => {
             delivery::to_all(shared, message);
         }
-        Ok(BackendCommand::MessageToUser { user_id, message }) => {
-            delivery::to_user(shared, &user_id, message);
+        Ok(BackendCommand::MessageToUser { request_id, user_id, message }) => {
+            match check_id(shared, "message_to_user", "user_id", &user_id) {
+                Ok(()) => delivery::to_user(shared, &user_id, message),
+                Err(e) => refuse(errors, &request_id, "message_to_user", e),
+            }
         }
         Ok(BackendCommand::Membership { request_id, join, client_id, room_id }) => {
             let command = if join { "join_room" } else { "leave_room" };
-            if let Err(e) = check_id(shared, command, "client_id", &client_id)
-                .and_then(|()| check_id(shared, command, "room_id", &room_id))
+            if let Err(e) =
+                check_client_id(command, &client_id).and_then(|()| check_id(shared, command, "room_id", &room_id))
             {
                 return refuse(errors, &request_id, command, e);
             }
@@ -324,7 +327,17 @@ pub(crate) fn handle_line(
     }
 }
 
-/// An id a backend named: not empty, at most `max_id_length` bytes.
+/// A client id a backend named: not empty (client ids have no length limit of their own, as in
+/// v1; a line is bounded by `max_line_size`).
+fn check_client_id(command: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        Err(format!("{command}: client_id is empty"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A room or user id a backend named: not empty, at most `max_id_length` bytes.
 pub(crate) fn check_id(shared: &Shared, command: &str, field: &str, id: &str) -> Result<(), String> {
     let max = shared.cfg.max_id_length;
     if id.is_empty() {
@@ -373,17 +386,16 @@ fn answer_query(
         let _ = outbox.push(protocol::encode_count_reply(&request_id, n), false);
         return;
     }
-    let runtime = tokio::runtime::Handle::try_current();
-    let (Some(_), Ok(runtime)) = (&shared.cluster, runtime) else {
+    if shared.cluster.is_none() {
         let members = shared.hub.members(&room_id);
         let _ = outbox.push(protocol::encode_members_reply(&request_id, &members, &[]), false);
         return;
-    };
+    }
     // Answer a little before the backend's own deadline, so a slow node costs completeness,
     // not the whole answer.
     let wait = Duration::from_secs_f64(timeout.unwrap_or(QUERY_TIMEOUT).min(QUERY_TIMEOUT_MAX) * 0.8);
     let (shared, outbox) = (shared.clone(), outbox.clone());
-    runtime.spawn(async move {
+    shared.runtime.clone().spawn(async move {
         let Some(cluster) = &shared.cluster else { return };
         let (pieces, missing) = cluster.members(&shared.hub, &room_id, wait).await;
         let pieces: Vec<&str> = pieces.iter().filter_map(|p| std::str::from_utf8(p).ok()).collect();

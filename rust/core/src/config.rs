@@ -603,8 +603,8 @@ settings! {
         kind: Kind::int(1, 65_536),
         env: ["PYSTRANDS_MAX_ID_LENGTH"],
         flag: ["--max-id-length"],
-        help: "Longest client, room or user id in bytes that a backend may set or name; longer ones are \
-               refused (an accept with one answers 503 to the client).",
+        help: "Longest room or user id in bytes that a backend may set or name; longer ones are refused \
+               (an accept with one answers 503 to the client). Client ids are not limited.",
     }
 }
 

@@ -57,7 +57,7 @@ pub(crate) fn to_client(shared: &Shared, client_id: &str, message: String) -> bo
 
 /// A backend's `message_to_user`: this node's connections of the user now, other nodes through
 /// Redis. Alone, a user with no connection is counted (`commands_unmatched`).
-pub(crate) fn to_user(shared: &Shared, user_id: &str, message: String) -> usize {
+pub(crate) fn to_user(shared: &Shared, user_id: &str, message: String) {
     let record = shared.cluster.as_ref().map(|_| cluster::encode_record(Kind::User, user_id, message.as_bytes()));
     let n = shared.hub.send_user(user_id, message);
     match (&shared.cluster, record) {
@@ -65,7 +65,6 @@ pub(crate) fn to_user(shared: &Shared, user_id: &str, message: String) -> usize 
         _ if n == 0 => incr(&shared.counters.commands_unmatched),
         _ => {}
     }
-    n
 }
 
 /// What a command for one client came to on this node.

@@ -90,6 +90,11 @@ impl ClientSlot {
         }
     }
 
+    /// A close is on its way (the connection is ending).
+    pub(crate) fn closing(&self) -> bool {
+        self.kick_code.load(Ordering::Acquire) != 0
+    }
+
     /// The reason a backend gave for closing this client, if a backend closed it.
     pub(crate) fn backend_close_reason(&self) -> Option<String> {
         self.kick_reason.lock().clone()
@@ -120,6 +125,12 @@ struct State {
 }
 
 impl State {
+    /// The connection of `client_id` here unless it is closing: a command for a connection that
+    /// is being replaced (say by a newer one on another node) is handed on instead.
+    fn live(&self, client_id: &str) -> Option<&Arc<ClientSlot>> {
+        self.clients.get(client_id).filter(|s| !s.closing())
+    }
+
     fn add(&mut self, slot: &Arc<ClientSlot>) {
         self.rooms.entry(slot.room_id.clone()).or_default().insert(slot.conn_id, slot.clone());
         self.joined.insert(slot.conn_id, vec![slot.room_id.clone()]);
@@ -173,7 +184,8 @@ pub(crate) enum Leave {
 /// Shared registry of clients and rooms.
 pub(crate) struct Hub {
     state: RwLock<State>,
-    /// Bumped on every register/unregister, so a reader can tell cheaply whether membership changed.
+    /// Bumped on every register, unregister, join and leave, so a reader can tell cheaply whether
+    /// membership changed.
     version: AtomicU64,
     policy: SlowClientPolicy,
     pub(crate) counters: Arc<Counters>,
@@ -296,7 +308,7 @@ impl Hub {
     /// Adds a connected client to a room (at most `max_rooms` rooms per client).
     pub(crate) fn join(&self, client_id: &str, room_id: &str, max_rooms: usize) -> Join {
         let mut st = self.state.write();
-        let Some(slot) = st.clients.get(client_id).cloned() else { return Join::NotHere };
+        let Some(slot) = st.live(client_id).cloned() else { return Join::NotHere };
         let rooms = st.joined.entry(slot.conn_id).or_default();
         if rooms.iter().any(|r| **r == *room_id) {
             return Join::Already;
@@ -319,7 +331,7 @@ impl Hub {
     /// Removes a connected client from a room (its first room too).
     pub(crate) fn leave(&self, client_id: &str, room_id: &str) -> Leave {
         let mut st = self.state.write();
-        let Some(conn_id) = st.clients.get(client_id).map(|s| s.conn_id) else { return Leave::NotHere };
+        let Some(conn_id) = st.live(client_id).map(|s| s.conn_id) else { return Leave::NotHere };
         let Some(rooms) = st.joined.get_mut(&conn_id) else { return Leave::NotMember };
         let Some(i) = rooms.iter().position(|r| **r == *room_id) else { return Leave::NotMember };
         rooms.remove(i);
@@ -329,11 +341,11 @@ impl Hub {
         Leave::Removed
     }
 
-    /// A backend's `disconnect` for a client here: `None` when it is not connected here,
-    /// otherwise whether this request decided the close.
+    /// A backend's `disconnect` for a client here: `None` when it is not connected here (or
+    /// already closing), otherwise whether this request decided the close.
     pub(crate) fn disconnect(&self, client_id: &str, code: u16, reason: String) -> Option<bool> {
         let st = self.state.read();
-        st.clients.get(client_id).map(|slot| slot.kick_by_backend(code, reason))
+        st.live(client_id).map(|slot| slot.kick_by_backend(code, reason))
     }
 
     /// The contexts of a room's members here (encoded JSON, shared).
@@ -416,7 +428,7 @@ impl Hub {
         self.state.read().rooms.len()
     }
 
-    /// Changes whenever a client registers or unregisters.
+    /// Changes whenever a client registers, unregisters, joins or leaves a room.
     pub(crate) fn membership_version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
     }
@@ -538,13 +550,15 @@ mod tests {
         hub.register(a.clone());
         assert_eq!(hub.disconnect("nobody", 4000, "x".into()), None);
         assert_eq!(hub.disconnect("a", 4321, "bye".into()), Some(true));
-        assert_eq!(hub.disconnect("a", 4000, "again".into()), Some(false), "the first close wins");
+        assert_eq!(hub.disconnect("a", 4000, "again".into()), None, "closing: counts as gone, the first close wins");
         assert_eq!(a.kicked().await, 4321);
         assert_eq!(a.backend_close_reason().as_deref(), Some("bye"));
         let (b, _rb) = user_slot(2, "b", "r", "u");
         hub.register(b.clone());
         b.kick(CLOSE_SLOW_CONSUMER);
-        assert_eq!(hub.disconnect("b", 4000, "late".into()), Some(false));
+        assert_eq!(hub.disconnect("b", 4000, "late".into()), None);
+        assert_eq!(hub.join("b", "x", 10), Join::NotHere, "a closing connection is not joined");
+        assert!(!b.kick_by_backend(4000, "late".into()), "the broker's close came first");
         assert_eq!(b.backend_close_reason(), None, "a broker close keeps its own reason");
     }
 

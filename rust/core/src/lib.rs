@@ -91,6 +91,8 @@ pub(crate) struct Shared {
     pub(crate) gauges: Arc<router::Gauges>,
     /// Set when this broker is a node of a cluster (`cluster_url`).
     pub(crate) cluster: Option<cluster::Cluster>,
+    /// The broker's runtime, for work started from threads outside it (in-process backends).
+    pub(crate) runtime: tokio::runtime::Handle,
     ids: AtomicU64,
     stopping: AtomicBool,
 }
@@ -229,6 +231,7 @@ impl BrokerHandle {
             router,
             gauges: gauges.clone(),
             cluster,
+            runtime: runtime.handle().clone(),
             ids: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
         });

@@ -318,6 +318,7 @@ pub enum BackendCommand {
     },
     /// v2 `rooms`: every connection of a user.
     MessageToUser {
+        request_id: String,
         user_id: String,
         message: String,
     },
@@ -513,6 +514,7 @@ pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
         "message_to_user" => Ok(BackendCommand::MessageToUser {
             user_id: take_string(p, "message_to_user", "user_id")?,
             message: take_message(p, "message_to_user")?,
+            request_id,
         }),
         "join_room" | "leave_room" => {
             let join = action == "join_room";
@@ -779,7 +781,7 @@ mod tests {
         );
         assert_eq!(
             d(r#"{"action":"message_to_user","params":{"user_id":"u","message":{"x":1}}}"#).unwrap(),
-            BackendCommand::MessageToUser { user_id: "u".into(), message: r#"{"x":1}"#.into() }
+            BackendCommand::MessageToUser { request_id: "".into(), user_id: "u".into(), message: r#"{"x":1}"#.into() }
         );
         assert_eq!(
             d(r#"{"request_id":"j","action":"join_room","params":{"client_id":"c","room_id":"r"}}"#).unwrap(),

@@ -378,19 +378,20 @@ impl State {
         let decision = if resp.accepted {
             let client_id =
                 resp.client_id.filter(|c| !c.is_empty()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            let room_id = resp.room_id.unwrap_or(p.url);
-            let user_id = resp.user_id.filter(|u| !u.is_empty());
+            // A room or user id the backend chose is bounded by `max_id_length` (the room from
+            // the URL and the client id are not: v1 backends may rely on long ones).
             let max = self.limits.max_id_length;
-            let longest = client_id.len().max(room_id.len()).max(user_id.as_ref().map_or(0, String::len));
-            if longest > max || room_id.is_empty() {
+            let user_id = resp.user_id.filter(|u| !u.is_empty());
+            let too_long = |id: &Option<String>| id.as_ref().is_some_and(|i| i.len() > max);
+            if too_long(&resp.room_id) || too_long(&user_id) {
                 self.counters.backend_errors.fetch_add(1, Relaxed);
                 tracing::warn!(
-                    client_id = %client_id.chars().take(64).collect::<String>(),
-                    "a backend accepted a connection with an empty room_id or an id over {max} bytes (max_id_length); answered 503"
+                    "a backend accepted a connection with a room_id or user_id over {max} bytes (max_id_length); answered 503"
                 );
-                let _ = p.reply.send(Decision::Unavailable("backend answered with an invalid id"));
+                let _ = p.reply.send(Decision::Unavailable("backend answered with an id over max_id_length"));
                 return;
             }
+            let room_id = resp.room_id.unwrap_or(p.url);
             if self.position(backend).is_some() {
                 self.pinned.insert(Arc::from(client_id.as_str()), backend);
             }

@@ -73,7 +73,8 @@ counters! {
     cluster_decode_errors,
     /// Cluster: connections to Redis re-established after a loss.
     cluster_reconnects,
-    /// Cluster: `room_members` queries answered without every live node (one did not answer in time).
+    /// Cluster: `room_members` queries answered without every live node (one did not answer in
+    /// time, or the live nodes were not known: Redis unreachable or no presence round yet).
     cluster_query_timeouts,
     /// `join_room` commands that added a membership.
     rooms_joined,

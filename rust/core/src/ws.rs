@@ -271,7 +271,11 @@ async fn run(
             }
             msg = rx.recv() => {
                 let Some(msg) = msg else { break End::Gone };
+                // The write is polled first, so a message taken from the queue is at least in the
+                // socket's write buffer before a pending close can win (a backend's last words
+                // before its `disconnect` go out ahead of the close frame).
                 tokio::select! {
+                    biased;
                     r = write_batch(&mut ws, msg, &mut rx) => if r.is_err() { break End::Gone },
                     code = &mut kick => break kicked(code, slot),
                 }

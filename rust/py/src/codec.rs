@@ -454,9 +454,9 @@ impl Refs {
             _ => PyDict::new(py).into_any(),
         };
         ctx.setattr(intern!(py, "metadata"), metadata)?;
-        match user_id {
-            Some(u) => ctx.setattr(intern!(py, "user_id"), u)?,
-            None => ctx.setattr(intern!(py, "user_id"), py.None())?,
+        // The slot behind `Context.user_id` (unset reads as None), set only when there is one.
+        if let Some(u) = user_id {
+            ctx.setattr(intern!(py, "_user_id"), u)?;
         }
         Ok(ctx)
     }

@@ -103,6 +103,9 @@ pub(super) struct View {
     rooms: HashMap<String, usize>,
 }
 
+/// What `room_members` names as missing when this node does not know the live nodes.
+pub(crate) const UNKNOWN_NODES: &str = "unknown (no presence view: Redis unreachable or this node just started)";
+
 /// A `room_members` query waiting for other nodes' answers.
 struct Query {
     waiting: Vec<String>,
@@ -161,11 +164,12 @@ impl Cluster {
         }
         let waiting: Vec<String> = {
             let view = self.state.view.read();
-            if view.at.is_some_and(|t| t.elapsed() < PRESENCE_TTL) {
-                view.node_ids.iter().filter(|n| **n != *self.node_id).cloned().collect()
-            } else {
-                Vec::new()
+            if view.at.is_none_or(|t| t.elapsed() >= PRESENCE_TTL) {
+                // Redis unreachable, or no presence round yet: which nodes are live is not known.
+                incr(&self.counters.cluster_query_timeouts);
+                return (pieces, vec![UNKNOWN_NODES.to_string()]);
             }
+            view.node_ids.iter().filter(|n| **n != *self.node_id).cloned().collect()
         };
         if waiting.is_empty() {
             return (pieces, Vec::new());
