@@ -306,6 +306,12 @@ SYSTEMS = [
            "our broker + our AsyncPyStrandsClient backend with the native codec off (PYSTRANDS_PURE_PYTHON=1)",
            backend="ours", env={"PYSTRANDS_PURE_PYTHON": "1"}),
     System("pystrands+v1-client", "pystrands", {"echo", "fanout", "connect", "broadcast"}, "our broker + PyStrands 1.0 async client (PyPI) as backend", backend="v1"),
+    System("pystrands+5rooms", "pystrands", {"fanout", "broadcast"},
+           "our broker + our AsyncPyStrandsClient backend; every receiver is also in 5 other rooms (join_room)",
+           backend="ours", env={"PYSTRANDS_BENCH_EXTRA_ROOMS": "5"}),
+    System("pystrands@before-rooms", "pystrands", {"echo", "fanout", "connect", "broadcast"},
+           "the same broker and backend built from the commit before issue 15 (rooms/users), from PYSTRANDS_BEFORE_BUILD",
+           backend="ours", pythonpath=os.environ.get("PYSTRANDS_BEFORE_BUILD", str(ROOT / "build-before"))),
     System("pystrands+rust-backend", "pystrands", {"echo", "fanout", "connect", "broadcast"}, "our broker + a Rust backend (no Python in the loop)", backend="rust"),
     System("python-socketio", "socketio", ALL, "python-socketio (server chosen by --socketio-server)", socketio=True),
     System("websockets", "websockets", ALL, "hand-written broker on the websockets package (asyncio)"),
@@ -702,6 +708,12 @@ def targets(res: dict) -> list[dict]:
     ratio("W5 p99 of last delivery, in-process publisher, ≤ 1/0.9x the ceiling's", ("broadcast", "pystrands+inproc"),
           ("broadcast", "tokio-ceiling"), 1 / 0.9, higher=False)
     ratio("W1 in-process ≥ 1.0x our TCP backend (same run)", ("echo", "pystrands+inproc"), ("echo", "pystrands"), 1.0)
+    # Issue 15: rooms and users must not slow fan-out or broadcast down (within 5%, same run).
+    ratio("W2 (max rate) ≥ 0.95x the build before rooms/users", ("fanout_max", "pystrands"), ("fanout_max", "pystrands@before-rooms"), 0.95)
+    ratio("W5 p99 of last delivery ≤ 1.05x the build before rooms/users", ("broadcast", "pystrands"),
+          ("broadcast", "pystrands@before-rooms"), 1.05, higher=False)
+    ratio("W2 (max rate), receivers in 5 other rooms too, ≥ 0.95x single-room", ("fanout_max", "pystrands+5rooms"),
+          ("fanout_max", "pystrands"), 0.95)
     return out
 
 

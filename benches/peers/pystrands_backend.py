@@ -4,14 +4,20 @@ Implements the load generator's message convention (benches/loadgen): `e…` is 
 sender, `r…` to room `bench`, `b…` to everyone. Every connection is accepted (in Python, in
 `on_connection_request`) into the room named by its path (`/bench` → `bench`, `/pub` → `pub`).
 The same source runs on our `AsyncPyStrandsClient` and on the PyStrands 1.0 one from PyPI, so
-the comparison isolates the client library. Usage: python pystrands_backend.py TCP_PORT [asyncio|uvloop]
+the comparison isolates the client library. With `PYSTRANDS_BENCH_EXTRA_ROOMS=N` in the
+environment every receiver of room `bench` also joins N other rooms (`extra0`…) as it connects, so
+a fan-out to `bench` walks members that are in N + 1 rooms (issue 15: multi-room membership must
+not slow down fan-out). Usage: python pystrands_backend.py TCP_PORT [asyncio|uvloop]
 (the event loop; default asyncio, the standard library's).
 """
 
 import asyncio
+import os
 import sys
 
 from pystrands import AsyncPyStrandsClient
+
+EXTRA_ROOMS = int(os.environ.get("PYSTRANDS_BENCH_EXTRA_ROOMS", "0"))
 
 
 class Bench(AsyncPyStrandsClient):
@@ -20,7 +26,9 @@ class Bench(AsyncPyStrandsClient):
         return True
 
     async def on_new_connection(self, context):
-        pass
+        if EXTRA_ROOMS and context.room_id == "bench":
+            for i in range(EXTRA_ROOMS):
+                await self.join_room(context.client_id, f"extra{i}")
 
     async def on_disconnect(self, context):
         pass

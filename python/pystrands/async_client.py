@@ -740,7 +740,7 @@ class AsyncPyStrandsClient(ClientBase):
         """Add the connection ``client_id`` to the room ``room_id`` (it stays in its others).
 
         Needs a broker with the ``rooms`` feature. Raises ``TypeError`` for a non-str id,
-        ``ValueError`` for an empty one or one longer than the broker's
+        ``ValueError`` for an empty one or a room id longer than the broker's
         ``max_id_length``, :class:`~pystrands.UnsupportedFeature` when the connected
         broker lacks the feature. An unknown client is not an error (the broker ignores
         it). While disconnected it is kept like any send (and dropped, logged, if the
