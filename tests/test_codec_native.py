@@ -50,7 +50,7 @@ def context_facts(ctx: Any) -> Any:
     facts = [type(ctx).__name__, ctx.client_id, ctx.room_id, canon(ctx.metadata)]
     # whether the v2 facts were set at all (not only what the properties read)
     facts += [hasattr(ctx, "_event_id") and ctx._event_id, hasattr(ctx, "_redelivered") and ctx._redelivered]
-    facts += [ctx.event_id, ctx.redelivered, sorted(vars(ctx))]
+    facts += [ctx.event_id, ctx.redelivered, sorted(vars(ctx)), canon(ctx.user_id)]
     return facts
 
 
@@ -67,6 +67,11 @@ def snap(ev: Any) -> Any:
         out.append(canon(ev.error))
     if isinstance(ev, p.HelloReply):
         out += [canon(ev.ok), canon(ev.error), canon(ev.version), canon(ev.features), canon(ev.heartbeat_interval)]
+    if isinstance(ev, p.QueryReply):
+        params = dict(ev.params)
+        if isinstance(params.get("members"), list):
+            params["members"] = [None if m is None else context_facts(m) for m in params["members"]]
+        out += [canon(ev.request_id), canon(params)]
     if isinstance(ev, p.ConnectionRequest):
         r = ev.request
         cid = r.context.client_id  # a fresh uuid4 each time: compare its shape only
@@ -178,6 +183,14 @@ KINDS = [
     frame("hello", {"ok": True, "heartbeat_interval": -1.5, "version": 2.0, "features": "ack"}, "hello"),
     frame("hello", {"ok": True, "features": ["ack", 3, None, "x"], "version": True}, "hello"),
     frame("hello", {"ok": False, "error": "bad secret"}, "hello"),
+    # query replies (feature `rooms`): members as Contexts, known keys only
+    frame("reply", {"members": [ctx("a", "r", {"k": [1]}), {**ctx("b"), "user_id": "u"}, {}], "complete": True}, "q1"),
+    frame("reply", {"members": [], "complete": False, "missing": ["n2", "unknown (x)"]}, "q2"),
+    frame("reply", {"count": 3, "extra": {"ignored": True}}, "q3"),
+    frame("reply", {"error": "room_count: room_id is empty"}, "q4"),
+    frame("reply", {}, "q5"),
+    frame("new_connection", {"context": {**ctx("c14"), "user_id": "u1"}}),
+    frame("new_connection", {"context": {**ctx("c15"), "user_id": None}}),
     # v2 facts
     frame("new_message", {"message": "v2", "context": ctx()}, "1007", seq=41),
     frame("new_message", {"message": "again", "context": ctx()}, "1007", seq=42, redelivered=True),
@@ -292,6 +305,15 @@ HOSTILE = [
     b'{"action":"new_message","params":{"message":"m","context":{}},"seq":5,"request_id":{"a":1}}\n',
     b'{"action":"new_message","params":{"message":7},"seq":6}\n',
     b'{"action":"frobnicate","params":{"x":1},"seq":7}\n',
+    b'{"action":"reply","params":{"members":[{"client_id":"a"},5,null]}}\n',
+    b'{"action":"reply","request_id":"q","params":{"members":[{"client_id":"a"},5,null],"complete":true}}\n',
+    b'{"action":"reply","request_id":"q","params":{"members":"all","complete":"yes","error":null}}\n',
+    b'{"action":"reply","request_id":"q","params":{"members":[{"client_id":1}]}}\n',
+    b'{"action":"reply","request_id":"q","params":{"members":[{"user_id":7}]}}\n',
+    b'{"action":"reply","request_id":"q","params":{"count":1.0,"missing":{}}}\n',
+    b'{"action":"reply","request_id":"q","params":{"count":1},"seq":9}\n',
+    b'{"action":"reply","request_id":5,"params":{"count":1}}\n',
+    b'{"action":"new_message","params":{"message":"m","context":{"user_id":5}}}\n',
     b'{"action":"frobnicate","params":{"x":1}}\n',
     b'{"action":"new\\u005fmessage","params":{"message":"escaped action","context":{}}}\n',
     b'{"action":"new_message","params":{"mess\\u0061ge":"escaped key","context":{}}}\n',

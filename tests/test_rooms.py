@@ -318,7 +318,7 @@ def test_the_documented_chat_example_works(tmp_path: Any) -> None:
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     async def connect(user: str) -> Any:
-        end = asyncio.get_running_loop().time() + DEADLINE
+        end = asyncio.get_running_loop().time() + 3 * DEADLINE  # the program starts a broker first
         while True:
             try:
                 return await websockets.connect(f"ws://127.0.0.1:{ws_port}/", additional_headers={"X-User": user}, open_timeout=DEADLINE)
@@ -337,6 +337,8 @@ def test_the_documented_chat_example_works(tmp_path: Any) -> None:
         ann2 = await connect("ann")  # a second tab of ann
         assert await recv(root) == "ann is here" and await recv(ann) == "ann is here"
         await ann.send("/join game")
+        await ann.send("/who game")  # handled after the join (one client's messages keep their order)
+        assert await recv(ann) == "game: ann"
         await ann2.send("/count lobby")
         assert await recv(ann2) == "lobby: 3 connection(s)"
         await root.send("/join game")

@@ -532,8 +532,9 @@ HEARTBEAT = Heartbeat()
 class QueryReply(Event):
     """The broker's ``reply`` to one of our queries (control; ``rooms`` feature).
 
-    ``request_id`` is the query's; ``params`` the reply's params as sent
-    (``members``/``complete``/``missing``, ``count``, or ``error``): the session
+    ``request_id`` is the query's; ``params`` the reply's known params
+    (``members``/``complete``/``missing``, ``count``, or ``error``) with the members
+    already :class:`Context` objects (``None`` for a malformed one): the session
     matches and interprets them. Replies carry no ``seq`` and are never acknowledged.
     """
 
@@ -585,6 +586,19 @@ class Skipped(Event):
 def _snippet(line: bytes | bytearray) -> str:
     text = bytes(line[:200]).decode("utf-8", "replace")
     return text + ("..." if len(line) > 200 else "")
+
+
+_REPLY_KEYS = ("members", "complete", "missing", "count", "error")
+
+
+def _reply_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A reply's known params; ``members`` (when a list) as :class:`Context` objects, ``None``
+    for a malformed one (the session counts those)."""
+    out = {key: params[key] for key in _REPLY_KEYS if key in params}
+    members = out.get("members")
+    if isinstance(members, list):
+        out["members"] = [context_from_wire(m) for m in members]
+    return out
 
 
 def context_from_wire(raw: Any) -> Context | None:
@@ -738,7 +752,7 @@ def decode_event(line: bytes | bytearray) -> Event | None:
         if not isinstance(request_id, str):
             logger.warning("Skipping a reply without a string request_id: %s", _snippet(line))
             return None
-        return QueryReply(request_id, params)
+        return QueryReply(request_id, _reply_params(params))
     elif action == "command_error":  # control, like a reply: no seq, never acknowledged
         command = params.get("command")
         error = params.get("error")

@@ -81,7 +81,6 @@ from ._protocol import (
     LineFramer,
     QueryReply,
     Skipped,
-    context_from_wire,
     decode_event,
     encode_ack,
     encode_broadcast,
@@ -334,12 +333,11 @@ def _members(query: Query[list[Context]], params: dict[str, Any], log: logging.L
         raise QueryError(f"{query!r}: malformed reply from the broker (no members list)")
     members = []
     bad = 0
-    for item in raw:
-        ctx = context_from_wire(item)
-        if ctx is None:
-            bad += 1
+    for item in raw:  # Contexts, None for a malformed one (decoded so by either codec)
+        if isinstance(item, Context):
+            members.append(item)
         else:
-            members.append(ctx)
+            bad += 1
     if bad:
         log.warning("%r: skipped %d malformed member context(s) in the broker's reply", query, bad)
     if params.get("complete") is False:

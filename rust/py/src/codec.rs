@@ -202,6 +202,7 @@ enum Action {
     ConnectionRequest,
     Heartbeat,
     Hello,
+    Reply,
 }
 
 impl Action {
@@ -214,6 +215,7 @@ impl Action {
             "connection_request" => Action::ConnectionRequest,
             "heartbeat" => Action::Heartbeat,
             "hello" => Action::Hello,
+            "reply" => Action::Reply,
             _ => return None,
         })
     }
@@ -268,6 +270,36 @@ struct Params<'py> {
     url: Option<Bound<'py, PyString>>,
     remote_addr: Option<Bound<'py, PyString>>,
     query: Option<Option<Bound<'py, PyString>>>,
+    // A query's `reply` (`rooms` feature).
+    members: Option<Vec<Ctx<'py>>>,
+    complete: Option<bool>,
+    missing: Option<Bound<'py, PyAny>>,
+    count: Option<Bound<'py, PyAny>>,
+}
+
+/// A JSON array of context objects (a `room_members` reply: may hold thousands).
+#[derive(Clone, Copy)]
+struct CtxList<'py>(Python<'py>);
+
+impl<'de, 'py> DeserializeSeed<'de> for CtxList<'py> {
+    type Value = Vec<Ctx<'py>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, 'py> Visitor<'de> for CtxList<'py> {
+    type Value = Vec<Ctx<'py>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of context objects")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(65_536));
+        while let Some(c) = seq.next_element_seed(CtxSeed(self.0))? {
+            out.push(c);
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -306,6 +338,10 @@ impl<'de, 'py> Visitor<'de> for ParamsSeed<'py> {
                 "url" => put(&mut p.url, map.next_value_seed(Str(py))?)?,
                 "remote_addr" => put(&mut p.remote_addr, map.next_value_seed(Str(py))?)?,
                 "query" => put(&mut p.query, map.next_value_seed(OptStr(py))?)?,
+                "members" => put(&mut p.members, map.next_value_seed(CtxList(py))?)?,
+                "complete" => put(&mut p.complete, map.next_value::<bool>()?)?,
+                "missing" => put(&mut p.missing, map.next_value_seed(AnyValue(py))?)?,
+                "count" => put(&mut p.count, map.next_value_seed(AnyValue(py))?)?,
                 _ => {
                     map.next_value_seed(Skip)?;
                 }
@@ -406,6 +442,7 @@ struct Refs {
     error_event: Py<PyAny>,
     connection_request: Py<PyAny>,
     skipped: Py<PyAny>,
+    query_reply: Py<PyAny>,
     heartbeat: Py<PyAny>,
     fallback: Py<PyAny>,
     warn_dropped: Py<PyAny>,
@@ -426,6 +463,7 @@ impl Refs {
             error_event: get("ErrorEvent")?,
             connection_request: get("ConnectionRequest")?,
             skipped: get("Skipped")?,
+            query_reply: get("QueryReply")?,
             heartbeat: get("HEARTBEAT")?,
             fallback: match fallback {
                 Some(f) => f,
@@ -494,6 +532,34 @@ impl Refs {
             // Once per connection, and its answer grows with the protocol: the reference
             // decoder reads it.
             Action::Hello => return Ok(None),
+            Action::Reply => {
+                // As `decode_event` builds it: the known keys, members as `Context`s.
+                let Some(Some(request_id)) = fr.request_id else { return Ok(None) };
+                if seq.is_some() {
+                    return Ok(None);
+                }
+                let params = PyDict::new(py);
+                if let Some(members) = p.members.take() {
+                    let list = PyList::empty(py);
+                    for c in members {
+                        list.append(self.context(py, Some(c))?)?;
+                    }
+                    params.set_item(intern!(py, "members"), list)?;
+                }
+                if let Some(complete) = p.complete {
+                    params.set_item(intern!(py, "complete"), complete)?;
+                }
+                if let Some(missing) = p.missing.take() {
+                    params.set_item(intern!(py, "missing"), missing)?;
+                }
+                if let Some(count) = p.count.take() {
+                    params.set_item(intern!(py, "count"), count)?;
+                }
+                if let Some(error) = p.error.take() {
+                    params.set_item(intern!(py, "error"), error)?;
+                }
+                return Ok(Some(self.query_reply.bind(py).call1((request_id, params))?));
+            }
             Action::ConnectionRequest => {
                 let Some(Some(request_id)) = fr.request_id else { return Ok(None) };
                 let headers = p.headers.unwrap_or_else(|| py.None().into_bound(py));
