@@ -62,7 +62,7 @@ def load_script(name: str):
 
 
 def test_table_rows():
-    assert len(NAMES) == len(set(NAMES)) == 29
+    assert len(NAMES) == len(set(NAMES)) == 30
     assert _core.default_settings() == {s["name"]: s["default"] for s in TABLE}
     for s in TABLE:
         assert set(s) == {"name", "type", "kind", "default", "default_text", "help", "env", "envs", "flag", "flags", "secret"}
@@ -97,7 +97,7 @@ def test_broker_signature_agrees_with_the_table():
 
 def test_cli_flags_agree_with_the_table():
     parser = cli.build_parser()
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "host")}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "version", "host")}
     assert set(actions) == set(NAMES)
     for s in TABLE:
         a = actions[s["name"]]

@@ -46,6 +46,7 @@ class BrokerSettings(TypedDict, total=False):
     inproc_queue_size: int
     max_rooms_per_client: int
     max_id_length: int
+    metrics_bind: str | None
 
 class SettingInfo(TypedDict):
     """One row of :func:`settings_table`."""

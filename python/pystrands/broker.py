@@ -79,6 +79,8 @@ class Broker:
             a ``join_room`` beyond it is refused and reported to the backend.
         max_id_length: Longest room or user id (bytes) a backend may set or name (client ids
             are not limited).
+        metrics_bind: ``"host:port"`` of a separate listener for ``/health``, ``/ready``,
+            ``/metrics`` and ``/stats``; ``None`` serves them on the WebSocket port.
 
     In-process backends: ``serve(backend=...)``, ``start(backend=...)`` and
     ``async with broker.serving(backend)`` run the handlers of a :class:`PyStrandsClient`
@@ -120,6 +122,7 @@ class Broker:
         inproc_queue_size: int = 4096,
         max_rooms_per_client: int = 100,
         max_id_length: int = 256,
+        metrics_bind: str | None = None,
     ) -> None:
         from . import _core
 
@@ -155,6 +158,7 @@ class Broker:
             "inproc_queue_size": inproc_queue_size,
             "max_rooms_per_client": max_rooms_per_client,
             "max_id_length": max_id_length,
+            "metrics_bind": metrics_bind,
         }
         self._native = _core.NativeBroker(**self._settings)
         self._stop_requested = threading.Event()

@@ -62,6 +62,9 @@ def build_parser(prog: str = "pystrands-broker") -> argparse.ArgumentParser:
         description="Run the PyStrands broker: WebSocket clients on --ws-port, Python backends on --tcp-port.",
         epilog="Every option can also be set with an environment variable, e.g. PYSTRANDS_WS_PORT=9000.",
     )
+    from . import _core
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_core.__version__}")
     parser.add_argument(
         "--host",
         default=os.environ.get("PYSTRANDS_HOST", default_host),

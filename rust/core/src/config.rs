@@ -606,6 +606,14 @@ settings! {
         help: "Longest room or user id in bytes that a backend may set or name; longer ones are refused \
                (an accept with one answers 503 to the client). Client ids are not limited.",
     }
+    metrics_bind: Option<String> = None => {
+        kind: Kind::OptStr,
+        check: optional_socket_addr,
+        env: ["PYSTRANDS_METRICS_BIND"],
+        flag: ["--metrics-bind"],
+        help: "host:port of a separate listener for /health, /ready, /metrics and /stats (e.g. \
+               127.0.0.1:9090); unset serves them on the WebSocket port.",
+    }
 }
 
 // The per-setting checks named in the table (`check:`), run by `Config::validate`.
@@ -671,6 +679,15 @@ fn name_rule(setting: &'static str, v: &str) -> Result<(), ConfigError> {
         return Err(bad(setting, v, NAME_RULE));
     }
     Ok(())
+}
+
+fn optional_socket_addr(setting: &'static str, v: &Option<String>) -> Result<(), ConfigError> {
+    match v.as_deref() {
+        Some(addr) if addr.parse::<std::net::SocketAddr>().is_err() => {
+            Err(bad(setting, addr, "must be host:port with a numeric address, e.g. 127.0.0.1:9090"))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn optional_name_rule(setting: &'static str, v: &Option<String>) -> Result<(), ConfigError> {
@@ -851,7 +868,7 @@ mod tests {
     #[test]
     fn table_rows_are_complete_and_follow_the_naming_rules() {
         let mut names: Vec<_> = settings_table().iter().map(|s| s.name).collect();
-        assert_eq!(names.len(), 29);
+        assert_eq!(names.len(), 30);
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), settings_table().len(), "duplicate setting names");

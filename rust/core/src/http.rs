@@ -1,7 +1,9 @@
-//! The HTTP side of the WebSocket handshake, done by hand because the broker must ask a backend
-//! (asynchronously) before deciding whether to upgrade: read and check the upgrade request under
-//! a size and time limit, then answer `101 Switching Protocols` or a plain HTTP error
-//! (400/403/405/426/431/503) without ever upgrading a refused connection.
+//! The HTTP side of the WebSocket port, done by hand because the broker must ask a backend
+//! (asynchronously) before deciding whether to upgrade: read and check a request head under a
+//! size and time limit, then answer `101 Switching Protocols` or a plain HTTP error
+//! (400/403/405/426/431/503) without ever upgrading a refused connection. A plain `GET` (no
+//! upgrade) is handed on as such, for the operator routes (`crate::metrics`); the same parser
+//! reads the requests of the separate metrics listener.
 
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -20,6 +22,13 @@ pub(crate) struct UpgradeRequest {
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) key: String,
     pub(crate) origin: Option<String>,
+}
+
+/// A request head: a WebSocket upgrade, or a plain `GET` of a path (query string removed).
+#[derive(Debug, Clone)]
+pub(crate) enum Head {
+    Upgrade(UpgradeRequest),
+    Get(String),
 }
 
 /// Why a request was not upgraded; `status` is the HTTP status to answer with (0: say nothing).
@@ -45,7 +54,7 @@ fn has_token(value: Option<&str>, token: &str) -> bool {
 pub(crate) async fn read_request<S: AsyncRead + Unpin>(
     stream: &mut S,
     timeout: Duration,
-) -> Result<(UpgradeRequest, Vec<u8>), Refusal> {
+) -> Result<(Head, Vec<u8>), Refusal> {
     // Read straight into one growing buffer: no fixed-size chunk lives in the connection's future.
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let read = async {
@@ -76,7 +85,7 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(
 }
 
 /// Parses and checks a complete request head.
-pub(crate) fn parse_request(head: &[u8]) -> Result<UpgradeRequest, Refusal> {
+pub(crate) fn parse_request(head: &[u8]) -> Result<Head, Refusal> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut raw);
     match parsed.parse(head) {
@@ -94,6 +103,12 @@ pub(crate) fn parse_request(head: &[u8]) -> Result<UpgradeRequest, Refusal> {
     }
     if method != "GET" {
         return Err(refuse(405, "only GET can be upgraded to a WebSocket"));
+    }
+    let wants_upgrade = header(&headers, "upgrade").is_some() || has_token(header(&headers, "connection"), "upgrade");
+    if !wants_upgrade {
+        // A plain GET (HTTP/1.0 too: load balancers' checks): the caller decides.
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
+        return Ok(Head::Get(path.to_string()));
     }
     if parsed.version != Some(1) {
         return Err(refuse(400, "HTTP/1.1 is required"));
@@ -113,7 +128,29 @@ pub(crate) fn parse_request(head: &[u8]) -> Result<UpgradeRequest, Refusal> {
         None => (target, ""),
     };
     let origin = header(&headers, "origin").map(str::to_string);
-    Ok(UpgradeRequest { path: path.to_string(), query: query.to_string(), headers, key, origin })
+    Ok(Head::Upgrade(UpgradeRequest { path: path.to_string(), query: query.to_string(), headers, key, origin }))
+}
+
+/// What a plain `GET` that is no route gets on the WebSocket port (as before the routes existed).
+pub(crate) fn not_an_upgrade() -> Refusal {
+    refuse(426, "this is a WebSocket endpoint: send an Upgrade: websocket request")
+}
+
+/// A complete `200`/`503`/`404` answer with a body, closing the connection.
+pub(crate) fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let phrase = match status {
+        200 => "OK",
+        404 => "Not Found",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
 }
 
 /// The `101 Switching Protocols` answer.
@@ -154,7 +191,7 @@ mod tests {
 
     #[test]
     fn parses_a_good_upgrade() {
-        let r = parse_request(GOOD.as_bytes()).unwrap();
+        let Head::Upgrade(r) = parse_request(GOOD.as_bytes()).unwrap() else { panic!("not an upgrade") };
         assert_eq!(r.path, "/ws/chat");
         assert_eq!(r.query, "room=1");
         assert!(r.headers.iter().any(|(n, v)| n == "X-Token" && v == "secret"));
@@ -165,8 +202,10 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_an_upgrade() {
-        let plain = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-        assert_eq!(parse_request(plain.as_bytes()).unwrap_err().status, 426);
+        let plain = "GET /health?x=1 HTTP/1.0\r\nHost: x\r\n\r\n";
+        assert!(matches!(parse_request(plain.as_bytes()).unwrap(), Head::Get(p) if p == "/health"));
+        let half = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n";
+        assert_eq!(parse_request(half.as_bytes()).unwrap_err().status, 426);
         let post = GOOD.replacen("GET", "POST", 1);
         assert_eq!(parse_request(post.as_bytes()).unwrap_err().status, 405);
         let v8 = GOOD.replace("Version: 13", "Version: 8");

@@ -28,6 +28,7 @@ mod delivery;
 mod http;
 mod hub;
 mod inproc;
+mod metrics;
 mod outbox;
 pub mod protocol;
 mod router;
@@ -199,6 +200,14 @@ impl BrokerHandle {
             })?;
             Ok::<_, StartError>((ws, tcp))
         })?;
+        let metrics_listener = match &cfg.metrics_bind {
+            None => None,
+            Some(addr) => Some(runtime.block_on(TcpListener::bind(addr)).map_err(|source| StartError::Bind {
+                which: "metrics_bind",
+                addr: addr.clone(),
+                source,
+            })?),
+        };
         let ws_addr = ws_listener.local_addr().map_err(StartError::Runtime)?;
         let tcp_addr = tcp_listener.local_addr().map_err(StartError::Runtime)?;
 
@@ -246,6 +255,9 @@ impl BrokerHandle {
                 starter.spawn(shared.clone(), cluster_sig, cluster_tasks.guard());
             }
             tokio::spawn(ws::listen(ws_listener, shared.clone(), listeners_sig.clone(), clients.guard()));
+            if let Some(listener) = metrics_listener {
+                tokio::spawn(metrics::listen(listener, shared.clone(), listeners_sig.clone(), clients.guard()));
+            }
             tokio::spawn(backend::listen(tcp_listener, shared.clone(), listeners_sig, backends.guard()));
         }
         tracing::info!(websocket = %ws_addr, backends = %tcp_addr, "PyStrands broker listening");
@@ -318,19 +330,7 @@ impl BrokerHandle {
     }
 
     pub fn stats(&self) -> Stats {
-        let g = &self.shared.gauges;
-        Stats {
-            clients: self.shared.hub.client_count(),
-            rooms: self.shared.hub.room_count(),
-            users: self.shared.hub.user_count(),
-            memberships: self.shared.hub.membership_count(),
-            backends: g.backends.load(Ordering::Relaxed),
-            queued_events: g.queued_events.load(Ordering::Relaxed),
-            pending_requests: g.pending_requests.load(Ordering::Relaxed),
-            unacked_events: g.unacked_events.load(Ordering::Relaxed),
-            counters: self.shared.counters.snapshot(),
-            cluster: self.shared.cluster.as_ref().map(|c| c.stats(&self.shared.hub)),
-        }
+        metrics::snapshot(&self.shared)
     }
 
     /// Room → number of members: on every live node of the cluster (other nodes' counts as of

@@ -1,13 +1,14 @@
 //! Counters for everything the broker does and every place a message can be dropped or delayed,
 //! so nothing is lost silently. Plain relaxed atomics: cheap on the hot path, read by `stats()`.
 
+use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($($(#[doc = $doc:expr])* $name:ident),* $(,)?) => {
         /// Live counters shared by every task of one broker.
         #[derive(Default, Debug)]
-        pub(crate) struct Counters { $($(#[$doc])* pub(crate) $name: AtomicU64,)* }
+        pub(crate) struct Counters { $($(#[doc = $doc])* pub(crate) $name: AtomicU64,)* }
 
         impl Counters {
             /// A named snapshot of every counter.
@@ -15,6 +16,9 @@ macro_rules! counters {
                 vec![$((stringify!($name), self.$name.load(Relaxed)),)*]
             }
         }
+
+        /// Every counter's name and its doc comment (the help text of `/metrics`).
+        pub(crate) const COUNTER_HELP: &[(&str, &str)] = &[$((stringify!($name), concat!($($doc),*)),)*];
     };
 }
 
@@ -136,6 +140,35 @@ pub struct ClusterStats {
 }
 
 impl Stats {
+    /// Every figure by name: the keys of `Broker.stats()` and of `GET /stats`.
+    pub fn to_json(&self) -> Map<String, Value> {
+        let s = self;
+        let mut m = Map::new();
+        for (k, v) in [
+            ("clients", s.clients),
+            ("rooms", s.rooms),
+            ("users", s.users),
+            ("memberships", s.memberships),
+            ("backends", s.backends),
+            ("queued_events", s.queued_events),
+            ("pending_requests", s.pending_requests),
+            ("unacked_events", s.unacked_events),
+        ] {
+            m.insert(k.into(), json!(v));
+        }
+        for (k, v) in &s.counters {
+            m.insert((*k).into(), json!(v));
+        }
+        if let Some(c) = &s.cluster {
+            m.insert("cluster_node_id".into(), json!(c.node_id));
+            m.insert("cluster_connected".into(), json!(c.connected));
+            m.insert("cluster_nodes".into(), json!(c.nodes));
+            m.insert("cluster_clients".into(), json!(c.clients));
+            m.insert("cluster_rooms".into(), json!(c.rooms));
+        }
+        m
+    }
+
     /// A counter by name (0 when unknown), for tests and tools.
     pub fn counter(&self, name: &str) -> u64 {
         self.counters.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).unwrap_or(0)

@@ -8,8 +8,9 @@
 //! interrupted by a kick, so a stalled client never holds anything but itself.
 
 use crate::config::LimitPolicy;
-use crate::http::{self, UpgradeRequest};
+use crate::http::{self, Head, UpgradeRequest};
 use crate::hub::ClientSlot;
+use crate::metrics;
 use crate::outbox::Outbox;
 use crate::protocol::{self, CLOSE_IDLE};
 use crate::router::{Decision, RouterEvent};
@@ -88,7 +89,26 @@ type Accepted = (WebSocketStream<TcpStream>, Arc<ClientSlot>, mpsc::Receiver<Utf
 /// and registers the client (announcing it to its backend).
 async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Option<Accepted> {
     let (req, leftover) = match http::read_request(&mut stream, shared.cfg.handshake_timeout).await {
-        Ok(r) => r,
+        Ok((Head::Upgrade(req), leftover)) => (req, leftover),
+        Ok((Head::Get(path), _)) => {
+            // An operator route (unless they live on `metrics_bind`), or the 426 of old.
+            let routed = if shared.cfg.metrics_bind.is_none() { metrics::route(&path, shared) } else { None };
+            match routed {
+                Some(answer) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        let _ = stream.write_all(&answer).await;
+                        let _ = stream.shutdown().await;
+                    })
+                    .await;
+                }
+                None => {
+                    let refusal = http::not_an_upgrade();
+                    incr(&shared.counters.handshakes_failed);
+                    refuse(stream, refusal.status, &refusal.reason).await;
+                }
+            }
+            return None;
+        }
         Err(refusal) => {
             incr(&shared.counters.handshakes_failed);
             tracing::debug!(%addr, status = refusal.status, reason = %refusal.reason, "handshake refused");

@@ -245,23 +245,13 @@ impl NativeBroker {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         if let Some(s) = self.with_handle(|h| h.stats()) {
-            d.set_item("clients", s.clients)?;
-            d.set_item("rooms", s.rooms)?;
-            d.set_item("users", s.users)?;
-            d.set_item("memberships", s.memberships)?;
-            d.set_item("backends", s.backends)?;
-            d.set_item("queued_events", s.queued_events)?;
-            d.set_item("pending_requests", s.pending_requests)?;
-            d.set_item("unacked_events", s.unacked_events)?;
-            for (name, value) in s.counters {
-                d.set_item(name, value)?;
-            }
-            if let Some(c) = s.cluster {
-                d.set_item("cluster_node_id", c.node_id)?;
-                d.set_item("cluster_connected", c.connected)?;
-                d.set_item("cluster_nodes", c.nodes)?;
-                d.set_item("cluster_clients", c.clients)?;
-                d.set_item("cluster_rooms", c.rooms)?;
+            for (name, value) in s.to_json() {
+                match value {
+                    serde_json::Value::Bool(b) => d.set_item(name, b)?,
+                    serde_json::Value::String(t) => d.set_item(name, t)?,
+                    serde_json::Value::Number(n) => d.set_item(name, n.as_u64().unwrap_or(0))?,
+                    _ => {}
+                }
             }
         }
         Ok(d)
