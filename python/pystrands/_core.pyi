@@ -258,3 +258,11 @@ class LineDecoder:
         (decoded lazily, in order; lines that decode to nothing are skipped)."""
     def __iter__(self) -> Iterator[Any]: ...
     def __next__(self) -> Any: ...
+
+def log_records(timeout: float = 0.5) -> list[tuple[int, str, str, dict[str, str]]]:
+    """Up to 1,024 queued native log records as ``(levelno, logger name, message, fields)``,
+    waiting at most ``timeout`` seconds (GIL released) for the first; empty without a broker
+    started in this process (see ``pystrands._logbridge``)."""
+
+def log_dropped() -> int:
+    """Native log records dropped because Python fell behind (queue of 16,384 full)."""

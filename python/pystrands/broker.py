@@ -17,6 +17,8 @@ from contextlib import asynccontextmanager
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import _logbridge
+
 if TYPE_CHECKING:
     from ._hosted import Backend, Hosted
 
@@ -52,7 +54,9 @@ class Broker:
         max_connections: Most simultaneous clients (0: no limit); beyond it HTTP 503.
         handshake_timeout: Seconds a client may take to send its upgrade request.
         workers: Native worker threads (0: one per CPU).
-        log_level: ``error``, ``warn``, ``info``, ``debug`` or ``trace`` (native logs, stderr).
+        log_level: ``error``, ``warn``, ``info``, ``debug`` or ``trace``: the most verbose native
+            records kept (for the whole process). They are emitted through :mod:`logging` on
+            ``pystrands.broker.*`` loggers, whose levels and handlers filter further.
         backend_secret: When set, a backend must present it in its protocol-v2 ``hello``
             (our clients' ``backend_secret`` argument) before anything it sends is accepted;
             PyStrands 1.0 backends cannot and are refused. Without it, anyone who reaches
@@ -221,6 +225,7 @@ class Broker:
         return Hosted(self._native, backend)
 
     def _start(self, hosted: Hosted | None) -> None:
+        _logbridge.ensure_running()
         self._native.start()
         if hosted is not None:
             try:
@@ -308,6 +313,7 @@ class Broker:
         assert hosted is not None
         if hosted.kind == "thread":
             raise TypeError("serving() runs an asyncio backend; pass a PyStrandsClient to start()/serve()")
+        _logbridge.ensure_running()
         self._native.start()
         try:
             await hosted.start_here()

@@ -9,6 +9,8 @@ flag, variable or setting.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import os
 import sys
@@ -66,6 +68,13 @@ def build_parser(prog: str = "pystrands-broker") -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {_core.__version__}")
     parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("PYSTRANDS_LOG_FORMAT", "text"),
+        help="log lines as text, or as one JSON object per line with time, level, logger, message and "
+        "fields (env PYSTRANDS_LOG_FORMAT; default %(default)s)",
+    )
+    parser.add_argument(
         "--host",
         default=os.environ.get("PYSTRANDS_HOST", default_host),
         help="interface for both listeners (env PYSTRANDS_HOST; default %(default)s)",
@@ -107,6 +116,33 @@ def _settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return settings
 
 
+_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG, "trace": 5}
+
+
+def _python_level(log_level: str) -> int:
+    """The Python level of a ``log_level`` setting (a custom directive: INFO)."""
+    return _LEVELS.get(log_level.lower(), logging.INFO)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
+    ``fields`` (a native record's structured fields) and ``exception`` when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": getattr(record, "pystrands_message", None) or record.getMessage(),
+        }
+        fields = getattr(record, "pystrands_fields", None)
+        if fields:
+            out["fields"] = fields
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "pystrands-broker") -> int:
     """Run the broker until Ctrl-C or SIGTERM. Returns the process exit status."""
     from .broker import Broker
@@ -118,8 +154,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "pystrands-broker") -> i
         broker = Broker(**settings)
     except ValueError as e:
         parser.error(str(e))
+    if args.log_format not in ("text", "json"):
+        parser.error(f"PYSTRANDS_LOG_FORMAT={args.log_format!r}: use text or json")
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            JsonFormatter() if args.log_format == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        logging.basicConfig(level=_python_level(str(settings.get("log_level") or "info")), handlers=[handler])
     try:
         broker.serve()
     except OSError as e:

@@ -515,8 +515,9 @@ settings! {
         check: log_level_rule,
         env: ["PYSTRANDS_LOG_LEVEL"],
         flag: ["--log-level"],
-        help: "Native log filter: error, warn, info, debug, trace (or a tracing directive); logs go to \
-               stderr and the first broker in a process sets it.",
+        help: "Native log filter: error, warn, info, debug, trace (or a tracing directive). Records go \
+               through Python logging (pystrands.broker.* loggers); the most verbose level any broker \
+               of the process asked for is kept, Python logger levels filter further.",
     }
     backend_secret: Option<String> = None => {
         kind: Kind::Secret,

@@ -141,13 +141,20 @@ impl std::error::Error for StartError {}
 
 /// Installs the `tracing` subscriber (stderr) once per process. The level of the first broker
 /// started wins; later calls keep the existing subscriber.
-pub(crate) fn init_logging(level: &str) {
-    let directive = if config::LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+/// The `tracing` filter directive of a `log_level` setting: a plain level applies to the broker's
+/// own records (other crates stay at `warn`); anything else is used as a directive as it is.
+pub fn log_directive(level: &str) -> String {
+    if config::LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
         format!("warn,pystrands_core={level}")
     } else {
         level.to_string()
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(directive)
+    }
+}
+
+/// Logs to stderr, unless the process already has a `tracing` subscriber (the Python binding
+/// installs one that hands records to Python's `logging`).
+pub(crate) fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(log_directive(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -7,6 +7,7 @@
 mod codec;
 mod encode;
 mod inproc;
+mod logbridge;
 
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -162,6 +163,7 @@ impl NativeBroker {
             if guard.as_ref().is_some_and(|h| h.is_running()) {
                 return Err(PyRuntimeError::new_err("broker is already running"));
             }
+            logbridge::install(&cfg.log_level);
             let handle = BrokerHandle::start(cfg).map_err(|e| match e {
                 StartError::Config(c) => value_error(c),
                 StartError::Cluster(_) => PyConnectionError::new_err(e.to_string()),
@@ -287,6 +289,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode::encode_broadcast, m)?)?;
     m.add_function(wrap_pyfunction!(default_settings, m)?)?;
     m.add_function(wrap_pyfunction!(settings_table, m)?)?;
+    m.add_function(wrap_pyfunction!(logbridge::log_records, m)?)?;
+    m.add_function(wrap_pyfunction!(logbridge::log_dropped, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
