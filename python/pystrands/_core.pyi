@@ -47,6 +47,7 @@ class BrokerSettings(TypedDict, total=False):
     max_rooms_per_client: int
     max_id_length: int
     metrics_bind: str | None
+    admin_token: str | None
 
 class SettingInfo(TypedDict):
     """One row of :func:`settings_table`."""

@@ -84,7 +84,8 @@ class Broker:
         max_id_length: Longest room or user id (bytes) a backend may set or name (client ids
             are not limited).
         metrics_bind: ``"host:port"`` of a separate listener for ``/health``, ``/ready``,
-            ``/metrics`` and ``/stats``; ``None`` serves them on the WebSocket port.
+            ``/metrics``, ``/stats`` and ``/admin``; ``None`` serves them on the WebSocket port.
+        admin_token: Token of the live admin page ``GET /admin``; ``None`` turns it off.
 
     In-process backends: ``serve(backend=...)``, ``start(backend=...)`` and
     ``async with broker.serving(backend)`` run the handlers of a :class:`PyStrandsClient`
@@ -127,6 +128,7 @@ class Broker:
         max_rooms_per_client: int = 100,
         max_id_length: int = 256,
         metrics_bind: str | None = None,
+        admin_token: str | None = None,
     ) -> None:
         from . import _core
 
@@ -163,6 +165,7 @@ class Broker:
             "max_rooms_per_client": max_rooms_per_client,
             "max_id_length": max_id_length,
             "metrics_bind": metrics_bind,
+            "admin_token": admin_token,
         }
         self._native = _core.NativeBroker(**self._settings)
         self._stop_requested = threading.Event()

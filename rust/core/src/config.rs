@@ -612,8 +612,16 @@ settings! {
         check: optional_socket_addr,
         env: ["PYSTRANDS_METRICS_BIND"],
         flag: ["--metrics-bind"],
-        help: "host:port of a separate listener for /health, /ready, /metrics and /stats (e.g. \
-               127.0.0.1:9090); unset serves them on the WebSocket port.",
+        help: "host:port of a separate listener for /health, /ready, /metrics, /stats and /admin \
+               (e.g. 127.0.0.1:9090); unset serves them on the WebSocket port.",
+    }
+    admin_token: Option<String> = None => {
+        kind: Kind::Secret,
+        check: secret_rule,
+        env: ["PYSTRANDS_ADMIN_TOKEN"],
+        flag: ["--admin-token"],
+        help: "Token of the live admin page GET /admin (Authorization: Bearer, or its login form); \
+               unset turns the page off. Prefer the environment variable (flags show in ps).",
     }
 }
 
@@ -869,7 +877,7 @@ mod tests {
     #[test]
     fn table_rows_are_complete_and_follow_the_naming_rules() {
         let mut names: Vec<_> = settings_table().iter().map(|s| s.name).collect();
-        assert_eq!(names.len(), 30);
+        assert_eq!(names.len(), 31);
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), settings_table().len(), "duplicate setting names");
@@ -887,7 +895,7 @@ mod tests {
                 s.flags
             );
             assert!(!s.help.is_empty() && !s.help.contains("  "), "{}: help {:?}", s.name, s.help);
-            assert_eq!(s.secret(), s.name == "backend_secret");
+            assert_eq!(s.secret(), ["backend_secret", "admin_token"].contains(&s.name));
         }
         assert_eq!(setting("queue_size").unwrap().type_name(), "int");
         assert_eq!(setting("request_timeout").unwrap().type_name(), "float seconds");

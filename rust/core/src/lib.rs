@@ -21,6 +21,7 @@
 //! * `inproc` (the in-process backend transport: a backend in this process, no socket; it reuses
 //!   `backend`'s line handling).
 
+mod admin;
 mod backend;
 mod cluster;
 pub mod config;

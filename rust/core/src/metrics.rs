@@ -1,10 +1,10 @@
-//! The operator routes: `GET /health`, `/ready`, `/metrics` (Prometheus text) and `/stats`
-//! (JSON), so load balancers, Kubernetes probes and Prometheus can see inside a broker from
+//! The operator routes: `GET /health`, `/ready`, `/metrics` (Prometheus text), `/stats`
+//! (JSON) and `/admin` (`crate::admin`), so load balancers, Kubernetes probes and Prometheus can see inside a broker from
 //! outside. They are answered on the WebSocket port (a plain `GET` there, see `crate::http`), or
 //! only on a separate listener when `metrics_bind` is set. Every figure comes from
 //! [`snapshot`], the same one `BrokerHandle::stats` returns, so the three views cannot disagree.
 
-use crate::http::{self, Head};
+use crate::http::{self, Head, PlainGet};
 use crate::shutdown::{Signal, TaskGuard};
 use crate::stats::{Stats, COUNTER_HELP};
 use crate::Shared;
@@ -33,10 +33,11 @@ pub(crate) fn snapshot(shared: &Shared) -> Stats {
     }
 }
 
-/// The answer to a plain `GET` of `path`, or `None` when it is not an operator route.
-pub(crate) fn route(path: &str, shared: &Shared) -> Option<Vec<u8>> {
+/// The answer to a plain `GET`, or `None` when it is not an operator route.
+pub(crate) fn route(get: &PlainGet, shared: &Shared) -> Option<Vec<u8>> {
     const TEXT: &str = "text/plain; charset=utf-8";
-    Some(match path {
+    Some(match get.path.as_str() {
+        "/admin" => crate::admin::page(get, shared),
         "/health" => http::response(200, TEXT, b"ok\n"),
         "/ready" => match not_ready(shared) {
             None => http::response(200, TEXT, b"ready\n"),
@@ -122,8 +123,8 @@ pub(crate) async fn listen(listener: TcpListener, shared: Arc<Shared>, stop: Sig
 
 async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     let answer = match http::read_request(&mut stream, shared.cfg.handshake_timeout).await {
-        Ok((Head::Get(path), _)) => route(&path, &shared).unwrap_or_else(|| {
-            http::response(404, "text/plain; charset=utf-8", b"not found: /health, /ready, /metrics, /stats\n")
+        Ok((Head::Get(get), _)) => route(&get, &shared).unwrap_or_else(|| {
+            http::response(404, "text/plain; charset=utf-8", b"not found: /health, /ready, /metrics, /stats, /admin\n")
         }),
         Ok((Head::Upgrade(_), _)) => http::response(404, "text/plain; charset=utf-8", b"not a WebSocket port\n"),
         Err(refusal) if refusal.status != 0 => http::error_response(refusal.status, &refusal.reason),

@@ -90,9 +90,9 @@ type Accepted = (WebSocketStream<TcpStream>, Arc<ClientSlot>, mpsc::Receiver<Utf
 async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Option<Accepted> {
     let (req, leftover) = match http::read_request(&mut stream, shared.cfg.handshake_timeout).await {
         Ok((Head::Upgrade(req), leftover)) => (req, leftover),
-        Ok((Head::Get(path), _)) => {
+        Ok((Head::Get(get), _)) => {
             // An operator route (unless they live on `metrics_bind`), or the 426 of old.
-            let routed = if shared.cfg.metrics_bind.is_none() { metrics::route(&path, shared) } else { None };
+            let routed = if shared.cfg.metrics_bind.is_none() { metrics::route(&get, shared) } else { None };
             match routed {
                 Some(answer) => {
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
