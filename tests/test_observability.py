@@ -171,3 +171,86 @@ def test_cli_version():
     import pystrands
 
     assert out.returncode == 0 and out.stdout.strip().endswith(pystrands.__version__), out
+
+
+async def hold_clients(port: int, n: int, rooms: int, concurrency: int = 200) -> list[asyncio.StreamWriter]:
+    """Opens `n` bare WebSocket connections (handshake only; the kernel buffers pings), paths
+    spread over `rooms` rooms."""
+    writers: list[asyncio.StreamWriter] = []
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                f"GET /r{i % rooms} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            assert head.startswith(b"HTTP/1.1 101"), head
+            writers.append(writer)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return writers
+
+
+def test_routes_answer_while_10000_clients_are_connected():
+    """The broker runs as its own process here: 10,000 connections are 20,000 sockets, more than
+    one process may open on some machines."""
+    n = 10_000
+    ws_port, tcp_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pystrands", "server", "--host", "127.0.0.1", "--ws-port", str(ws_port), "--tcp-port", str(tcp_port), "--ping-interval", "0", "--log-level", "warn"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def figure(name: str) -> float:
+        return scrape(ws_port)[name]
+
+    async def main() -> None:
+        from v1peer import RawBackend
+
+        loop = asyncio.get_running_loop()
+        end = loop.time() + DEADLINE
+        while True:
+            try:
+                b = await RawBackend.connect(tcp_port)
+                break
+            except OSError:  # not listening yet
+                assert loop.time() < end, "the broker did not start"
+                await asyncio.sleep(0.05)
+        assert (await b.hello())["ok"] is True
+
+        async def accept_all() -> None:
+            while True:
+                obj = await b.recv(timeout=120)
+                if obj["action"] == "connection_request":
+                    await b.answer(obj, True)
+                elif "seq" in obj:
+                    await b.ack(obj["seq"])
+
+        acceptor = asyncio.create_task(accept_all())
+        writers = await hold_clients(ws_port, n, rooms=1000)
+        await wait_for(lambda: figure("pystrands_clients") == n, timeout=60, what="10,000 clients")
+        assert (await loop.run_in_executor(None, http_get, ws_port, "/health"))[0] == 200
+        assert (await loop.run_in_executor(None, http_get, ws_port, "/ready"))[0] == 200
+        m = await loop.run_in_executor(None, scrape, ws_port)
+        assert m["pystrands_rooms"] == 1000 and m["pystrands_connections_accepted_total"] == n
+        status, _, body = await loop.run_in_executor(None, http_get, ws_port, "/stats")
+        assert status == 200 and json.loads(body)["clients"] == n
+        acceptor.cancel()
+        for w in writers:
+            w.close()
+        await wait_for(lambda: figure("pystrands_clients") == 0, timeout=60, what="all closed")
+        await b.close()
+
+    try:
+        run(main())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
