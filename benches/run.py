@@ -312,6 +312,9 @@ SYSTEMS = [
     System("pystrands@before-rooms", "pystrands", {"echo", "fanout", "connect", "broadcast"},
            "the same broker and backend built from the commit before issue 15 (rooms/users), from PYSTRANDS_BEFORE_BUILD",
            backend="ours", pythonpath=os.environ.get("PYSTRANDS_BEFORE_BUILD", str(ROOT / "build-before"))),
+    System("pystrands@before-observability", "pystrands", {"echo", "fanout", "connect", "broadcast"},
+           "the same broker and backend built from the commit before issue 16 (routes, log bridge), from PYSTRANDS_BEFORE_OBS_BUILD",
+           backend="ours", pythonpath=os.environ.get("PYSTRANDS_BEFORE_OBS_BUILD", str(ROOT / "build-before-obs"))),
     System("pystrands+rust-backend", "pystrands", {"echo", "fanout", "connect", "broadcast"}, "our broker + a Rust backend (no Python in the loop)", backend="rust"),
     System("python-socketio", "socketio", ALL, "python-socketio (server chosen by --socketio-server)", socketio=True),
     System("websockets", "websockets", ALL, "hand-written broker on the websockets package (asyncio)"),
@@ -714,6 +717,10 @@ def targets(res: dict) -> list[dict]:
           ("broadcast", "pystrands@before-rooms"), 1.05, higher=False)
     ratio("W2 (max rate), receivers in 5 other rooms too, ≥ 0.95x single-room", ("fanout_max", "pystrands+5rooms"),
           ("fanout_max", "pystrands"), 0.95)
+    # Issue 16: the operator routes and the log bridge must not cost W1/W2 anything measurable.
+    ratio("W1 ≥ 0.95x the build before the routes and the log bridge", ("echo", "pystrands"), ("echo", "pystrands@before-observability"), 0.95)
+    ratio("W2 (max rate) ≥ 0.95x the build before the routes and the log bridge", ("fanout_max", "pystrands"),
+          ("fanout_max", "pystrands@before-observability"), 0.95)
     return out
 
 
