@@ -1,7 +1,7 @@
-"""The live admin page, GET /admin (issue 16): off without `admin_token`; a login form, 401 for a
-wrong token, the page for the right one (Bearer or the form's ?token=); and in a real headless
-Chromium (Debian's `chromium` + `chromium-driver`, driven by Selenium) the page loads, shows the
-counts, and the counts change when test clients connect.
+"""The live admin page, GET /admin (issue 16): off without `admin_token`; its data,
+GET /admin/stats, only for the right Bearer token (401 otherwise); and in a real headless Chromium
+(Debian's `chromium` + `chromium-driver`, driven by Selenium) a wrong token is refused, the right one
+shows the counts, and the counts change when test clients connect.
 
 Every wait has a deadline.
 """
@@ -9,6 +9,7 @@ Every wait has a deadline.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -32,20 +33,20 @@ def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tup
     return int(head.split()[1]), body.decode()
 
 
-def test_the_admin_page_is_off_without_a_token_and_guarded_with_one():
+def test_the_admin_page_is_off_without_a_token_and_its_data_needs_the_token():
     with running_broker() as br:
         assert http_get(br.ws_port, "/admin")[0] == 404
+        assert http_get(br.ws_port, "/admin/stats", {"Authorization": "Bearer x"})[0] == 404
     with running_broker(admin_token="s3cret t") as br:
         status, body = http_get(br.ws_port, "/admin")
-        assert status == 200 and '<form method="get" action="admin">' in body and "Wrong token" not in body
-        status, body = http_get(br.ws_port, "/admin?token=nope")
-        assert status == 401 and "Wrong token." in body
-        assert http_get(br.ws_port, "/admin", {"Authorization": "Bearer nope"})[0] == 401
-        status, body = http_get(br.ws_port, "/admin", {"Authorization": "Bearer s3cret t"})
-        assert status == 200 and 'fetch("stats"' in body
-        status, body = http_get(br.ws_port, "/admin?token=s3cret+t")
-        assert status == 200 and "<canvas" in body
+        assert status == 200 and 'id="login"' in body and "s3cret" not in body
         assert "http://" not in body and "https://" not in body, "self-contained: nothing from a CDN"
+        assert http_get(br.ws_port, "/admin/stats")[0] == 401
+        assert http_get(br.ws_port, "/admin/stats?token=s3cret+t")[0] == 401, "never from a URL"
+        assert http_get(br.ws_port, "/admin/stats", {"Authorization": "Bearer nope"})[0] == 401
+        assert http_get(br.ws_port, "/admin/stats", {"Authorization": "Basic czNjcmV0IHQ="})[0] == 401
+        status, body = http_get(br.ws_port, "/admin/stats", {"Authorization": "Bearer s3cret t"})
+        assert status == 200 and json.loads(body)["clients"] == 0
 
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -83,11 +84,18 @@ def test_the_page_shows_live_counts_in_a_real_browser(browser: Any):
 
     async def main() -> None:
         with running_broker(admin_token="tok") as br:
-            # Sign in through the login form, as a person would.
+            # Sign in through the page's form, as a person would: first with a wrong token.
             browser.get(f"http://127.0.0.1:{br.ws_port}/admin")
-            browser.find_element(By.ID, "token").send_keys("tok")
+            browser.find_element(By.ID, "token").send_keys("wrong")
+            browser.find_element(By.ID, "signin").click()
+            until(lambda: text("login_error") == "Wrong token.", "the wrong token refused")
+            assert not browser.find_element(By.ID, "dashboard").is_displayed()
+            field = browser.find_element(By.ID, "token")
+            field.clear()
+            field.send_keys("tok")
             browser.find_element(By.ID, "signin").click()
             until(lambda: text("clients") == "0" and text("backends") == "0", "the first figures")
+            assert "tok" not in browser.current_url
             assert text("status").startswith("live")
             b = await connect_v2_backend(br)
             clients = [(await connect_client(br.ws_port, b, client_id=f"c{i}", room_id=f"r{i % 2}"))[0] for i in range(3)]

@@ -34,39 +34,10 @@ pub(crate) enum Head {
 /// A plain `GET`: what the operator routes look at.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PlainGet {
+    /// The path, without the query string.
     pub(crate) path: String,
-    pub(crate) query: String,
     /// The token of an `Authorization: Bearer <token>` header.
     pub(crate) bearer: Option<String>,
-}
-
-impl PlainGet {
-    /// The value of `name` in the query string (percent-decoded; `+` is a space).
-    pub(crate) fn query_param(&self, name: &str) -> Option<String> {
-        self.query.split('&').find_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == name).then(|| percent_decode(v))
-        })
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() && hex(b[i + 1]).is_some() && hex(b[i + 2]).is_some() => {
-                out.push((hex(b[i + 1]).unwrap_or(0) * 16 + hex(b[i + 2]).unwrap_or(0)) as u8);
-                i += 2;
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Why a request was not upgraded; `status` is the HTTP status to answer with (0: say nothing).
@@ -145,11 +116,12 @@ pub(crate) fn parse_request(head: &[u8]) -> Result<Head, Refusal> {
     let wants_upgrade = header(&headers, "upgrade").is_some() || has_token(header(&headers, "connection"), "upgrade");
     if !wants_upgrade {
         // A plain GET (HTTP/1.0 too: load balancers' checks): the caller decides.
-        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
         let bearer = header(&headers, "authorization")
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(|t| t.trim().to_string());
-        return Ok(Head::Get(PlainGet { path: path.to_string(), query: query.to_string(), bearer }));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim().to_string());
+        return Ok(Head::Get(PlainGet { path: path.to_string(), bearer }));
     }
     if parsed.version != Some(1) {
         return Err(refuse(400, "HTTP/1.1 is required"));
@@ -187,7 +159,9 @@ pub(crate) fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> 
         _ => "Error",
     };
     let mut out = format!(
-        "HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
+         Referrer-Policy: no-referrer\r\nX-Frame-Options: DENY\r\nX-Content-Type-Options: nosniff\r\n\
+         Connection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -246,14 +220,13 @@ mod tests {
     fn refuses_what_is_not_an_upgrade() {
         let plain = "GET /health?x=1 HTTP/1.0\r\nHost: x\r\n\r\n";
         assert!(
-            matches!(parse_request(plain.as_bytes()).unwrap(), Head::Get(g) if g.path == "/health" && g.query == "x=1")
+            matches!(parse_request(plain.as_bytes()).unwrap(), Head::Get(g) if g.path == "/health" && g.bearer.is_none())
         );
-        let admin = "GET /admin?token=a%20b%2B+c&x HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n\r\n";
+        let admin = "GET /admin/stats?x HTTP/1.1\r\nAuthorization: BEARER s3cret \r\n\r\n";
         let Head::Get(g) = parse_request(admin.as_bytes()).unwrap() else { panic!("not a plain GET") };
-        assert_eq!((g.query_param("token").as_deref(), g.bearer.as_deref()), (Some("a b+ c"), Some("s3cret")));
-        assert_eq!((g.query_param("x").as_deref(), g.query_param("y")), (Some(""), None));
-        let odd = PlainGet { query: "token=%zz%4".into(), ..PlainGet::default() };
-        assert_eq!(odd.query_param("token").as_deref(), Some("%zz%4"));
+        assert_eq!((g.path.as_str(), g.bearer.as_deref()), ("/admin/stats", Some("s3cret")));
+        let basic = "GET /admin/stats HTTP/1.1\r\nAuthorization: Basic eDp5\r\n\r\n";
+        assert!(matches!(parse_request(basic.as_bytes()).unwrap(), Head::Get(g) if g.bearer.is_none()));
         let half = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n";
         assert_eq!(parse_request(half.as_bytes()).unwrap_err().status, 426);
         let post = GOOD.replacen("GET", "POST", 1);

@@ -37,7 +37,7 @@ pub(crate) fn snapshot(shared: &Shared) -> Stats {
 pub(crate) fn route(get: &PlainGet, shared: &Shared) -> Option<Vec<u8>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     Some(match get.path.as_str() {
-        "/admin" => crate::admin::page(get, shared),
+        "/admin" | "/admin/stats" => crate::admin::route(get, shared),
         "/health" => http::response(200, TEXT, b"ok\n"),
         "/ready" => match not_ready(shared) {
             None => http::response(200, TEXT, b"ready\n"),
