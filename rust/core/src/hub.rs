@@ -439,6 +439,11 @@ impl Hub {
         (st.clients.len(), st.rooms.iter().map(|(r, m)| (r.clone(), m.len())).collect())
     }
 
+    /// Rooms here whose name passes `keep`, counted under the read lock without copying them.
+    pub(crate) fn count_rooms(&self, keep: impl Fn(&str) -> bool) -> usize {
+        self.state.read().rooms.keys().filter(|r| keep(r)).count()
+    }
+
     /// Members of a room (for tests and stats).
     pub(crate) fn room_size(&self, room_id: &str) -> usize {
         self.state.read().rooms.get(room_id).map_or(0, |m| m.len())

@@ -225,14 +225,15 @@ impl Cluster {
     /// Cluster figures: this node's live counts plus the other nodes' last reports (dropped
     /// once older than [`PRESENCE_TTL`], e.g. while Redis is unreachable).
     pub(crate) fn stats(&self, hub: &Hub) -> ClusterStats {
-        let (local_clients, local_rooms) = hub.room_sizes();
+        // Counted in place (no copy of the room list): every scrape and `stats()` call runs this.
+        let local_clients = hub.client_count();
         let view = self.state.view.read();
         let fresh = view.at.is_some_and(|t| t.elapsed() < PRESENCE_TTL);
         let (nodes, clients, rooms) = if fresh {
-            let only_here = local_rooms.iter().filter(|(r, _)| !view.rooms.contains_key(&**r)).count();
+            let only_here = hub.count_rooms(|r| !view.rooms.contains_key(r));
             (1 + view.nodes, local_clients + view.clients, view.rooms.len() + only_here)
         } else {
-            (1, local_clients, local_rooms.len())
+            (1, local_clients, hub.room_count())
         };
         ClusterStats { node_id: self.node_id.to_string(), connected: self.connected(), nodes, clients, rooms }
     }
