@@ -53,10 +53,13 @@ def _pump() -> None:
     from . import _core
 
     dropped_seen = 0
-    while not _stop.is_set():
+    while True:
+        stopping = _stop.is_set()  # at exit: take what is queued (the broker's last lines), then end
         try:
-            records = _core.log_records(_WAIT)
+            records = _core.log_records(0.0 if stopping else _WAIT)
         except Exception:  # noqa: BLE001 - the interpreter is finalizing: stop quietly
+            return
+        if stopping and not records:
             return
         for levelno, name, message, fields in records:
             target = logging.getLogger(name)
