@@ -1,12 +1,18 @@
 """Small helpers every benchmark script shares: free loopback ports, a process's RSS, waiting
-for a port to open, stopping a child process."""
+for a port to open, children in their own process group with a log file, stopping a child
+process."""
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -52,3 +58,53 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Proc:
+    """A child in its own process group, output to a log file."""
+
+    def __init__(self, name: str, argv: list[str], logdir: Path, cwd: Path | None = None, env: dict[str, str] | None = None):
+        self.name = name
+        self.log_path = logdir / f"{name}.log"
+        self.log = open(self.log_path, "ab")
+        self.p = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  start_new_session=True, preexec_fn=raise_nofile, cwd=cwd or tempfile.gettempdir(), env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def check_alive(self) -> None:
+        """Raises if the child has exited (a `wait_port` check)."""
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited: {self.tail()}")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.p.wait(timeout=5)
+        self.log.close()
+
+    def tail(self, n: int = 8) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""

@@ -80,12 +80,13 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchutil import Proc, free_port, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ROOT / "benches"
@@ -110,68 +111,20 @@ def in_our_venv() -> bool:
     return Path(sys.prefix).resolve() == OUR_VENV.resolve()
 
 
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 # ------------------------------------------------------------------ processes
 
 
-class Proc:
-    """A child in its own process group, output to a log file; stopped by its pid."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):
-        self.name = name
-        LOGDIR.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGDIR / f"{name}.log"
-        self.log = open(self.log_path, "ab")
-        self.p = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                  preexec_fn=raise_nofile, env=env, cwd=cwd or "/tmp")
-
-    @property
-    def pid(self) -> int:
-        return self.p.pid
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def check(self) -> None:
-        if not self.alive():
-            raise RuntimeError(f"{self.name} exited ({self.p.returncode}): {self.tail()}")
-
-    def tail(self, n: int = 6) -> str:
-        try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 8), (signal.SIGKILL, 5)):
-                try:
-                    os.killpg(self.p.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.p.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        self.log.close()
-
-
-def free_port() -> int:
-    from benchutil import free_port as fp
-
-    return fp()
+def proc(name: str, argv: list[str]) -> Proc:
+    """A child in its own process group, logging to target/bench-rooms-logs/<name>.log."""
+    LOGDIR.mkdir(parents=True, exist_ok=True)
+    return Proc(name, argv, LOGDIR)
 
 
 async def wait_port(port: int, procs: list[Proc], timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while True:
         for p in procs:
-            p.check()
+            p.check_alive()
         try:
             _, w = await asyncio.open_connection("127.0.0.1", port)
             w.close()
@@ -403,7 +356,7 @@ class System:
 
     def check(self) -> None:
         for p in self.procs:
-            p.check()
+            p.check_alive()
 
     async def stop(self) -> None:
         for node in self.conns:
@@ -488,7 +441,7 @@ class Ours(System):
                     "--log-level", "error"]
             if self.redis_url:
                 argv += ["--redis-url", self.redis_url, "--cluster-node-id", f"rooms-bench-{i}"]
-            p = Proc(f"pystrands-{self.nodes}n-{i}", argv)
+            p = proc(f"pystrands-{self.nodes}n-{i}", argv)
             self.procs.append(p)
             await wait_port(tcp, [p])
             be = App(host="127.0.0.1", port=tcp)
@@ -642,7 +595,7 @@ class Centrifuge(RpcSystem):
             argv = [str(GO_PEER), "-port", str(ws)]
             if self.redis_url:
                 argv += ["-redis", self.redis_url.split("//", 1)[1].split("/", 1)[0]]
-            p = Proc(f"centrifuge-{self.nodes}n-{i}", argv)
+            p = proc(f"centrifuge-{self.nodes}n-{i}", argv)
             self.procs.append(p)
             await wait_port(ws, [p])
             self.ports.append(ws)
@@ -697,7 +650,7 @@ class PondSocket(RpcSystem):
             argv = [str(BENCH_VENV / "bin" / "python"), str(PEERS / "pondsocket_server.py"), "--port", str(ws), "--node-id", f"pond-{i}"]
             if self.redis_url:
                 argv += ["--redis", self.redis_url]
-            p = Proc(f"pondsocket-{self.nodes}n-{i}", argv)
+            p = proc(f"pondsocket-{self.nodes}n-{i}", argv)
             self.procs.append(p)
             await wait_port(ws, [p])
             self.ports.append(ws)
@@ -929,7 +882,7 @@ def loadgen_fanout(cfg: dict, rounds: int) -> dict:
     """Our broker, 10,000 receivers, max rate: members in 1 room vs in 1 + 5 rooms (benches/run.py's systems)."""
     import run as suite
 
-    suite.raise_nofile()
+    raise_nofile()
     names = ["pystrands", "pystrands+5rooms"]
     systems = {s.name: s for s in suite.SYSTEMS if s.name in names}
     logdir = LOGDIR
@@ -1141,7 +1094,7 @@ async def amain(args, cfg: dict, systems: list[str], data: dict) -> None:
     res = data["results"]
     redis_port = free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    redis = Proc("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    redis = proc("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
     try:
         await wait_port(redis_port, [redis])
         for phase, nodes in (("one_node", 1), ("three_nodes", 3)):

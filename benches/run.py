@@ -41,15 +41,13 @@ import json
 import os
 import platform
 import resource
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchutil import free_port, rss_kib, wait_port
+from benchutil import Proc, free_port, raise_nofile, rss_kib, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ROOT / "benches"
@@ -127,56 +125,6 @@ def _imports(venv: Path, module: str) -> bool:
 
 
 # ------------------------------------------------------------------ processes
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-class Proc:
-    """A child in its own process group, output to a log file."""
-
-    def __init__(self, name: str, argv: list[str], logdir: Path, cwd: Path | None = None, env: dict[str, str] | None = None):
-        self.name = name
-        self.log_path = logdir / f"{name}.log"
-        self.log = open(self.log_path, "ab")
-        self.p = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True, preexec_fn=raise_nofile, cwd=cwd or tempfile.gettempdir(), env=env)
-
-    @property
-    def pid(self) -> int:
-        return self.p.pid
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def check_alive(self) -> None:
-        """Raises if the child has exited (a `wait_port` check)."""
-        if not self.alive():
-            raise RuntimeError(f"{self.name} exited: {self.tail()}")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.p.wait(timeout=8)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.p.wait(timeout=5)
-        self.log.close()
-
-    def tail(self, n: int = 8) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
 
 
 def wait_upgrade(port: int, path: str, procs: list[Proc], timeout: float = 30.0) -> None:

@@ -15,6 +15,8 @@ import logging
 import queue
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -288,6 +290,22 @@ def test_async_client_awaits_a_query_while_it_reads_the_reply(rooms_broker: Room
 # -------------------------------------------------------------------------------- app
 
 
+@contextmanager
+def app_handling_one_message(app: PyStrands, rooms_broker: RoomsBroker, handled: threading.Event) -> Iterator[None]:
+    """Runs `app` in a thread, has the fake broker send it one message, waits until its handler
+    finished, and stops the app after the block."""
+    thread = threading.Thread(target=app.run, daemon=True)
+    thread.start()
+    try:
+        rooms_broker.message("hello")
+        assert handled.wait(DEADLINE), "the handler did not finish"
+        yield
+    finally:
+        app.stop()
+        thread.join(DEADLINE)
+    assert not thread.is_alive()
+
+
 def test_app_sync_handler_queries_with_result(rooms_broker: RoomsBroker) -> None:
     results: dict[str, Any] = {}
     handled = threading.Event()
@@ -312,18 +330,10 @@ def test_app_sync_handler_queries_with_result(rooms_broker: RoomsBroker) -> None
         finally:
             handled.set()
 
-    thread = threading.Thread(target=app.run, daemon=True)
-    thread.start()
-    try:
-        rooms_broker.message("hello")
-        assert handled.wait(DEADLINE), "the handler did not finish"
+    with app_handling_one_message(app, rooms_broker, handled):
         check_results(results)
         assert results["empty"] == "client_id must not be empty"
         check_wire(rooms_broker)
-    finally:
-        app.stop()
-        thread.join(DEADLINE)
-    assert not thread.is_alive()
     with pytest.raises(BrokerUnavailable, match="not running"):
         app.room_count("r2")
 
@@ -353,15 +363,7 @@ def test_app_async_handler_awaits_queries(rooms_broker: RoomsBroker) -> None:
         finally:
             handled.set()
 
-    thread = threading.Thread(target=app.run, daemon=True)
-    thread.start()
-    try:
-        rooms_broker.message("hello")
-        assert handled.wait(DEADLINE), "the handler did not finish"
+    with app_handling_one_message(app, rooms_broker, handled):
         check_results(results)
         assert "await it" in results["blocking"]
         check_wire(rooms_broker)
-    finally:
-        app.stop()
-        thread.join(DEADLINE)
-    assert not thread.is_alive()

@@ -3,7 +3,7 @@
 The session is driven with bytes and a fake clock only, as in tests/test_session.py: the
 broker's lines go in through ``receive_data``, what the client would write comes out of
 ``data_to_send``. Every test runs against both inbound codecs (the native one when the
-extension has one that decodes the ``rooms`` additions).
+extension has it).
 """
 
 from __future__ import annotations
@@ -24,38 +24,13 @@ from pystrands import (
     UnsupportedFeature,
 )
 from pystrands import _protocol as p
-from pystrands._session import HELLO_WAIT, PURE_PYTHON_ENV, Query, Session, native_decoder
+from pystrands._session import HELLO_WAIT, Query, Session
 
-CODEC = {"name": "python"}
+# The codec fixture (every test against both inbound codecs), the fake clock and the line helper
+# are test_session.py's.
+from test_session import CODEC, FakeClock, codec, line  # noqa: E402, F401  (codec: autouse fixture)
+
 LIMITS = {"max_rooms_per_client": 100, "max_id_length": 16}
-
-
-@pytest.fixture(autouse=True, params=["native", "python"])
-def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs against both inbound codecs (the native one when available)."""
-    if request.param == "native":
-        monkeypatch.delenv(PURE_PYTHON_ENV, raising=False)
-        if native_decoder() is None:
-            pytest.skip("no native LineDecoder (that decodes the rooms additions) in pystrands._core")
-    else:
-        monkeypatch.setenv(PURE_PYTHON_ENV, "1")
-    CODEC["name"] = request.param
-    return str(request.param)
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def line(obj: Any) -> bytes:
-    return json.dumps(obj).encode() + b"\n"
 
 
 def hello_reply(features: tuple[str, ...] = ("ack", "heartbeat", "rooms"), limits: Any = LIMITS) -> bytes:

@@ -162,6 +162,14 @@ class QueryResult(Generic[T]):
         return f"<QueryResult {'done' if self.done() else 'waiting'}>"
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 async def _finish(it: Any, pending: Any) -> Any:
     return await resume(it, pending)
 
@@ -401,10 +409,7 @@ class PyStrands:
         if send is None:
             return _DONE
         loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
+        running = _running_loop()
         if loop is not None and running is not loop and not loop.is_closed():
             # another thread (a sync handler in the pool): the app's loop runs the send
             try:
@@ -426,10 +431,7 @@ class PyStrands:
         if send is None:
             return _DONE
         loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
+        running = _running_loop()
         if loop is None or running is loop or loop.is_closed():
             return self._send(send, *args)
         outcome: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -466,10 +468,7 @@ class PyStrands:
         loop = self._loop
         if ask is None or loop is None or loop.is_closed():
             raise BrokerUnavailable("the app is not running")
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
+        running = _running_loop()
         if running is not loop:  # another thread (a sync handler in the pool)
             return QueryResult(asyncio.run_coroutine_threadsafe(ask(room_id, timeout), loop), timeout)
         it, value = first_step(ask(room_id, timeout))  # argument and link errors raise here
@@ -590,10 +589,7 @@ class PyStrands:
         loop = self._loop
         if client is None or loop is None or loop.is_closed():
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
+        running = _running_loop()
         if running is loop:
             task = loop.create_task(client.disconnect(timeout))
             self._stopping.add(task)
