@@ -48,6 +48,11 @@ class BrokerSettings(TypedDict, total=False):
     max_id_length: int
     metrics_bind: str | None
     admin_token: str | None
+    history_size: int
+    history_ttl: float
+    history_meta_ttl: float
+    presence_max_members: int
+    session_secret: str | None
 
 class SettingInfo(TypedDict):
     """One row of :func:`settings_table`."""
@@ -96,6 +101,10 @@ class BrokerStats(TypedDict, total=False):
     """Connection requests waiting for a backend's response."""
     unacked_events: int
     """Events sent to v2 backends and not yet acknowledged (kept for redelivery)."""
+    history_rooms: int
+    """Rooms with a history stream in this node's memory (alone; a cluster keeps them in Redis)."""
+    history_messages: int
+    """Messages kept in this node's room history streams."""
     # Counters (``rust/core/src/stats.rs``), all since start.
     connections_accepted: int
     connections_rejected: int
@@ -129,6 +138,13 @@ class BrokerStats(TypedDict, total=False):
     clients_disconnected: int
     commands_unmatched: int
     commands_refused: int
+    presence_events: int
+    presence_suppressed: int
+    history_appended: int
+    recoveries: int
+    recoveries_failed: int
+    messages_replayed: int
+    browser_protocol_errors: int
     # Only in a cluster.
     cluster_node_id: str
     """This node's id."""

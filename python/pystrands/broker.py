@@ -86,6 +86,16 @@ class Broker:
         metrics_bind: ``"host:port"`` of a separate listener for ``/health``, ``/ready``,
             ``/metrics``, ``/stats`` and ``/admin``; ``None`` serves them on the WebSocket port.
         admin_token: Token of the live admin page ``GET /admin``; ``None`` turns it off.
+        history_size: Messages kept per room for recovery after a reconnect (browser protocol
+            ``pystrands.1``) and for ``room_history``; 0 keeps none (``room_config`` sets it
+            per room).
+        history_ttl: Seconds a room's history is kept after its last message.
+        history_meta_ttl: Seconds a room's stream position (offset, epoch) is kept after its
+            last message, and how long a browser session token can restore rooms.
+        presence_max_members: Presence events are not sent for rooms with more members than
+            this on the node.
+        session_secret: Key signing browser session tokens; ``None``: a random key per broker
+            (shared through Redis in a cluster).
 
     In-process backends: ``serve(backend=...)``, ``start(backend=...)`` and
     ``async with broker.serving(backend)`` run the handlers of a :class:`PyStrandsClient`
@@ -129,6 +139,11 @@ class Broker:
         max_id_length: int = 256,
         metrics_bind: str | None = None,
         admin_token: str | None = None,
+        history_size: int = 0,
+        history_ttl: float = 300.0,
+        history_meta_ttl: float = 86_400.0,
+        presence_max_members: int = 100,
+        session_secret: str | None = None,
     ) -> None:
         from . import _core
 
@@ -166,6 +181,11 @@ class Broker:
             "max_id_length": max_id_length,
             "metrics_bind": metrics_bind,
             "admin_token": admin_token,
+            "history_size": history_size,
+            "history_ttl": history_ttl,
+            "history_meta_ttl": history_meta_ttl,
+            "presence_max_members": presence_max_members,
+            "session_secret": session_secret,
         }
         self._native = _core.NativeBroker(**self._settings)
         self._stop_requested = threading.Event()

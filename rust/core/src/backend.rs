@@ -16,6 +16,7 @@ use crate::router::{BackendId, RouterEvent};
 use crate::shutdown::{Signal, TaskGuard};
 use crate::stats::incr;
 use crate::throttle::ErrorLog;
+use crate::history::{RoomOverrides, MAX_HISTORY_SIZE};
 use crate::Shared;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -305,6 +306,32 @@ pub(crate) fn handle_line(
             }
             answer_query(shared, outbox, request_id, room_id, count_only, timeout);
         }
+        Ok(BackendCommand::RoomConfig { request_id, room_id, history_size, history_ttl, presence }) => {
+            match check_room_config(shared, &room_id, history_size, history_ttl, presence) {
+                Ok(o) => {
+                    shared.rooms.configure(&room_id, o);
+                    if let Some(c) = &shared.cluster {
+                        c.publish_room_config(&room_id, o);
+                    }
+                }
+                Err(e) => refuse(errors, &request_id, "room_config", e),
+            }
+        }
+        Ok(BackendCommand::RoomHistory { request_id, room_id, since, limit }) => {
+            let checked = check_id(shared, "room_history", "room_id", &room_id).and_then(|()| match limit {
+                Some(n) if n == 0 || n > MAX_HISTORY_SIZE as u64 => {
+                    Err(format!("room_history: limit must be between 1 and {MAX_HISTORY_SIZE}, got {n}"))
+                }
+                _ => Ok(limit.map_or(MAX_HISTORY_SIZE, |n| n as usize)),
+            });
+            match checked {
+                Ok(limit) => answer_history(shared, outbox, request_id, room_id, since, limit),
+                Err(e) => {
+                    incr(&shared.counters.commands_refused);
+                    let _ = outbox.push(protocol::encode_error_reply(&request_id, &e), false);
+                }
+            }
+        }
         Ok(BackendCommand::Response(resp)) => {
             let _ = shared.router.handle(RouterEvent::Response { backend: id, resp });
         }
@@ -362,6 +389,54 @@ fn check_close(code: u64, reason: &str) -> Result<u16, String> {
         ));
     }
     Ok(code as u16)
+}
+
+/// A `room_config`'s arguments: an id within `max_id_length`, a size within 0–100,000, a TTL
+/// over 0 and under ~31 years, and at least one of them.
+fn check_room_config(
+    shared: &Shared,
+    room_id: &str,
+    history_size: Option<u64>,
+    history_ttl: Option<f64>,
+    presence: Option<bool>,
+) -> Result<RoomOverrides, String> {
+    check_id(shared, "room_config", "room_id", room_id)?;
+    if history_size.is_none() && history_ttl.is_none() && presence.is_none() {
+        return Err("room_config: give at least one of history_size, history_ttl, presence".into());
+    }
+    if let Some(n) = history_size.filter(|n| *n > MAX_HISTORY_SIZE as u64) {
+        return Err(format!("room_config: history_size must be between 0 and {MAX_HISTORY_SIZE}, got {n}"));
+    }
+    if let Some(t) = history_ttl.filter(|t| !(t.is_finite() && *t > 0.0 && *t < 1e9)) {
+        return Err(format!("room_config: history_ttl must be a number of seconds > 0, got {t}"));
+    }
+    Ok(RoomOverrides {
+        history_size: history_size.map(|n| n as usize),
+        history_ttl: history_ttl.map(Duration::from_secs_f64),
+        presence,
+    })
+}
+
+/// Answers `room_history`: from memory alone, from the room's Redis Stream in a cluster (a
+/// task, so this backend's next lines are not held up).
+fn answer_history(shared: &Arc<Shared>, outbox: &Arc<Outbox>, request_id: String, room: String, since: u64, limit: usize) {
+    fn reply(request_id: &str, r: &crate::history::Read) -> Bytes {
+        let entries: Vec<(u64, &str)> = r.entries.iter().map(|(o, d)| (*o, d.as_str())).collect();
+        protocol::encode_history_reply(request_id, &r.epoch, r.offset, &entries, r.complete)
+    }
+    if shared.cluster.is_none() {
+        let _ = outbox.push(reply(&request_id, &shared.rooms.read(&room, since, limit)), false);
+        return;
+    }
+    let (shared, outbox) = (shared.clone(), outbox.clone());
+    shared.runtime.clone().spawn(async move {
+        let Some(cluster) = &shared.cluster else { return };
+        let line = match cluster.read_history(&room, since, limit).await {
+            Ok(r) => reply(&request_id, &r),
+            Err(e) => protocol::encode_error_reply(&request_id, &format!("room_history: {e}")),
+        };
+        let _ = outbox.push(line, false);
+    });
 }
 
 /// Default and longest time a `room_members` query may take.

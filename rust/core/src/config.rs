@@ -623,6 +623,43 @@ settings! {
         help: "Token of the live admin page GET /admin (Authorization: Bearer, or its login form); \
                unset turns the page off. Prefer the environment variable (flags show in ps).",
     }
+    history_size: usize = 0 => {
+        kind: Kind::int(0, 100_000),
+        env: ["PYSTRANDS_HISTORY_SIZE"],
+        flag: ["--history-size"],
+        help: "Messages kept per room for recovery after a reconnect (browser protocol pystrands.1) and \
+               for backends' room_history; 0 keeps none. A backend's room_config sets it per room.",
+    }
+    history_ttl: Duration = Duration::from_secs(300) => {
+        kind: Kind::Seconds,
+        check: positive,
+        env: ["PYSTRANDS_HISTORY_TTL"],
+        flag: ["--history-ttl"],
+        help: "How long a room's history is kept after its last message.",
+    }
+    history_meta_ttl: Duration = Duration::from_secs(86_400) => {
+        kind: Kind::Seconds,
+        check: positive,
+        env: ["PYSTRANDS_HISTORY_META_TTL"],
+        flag: ["--history-meta-ttl"],
+        help: "How long a room's stream position (offset and epoch) is kept after its last message, \
+               and how long a browser session token can restore rooms.",
+    }
+    presence_max_members: usize = 100 => {
+        kind: Kind::int(0, 1_000_000),
+        env: ["PYSTRANDS_PRESENCE_MAX_MEMBERS"],
+        flag: ["--presence-max-members"],
+        help: "Presence events (rooms with presence on) are not sent for rooms with more members than \
+               this on the node (counted in presence_suppressed).",
+    }
+    session_secret: Option<String> = None => {
+        kind: Kind::Secret,
+        check: secret_rule,
+        env: ["PYSTRANDS_SESSION_SECRET"],
+        flag: ["--session-secret"],
+        help: "Key that signs browser session tokens (which restore a reconnecting client's rooms); \
+               unset: a random key per broker, shared through Redis in a cluster.",
+    }
 }
 
 // The per-setting checks named in the table (`check:`), run by `Config::validate`.
@@ -877,7 +914,7 @@ mod tests {
     #[test]
     fn table_rows_are_complete_and_follow_the_naming_rules() {
         let mut names: Vec<_> = settings_table().iter().map(|s| s.name).collect();
-        assert_eq!(names.len(), 31);
+        assert_eq!(names.len(), 36);
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), settings_table().len(), "duplicate setting names");
@@ -895,7 +932,7 @@ mod tests {
                 s.flags
             );
             assert!(!s.help.is_empty() && !s.help.contains("  "), "{}: help {:?}", s.name, s.help);
-            assert_eq!(s.secret(), ["backend_secret", "admin_token"].contains(&s.name));
+            assert_eq!(s.secret(), ["backend_secret", "admin_token", "session_secret"].contains(&s.name));
         }
         assert_eq!(setting("queue_size").unwrap().type_name(), "int");
         assert_eq!(setting("request_timeout").unwrap().type_name(), "float seconds");

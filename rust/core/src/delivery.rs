@@ -4,14 +4,36 @@
 //! hub first (synchronously, never waiting), then — only when this broker is a cluster node —
 //! the other nodes, by handing one record to the cluster's publisher without waiting either.
 //! A lone broker never touches `crate::cluster` from here.
+//!
+//! Rooms with history are the one exception to "local first": alone, a message to such a room
+//! gets its offset and is fanned out under the room stream's lock (so offsets and delivery order
+//! agree); in a cluster it goes to Redis first, which gives the offset, keeps it in the room's
+//! Stream and publishes it, and every node — this one too — delivers it from there.
 
+use crate::browser::{self, Session};
 use crate::cluster::{self, Kind};
-use crate::hub::{Join, Leave};
+use crate::hub::{ClientSlot, Join, Leave};
 use crate::stats::incr;
 use crate::Shared;
+use std::sync::Arc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// A backend's `message_to_room`: local members now (but the excluded), other nodes through Redis.
 pub(crate) fn to_room(shared: &Shared, room_id: &str, message: String, exclude: &[String]) -> usize {
+    let settings = shared.rooms.settings(room_id);
+    if settings.history_size > 0 {
+        if let Some(c) = &shared.cluster {
+            c.publish_to_stream(room_id, &message, exclude, settings);
+            return 0;
+        }
+        let text = Utf8Bytes::from(message);
+        let stream = shared.rooms.stream(room_id);
+        let mut s = stream.lock();
+        let offset = s.append(text.clone(), settings.history_size, settings.history_ttl);
+        incr(&shared.counters.history_appended);
+        let epoch = s.epoch.clone();
+        return shared.hub.send_room_except(room_id, text, exclude, Some((offset, epoch)));
+    }
     let record = shared.cluster.as_ref().map(|_| {
         if exclude.is_empty() {
             cluster::encode_record(Kind::Room, room_id, message.as_bytes())
@@ -19,7 +41,7 @@ pub(crate) fn to_room(shared: &Shared, room_id: &str, message: String, exclude: 
             cluster::encode_record(Kind::RoomExcept, room_id, &cluster::encode_except_body(exclude, &message))
         }
     });
-    let n = shared.hub.send_room_except(room_id, message, exclude);
+    let n = shared.hub.send_room_except(room_id, message, exclude, None);
     if let (Some(c), Some(r)) = (&shared.cluster, record) {
         c.publish(r);
     }
@@ -83,14 +105,14 @@ pub(crate) enum Applied {
 /// node that holds it.
 pub(crate) fn membership(shared: &Shared, client_id: &str, room_id: &str, join: bool) -> Applied {
     let applied = if join {
-        match shared.hub.join(client_id, room_id, shared.cfg.max_rooms_per_client) {
+        match join_here(shared, client_id, room_id) {
             Join::Added => Applied::Done,
             Join::Already => Applied::Unchanged,
             Join::Full => Applied::Full,
             Join::NotHere => Applied::Elsewhere,
         }
     } else {
-        match shared.hub.leave(client_id, room_id) {
+        match leave_here(shared, client_id, room_id) {
             Leave::Removed => Applied::Done,
             Leave::NotMember => Applied::Unchanged,
             Leave::NotHere => Applied::Elsewhere,
@@ -129,4 +151,77 @@ pub(crate) fn disconnect(shared: &Shared, client_id: &str, code: u16, reason: &s
             Applied::Elsewhere
         }
     }
+}
+
+/// Joins a client here to a room. A structured client is told (`join`, with the room's position
+/// when it has history here: taken under the stream's lock, so no message falls between the
+/// position and the live frames), and the room's structured members get a presence event.
+pub(crate) fn join_here(shared: &Shared, client_id: &str, room_id: &str) -> Join {
+    let max = shared.cfg.max_rooms_per_client;
+    let Some(slot) = shared.hub.slot(client_id).filter(|s| s.structured) else {
+        let joined = shared.hub.join(client_id, room_id, max);
+        if joined == Join::Added && shared.rooms.presence(room_id) {
+            if let Some(slot) = shared.hub.slot(client_id) {
+                presence(shared, room_id, &slot, true);
+            }
+        }
+        return joined;
+    };
+    let settings = shared.rooms.settings(room_id);
+    let joined = if settings.history_size > 0 && shared.cluster.is_none() {
+        let stream = shared.rooms.stream(room_id);
+        let s = stream.lock();
+        let joined = shared.hub.join(client_id, room_id, max);
+        if joined == Join::Added {
+            let frame = browser::membership(true, room_id, Some((s.offset, &s.epoch)), &session_token(shared, &slot));
+            slot.push(&shared.hub, frame);
+        }
+        joined
+    } else {
+        let joined = shared.hub.join(client_id, room_id, max);
+        if joined == Join::Added {
+            slot.push(&shared.hub, browser::membership(true, room_id, None, &session_token(shared, &slot)));
+        }
+        joined
+    };
+    if joined == Join::Added && settings.presence {
+        presence(shared, room_id, &slot, true);
+    }
+    joined
+}
+
+/// Takes a client here out of a room, telling it (structured) and the room (presence).
+pub(crate) fn leave_here(shared: &Shared, client_id: &str, room_id: &str) -> Leave {
+    let slot = shared.hub.slot(client_id);
+    let left = shared.hub.leave(client_id, room_id);
+    if let (Leave::Removed, Some(slot)) = (&left, slot) {
+        if slot.structured {
+            slot.push(&shared.hub, browser::membership(false, room_id, None, &session_token(shared, &slot)));
+        }
+        if shared.rooms.presence(room_id) {
+            presence(shared, room_id, &slot, false);
+        }
+    }
+    left
+}
+
+/// Tells a room's structured members (here and on the other nodes) that `slot` came or went.
+pub(crate) fn presence(shared: &Shared, room_id: &str, slot: &ClientSlot, joined: bool) {
+    if let Some(frame) = shared.hub.announce(room_id, slot, joined, shared.cfg.presence_max_members) {
+        if let Some(c) = &shared.cluster {
+            c.publish(cluster::encode_record(Kind::Presence, room_id, frame.as_bytes()));
+        }
+    }
+}
+
+/// A fresh session token naming the connection's client id, user and current rooms.
+pub(crate) fn session_token(shared: &Shared, slot: &ClientSlot) -> String {
+    let session = Session {
+        client: slot.client_id.to_string(),
+        user: slot.user_id.as_deref().map(str::to_owned),
+        rooms: shared.hub.rooms_of_conn(slot.conn_id).iter().map(|r| r.to_string()).collect(),
+        issued_ms: browser::now_ms(),
+    };
+    let key: Arc<browser::SessionKey> = shared.session_key.read().clone();
+    key.sign(&session)
 }

@@ -151,6 +151,12 @@ pub(crate) fn not_an_upgrade() -> Refusal {
 
 /// A complete `200`/`503`/`404` answer with a body, closing the connection.
 pub(crate) fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    response_with(status, content_type, body, "Cache-Control: no-store\r\n")
+}
+
+/// [`response`] with other headers (`extra`: complete lines, each ending in CRLF) in place of
+/// `Cache-Control: no-store`.
+pub(crate) fn response_with(status: u16, content_type: &str, body: &[u8], extra: &str) -> Vec<u8> {
     let phrase = match status {
         200 => "OK",
         401 => "Unauthorized",
@@ -159,7 +165,7 @@ pub(crate) fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> 
         _ => "Error",
     };
     let mut out = format!(
-        "HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\
          Referrer-Policy: no-referrer\r\nX-Frame-Options: DENY\r\nX-Content-Type-Options: nosniff\r\n\
          Connection: close\r\n\r\n",
         body.len()
@@ -170,9 +176,10 @@ pub(crate) fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> 
 }
 
 /// The `101 Switching Protocols` answer.
-pub(crate) fn switching_protocols(key: &str) -> Vec<u8> {
+pub(crate) fn switching_protocols(key: &str, protocol: Option<&str>) -> Vec<u8> {
+    let protocol = protocol.map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n")).unwrap_or_default();
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{protocol}\r\n",
         derive_accept_key(key.as_bytes())
     )
     .into_bytes()
@@ -211,7 +218,7 @@ mod tests {
         assert_eq!(r.path, "/ws/chat");
         assert_eq!(r.query, "room=1");
         assert!(r.headers.iter().any(|(n, v)| n == "X-Token" && v == "secret"));
-        let resp = String::from_utf8(switching_protocols(&r.key)).unwrap();
+        let resp = String::from_utf8(switching_protocols(&r.key, None)).unwrap();
         // RFC 6455's worked example.
         assert!(resp.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
     }

@@ -14,6 +14,7 @@
 //! so one client that stops reading cannot slow down anyone else. A room message is built once
 //! and every member gets a clone of the same reference-counted bytes.
 
+use crate::browser::{self, Origin};
 use crate::config::SlowClientPolicy;
 use crate::protocol::{CLOSE_REPLACED, CLOSE_SLOW_CONSUMER};
 use crate::stats::{incr, Counters};
@@ -23,6 +24,22 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// One frame for a client's socket. A room message to a structured (`pystrands.1`) client in a
+/// room with history also names the room and the offset, so the connection task can hold a
+/// recovering room's live frames back and skip what it already replayed.
+#[derive(Debug, Clone)]
+pub(crate) struct Out {
+    pub(crate) text: Utf8Bytes,
+    /// Room, offset, epoch.
+    pub(crate) pos: Option<(Arc<str>, u64, Arc<str>)>,
+}
+
+impl Out {
+    pub(crate) fn text(text: Utf8Bytes) -> Self {
+        Out { text, pos: None }
+    }
+}
 
 /// Everything the hub and the backends need to know about one accepted connection.
 pub(crate) struct ClientSlot {
@@ -37,7 +54,9 @@ pub(crate) struct ClientSlot {
     /// Wall-clock time of registration (ms since the Unix epoch); in a cluster it decides which
     /// of two connections with the same `client_id` on different nodes is the newer one.
     pub(crate) since_ms: u64,
-    tx: mpsc::Sender<Utf8Bytes>,
+    /// Speaks the browser protocol `pystrands.1` (JSON envelopes) instead of raw text frames.
+    pub(crate) structured: bool,
+    tx: mpsc::Sender<Out>,
     kick: Notify,
     kick_code: AtomicU16,
     /// Set when a backend asked for the close (`disconnect`): the reason it gave.
@@ -51,7 +70,7 @@ impl ClientSlot {
         room_id: Arc<str>,
         user_id: Option<Arc<str>>,
         context_json: Arc<str>,
-        tx: mpsc::Sender<Utf8Bytes>,
+        tx: mpsc::Sender<Out>,
     ) -> Self {
         let since_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -62,11 +81,23 @@ impl ClientSlot {
             context_json,
             user_id,
             since_ms,
+            structured: false,
             tx,
             kick: Notify::new(),
             kick_code: AtomicU16::new(0),
             kick_reason: Mutex::new(None),
         }
+    }
+
+    /// This slot speaking `pystrands.1` (set before it is shared).
+    pub(crate) fn structured(mut self, on: bool) -> Self {
+        self.structured = on;
+        self
+    }
+
+    /// Queues a frame for this client alone (its own `join`/`leave`), as any delivery.
+    pub(crate) fn push(&self, hub: &Hub, text: String) -> bool {
+        matches!(hub.deliver(self, Out::text(Utf8Bytes::from(text))), Delivery::Queued)
     }
 
     /// Asks the connection task to close the socket with `code` (the first code asked wins).
@@ -224,20 +255,27 @@ impl Hub {
 
     /// Removes a client when its connection ends. Returns false when that connection had
     /// already been replaced (then nobody else may be told it left).
+    #[cfg(test)]
     pub(crate) fn unregister(&self, slot: &ClientSlot) -> bool {
+        self.unregister_from_rooms(slot).is_some()
+    }
+
+    /// [`unregister`](Self::unregister), returning the rooms the connection was in.
+    pub(crate) fn unregister_from_rooms(&self, slot: &ClientSlot) -> Option<Vec<Arc<str>>> {
         let mut st = self.state.write();
         match st.clients.get(&slot.client_id) {
             Some(current) if current.conn_id == slot.conn_id => {
                 st.clients.remove(&slot.client_id);
+                let rooms = st.joined.get(&slot.conn_id).cloned().unwrap_or_default();
                 st.remove(slot);
                 self.version.fetch_add(1, Ordering::Release);
-                true
+                Some(rooms)
             }
-            _ => false,
+            _ => None,
         }
     }
 
-    fn deliver(&self, slot: &ClientSlot, msg: Utf8Bytes) -> Delivery {
+    fn deliver(&self, slot: &ClientSlot, msg: Out) -> Delivery {
         match slot.tx.try_send(msg) {
             Ok(()) => Delivery::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -258,10 +296,19 @@ impl Hub {
         }
     }
 
-    fn deliver_all<'a>(&self, slots: impl Iterator<Item = &'a Arc<ClientSlot>>, msg: &Utf8Bytes) -> usize {
+    /// Delivers `raw` to raw clients and the envelope `make` builds (once, on the first
+    /// structured member) to structured ones.
+    fn deliver_all<'a>(
+        &self,
+        slots: impl Iterator<Item = &'a Arc<ClientSlot>>,
+        raw: &Utf8Bytes,
+        make: &dyn Fn() -> Out,
+    ) -> usize {
         let mut n = 0;
+        let mut structured: Option<Out> = None;
         for slot in slots {
-            if let Delivery::Queued = self.deliver(slot, msg.clone()) {
+            let out = if slot.structured { structured.get_or_insert_with(make).clone() } else { Out::text(raw.clone()) };
+            if let Delivery::Queued = self.deliver(slot, out) {
                 n += 1;
             }
         }
@@ -271,27 +318,32 @@ impl Hub {
 
     /// Sends to every member of a room; returns how many got it.
     pub(crate) fn send_room(&self, room_id: &str, text: String) -> usize {
-        let msg = Utf8Bytes::from(text);
-        let st = self.state.read();
-        match st.rooms.get(room_id) {
-            Some(members) => self.deliver_all(members.values(), &msg),
-            None => 0,
-        }
+        self.send_room_except(room_id, text, &[], None)
     }
 
-    /// Sends to every member of a room but the excluded client ids; returns how many got it.
-    pub(crate) fn send_room_except(&self, room_id: &str, text: String, exclude: &[String]) -> usize {
-        if exclude.is_empty() {
-            return self.send_room(room_id, text);
-        }
-        let msg = Utf8Bytes::from(text);
+    /// Sends to every member of a room but the excluded client ids; `pos` is the message's
+    /// offset and epoch when the room has history. Returns how many got it.
+    pub(crate) fn send_room_except(
+        &self,
+        room_id: &str,
+        text: impl Into<Utf8Bytes>,
+        exclude: &[String],
+        pos: Option<(u64, Arc<str>)>,
+    ) -> usize {
+        let msg: Utf8Bytes = text.into();
         let st = self.state.read();
-        let Some(members) = st.rooms.get(room_id) else { return 0 };
-        if exclude.len() <= 8 {
-            self.deliver_all(members.values().filter(|s| !exclude.iter().any(|e| **e == *s.client_id)), &msg)
+        let Some((room, members)) = st.rooms.get_key_value(room_id) else { return 0 };
+        let make = || Out {
+            text: browser::msg(Origin::Room(room_id, pos.as_ref().map(|(o, e)| (*o, &**e))), msg.as_str()).into(),
+            pos: pos.as_ref().map(|(offset, epoch)| (room.clone(), *offset, epoch.clone())),
+        };
+        if exclude.is_empty() {
+            self.deliver_all(members.values(), &msg, &make)
+        } else if exclude.len() <= 8 {
+            self.deliver_all(members.values().filter(|s| !exclude.iter().any(|e| **e == *s.client_id)), &msg, &make)
         } else {
             let skip: std::collections::HashSet<&str> = exclude.iter().map(String::as_str).collect();
-            self.deliver_all(members.values().filter(|s| !skip.contains(&*s.client_id)), &msg)
+            self.deliver_all(members.values().filter(|s| !skip.contains(&*s.client_id)), &msg, &make)
         }
     }
 
@@ -299,10 +351,62 @@ impl Hub {
     pub(crate) fn send_user(&self, user_id: &str, text: String) -> usize {
         let msg = Utf8Bytes::from(text);
         let st = self.state.read();
+        let make = || Out::text(browser::msg(Origin::User(user_id), msg.as_str()).into());
         match st.users.get(user_id) {
-            Some(conns) => self.deliver_all(conns.values(), &msg),
+            Some(conns) => self.deliver_all(conns.values(), &msg, &make),
             None => 0,
         }
+    }
+
+    /// Tells the structured members of `room` but `subject` that `subject` entered (`joined`)
+    /// or left it. Returns the frame (for the other nodes), or `None` when the room has more than
+    /// `max_members` members here (suppressed and counted).
+    pub(crate) fn announce(&self, room: &str, subject: &ClientSlot, joined: bool, max_members: usize) -> Option<String> {
+        let st = self.state.read();
+        let members = st.rooms.get(room);
+        let count = members.map_or(0, |m| m.len());
+        if count > max_members {
+            incr(&self.counters.presence_suppressed);
+            return None;
+        }
+        let others = members.into_iter().flat_map(|m| m.values()).filter(|s| s.conn_id != subject.conn_id);
+        // The user's first connection in (or last one out of) the room, on this node.
+        let edge = subject.user_id.as_ref().is_some_and(|u| {
+            !members.into_iter().flat_map(|m| m.values()).any(|s| s.conn_id != subject.conn_id && s.user_id.as_ref() == Some(u))
+        });
+        let frame = browser::presence(room, joined, &subject.client_id, subject.user_id.as_deref(), edge);
+        let text = Utf8Bytes::from(frame.clone());
+        let mut n = 0;
+        for slot in others.filter(|s| s.structured) {
+            if let Delivery::Queued = self.deliver(slot, Out::text(text.clone())) {
+                n += 1;
+            }
+        }
+        crate::stats::add(&self.counters.presence_events, n as u64);
+        Some(frame)
+    }
+
+    /// Delivers a presence frame another node built to the structured members of `room` here.
+    pub(crate) fn presence_from_elsewhere(&self, room: &str, frame: &str) {
+        let text = Utf8Bytes::from(frame.to_string());
+        let st = self.state.read();
+        let mut n = 0;
+        for slot in st.rooms.get(room).into_iter().flat_map(|m| m.values()).filter(|s| s.structured) {
+            if let Delivery::Queued = self.deliver(slot, Out::text(text.clone())) {
+                n += 1;
+            }
+        }
+        crate::stats::add(&self.counters.presence_events, n as u64);
+    }
+
+    /// The live connection of `client_id` here.
+    pub(crate) fn slot(&self, client_id: &str) -> Option<Arc<ClientSlot>> {
+        self.state.read().live(client_id).cloned()
+    }
+
+    /// The rooms a connection is in, in the order it entered them.
+    pub(crate) fn rooms_of_conn(&self, conn_id: u64) -> Vec<Arc<str>> {
+        self.state.read().joined.get(&conn_id).cloned().unwrap_or_default()
     }
 
     /// Adds a connected client to a room (at most `max_rooms` rooms per client).
@@ -376,7 +480,8 @@ impl Hub {
     pub(crate) fn broadcast(&self, text: String) -> usize {
         let msg = Utf8Bytes::from(text);
         let st = self.state.read();
-        self.deliver_all(st.clients.values(), &msg)
+        let make = || Out::text(browser::msg(Origin::All, msg.as_str()).into());
+        self.deliver_all(st.clients.values(), &msg, &make)
     }
 
     /// Sends to one client if it is connected here: `Ok(queued)`; otherwise the text comes back
@@ -385,7 +490,8 @@ impl Hub {
         let st = self.state.read();
         match st.clients.get(client_id) {
             Some(slot) => {
-                let queued = matches!(self.deliver(slot, Utf8Bytes::from(text)), Delivery::Queued);
+                let out = if slot.structured { browser::msg(Origin::Direct, &text) } else { text };
+                let queued = matches!(self.deliver(slot, Out::text(Utf8Bytes::from(out))), Delivery::Queued);
                 if queued {
                     incr(&self.counters.deliveries);
                 }
@@ -454,7 +560,7 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn slot(conn: u64, id: &str, room: &str, cap: usize) -> (Arc<ClientSlot>, mpsc::Receiver<Utf8Bytes>) {
+    fn slot(conn: u64, id: &str, room: &str, cap: usize) -> (Arc<ClientSlot>, mpsc::Receiver<Out>) {
         let (tx, rx) = mpsc::channel(cap);
         (Arc::new(ClientSlot::new(conn, id.into(), room.into(), None, "{}".into(), tx)), rx)
     }
@@ -472,11 +578,11 @@ mod tests {
         assert_eq!(hub.try_send_to("c", "private".into()), Ok(true));
         assert_eq!(hub.try_send_to("nobody", "x".into()), Err("x".to_string()));
         assert_eq!(hub.broadcast("all".into()), 3);
-        assert_eq!(ra.recv().await.unwrap(), Utf8Bytes::from_static("room"));
-        assert_eq!(rb.recv().await.unwrap(), Utf8Bytes::from_static("room"));
-        assert_eq!(rc.recv().await.unwrap(), Utf8Bytes::from_static("private"));
+        assert_eq!(ra.recv().await.unwrap().text, Utf8Bytes::from_static("room"));
+        assert_eq!(rb.recv().await.unwrap().text, Utf8Bytes::from_static("room"));
+        assert_eq!(rc.recv().await.unwrap().text, Utf8Bytes::from_static("private"));
         for r in [&mut ra, &mut rb, &mut rc] {
-            assert_eq!(r.recv().await.unwrap(), Utf8Bytes::from_static("all"));
+            assert_eq!(r.recv().await.unwrap().text, Utf8Bytes::from_static("all"));
         }
         assert!(hub.unregister(&a));
         assert_eq!(hub.room_size("r1"), 1);
@@ -484,16 +590,16 @@ mod tests {
         assert_eq!(hub.room_count(), 1);
     }
 
-    fn user_slot(conn: u64, id: &str, room: &str, user: &str) -> (Arc<ClientSlot>, mpsc::Receiver<Utf8Bytes>) {
+    fn user_slot(conn: u64, id: &str, room: &str, user: &str) -> (Arc<ClientSlot>, mpsc::Receiver<Out>) {
         let (tx, rx) = mpsc::channel(8);
         let ctx: Arc<str> = format!("{{\"client_id\":\"{id}\"}}").into();
         (Arc::new(ClientSlot::new(conn, id.into(), room.into(), Some(user.into()), ctx, tx)), rx)
     }
 
-    fn drain(rx: &mut mpsc::Receiver<Utf8Bytes>) -> Vec<String> {
+    fn drain(rx: &mut mpsc::Receiver<Out>) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(m) = rx.try_recv() {
-            out.push(m.to_string());
+            out.push(m.text.to_string());
         }
         out
     }
@@ -520,9 +626,9 @@ mod tests {
         assert_eq!(hub.membership_count(), 5);
 
         assert_eq!(hub.send_room("game", "g".into()), 1);
-        assert_eq!(hub.send_room_except("lobby", "l".into(), &["a".into()]), 2);
+        assert_eq!(hub.send_room_except("lobby", "l", &["a".into()], None), 2);
         let many: Vec<String> = (0..20).map(|i| format!("x{i}")).chain(["b".to_string()]).collect();
-        assert_eq!(hub.send_room_except("lobby", "l2".into(), &many), 2, "a long exclude list works the same");
+        assert_eq!(hub.send_room_except("lobby", "l2", &many, None), 2, "a long exclude list works the same");
         assert_eq!(hub.send_user("ann", "u".into()), 2, "both of ann's connections");
         assert_eq!(hub.send_user("nobody", "u".into()), 0);
         assert_eq!(drain(&mut ra), ["g", "l2", "u"]);
@@ -590,8 +696,8 @@ mod tests {
         hub.send_room("r", "1".into());
         hub.send_room("r", "2".into());
         assert_eq!(slow.kicked().await, CLOSE_SLOW_CONSUMER);
-        assert_eq!(rf.recv().await.unwrap(), Utf8Bytes::from_static("1"));
-        assert_eq!(rf.recv().await.unwrap(), Utf8Bytes::from_static("2"));
+        assert_eq!(rf.recv().await.unwrap().text, Utf8Bytes::from_static("1"));
+        assert_eq!(rf.recv().await.unwrap().text, Utf8Bytes::from_static("2"));
         assert_eq!(hub.counters.slow_clients_closed.load(Ordering::Relaxed), 1);
     }
 
@@ -638,6 +744,6 @@ mod tests {
         assert!(!hub.unregister(&old), "the replaced connection must not unregister the new one");
         assert_eq!(hub.room_size("r"), 1);
         assert_eq!(hub.try_send_to("dup", "hi".into()), Ok(true));
-        assert_eq!(r2.recv().await.unwrap(), Utf8Bytes::from_static("hi"));
+        assert_eq!(r2.recv().await.unwrap().text, Utf8Bytes::from_static("hi"));
     }
 }

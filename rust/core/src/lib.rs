@@ -23,15 +23,19 @@
 
 mod admin;
 mod backend;
+mod browser;
+mod client_js;
 mod cluster;
 pub mod config;
 mod delivery;
+mod history;
 mod http;
 mod hub;
 mod inproc;
 mod metrics;
 mod outbox;
 pub mod protocol;
+mod resume;
 mod router;
 mod shutdown;
 mod stats;
@@ -95,6 +99,10 @@ pub(crate) struct Shared {
     pub(crate) cluster: Option<cluster::Cluster>,
     /// The broker's runtime, for work started from threads outside it (in-process backends).
     pub(crate) runtime: tokio::runtime::Handle,
+    /// Every room's own settings, and (alone) the rooms' history.
+    pub(crate) rooms: history::Rooms,
+    /// The key of browser session tokens (`session_secret`, a random one, or the cluster's).
+    pub(crate) session_key: parking_lot::RwLock<Arc<browser::SessionKey>>,
     ids: AtomicU64,
     stopping: AtomicBool,
 }
@@ -107,6 +115,17 @@ impl Shared {
 
     pub(crate) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// Forgets expired room history now and then, until the broker stops.
+async fn sweep_history(shared: Arc<Shared>, mut stop: shutdown::Signal) {
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = every.tick() => shared.rooms.sweep(),
+            _ = stop.fired() => return,
+        }
     }
 }
 
@@ -241,8 +260,16 @@ impl BrokerHandle {
             max_id_length: cfg.max_id_length,
         };
         let router = router::Router::new(limits, counters.clone(), gauges.clone());
+        let shared_key = cluster_starter.as_ref().and_then(|s| s.session_key());
+        let session_key = match (&cfg.session_secret, shared_key) {
+            (Some(secret), _) => browser::SessionKey::new(secret.as_bytes()),
+            (None, Some(key)) => browser::SessionKey::new(key),
+            (None, None) => browser::SessionKey::random(),
+        };
         let shared = Arc::new(Shared {
             hub: hub::Hub::new(cfg.slow_client_policy, counters.clone()),
+            rooms: history::Rooms::new(&cfg),
+            session_key: parking_lot::RwLock::new(Arc::new(session_key)),
             cfg,
             counters: counters.clone(),
             router,
@@ -263,6 +290,7 @@ impl BrokerHandle {
                 starter.spawn(shared.clone(), cluster_sig, cluster_tasks.guard());
             }
             tokio::spawn(ws::listen(ws_listener, shared.clone(), listeners_sig.clone(), clients.guard()));
+            tokio::spawn(sweep_history(shared.clone(), listeners_sig.clone()));
             if let Some(listener) = metrics_listener {
                 tokio::spawn(metrics::listen(listener, shared.clone(), listeners_sig.clone(), clients.guard()));
             }

@@ -28,6 +28,8 @@ pub(crate) fn snapshot(shared: &Shared) -> Stats {
         queued_events: g.queued_events.load(Ordering::Relaxed),
         pending_requests: g.pending_requests.load(Ordering::Relaxed),
         unacked_events: g.unacked_events.load(Ordering::Relaxed),
+        history_rooms: shared.rooms.counts().0,
+        history_messages: shared.rooms.counts().1,
         counters: shared.counters.snapshot(),
         cluster: shared.cluster.as_ref().map(|c| c.stats(&shared.hub)),
     }
@@ -94,6 +96,8 @@ pub(crate) fn prometheus(shared: &Shared) -> String {
         ("queued_events", "Events waiting in the no-backend queue.", s.queued_events),
         ("pending_requests", "Connection requests waiting for a backend's response.", s.pending_requests),
         ("unacked_events", "Events sent to v2 backends and not yet acknowledged.", s.unacked_events),
+        ("history_rooms", "Rooms with a history stream in this node's memory (alone; a cluster keeps them in Redis).", s.history_rooms),
+        ("history_messages", "Messages kept in this node's room history streams.", s.history_messages),
     ] {
         family(&mut out, &format!("pystrands_{name}"), "gauge", help, value);
     }

@@ -27,7 +27,7 @@ pub const CLOSE_POLICY: u16 = 1008;
 /// The protocol version this broker speaks beyond v1.
 pub const PROTOCOL_VERSION: u64 = 2;
 /// Features of v2 this broker implements, announced in its `hello`.
-pub const FEATURES: [&str; 3] = ["ack", "heartbeat", "rooms"];
+pub const FEATURES: [&str; 4] = ["ack", "heartbeat", "rooms", "history"];
 /// Longest close reason a WebSocket close frame can carry (125 bytes minus the code).
 pub const MAX_CLOSE_REASON: usize = 123;
 
@@ -110,6 +110,25 @@ pub fn encode_members_reply<S: AsRef<str>>(request_id: &str, members: &[S], miss
         buf.extend_from_slice(b",\"missing\":");
         let _ = serde_json::to_writer(&mut buf, missing);
     }
+    line_end(buf)
+}
+
+/// The answer to a `room_history` query.
+pub fn encode_history_reply(request_id: &str, epoch: &str, offset: u64, entries: &[(u64, &str)], complete: bool) -> Bytes {
+    let size: usize = entries.iter().map(|(_, d)| d.len() + 32).sum();
+    let mut buf = line_start(request_id, "reply", size + 64);
+    buf.extend_from_slice(b"\"epoch\":");
+    push_json_str(&mut buf, epoch);
+    buf.extend_from_slice(format!(",\"offset\":{offset},\"messages\":[").as_bytes());
+    for (i, (o, d)) in entries.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(format!("{{\"offset\":{o},\"data\":").as_bytes());
+        push_json_str(&mut buf, d);
+        buf.push(b'}');
+    }
+    buf.extend_from_slice(format!("],\"complete\":{complete}").as_bytes());
     line_end(buf)
 }
 
@@ -343,6 +362,21 @@ pub enum BackendCommand {
         count_only: bool,
         timeout: Option<f64>,
     },
+    /// v2 `history`: a room's own history size and TTL, and presence events.
+    RoomConfig {
+        request_id: String,
+        room_id: String,
+        history_size: Option<u64>,
+        history_ttl: Option<f64>,
+        presence: Option<bool>,
+    },
+    /// v2 `history`: a room's messages after `since` (the newest `limit`), answered with a `reply`.
+    RoomHistory {
+        request_id: String,
+        room_id: String,
+        since: u64,
+        limit: Option<u64>,
+    },
 }
 
 /// Why a backend line could not be used. `cause` is a short stable label (for rate-limited
@@ -409,6 +443,18 @@ fn optional_string(
 }
 
 /// `message_to_room`'s optional `exclude`: an array of client ids (a single string is accepted too).
+fn optional_u64(params: &serde_json::Map<String, Value>, action: &str, key: &str) -> Result<Option<u64>, DecodeError> {
+    match params.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+            err("wrong type", format!("{action}: params.{key} must be a non-negative integer, got {n}"))
+        }),
+        Some(other) => {
+            Err(err("wrong type", format!("{action}: params.{key} must be an integer, got {}", type_name(other))))
+        }
+    }
+}
+
 fn take_exclude(params: &mut serde_json::Map<String, Value>) -> Result<Vec<String>, DecodeError> {
     match params.get_mut("exclude").map(Value::take) {
         None | Some(Value::Null) => Ok(Vec::new()),
@@ -576,6 +622,47 @@ pub fn decode_backend_line(line: &[u8]) -> Result<BackendCommand, DecodeError> {
                 request_id,
                 count_only,
                 timeout,
+            })
+        }
+        "room_config" => {
+            let history_size = optional_u64(p, "room_config", "history_size")?;
+            let history_ttl = match p.get("history_ttl") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => Some(n.as_f64().unwrap_or(f64::NAN)),
+                Some(other) => {
+                    return Err(err(
+                        "wrong type",
+                        format!("room_config: params.history_ttl must be a number, got {}", type_name(other)),
+                    ))
+                }
+            };
+            let presence = match p.get("presence") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(other) => {
+                    return Err(err(
+                        "wrong type",
+                        format!("room_config: params.presence must be a boolean, got {}", type_name(other)),
+                    ))
+                }
+            };
+            Ok(BackendCommand::RoomConfig {
+                room_id: take_string(p, "room_config", "room_id")?,
+                request_id,
+                history_size,
+                history_ttl,
+                presence,
+            })
+        }
+        "room_history" => {
+            if request_id.is_empty() {
+                return Err(err("missing field", "room_history: request_id is missing"));
+            }
+            Ok(BackendCommand::RoomHistory {
+                since: optional_u64(p, "room_history", "since")?.unwrap_or(0),
+                limit: optional_u64(p, "room_history", "limit")?,
+                room_id: take_string(p, "room_history", "room_id")?,
+                request_id,
             })
         }
         "message_to_connection" => Ok(BackendCommand::MessageToConnection {
@@ -756,7 +843,7 @@ mod tests {
         let limits = Limits { max_rooms_per_client: 7, max_id_length: 99 };
         let v: Value = serde_json::from_slice(&encode_hello_reply(Ok((15.0, limits)))).unwrap();
         assert_eq!(v["params"]["ok"], json!(true));
-        assert_eq!(v["params"]["features"], json!(["ack", "heartbeat", "rooms"]));
+        assert_eq!(v["params"]["features"], json!(["ack", "heartbeat", "rooms", "history"]));
         assert_eq!(v["params"]["limits"], json!({"max_rooms_per_client": 7, "max_id_length": 99}));
         assert_eq!(v["params"]["version"], json!(2));
         assert_eq!(v["params"]["heartbeat_interval"], json!(15.0));

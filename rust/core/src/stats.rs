@@ -92,6 +92,23 @@ counters! {
     /// Commands refused for bad arguments (an over-long id, an invalid close code, a join beyond
     /// `max_rooms_per_client`); each also reported to the backend as a `command_error`.
     commands_refused,
+    /// Browser protocol: presence frames handed to clients (one per recipient).
+    presence_events,
+    /// Browser protocol: presence events not sent because the room had more than
+    /// `presence_max_members` members.
+    presence_suppressed,
+    /// Messages given a stream offset (rooms with history).
+    history_appended,
+    /// Browser protocol: rooms a reconnecting client recovered (every missed message replayed).
+    recoveries,
+    /// Browser protocol: rooms a reconnecting client could not recover (epoch changed, history
+    /// too short, or no history); the client was told `recovered: false`.
+    recoveries_failed,
+    /// Browser protocol: messages replayed from history to recovering clients.
+    messages_replayed,
+    /// Browser protocol: connections closed for a malformed or lying frame (4400) or no
+    /// `connect` in time (4408).
+    browser_protocol_errors,
 }
 
 /// Adds one to a counter.
@@ -120,6 +137,10 @@ pub struct Stats {
     pub pending_requests: usize,
     /// Events sent to v2 backends and not yet acknowledged (kept for redelivery).
     pub unacked_events: usize,
+    /// Rooms with a history stream in this node's memory (a lone broker; a cluster keeps them in Redis).
+    pub history_rooms: usize,
+    /// Messages kept in those streams.
+    pub history_messages: usize,
     pub counters: Vec<(&'static str, u64)>,
     /// Cluster figures; `None` when the broker runs alone.
     pub cluster: Option<ClusterStats>,
@@ -153,6 +174,8 @@ impl Stats {
             ("queued_events", s.queued_events),
             ("pending_requests", s.pending_requests),
             ("unacked_events", s.unacked_events),
+            ("history_rooms", s.history_rooms),
+            ("history_messages", s.history_messages),
         ] {
             m.insert(k.into(), json!(v));
         }

@@ -6,10 +6,18 @@
 //! a kick (slow consumer, replaced, shutdown) and the ping timer. Outbound messages are fed in a
 //! batch and flushed once; a flush that cannot complete (client stopped reading) can still be
 //! interrupted by a kick, so a stalled client never holds anything but itself.
+//!
+//! A client that asked for the browser protocol `pystrands.1` (`crate::browser`) gets JSON
+//! envelopes: its first frame must be `connect`, answered by `welcome` and any replay
+//! (`crate::resume`) before its queue is read; then its frames are `msg` envelopes, and it also
+//! gets a `ping` frame every ping interval.
 
+use crate::browser::{self, ClientFrame, Mode};
 use crate::config::LimitPolicy;
+use crate::delivery;
 use crate::http::{self, Head, UpgradeRequest};
-use crate::hub::ClientSlot;
+use crate::hub::{ClientSlot, Out};
+use crate::resume::{self, JoinedAt, Seen};
 use crate::metrics;
 use crate::outbox::Outbox;
 use crate::protocol::{self, CLOSE_IDLE};
@@ -30,7 +38,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 /// Per-connection read buffer (tungstenite allocates it eagerly; its default is 128 KiB).
@@ -71,9 +79,12 @@ async fn refuse(mut stream: TcpStream, status: u16, body: &str) {
 async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     // Everything only the handshake needs (request headers, buffers) is freed before serving.
-    let Some((ws, slot, rx)) = handshake(stream, addr, &shared).await else { return };
-    let outcome = run(ws, &slot, rx, &shared).await;
-    if shared.hub.unregister(&slot) {
+    let Some(Accepted { ws, slot, rx, joined_at }) = handshake(stream, addr, &shared).await else { return };
+    let outcome = run(ws, &slot, rx, joined_at, &shared).await;
+    if let Some(rooms) = shared.hub.unregister_from_rooms(&slot) {
+        for room in rooms.iter().filter(|r| shared.rooms.presence(r)) {
+            delivery::presence(&shared, room, &slot, false);
+        }
         if let Some(error) = outcome {
             let line = protocol::encode_error(&shared.next_id().to_string(), &error, &slot.context_json);
             let _ =
@@ -83,7 +94,14 @@ async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
-type Accepted = (WebSocketStream<TcpStream>, Arc<ClientSlot>, mpsc::Receiver<Utf8Bytes>);
+/// An upgraded, registered connection.
+struct Accepted {
+    ws: WebSocketStream<TcpStream>,
+    slot: Arc<ClientSlot>,
+    rx: mpsc::Receiver<Out>,
+    /// Structured clients: where the first room's stream was at the join.
+    joined_at: JoinedAt,
+}
 
 /// Reads the upgrade request, asks a backend, and either refuses with an HTTP status or upgrades
 /// and registers the client (announcing it to its backend).
@@ -91,8 +109,15 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
     let (req, leftover) = match http::read_request(&mut stream, shared.cfg.handshake_timeout).await {
         Ok((Head::Upgrade(req), leftover)) => (req, leftover),
         Ok((Head::Get(get), _)) => {
-            // An operator route (unless they live on `metrics_bind`), or the 426 of old.
-            let routed = if shared.cfg.metrics_bind.is_none() { metrics::route(&get, shared) } else { None };
+            // The browser client, always here; the operator routes unless they live on
+            // `metrics_bind`; else the 426 of old.
+            let routed = crate::client_js::route(&get.path).or_else(|| {
+                if shared.cfg.metrics_bind.is_none() {
+                    metrics::route(&get, shared)
+                } else {
+                    None
+                }
+            });
             match routed {
                 Some(answer) => {
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -122,6 +147,14 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
         refuse(stream, 403, "origin not allowed").await;
         return None;
     }
+    let mode = match browser::negotiate(&req.headers, &req.query) {
+        Ok(mode) => mode,
+        Err(why) => {
+            incr(&shared.counters.handshakes_failed);
+            refuse(stream, 400, &why).await;
+            return None;
+        }
+    };
     if shared.cfg.max_connections > 0 && shared.hub.client_count() >= shared.cfg.max_connections {
         incr(&shared.counters.connections_unavailable);
         refuse(stream, 503, "too many connections").await;
@@ -142,7 +175,8 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
         }
     };
     let context_json: Arc<str> = protocol::encode_context(&client_id, &room_id, &metadata, user_id.as_deref()).into();
-    if stream.write_all(&http::switching_protocols(&req.key)).await.is_err() {
+    let echo = matches!(mode, Mode::Structured { echo: true }).then_some(browser::SUBPROTOCOL);
+    if stream.write_all(&http::switching_protocols(&req.key, echo)).await.is_err() {
         // The client left while we were asking: tell the backend it came and went.
         send_event(shared, &client_id, "disconnected", &context_json, true);
         return None;
@@ -151,16 +185,39 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
     let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(ws_config(shared))).await;
 
     let (tx, rx) = mpsc::channel(shared.cfg.client_queue_size);
-    let slot = Arc::new(ClientSlot::new(
-        shared.next_id(),
-        client_id.as_str().into(),
-        room_id.as_str().into(),
-        user_id.map(|u| u.as_str().into()),
-        context_json.clone(),
-        tx,
-    ));
+    let structured = mode != Mode::Raw;
+    let slot = Arc::new(
+        ClientSlot::new(
+            shared.next_id(),
+            client_id.as_str().into(),
+            room_id.as_str().into(),
+            user_id.map(|u| u.as_str().into()),
+            context_json.clone(),
+            tx,
+        )
+        .structured(structured),
+    );
     incr(&shared.counters.connections_accepted);
-    let replaced = shared.hub.register(slot.clone());
+    // A structured client's first room: where its stream is at the join (see `resume`).
+    let mut joined_at = JoinedAt::new();
+    let replaced = if structured && shared.rooms.settings(&room_id).history_size > 0 {
+        if shared.cluster.is_none() {
+            let stream = shared.rooms.stream(&room_id);
+            let s = stream.lock();
+            joined_at.insert(slot.room_id.clone(), (s.offset, s.epoch.clone()));
+            shared.hub.register(slot.clone())
+        } else {
+            if let Some(at) = resume::position_before_join(shared, &room_id).await {
+                joined_at.insert(slot.room_id.clone(), at);
+            }
+            shared.hub.register(slot.clone())
+        }
+    } else {
+        shared.hub.register(slot.clone())
+    };
+    if shared.rooms.presence(&room_id) {
+        delivery::presence(shared, &room_id, &slot, true);
+    }
     if let Some(cluster) = &shared.cluster {
         cluster.claim(&slot);
     }
@@ -172,7 +229,7 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
     if shared.stopping() {
         slot.kick(protocol::CLOSE_GOING_AWAY);
     }
-    Some((ws, slot, rx))
+    Some(Accepted { ws, slot, rx, joined_at })
 }
 
 fn send_event(shared: &Shared, client_id: &str, action: &str, context_json: &str, last: bool) {
@@ -227,9 +284,23 @@ fn read_error(e: &WsError, max: usize) -> End {
 async fn run(
     mut ws: WebSocketStream<TcpStream>,
     slot: &ClientSlot,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
+    mut rx: mpsc::Receiver<Out>,
+    joined_at: JoinedAt,
     shared: &Shared,
 ) -> Option<String> {
+    // A structured client: its `connect` first, then the welcome and the replay, before any
+    // queued frame.
+    let mut seen = Seen::default();
+    if slot.structured {
+        match start_structured(&mut ws, slot, joined_at, shared).await {
+            Ok(s) => seen = s,
+            Err(End::Gone) => return None,
+            Err(End::Close(code, reason, report)) => {
+                close(&mut ws, code, reason).await;
+                return report;
+            }
+        }
+    }
     let max = shared.cfg.max_message_size;
     let ping_every = shared.cfg.ping_interval;
     let mut ping = tokio::time::interval_at(
@@ -267,7 +338,15 @@ async fn run(
                     }
                 }
                 match frame {
+                    Some(Ok(Message::Text(text))) if slot.structured => match structured_message(shared, text.as_str()) {
+                        Ok(data) => paused = forward(shared, slot, &data),
+                        Err(end) => break end,
+                    },
                     Some(Ok(Message::Text(text))) => paused = forward(shared, slot, text.as_str()),
+                    Some(Ok(Message::Binary(_))) if slot.structured => {
+                        incr(&shared.counters.browser_protocol_errors);
+                        break End::Close(browser::CLOSE_BAD_FRAME, "binary frame".into(), Some("pystrands.1: binary frame".into()));
+                    }
                     Some(Ok(Message::Binary(data))) => match std::str::from_utf8(&data) {
                         Ok(text) => paused = forward(shared, slot, text),
                         Err(_) => break End::Close(1003, "binary data must be UTF-8".into(), Some("binary message that is not UTF-8".into())),
@@ -296,7 +375,7 @@ async fn run(
                 // before its `disconnect` go out ahead of the close frame).
                 tokio::select! {
                     biased;
-                    r = write_batch(&mut ws, msg, &mut rx) => if r.is_err() { break End::Gone },
+                    r = write_batch(&mut ws, msg, &mut rx, &mut seen) => if r.is_err() { break End::Gone },
                     code = &mut kick => break kicked(code, slot),
                 }
             }
@@ -306,6 +385,10 @@ async fn run(
                     break End::Close(CLOSE_IDLE, "no pong".into(), Some("client stopped answering pings".into()));
                 }
                 let sent = tokio::time::timeout(ping_every, async {
+                    if slot.structured {
+                        // Browsers cannot see WebSocket pings: this one tells the page the link is alive.
+                        ws.feed(Message::Text(browser::PING.into())).await?;
+                    }
                     ws.send(Message::Ping(Default::default())).await
                 }).await;
                 if !matches!(sent, Ok(Ok(()))) { break End::Gone }
@@ -321,7 +404,9 @@ async fn run(
                 // being dropped uncounted.
                 let _ = tokio::time::timeout(CLOSE_GRACE, async {
                     while let Ok(m) = rx.try_recv() {
-                        ws.feed(Message::Text(m)).await?;
+                        if seen.pass(&m) {
+                            ws.feed(Message::Text(m.text)).await?;
+                        }
                     }
                     ws.flush().await
                 })
@@ -356,17 +441,89 @@ fn forward(shared: &Shared, slot: &ClientSlot, text: &str) -> Option<Arc<Outbox>
 
 async fn write_batch(
     ws: &mut WebSocketStream<TcpStream>,
-    first: Utf8Bytes,
-    rx: &mut mpsc::Receiver<Utf8Bytes>,
+    first: Out,
+    rx: &mut mpsc::Receiver<Out>,
+    seen: &mut Seen,
 ) -> Result<(), WsError> {
-    ws.feed(Message::Text(first)).await?;
+    if seen.pass(&first) {
+        ws.feed(Message::Text(first.text)).await?;
+    }
     for _ in 1..WRITE_BATCH {
         match rx.try_recv() {
-            Ok(m) => ws.feed(Message::Text(m)).await?,
+            Ok(m) if seen.pass(&m) => ws.feed(Message::Text(m.text)).await?,
+            Ok(_) => {}
             Err(_) => break,
         }
     }
     ws.flush().await
+}
+
+/// A structured client's frame after `connect`: the data of its `msg`, or the close it earned.
+fn structured_message(shared: &Shared, text: &str) -> Result<String, End> {
+    let bad = |why: String| {
+        incr(&shared.counters.browser_protocol_errors);
+        End::Close(browser::CLOSE_BAD_FRAME, "bad frame".into(), Some(format!("pystrands.1: {why}")))
+    };
+    match browser::decode(text, shared.cfg.max_rooms_per_client) {
+        Ok(ClientFrame::Msg(data)) => Ok(data),
+        Ok(ClientFrame::Connect { .. }) => Err(bad("connect sent twice".into())),
+        Err(why) => Err(bad(why)),
+    }
+}
+
+/// A structured client's start: waits for its `connect` (within `handshake_timeout`), then
+/// sends the welcome and the replay. Returns what the replay covered.
+async fn start_structured(
+    ws: &mut WebSocketStream<TcpStream>,
+    slot: &ClientSlot,
+    joined_at: JoinedAt,
+    shared: &Shared,
+) -> Result<Seen, End> {
+    let bad = |why: String| {
+        incr(&shared.counters.browser_protocol_errors);
+        End::Close(browser::CLOSE_BAD_FRAME, "bad frame".into(), Some(format!("pystrands.1: {why}")))
+    };
+    let deadline = tokio::time::sleep(shared.cfg.handshake_timeout);
+    tokio::pin!(deadline);
+    let first = loop {
+        tokio::select! {
+            frame = ws.next() => match frame {
+                Some(Ok(Message::Text(text))) => break text,
+                Some(Ok(Message::Binary(_))) => return Err(bad("binary frame".into())),
+                Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(read_error(&e, shared.cfg.max_message_size)),
+            },
+            code = slot.kicked() => return Err(kicked(code, slot)),
+            _ = &mut deadline => {
+                incr(&shared.counters.browser_protocol_errors);
+                return Err(End::Close(browser::CLOSE_NO_CONNECT, "no connect frame".into(), Some("pystrands.1: no connect frame within handshake_timeout".into())));
+            }
+        }
+    };
+    let (session, positions) = match browser::decode(first.as_str(), shared.cfg.max_rooms_per_client) {
+        Ok(ClientFrame::Connect { session, positions }) => (session, positions),
+        Ok(ClientFrame::Msg(_)) => return Err(bad("the first frame must be connect".into())),
+        Err(why) => return Err(bad(why)),
+    };
+    let resumed = match resume::connect(shared, slot, session, positions, joined_at).await {
+        Ok(r) => r,
+        Err((code, why)) => {
+            if code == browser::CLOSE_BAD_FRAME {
+                incr(&shared.counters.browser_protocol_errors);
+            }
+            return Err(End::Close(code, "recovery refused".into(), Some(format!("pystrands.1: {why}"))));
+        }
+    };
+    for frame in resumed.frames {
+        if ws.feed(Message::Text(frame.into())).await.is_err() {
+            return Err(End::Gone);
+        }
+    }
+    if ws.flush().await.is_err() {
+        return Err(End::Gone);
+    }
+    Ok(resumed.seen)
 }
 
 /// Sends a close frame and waits briefly for the client's answer so the close code arrives.

@@ -13,7 +13,11 @@
 //! * C claim (client; its registration time in ms since the epoch, u64be);
 //! * J join / L leave (client; room), K kick (client; `code:u16be` then the reason);
 //! * Q members query (room; query id u64be), A answer (asking node; query id u64be then a JSON
-//!   array of the members' contexts).
+//!   array of the members' contexts);
+//! * S room message with history (room; see `streams::encode_stream_body`): never published as
+//!   is — the publisher hands it to the append script, which publishes on the streams channel;
+//! * E presence (room; the `presence` frame of the browser protocol), G room config (room; the
+//!   JSON of a backend's `room_config`).
 
 use bytes::Bytes;
 
@@ -34,9 +38,12 @@ pub(crate) enum Kind {
     Kick,
     Query,
     Answer,
+    Stream,
+    Presence,
+    RoomConfig,
 }
 
-const KINDS: [(Kind, u8); 11] = [
+const KINDS: [(Kind, u8); 14] = [
     (Kind::Room, b'R'),
     (Kind::RoomExcept, b'X'),
     (Kind::Private, b'P'),
@@ -48,6 +55,9 @@ const KINDS: [(Kind, u8); 11] = [
     (Kind::Kick, b'K'),
     (Kind::Query, b'Q'),
     (Kind::Answer, b'A'),
+    (Kind::Stream, b'S'),
+    (Kind::Presence, b'E'),
+    (Kind::RoomConfig, b'G'),
 ];
 
 impl Kind {
@@ -206,18 +216,32 @@ pub(crate) fn decode_payload(p: &[u8]) -> Result<Payload<'_>, &'static str> {
     Ok(Payload { origin, first_seq, count, rest: c.0 })
 }
 
+fn next_record<'a>(c: &mut Cursor<'a>) -> Result<Record<'a>, &'static str> {
+    let kind = Kind::from_byte(c.u8()?).ok_or("unknown record kind")?;
+    let target_len = c.u32()? as usize;
+    let target = c.str(target_len)?;
+    let body_len = c.u32()? as usize;
+    let body = c.take(body_len)?;
+    Ok(Record { kind, target, body })
+}
+
+/// Decodes one encoded record (as [`encode_record`] made it).
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record<'_>, &'static str> {
+    let mut c = Cursor(bytes);
+    let r = next_record(&mut c)?;
+    if !c.0.is_empty() {
+        return Err("trailing bytes after the record");
+    }
+    Ok(r)
+}
+
 impl<'a> Payload<'a> {
     /// Every record; an error when the payload is malformed (nothing of it should be used).
     pub(crate) fn records(&self) -> Result<Vec<Record<'a>>, &'static str> {
         let mut c = Cursor(self.rest);
         let mut out = Vec::with_capacity(self.count.min(4096) as usize);
         for _ in 0..self.count {
-            let kind = Kind::from_byte(c.u8()?).ok_or("unknown record kind")?;
-            let target_len = c.u32()? as usize;
-            let target = c.str(target_len)?;
-            let body_len = c.u32()? as usize;
-            let body = c.take(body_len)?;
-            out.push(Record { kind, target, body });
+            out.push(next_record(&mut c)?);
         }
         if !c.0.is_empty() {
             return Err("trailing bytes after the last record");

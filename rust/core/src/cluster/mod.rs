@@ -48,13 +48,21 @@
 //!   lost connection (an error, a closed socket, an unanswered PING) and reconnect with capped
 //!   exponential backoff with jitter.
 //!
-//! One job per file: [`envelope`] (the bytes on the channel), [`publisher`], [`subscriber`] and
-//! [`presence`] (the three tasks); this file holds the [`Cluster`] handle the rest of the broker
+//! * **Rooms with history** are the exception to "no Redis on the hot path": their messages
+//!   are appended to a Redis Stream per room by a script that also gives the offset and
+//!   publishes the message (on `<cluster_name>:streams`), and every node, the sending one too,
+//!   delivers it from there, so the offsets, the Streams and every node's delivery order agree
+//!   and a reconnecting browser can be given exactly what it missed from any node
+//!   ([`streams`]). A backend's `room_config` is spread to every node and kept in Redis.
+//!
+//! One job per file: [`envelope`] (the bytes on the channel), [`streams`] (room history in
+//! Redis), [`publisher`], [`subscriber`] and [`presence`] (the three tasks); this file holds the [`Cluster`] handle the rest of the broker
 //! uses and the start-up that creates the tasks.
 
 mod envelope;
 mod presence;
 mod publisher;
+mod streams;
 mod subscriber;
 
 pub(crate) use envelope::{encode_except_body, encode_kick_body, encode_record, Kind};
@@ -126,6 +134,10 @@ pub(super) struct State {
 /// This node's membership in a cluster: held in [`Shared`] when `cluster_url` is set.
 pub(crate) struct Cluster {
     pub(crate) node_id: Arc<str>,
+    /// `cluster_name`: the prefix of every key.
+    name: String,
+    /// The publisher's command connection while it is up (history reads borrow it).
+    conn_rx: watch::Receiver<Option<MultiplexedConnection>>,
     tx: mpsc::Sender<Bytes>,
     state: Arc<State>,
     counters: Arc<Counters>,
@@ -146,6 +158,32 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// A message to a room with history: queued for the publisher, which appends it to the
+    /// room's Stream; every node (this one too) delivers it when Redis publishes it.
+    pub(crate) fn publish_to_stream(
+        &self,
+        room_id: &str,
+        message: &str,
+        exclude: &[String],
+        settings: crate::history::RoomSettings,
+    ) {
+        let deliver = streams::deliver_record(room_id, message, exclude);
+        let body = streams::encode_stream_body(settings.history_size, settings.history_ttl, message, &deliver);
+        self.publish(encode_record(Kind::Stream, room_id, &body));
+    }
+
+    /// A backend's `room_config`, for every other node (and kept in Redis for later ones).
+    pub(crate) fn publish_room_config(&self, room_id: &str, o: crate::history::RoomOverrides) {
+        self.publish(encode_record(Kind::RoomConfig, room_id, o.to_json().as_bytes()));
+    }
+
+    /// Reads a room's history from its Redis Stream.
+    pub(crate) async fn read_history(&self, room_id: &str, after: u64, limit: usize) -> Result<crate::history::Read, String> {
+        let conn = self.conn_rx.borrow().clone();
+        let Some(mut conn) = conn else { return Err("Redis is unreachable".into()) };
+        streams::read(&mut conn, &self.name, room_id, after, limit).await
     }
 
     /// Announces a new connection so an older one with the same `client_id` elsewhere closes.
@@ -277,7 +315,10 @@ pub(crate) struct Starter {
     rx: mpsc::Receiver<Bytes>,
     state: Arc<State>,
     conn: Option<MultiplexedConnection>,
+    conn_tx: watch::Sender<Option<MultiplexedConnection>>,
     pubsub: Option<Subscription>,
+    /// The cluster's session-token key, shared through Redis (read at `connect`).
+    session_key: Option<Vec<u8>>,
 }
 
 /// Builds the cluster handle and its starter (no I/O yet). `cfg.cluster_url` must be set.
@@ -291,8 +332,11 @@ pub(crate) fn build(cfg: &Config, counters: Arc<Counters>) -> Result<(Cluster, S
     };
     let (tx, rx) = mpsc::channel(PUBLISH_QUEUE);
     let state = Arc::new(State::default());
+    let (conn_tx, conn_rx) = watch::channel(None);
     let cluster = Cluster {
         node_id: node_id.clone(),
+        name: cfg.cluster_name.clone(),
+        conn_rx,
         tx,
         state: state.clone(),
         counters,
@@ -309,7 +353,9 @@ pub(crate) fn build(cfg: &Config, counters: Arc<Counters>) -> Result<(Cluster, S
         rx,
         state,
         conn: None,
+        conn_tx,
         pubsub: None,
+        session_key: None,
     };
     Ok((cluster, starter))
 }
@@ -322,10 +368,13 @@ impl Starter {
     /// Connects the publisher and subscribes, so that once the broker serves, messages from
     /// other nodes already arrive. The error names `cluster_url` (password masked).
     pub(crate) async fn connect(&mut self) -> Result<(), String> {
-        let conn = open_publisher(&self.client).await;
+        let mut conn = open_publisher(&self.client).await;
+        if let Ok(c) = &mut conn {
+            self.session_key = shared_session_key(c, &self.name).await.ok();
+        }
         let pubsub = match &conn {
             Ok(_) => match resp3(&self.client) {
-                Ok(sub_client) => open_subscriber(&sub_client, &self.channel, self.state.overflow.clone()).await,
+                Ok(sub_client) => open_subscriber(&sub_client, &self.channels(), self.state.overflow.clone()).await,
                 Err(e) => Err(e),
             },
             Err(e) => Err(e.clone()),
@@ -342,16 +391,32 @@ impl Starter {
         }
     }
 
+    /// The channels a node subscribes to: the bus and the rooms-with-history channel.
+    fn channels(&self) -> Vec<String> {
+        vec![self.channel.clone(), format!("{}:streams", self.name)]
+    }
+
+    /// The session-token key every node of the cluster shares (`None`: Redis was unreachable).
+    pub(crate) fn session_key(&self) -> Option<&[u8]> {
+        self.session_key.as_deref()
+    }
+
     /// Starts the publisher, subscriber and presence tasks (on the current runtime).
     pub(crate) fn spawn(self, shared: Arc<Shared>, stop: Signal, guard: TaskGuard) {
-        let Starter { client, url_shown, node_id, channel, name, rx, state, conn, pubsub } = self;
+        let channels = self.channels();
+        let Starter { client, url_shown, node_id, channel, name, rx, state, conn, conn_tx, pubsub, .. } = self;
         // The URL was accepted by `redis::Client::open`, so the RESP3 variant of it is too.
         let sub_client = resp3(&client).unwrap_or_else(|_| client.clone());
-        let (conn_tx, conn_rx) = watch::channel(conn.clone());
+        conn_tx.send_replace(conn.clone());
+        let conn_rx = conn_tx.subscribe();
+        if let Some(c) = conn.clone() {
+            tokio::spawn(load_room_configs(c, name.clone(), shared.clone()));
+        }
         let ever = conn.is_some();
         let publisher = Publisher {
             client: client.clone(),
             url_shown: url_shown.clone(),
+            name: name.clone(),
             channel: channel.clone(),
             node_id: node_id.clone(),
             conn,
@@ -368,7 +433,7 @@ impl Starter {
         let subscriber = Subscriber {
             client: sub_client,
             url_shown,
-            channel,
+            channels,
             node_id: node_id.clone(),
             pubsub,
             shared: shared.clone(),
@@ -405,5 +470,31 @@ impl Starter {
             presence.run().await;
             drop(g3);
         });
+    }
+}
+
+/// The cluster's session-token key: the first node to start sets it, every other reads it.
+async fn shared_session_key(conn: &mut MultiplexedConnection, name: &str) -> Result<Vec<u8>, String> {
+    let key = format!("{name}:session-key");
+    let candidate = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let _: Option<String> =
+        redis::cmd("SET").arg(&key).arg(&candidate).arg("NX").query_async(conn).await.map_err(|e| e.to_string())?;
+    let value: String = redis::cmd("GET").arg(&key).query_async(conn).await.map_err(|e| e.to_string())?;
+    Ok(value.into_bytes())
+}
+
+/// Applies every room's `room_config` kept in Redis (a node that starts after they were sent).
+async fn load_room_configs(mut conn: MultiplexedConnection, name: String, shared: Arc<Shared>) {
+    let all: Result<HashMap<String, Vec<u8>>, _> =
+        redis::cmd("HGETALL").arg(format!("{name}:roomcfg")).query_async(&mut conn).await;
+    match all {
+        Ok(all) => {
+            for (room, json) in all {
+                if let Ok(o) = crate::history::RoomOverrides::from_json(&json) {
+                    shared.rooms.configure(&room, o);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read the rooms' room_config from Redis"),
     }
 }

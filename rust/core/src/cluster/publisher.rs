@@ -1,9 +1,11 @@
 //! The publisher task: drains the records this node's backends sent (queued without waiting by
 //! [`Cluster::publish`](super::Cluster::publish)), packs them into envelopes and PUBLISHes them,
-//! pipelined, on the cluster channel. It owns the node's command connection to Redis, which the
+//! pipelined, on the cluster channel. Messages to rooms with history go through the append
+//! script instead (`super::streams`), in the same pipeline and so in the same order. It owns the node's command connection to Redis, which the
 //! presence task borrows, and reconnects it with backoff when it is lost.
 
-use super::envelope::encode_payload;
+use super::envelope::{decode_record, encode_payload};
+use super::streams;
 use super::{State, CONNECT_TIMEOUT, PING_EVERY, RESPONSE_TIMEOUT};
 use crate::shutdown::Signal;
 use crate::stats::{add, incr};
@@ -34,6 +36,8 @@ pub(super) async fn open_publisher(client: &redis::Client) -> Result<Multiplexed
 pub(super) struct Publisher {
     pub(super) client: redis::Client,
     pub(super) url_shown: String,
+    /// `cluster_name`: the prefix of every key.
+    pub(super) name: String,
     pub(super) channel: String,
     pub(super) node_id: Arc<str>,
     pub(super) conn: Option<MultiplexedConnection>,
@@ -92,37 +96,84 @@ impl Publisher {
         }
     }
 
-    /// Packs what is queued into payloads and publishes them in one pipelined round trip.
+    /// Packs what is queued into payloads and publishes them in one pipelined round trip; a
+    /// message to a room with history becomes an append script call at its place in the order.
     async fn publish_batch(&mut self, first: Bytes) {
         let first_seq = self.next_seq;
         let mut seq = first_seq;
-        let mut payloads: Vec<Vec<u8>> = Vec::new();
-        let mut size = first.len();
-        let mut records = vec![first];
-        while payloads.len() < MAX_PIPELINE {
-            let Ok(r) = self.rx.try_recv() else { break };
-            if size + r.len() > MAX_PAYLOAD {
-                payloads.push(encode_payload(&self.node_id, seq, &records));
-                seq += records.len() as u64;
-                records.clear();
-                size = 0;
+        let mut pipe = redis::pipe();
+        let mut calls = 0;
+        let mut appends = 0u64;
+        let script = redis::Script::new(streams::APPEND);
+        let streams_channel = format!("{}:streams", self.name);
+        let mut records: Vec<Bytes> = Vec::new();
+        let mut size = 0;
+        let mut next = Some(first);
+        while let Some(r) = next.take() {
+            match r.first().copied() {
+                Some(b'S') | Some(b'G') => {
+                    if !records.is_empty() {
+                        pipe.cmd("PUBLISH").arg(&self.channel).arg(encode_payload(&self.node_id, seq, &records)).ignore();
+                        seq += records.len() as u64;
+                        records.clear();
+                        size = 0;
+                    }
+                    if r[0] == b'G' {
+                        // Spread like any record, and kept for nodes that start later.
+                        if let Ok(rec) = decode_record(&r) {
+                            pipe.cmd("HSET").arg(format!("{}:roomcfg", self.name)).arg(rec.target).arg(rec.body).ignore();
+                        }
+                        pipe.cmd("PUBLISH").arg(&self.channel).arg(encode_payload(&self.node_id, seq, &[r])).ignore();
+                        seq += 1;
+                    } else {
+                        match decode_record(&r).and_then(|rec| streams::decode_stream_record(&rec)) {
+                            Ok(a) => {
+                                if appends == 0 {
+                                    pipe.load_script(&script).ignore();
+                                }
+                                let epoch = streams::epoch();
+                                let mut inv = script.key(streams::meta_key(&self.name, &a.room));
+                                inv.key(streams::stream_key(&self.name, &a.room))
+                                    .arg(&streams_channel)
+                                    .arg(&*epoch)
+                                    .arg(a.size)
+                                    .arg(a.ttl.as_millis() as u64)
+                                    .arg(self.shared.rooms.meta_ttl().as_millis() as u64)
+                                    .arg(a.payload)
+                                    .arg(a.message);
+                                pipe.invoke_script(&inv).ignore();
+                                appends += 1;
+                            }
+                            Err(e) => tracing::error!(error = e, "bad stream record (a bug); dropped"),
+                        }
+                    }
+                    calls += 1;
+                }
+                _ => {
+                    if size + r.len() > MAX_PAYLOAD && !records.is_empty() {
+                        pipe.cmd("PUBLISH").arg(&self.channel).arg(encode_payload(&self.node_id, seq, &records)).ignore();
+                        seq += records.len() as u64;
+                        calls += 1;
+                        records.clear();
+                        size = 0;
+                    }
+                    size += r.len();
+                    records.push(r);
+                }
             }
-            size += r.len();
-            records.push(r);
+            if calls < MAX_PIPELINE {
+                next = self.rx.try_recv().ok();
+            }
         }
         if !records.is_empty() {
-            payloads.push(encode_payload(&self.node_id, seq, &records));
+            pipe.cmd("PUBLISH").arg(&self.channel).arg(encode_payload(&self.node_id, seq, &records)).ignore();
             seq += records.len() as u64;
         }
-        let total = seq - first_seq;
+        let total = seq - first_seq + appends;
         let Some(conn) = self.conn.as_mut() else {
             self.dropped(total);
             return;
         };
-        let mut pipe = redis::pipe();
-        for p in &payloads {
-            pipe.cmd("PUBLISH").arg(&self.channel).arg(p.as_slice()).ignore();
-        }
         match pipe.query_async::<()>(conn).await {
             Ok(()) => {
                 self.next_seq = seq;

@@ -39,7 +39,7 @@ pub(super) fn resp3(client: &redis::Client) -> Result<redis::Client, String> {
 /// a bounded queue; those that do not fit are dropped and counted in `overflow`.
 pub(super) async fn open_subscriber(
     client: &redis::Client,
-    channel: &str,
+    channels: &[String],
     overflow: Arc<AtomicU64>,
 ) -> Result<Subscription, String> {
     let (tx, rx) = mpsc::channel(RECEIVE_QUEUE);
@@ -56,7 +56,7 @@ pub(super) async fn open_subscriber(
         .set_push_sender(push);
     let subscribe = async {
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
-        conn.subscribe(channel).await.map_err(|e| e.to_string())?;
+        conn.subscribe(channels).await.map_err(|e| e.to_string())?;
         Ok::<_, String>((conn, rx))
     };
     tokio::time::timeout(CONNECT_TIMEOUT * 2, subscribe)
@@ -102,7 +102,8 @@ impl SeqTracker {
 pub(super) struct Subscriber {
     pub(super) client: redis::Client,
     pub(super) url_shown: String,
-    pub(super) channel: String,
+    /// The bus, then the rooms-with-history channel.
+    pub(super) channels: Vec<String>,
     pub(super) node_id: Arc<str>,
     pub(super) pubsub: Option<Subscription>,
     pub(super) shared: Arc<Shared>,
@@ -139,8 +140,10 @@ impl Subscriber {
                     }
                     info = pushed.recv() => match info {
                         Some(info) => match info.kind {
-                            redis::PushKind::Message => match info.data.get(1) {
-                                Some(redis::Value::BulkString(payload)) => self.handle(payload),
+                            redis::PushKind::Message => match (info.data.first(), info.data.get(1)) {
+                                (Some(redis::Value::BulkString(ch)), Some(redis::Value::BulkString(payload)))
+                                    if ch.as_slice() != self.channels[0].as_bytes() => self.handle_stream(payload),
+                                (_, Some(redis::Value::BulkString(payload))) => self.handle(payload),
                                 _ => self.bad("pushed message without a payload"),
                             },
                             redis::PushKind::Disconnection => break "connection closed".to_string(),
@@ -178,14 +181,14 @@ impl Subscriber {
             _ = self.stop.fired() => return None,
             _ = tokio::time::sleep(self.backoff.next_delay()) => {}
         }
-        match open_subscriber(&self.client, &self.channel, self.state.overflow.clone()).await {
+        match open_subscriber(&self.client, &self.channels, self.state.overflow.clone()).await {
             Ok(p) => {
                 self.backoff.reset();
                 if self.ever_connected {
                     incr(&self.shared.counters.cluster_reconnects);
                 }
                 self.ever_connected = true;
-                tracing::info!(redis = %self.url_shown, channel = %self.channel, "subscribed to the cluster channel");
+                tracing::info!(redis = %self.url_shown, channel = %self.channels[0], "subscribed to the cluster channel");
                 Some(Some(p))
             }
             Err(e) => {
@@ -239,6 +242,33 @@ impl Subscriber {
         }
     }
 
+    /// A message of a room with history, with the offset Redis gave it: delivered to this
+    /// node's members (whichever node sent it, this one too).
+    fn handle_stream(&mut self, bytes: &[u8]) {
+        let (offset, epoch, r) = match super::streams::decode_published(bytes) {
+            Ok(m) => m,
+            Err(e) => return self.bad(e),
+        };
+        incr(&self.shared.counters.cluster_received);
+        incr(&self.shared.counters.history_appended);
+        let hub = &self.shared.hub;
+        let epoch: Arc<str> = epoch.into();
+        let delivered = match r.kind {
+            Kind::Room => std::str::from_utf8(r.body)
+                .map(|m| {
+                    hub.send_room_except(r.target, m.to_owned(), &[], Some((offset, epoch.clone())));
+                })
+                .map_err(|_| "message is not UTF-8"),
+            Kind::RoomExcept => envelope::decode_except_body(r.body).map(|(exclude, m)| {
+                hub.send_room_except(r.target, m.to_owned(), &exclude, Some((offset, epoch.clone())));
+            }),
+            _ => Err("a stream message must be a room record"),
+        };
+        if let Err(e) = delivered {
+            self.bad(e);
+        }
+    }
+
     /// Carries out one record of another node on this node's clients.
     fn apply(&self, origin: &str, r: &Record<'_>) -> Result<(), &'static str> {
         let shared = &*self.shared;
@@ -256,7 +286,7 @@ impl Subscriber {
             Kind::RoomExcept if hub.room_size(r.target) == 0 => {}
             Kind::RoomExcept => {
                 let (exclude, message) = envelope::decode_except_body(r.body)?;
-                hub.send_room_except(r.target, message.to_owned(), &exclude);
+                hub.send_room_except(r.target, message.to_owned(), &exclude, None);
             }
             Kind::Broadcast => {
                 hub.broadcast(text(r.body)?);
@@ -271,7 +301,7 @@ impl Subscriber {
             Kind::Join | Kind::Leave => {
                 let room = std::str::from_utf8(r.body).map_err(|_| "room id is not UTF-8")?;
                 let applied = if r.kind == Kind::Join {
-                    match hub.join(r.target, room, shared.cfg.max_rooms_per_client) {
+                    match crate::delivery::join_here(shared, r.target, room) {
                         Join::Added => Some(&shared.counters.rooms_joined),
                         Join::Full => {
                             incr(&shared.counters.commands_refused);
@@ -285,7 +315,8 @@ impl Subscriber {
                         _ => None,
                     }
                 } else {
-                    (hub.leave(r.target, room) == Leave::Removed).then_some(&shared.counters.rooms_left)
+                    (crate::delivery::leave_here(shared, r.target, room) == Leave::Removed)
+                        .then_some(&shared.counters.rooms_left)
                 };
                 if let Some(counter) = applied {
                     incr(counter);
@@ -309,6 +340,11 @@ impl Subscriber {
                     ));
                 }
             }
+            Kind::Presence => {
+                hub.presence_from_elsewhere(r.target, std::str::from_utf8(r.body).map_err(|_| "presence is not UTF-8")?);
+            }
+            Kind::RoomConfig => shared.rooms.configure(r.target, crate::history::RoomOverrides::from_json(r.body)?),
+            Kind::Stream => return Err("a stream record on the bus"),
             Kind::Answer => {
                 if r.target == &*self.node_id {
                     let (id, contexts) = envelope::decode_query_body(r.body)?;
