@@ -10,13 +10,13 @@
 //! rate limit, and the session carries on with the next line.
 
 use crate::delivery;
+use crate::history::{RoomOverrides, MAX_HISTORY_SIZE};
 use crate::outbox::{self, Outbox, Take};
 use crate::protocol::{self, BackendCommand, Hello, Line, LineReader};
 use crate::router::{BackendId, RouterEvent};
 use crate::shutdown::{Signal, TaskGuard};
 use crate::stats::incr;
 use crate::throttle::ErrorLog;
-use crate::history::{RoomOverrides, MAX_HISTORY_SIZE};
 use crate::Shared;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -419,7 +419,14 @@ fn check_room_config(
 
 /// Answers `room_history`: from memory alone, from the room's Redis Stream in a cluster (a
 /// task, so this backend's next lines are not held up).
-fn answer_history(shared: &Arc<Shared>, outbox: &Arc<Outbox>, request_id: String, room: String, since: u64, limit: usize) {
+fn answer_history(
+    shared: &Arc<Shared>,
+    outbox: &Arc<Outbox>,
+    request_id: String,
+    room: String,
+    since: u64,
+    limit: usize,
+) {
     fn reply(request_id: &str, r: &crate::history::Read) -> Bytes {
         let entries: Vec<(u64, &str)> = r.entries.iter().map(|(o, d)| (*o, d.as_str())).collect();
         protocol::encode_history_reply(request_id, &r.epoch, r.offset, &entries, r.complete)

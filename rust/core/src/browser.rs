@@ -232,10 +232,8 @@ pub(crate) fn decode(text: &str, max_positions: usize) -> Result<ClientFrame, St
             if positions.len() > max_positions {
                 return Err(format!("too many positions (at most max_rooms_per_client={max_positions})"));
             }
-            let mut positions: Vec<Position> = positions
-                .into_iter()
-                .map(|(room, p)| Position { room, offset: p.offset, epoch: p.epoch })
-                .collect();
+            let mut positions: Vec<Position> =
+                positions.into_iter().map(|(room, p)| Position { room, offset: p.offset, epoch: p.epoch }).collect();
             positions.sort_by(|a, b| a.room.cmp(&b.room));
             Ok(ClientFrame::Connect { session: frame.session, positions })
         }
@@ -370,14 +368,20 @@ mod tests {
                 "rooms":{"a":{"offset":3,"epoch":"e","recovered":true},"b":{}},"recovered":true,"session_error":"expired"})
         );
         let v: serde_json::Value = serde_json::from_str(&presence("r", false, "c", Some("u"), true)).unwrap();
-        assert_eq!(v, serde_json::json!({"t":"presence","room":"r","event":"leave","client":"c","user":"u","user_last":true}));
+        assert_eq!(
+            v,
+            serde_json::json!({"t":"presence","room":"r","event":"leave","client":"c","user":"u","user_last":true})
+        );
     }
 
     #[test]
     fn client_frames_decode_and_bad_ones_are_refused_with_a_reason() {
         assert_eq!(decode(r#"{"t":"msg","data":"x"}"#, 10), Ok(ClientFrame::Msg("x".into())));
-        let c = decode(r#"{"t":"connect","session":"s","positions":{"b":{"offset":2,"epoch":"e"},"a":{"offset":0,"epoch":""}}}"#, 10)
-            .unwrap();
+        let c = decode(
+            r#"{"t":"connect","session":"s","positions":{"b":{"offset":2,"epoch":"e"},"a":{"offset":0,"epoch":""}}}"#,
+            10,
+        )
+        .unwrap();
         assert_eq!(
             c,
             ClientFrame::Connect {
@@ -402,7 +406,8 @@ mod tests {
         ] {
             assert!(decode(bad, 10).is_err(), "{bad}");
         }
-        let many: String = (0..11).map(|i| format!(r#""r{i}":{{"offset":1,"epoch":"e"}}"#)).collect::<Vec<_>>().join(",");
+        let many: String =
+            (0..11).map(|i| format!(r#""r{i}":{{"offset":1,"epoch":"e"}}"#)).collect::<Vec<_>>().join(",");
         let e = decode(&format!(r#"{{"t":"connect","positions":{{{many}}}}}"#), 10).unwrap_err();
         assert!(e.contains("too many positions"), "{e}");
     }

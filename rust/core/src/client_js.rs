@@ -43,7 +43,12 @@ pub(crate) fn route(path: &str) -> Option<Vec<u8>> {
         "/pystrands.d.ts" => ("text/plain; charset=utf-8", TYPES),
         _ => return None,
     };
-    Some(http::response_with(200, ctype, body.as_bytes(), "Access-Control-Allow-Origin: *\r\nCache-Control: max-age=300\r\n"))
+    Some(http::response_with(
+        200,
+        ctype,
+        body.as_bytes(),
+        "Access-Control-Allow-Origin: *\r\nCache-Control: max-age=300\r\n",
+    ))
 }
 
 #[cfg(test)]
@@ -55,7 +60,10 @@ mod tests {
         let c = classic();
         assert!(!c.lines().any(|l| l.trim_start().starts_with("export ")), "no export left");
         assert!(c.contains("root.PyStrands = PyStrands;"));
-        assert!(MODULE.trim_end().lines().last().unwrap().starts_with("export {"), "the module ends with its one export line");
+        assert!(
+            MODULE.trim_end().lines().last().unwrap().starts_with("export {"),
+            "the module ends with its one export line"
+        );
         let r = String::from_utf8(route("/pystrands.js").unwrap()).unwrap();
         assert!(r.starts_with("HTTP/1.1 200") && r.contains("Access-Control-Allow-Origin: *"));
         assert!(route("/nope.js").is_none());

@@ -149,11 +149,7 @@ pub(crate) struct Rooms {
 impl Rooms {
     pub(crate) fn new(cfg: &crate::Config) -> Self {
         Rooms {
-            defaults: RoomSettings {
-                history_size: cfg.history_size,
-                history_ttl: cfg.history_ttl,
-                presence: false,
-            },
+            defaults: RoomSettings { history_size: cfg.history_size, history_ttl: cfg.history_ttl, presence: false },
             meta_ttl: cfg.history_meta_ttl,
             overrides: RwLock::new(HashMap::new()),
             any_presence: AtomicBool::new(false),

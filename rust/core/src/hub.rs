@@ -307,7 +307,8 @@ impl Hub {
         let mut n = 0;
         let mut structured: Option<Out> = None;
         for slot in slots {
-            let out = if slot.structured { structured.get_or_insert_with(make).clone() } else { Out::text(raw.clone()) };
+            let out =
+                if slot.structured { structured.get_or_insert_with(make).clone() } else { Out::text(raw.clone()) };
             if let Delivery::Queued = self.deliver(slot, out) {
                 n += 1;
             }
@@ -361,7 +362,13 @@ impl Hub {
     /// Tells the structured members of `room` but `subject` that `subject` entered (`joined`)
     /// or left it. Returns the frame (for the other nodes), or `None` when the room has more than
     /// `max_members` members here (suppressed and counted).
-    pub(crate) fn announce(&self, room: &str, subject: &ClientSlot, joined: bool, max_members: usize) -> Option<String> {
+    pub(crate) fn announce(
+        &self,
+        room: &str,
+        subject: &ClientSlot,
+        joined: bool,
+        max_members: usize,
+    ) -> Option<String> {
         let st = self.state.read();
         let members = st.rooms.get(room);
         let count = members.map_or(0, |m| m.len());
@@ -372,7 +379,10 @@ impl Hub {
         let others = members.into_iter().flat_map(|m| m.values()).filter(|s| s.conn_id != subject.conn_id);
         // The user's first connection in (or last one out of) the room, on this node.
         let edge = subject.user_id.as_ref().is_some_and(|u| {
-            !members.into_iter().flat_map(|m| m.values()).any(|s| s.conn_id != subject.conn_id && s.user_id.as_ref() == Some(u))
+            !members
+                .into_iter()
+                .flat_map(|m| m.values())
+                .any(|s| s.conn_id != subject.conn_id && s.user_id.as_ref() == Some(u))
         });
         let frame = browser::presence(room, joined, &subject.client_id, subject.user_id.as_deref(), edge);
         let text = Utf8Bytes::from(frame.clone());

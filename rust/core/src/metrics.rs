@@ -96,7 +96,11 @@ pub(crate) fn prometheus(shared: &Shared) -> String {
         ("queued_events", "Events waiting in the no-backend queue.", s.queued_events),
         ("pending_requests", "Connection requests waiting for a backend's response.", s.pending_requests),
         ("unacked_events", "Events sent to v2 backends and not yet acknowledged.", s.unacked_events),
-        ("history_rooms", "Rooms with a history stream in this node's memory (alone; a cluster keeps them in Redis).", s.history_rooms),
+        (
+            "history_rooms",
+            "Rooms with a history stream in this node's memory (alone; a cluster keeps them in Redis).",
+            s.history_rooms,
+        ),
         ("history_messages", "Messages kept in this node's room history streams.", s.history_messages),
     ] {
         family(&mut out, &format!("pystrands_{name}"), "gauge", help, value);

@@ -114,7 +114,13 @@ pub fn encode_members_reply<S: AsRef<str>>(request_id: &str, members: &[S], miss
 }
 
 /// The answer to a `room_history` query.
-pub fn encode_history_reply(request_id: &str, epoch: &str, offset: u64, entries: &[(u64, &str)], complete: bool) -> Bytes {
+pub fn encode_history_reply(
+    request_id: &str,
+    epoch: &str,
+    offset: u64,
+    entries: &[(u64, &str)],
+    complete: bool,
+) -> Bytes {
     let size: usize = entries.iter().map(|(_, d)| d.len() + 32).sum();
     let mut buf = line_start(request_id, "reply", size + 64);
     buf.extend_from_slice(b"\"epoch\":");

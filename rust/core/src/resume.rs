@@ -144,7 +144,12 @@ pub(crate) async fn connect(
 
 /// Joins the rooms a valid session names (unless its user is not this connection's), noting
 /// where each room's stream was at the join.
-async fn restore(shared: &Shared, slot: &ClientSlot, s: &Session, joined_at: &mut JoinedAt) -> Result<(), &'static str> {
+async fn restore(
+    shared: &Shared,
+    slot: &ClientSlot,
+    s: &Session,
+    joined_at: &mut JoinedAt,
+) -> Result<(), &'static str> {
     if s.user.as_deref() != slot.user_id.as_deref() {
         return Err("user mismatch");
     }

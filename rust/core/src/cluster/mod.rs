@@ -180,7 +180,12 @@ impl Cluster {
     }
 
     /// Reads a room's history from its Redis Stream.
-    pub(crate) async fn read_history(&self, room_id: &str, after: u64, limit: usize) -> Result<crate::history::Read, String> {
+    pub(crate) async fn read_history(
+        &self,
+        room_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<crate::history::Read, String> {
         let conn = self.conn_rx.borrow().clone();
         let Some(mut conn) = conn else { return Err("Redis is unreachable".into()) };
         streams::read(&mut conn, &self.name, room_id, after, limit).await

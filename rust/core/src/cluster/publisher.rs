@@ -113,7 +113,10 @@ impl Publisher {
             match r.first().copied() {
                 Some(b'S') | Some(b'G') => {
                     if !records.is_empty() {
-                        pipe.cmd("PUBLISH").arg(&self.channel).arg(encode_payload(&self.node_id, seq, &records)).ignore();
+                        pipe.cmd("PUBLISH")
+                            .arg(&self.channel)
+                            .arg(encode_payload(&self.node_id, seq, &records))
+                            .ignore();
                         seq += records.len() as u64;
                         records.clear();
                         size = 0;
@@ -121,7 +124,11 @@ impl Publisher {
                     if r[0] == b'G' {
                         // Spread like any record, and kept for nodes that start later.
                         if let Ok(rec) = decode_record(&r) {
-                            pipe.cmd("HSET").arg(format!("{}:roomcfg", self.name)).arg(rec.target).arg(rec.body).ignore();
+                            pipe.cmd("HSET")
+                                .arg(format!("{}:roomcfg", self.name))
+                                .arg(rec.target)
+                                .arg(rec.body)
+                                .ignore();
                         }
                         pipe.cmd("PUBLISH").arg(&self.channel).arg(encode_payload(&self.node_id, seq, &[r])).ignore();
                         seq += 1;
@@ -151,7 +158,10 @@ impl Publisher {
                 }
                 _ => {
                     if size + r.len() > MAX_PAYLOAD && !records.is_empty() {
-                        pipe.cmd("PUBLISH").arg(&self.channel).arg(encode_payload(&self.node_id, seq, &records)).ignore();
+                        pipe.cmd("PUBLISH")
+                            .arg(&self.channel)
+                            .arg(encode_payload(&self.node_id, seq, &records))
+                            .ignore();
                         seq += records.len() as u64;
                         calls += 1;
                         records.clear();

@@ -142,7 +142,8 @@ pub(crate) async fn read(
         .map_err(|e| e.to_string())?;
     let mut entries = Vec::with_capacity(flat.len() / 2);
     for pair in flat.chunks_exact(2) {
-        let id = pair[0].split('-').next().and_then(|o| o.parse::<u64>().ok()).ok_or("bad entry id in a room Stream")?;
+        let id =
+            pair[0].split('-').next().and_then(|o| o.parse::<u64>().ok()).ok_or("bad entry id in a room Stream")?;
         entries.push((id, Utf8Bytes::from(pair[1].clone())));
     }
     let complete = entries.len() as u64 == offset.saturating_sub(after);
@@ -162,7 +163,10 @@ mod tests {
         let p = decode_payload(&payload).unwrap();
         let records = p.records().unwrap();
         let a = decode_stream_record(&records[0]).unwrap();
-        assert_eq!((a.room.as_str(), a.size, a.ttl, a.message.as_str()), ("r", 50, Duration::from_secs(300), "hello\nworld"));
+        assert_eq!(
+            (a.room.as_str(), a.size, a.ttl, a.message.as_str()),
+            ("r", 50, Duration::from_secs(300), "hello\nworld")
+        );
         let mut published = b"17\nabc\n".to_vec();
         published.extend_from_slice(&a.payload);
         let (offset, epoch, r) = decode_published(&published).unwrap();

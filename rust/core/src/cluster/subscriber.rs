@@ -341,7 +341,10 @@ impl Subscriber {
                 }
             }
             Kind::Presence => {
-                hub.presence_from_elsewhere(r.target, std::str::from_utf8(r.body).map_err(|_| "presence is not UTF-8")?);
+                hub.presence_from_elsewhere(
+                    r.target,
+                    std::str::from_utf8(r.body).map_err(|_| "presence is not UTF-8")?,
+                );
             }
             Kind::RoomConfig => shared.rooms.configure(r.target, crate::history::RoomOverrides::from_json(r.body)?),
             Kind::Stream => return Err("a stream record on the bus"),
