@@ -50,7 +50,7 @@ def test_v2_hello_seq_and_acks_release_events():
             assert reply == {
                 "ok": True,
                 "version": 2,
-                "features": ["ack", "heartbeat", "rooms"],
+                "features": ["ack", "heartbeat", "rooms", "history"],
                 "heartbeat_interval": 7.5,
                 "limits": {"max_rooms_per_client": 100, "max_id_length": 256},
             }
