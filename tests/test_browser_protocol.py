@@ -241,6 +241,50 @@ def test_live_messages_during_recovery_are_neither_lost_nor_duplicated():
     run(main())
 
 
+def test_messages_sent_between_the_upgrade_and_connect_come_once_after_the_replay():
+    """The deterministic form of the race above: messages published while the client is
+    connected but has not sent `connect` are both queued for it and in the history the broker
+    then reads. Each must arrive exactly once, after the replay, in order."""
+
+    async def main() -> None:
+        with running_broker(history_size=100) as br:
+            backend = await connect_v2_backend(br)
+            ws, welcome = await open_structured(br.ws_port, backend, client_id="c", room_id="r")
+            epoch, session = welcome["rooms"]["r"]["epoch"], welcome["session"]
+            await to_room(backend, "r", "a", "b")
+            assert [f["offset"] for f in await frames(ws, 2)] == [1, 2]
+            await ws.close()
+            await to_room(backend, "r", "c", "d")  # missed while away
+            for fresh_connect in (False, True):
+                task = open_ws(f"ws://127.0.0.1:{br.ws_port}/", subprotocols=[PROTO])
+                await backend.answer(await expect_skipping(backend, "connection_request"), True, client_id="c", room_id="r")
+                ws = await asyncio.wait_for(task, DEADLINE)
+                await expect_skipping(backend, "new_connection")
+                before = br.stats()["history_appended"]
+                await to_room(backend, "r", "e", "f", "g")  # queued for it AND in the history
+                await wait_for(lambda: br.stats()["history_appended"] == before + 3, what="appended")
+                if fresh_connect:
+                    # No position at all: the first room's position at the join is used.
+                    await ws.send(json.dumps({"t": "connect"}))
+                    welcome = await frame(ws)
+                    assert "recovered" not in welcome and welcome["rooms"]["r"]["offset"] == 11
+                    got = await frames(ws, 3)
+                    assert [(g["data"], g["offset"]) for g in got] == [("e", 9), ("f", 10), ("g", 11)]
+                else:
+                    await ws.send(json.dumps({"t": "connect", **resume_from(session, {"r": (2, epoch)})}))
+                    welcome = await frame(ws)
+                    assert welcome["recovered"] is True and welcome["rooms"]["r"]["offset"] == 7
+                    got = await frames(ws, 5)
+                    assert [(g["data"], g["offset"]) for g in got] == [("c", 3), ("d", 4), ("e", 5), ("f", 6), ("g", 7)]
+                await to_room(backend, "r", "live")
+                f = await frame(ws)
+                assert f["data"] == "live", f"a duplicate came before it: {f}"
+                await ws.close()
+            await backend.close()
+
+    run(main())
+
+
 def test_a_gap_beyond_the_history_or_a_new_epoch_is_not_recovered():
     async def main() -> None:
         with running_broker(history_size=3) as br:
