@@ -548,6 +548,16 @@ def test_recovery_in_a_three_node_cluster_on_another_node_from_the_redis_streams
             p = (await expect_skipping(bc, "reply"))["params"]
             assert p["epoch"] == epoch and p["offset"] == last and p["complete"] is True
             assert [m["offset"] for m in p["messages"]] == [last - 1, last]
+            # Presence and joins across nodes: a backend on node b joins the client (on node a)
+            # to a room with presence on; a member on node c hears it.
+            await bb.send("room_config", {"room_id": "talk", "presence": True}, request_id="p")
+            await wait_for(lambda: b"presence" in redis.command("HGET", "pystrands:roomcfg", "talk"), what="kept")
+            listener, _ = await open_structured(c.ws_port, bc, client_id="l", room_id="talk")
+            await bb.send("join_room", {"client_id": "c", "room_id": "talk"}, request_id="j")
+            joined = await frame(ws)
+            assert joined["t"] == "join" and joined["room"] == "talk" and "offset" not in joined
+            assert await frame(listener) == {"t": "presence", "room": "talk", "event": "join", "client": "c"}
+            await listener.close()
             # room_config spreads to every node (and Redis keeps it).
             await ba.send("room_config", {"room_id": "cfg", "history_size": 5}, request_id="cfg")
             await wait_for(lambda: b"history_size" in redis.command("HGET", "pystrands:roomcfg", "cfg"), what="kept")
