@@ -19,6 +19,9 @@ use std::time::Duration;
 
 /// Longest wait for a room's history in Redis while a client recovers.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most messages one reconnect replays over all its rooms; a room that would go beyond is not
+/// recovered (the application reloads it), so one client cannot make the broker copy more.
+const MAX_REPLAY: usize = MAX_HISTORY_SIZE;
 /// An offset after every entry: a read that only wants the room's position.
 const POSITION_ONLY: u64 = u64::MAX >> 1;
 
@@ -101,7 +104,7 @@ pub(crate) async fn connect(
                 return Err((browser::CLOSE_BAD_FRAME, format!("offset {offset} is beyond room {room:?}'s last")));
             }
             let same_epoch = *epoch == *read.epoch || (epoch.is_empty() && offset == 0);
-            if same_epoch && read.complete {
+            if same_epoch && read.complete && replay.len() + read.entries.len() <= MAX_REPLAY {
                 if asked.is_some() {
                     state.recovered = Some(true);
                 }

@@ -506,13 +506,18 @@ async fn start_structured(
         Ok(ClientFrame::Msg(_)) => return Err(bad("the first frame must be connect".into())),
         Err(why) => return Err(bad(why)),
     };
-    let resumed = match resume::connect(shared, slot, session, positions, joined_at).await {
-        Ok(r) => r,
-        Err((code, why)) => {
+    let resuming = resume::connect(shared, slot, session, positions, joined_at);
+    let resumed = match tokio::time::timeout(shared.cfg.handshake_timeout, resuming).await {
+        Ok(Ok(r)) => r,
+        Ok(Err((code, why))) => {
             if code == browser::CLOSE_BAD_FRAME {
                 incr(&shared.counters.browser_protocol_errors);
             }
             return Err(End::Close(code, "recovery refused".into(), Some(format!("pystrands.1: {why}"))));
+        }
+        Err(_) => {
+            let why = "pystrands.1: room history not read within handshake_timeout";
+            return Err(End::Close(1011, "history unavailable".into(), Some(why.into())));
         }
     };
     for frame in resumed.frames {
