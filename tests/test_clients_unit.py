@@ -1161,7 +1161,7 @@ def test_sync_double_connect_is_idempotent(broker: FakeBroker) -> None:
 # background thread), so every v2 behaviour is checked for both with the same assertions.
 
 KINDS = ["sync", "async"]
-HELLO_PARAMS = {"version": 2, "features": ["ack", "heartbeat", "rooms"], "client": f"pystrands-python/{pystrands.__version__}"}
+HELLO_PARAMS = {"version": 2, "features": ["ack", "heartbeat", "rooms", "history"], "client": f"pystrands-python/{pystrands.__version__}"}
 
 
 @pytest.fixture(autouse=True)

@@ -386,7 +386,7 @@ def test_encode_hello_with_and_without_secret() -> None:
     assert plain == {
         "request_id": "hello",
         "action": "hello",
-        "params": {"version": 2, "features": ["ack", "heartbeat", "rooms"], "client": f"pystrands-python/{pystrands.__version__}"},
+        "params": {"version": 2, "features": ["ack", "heartbeat", "rooms", "history"], "client": f"pystrands-python/{pystrands.__version__}"},
     }
     with_secret = p.encode_hello("s3cret")
     assert with_secret.endswith(b"\n") and with_secret.count(b"\n") == 1

@@ -297,7 +297,7 @@ def chat_example() -> str:
     text = (Path(__file__).resolve().parent.parent / "docs" / "broker.md").read_text()
     section = text[text.index("## Rooms, users, presence and moderation") :]
     section = section[: section.index("\n## ", 1)]
-    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "class Chat(" in block]
     return code
 
 

@@ -162,7 +162,7 @@ def test_a_new_link_writes_the_hello_first_then_nothing_more() -> None:
     hello = out[0]
     assert hello["action"] == "hello" and hello["request_id"] == "hello"
     assert hello["params"]["version"] == 2
-    assert hello["params"]["features"] == ["ack", "heartbeat", "rooms"]
+    assert hello["params"]["features"] == ["ack", "heartbeat", "rooms", "history"]
     assert hello["params"]["client"].startswith("pystrands-python/")
     assert s.data_to_send() == b"" and not s.wants_write()  # written once
     # every link opens with its own hello, before anything queued on it

@@ -103,8 +103,8 @@ def test_hello_announces_rooms() -> None:
     s = session()
     s.connection_made()
     hello = frames(s.data_to_send())[0]
-    assert hello["params"]["features"] == ["ack", "heartbeat", "rooms"]
-    assert p.V2_FEATURES == ("ack", "heartbeat", "rooms")
+    assert hello["params"]["features"] == ["ack", "heartbeat", "rooms", "history"]
+    assert p.V2_FEATURES == ("ack", "heartbeat", "rooms", "history")
 
 
 def test_hello_answer_with_rooms_and_limits() -> None:

@@ -8,7 +8,8 @@ at-least-once redelivery, heartbeats, backend secret - when the broker accepts t
 * :class:`PyStrands` - decorator app on top of the asyncio client,
 
 the context types :class:`Context`, :class:`ConnectionRequestContext`,
-:class:`Headers`, and the errors of the rooms/users/presence calls
+:class:`Headers`, the answer of a history query (:class:`RoomHistory` of
+:class:`HistoryMessage`; see :mod:`pystrands.history`), and the errors of the rooms/users/presence calls
 (:class:`BrokerUnavailable`, :class:`QueryTimeout`, :class:`QueryError`,
 :class:`UnsupportedFeature`; see :mod:`pystrands.errors`). ``pystrands.Broker`` (the native broker) is imported lazily, so
 the clients work even where the native extension is not available.
@@ -24,6 +25,7 @@ from .async_client import AsyncPyStrandsClient
 from .client import PyStrandsClient
 from .context import ConnectionRequestContext, Context, Headers
 from .errors import BrokerUnavailable, QueryError, QueryTimeout, UnsupportedFeature
+from .history import HistoryMessage, RoomHistory
 
 if TYPE_CHECKING:  # pragma: no cover
     from .broker import Broker
@@ -37,10 +39,12 @@ __all__ = [
     "ConnectionRequestContext",
     "Context",
     "Headers",
+    "HistoryMessage",
     "PyStrands",
     "PyStrandsClient",
     "QueryError",
     "QueryTimeout",
+    "RoomHistory",
     "UnsupportedFeature",
     "__version__",
     "context",

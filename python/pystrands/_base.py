@@ -12,9 +12,10 @@ only I/O and concurrency: sockets and threads, or a transport and a dispatcher.
 
 The rooms/users/presence calls of both clients (``join_room``, ``leave_room``,
 ``send_room_message(..., exclude=...)``, ``send_user_message``, ``disconnect_client``,
-``room_members``, ``room_count``) have their rules in the session too; what the broker
-announced is :attr:`ClientBase.broker_features` / :attr:`ClientBase.broker_limits`, and
-their errors are in :mod:`pystrands.errors`.
+``room_members``, ``room_count``) and the history calls (``room_config``,
+``room_history``) have their rules in the session too; what the broker announced is
+:attr:`ClientBase.broker_features` / :attr:`ClientBase.broker_limits`, and their errors
+are in :mod:`pystrands.errors`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ those live in :mod:`pystrands._session`, which drives this module.
 * encoders for the backend -> broker frames (``message_to_room``,
   ``message_to_connection``, ``broadcast``, ``response``, the v2 ``hello``,
   ``ack`` and heartbeat reply, and the commands and queries of the ``rooms``
-  feature) with cheap counter request ids,
+  and ``history`` features) with cheap counter request ids,
 * :func:`decode_event`, turning one inbound line into a typed :class:`Event` (or
   ``None`` for unknown actions and malformed input, which is logged, never
   raised); control events (hello replies, heartbeats, skipped frames, query
@@ -39,6 +39,7 @@ __all__ = [
     "BACKEND_SECRET_ENV",
     "DEFAULT_MAX_LINE_SIZE",
     "MAX_CLOSE_REASON_BYTES",
+    "HISTORY_FEATURE",
     "ROOMS_FEATURE",
     "HEARTBEAT",
     "HEARTBEAT_REPLY",
@@ -72,7 +73,9 @@ __all__ = [
     "encode_private_message",
     "encode_reject",
     "encode_response",
+    "encode_room_config",
     "encode_room_count",
+    "encode_room_history",
     "encode_room_members",
     "encode_room_message",
     "encode_user_message",
@@ -94,7 +97,10 @@ PROTOCOL_VERSION = 2
 ROOMS_FEATURE = "rooms"
 """The v2 feature of rooms, users, presence and moderation (``docs/protocol.md``)."""
 
-V2_FEATURES = ("ack", "heartbeat", ROOMS_FEATURE)
+HISTORY_FEATURE = "history"
+"""The v2 feature of room history and room settings: ``room_config``, ``room_history``."""
+
+V2_FEATURES = ("ack", "heartbeat", ROOMS_FEATURE, HISTORY_FEATURE)
 """v2 features the clients announce."""
 
 MAX_CLOSE_REASON_BYTES = 123
@@ -292,6 +298,21 @@ def encode_room_members(room_id: str, timeout: float, request_id: str) -> bytes:
 def encode_room_count(room_id: str, timeout: float, request_id: str) -> bytes:
     """Frame a ``room_count`` query (``rooms`` feature); ``request_id`` must be unique."""
     return encode("room_count", {"room_id": room_id, "timeout": timeout}, request_id)
+
+
+def encode_room_config(room_id: str, settings: dict[str, Any], request_id: str | None = None) -> bytes:
+    """Frame a ``room_config`` (``history`` feature): ``settings`` holds only the fields to set
+    (``history_size``, ``history_ttl``, ``presence``), already checked."""
+    return encode("room_config", {"room_id": room_id, **settings}, request_id)
+
+
+def encode_room_history(room_id: str, since: int, limit: int | None, request_id: str) -> bytes:
+    """Frame a ``room_history`` query (``history`` feature); ``limit`` only when given,
+    ``request_id`` must be unique."""
+    params: dict[str, Any] = {"room_id": room_id, "since": since}
+    if limit is not None:
+        params["limit"] = limit
+    return encode("room_history", params, request_id)
 
 
 def encode_private_message(client_id: str, message: str, request_id: str | None = None) -> bytes:
@@ -530,12 +551,18 @@ HEARTBEAT = Heartbeat()
 
 
 class QueryReply(Event):
-    """The broker's ``reply`` to one of our queries (control; ``rooms`` feature).
+    """The broker's ``reply`` to one of our queries (control; ``rooms`` and ``history`` features).
 
     ``request_id`` is the query's; ``params`` the reply's known params
-    (``members``/``complete``/``missing``, ``count``, or ``error``) with the members
-    already :class:`Context` objects (``None`` for a malformed one): the session
-    matches and interprets them. Replies carry no ``seq`` and are never acknowledged.
+    (``members``/``complete``/``missing``, ``count``, ``epoch``/``offset``/``messages``/``complete``,
+    or ``error``) with the members already :class:`Context` objects (``None`` for a malformed
+    one): the session matches and interprets them. Replies carry no ``seq`` and are never
+    acknowledged.
+
+    The native ``LineDecoder`` builds this class too, but the one of this release keeps only the
+    ``rooms`` keys (``members``, ``complete``, ``missing``, ``count``, ``error``): while a
+    ``room_history`` reply is awaited the session decodes with :func:`decode_event` instead
+    (see :meth:`pystrands._session.Session.receive_data`).
     """
 
     __slots__ = ("request_id", "params")
@@ -588,7 +615,7 @@ def _snippet(line: bytes | bytearray) -> str:
     return text + ("..." if len(line) > 200 else "")
 
 
-_REPLY_KEYS = ("members", "complete", "missing", "count", "error")
+_REPLY_KEYS = ("members", "complete", "missing", "count", "epoch", "offset", "messages", "error")
 
 
 def _reply_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,12 @@ Rules kept here (``docs/protocol.md``):
   interpreted (members, count, or the broker's error), and a link that ends
   fails them with :class:`~pystrands.errors.BrokerUnavailable`. The shells only
   wait, with their own deadline. ``command_error`` lines are logged.
+* **History and room settings** (the v2 feature ``history``): the same rules, for
+  its own feature: :meth:`Session.room_config` is a command (checked here: sizes,
+  TTL, presence), :meth:`Session.query_room_history` a query whose reply becomes a
+  :class:`~pystrands.history.RoomHistory`. A link whose broker does not announce
+  ``history`` raises :class:`~pystrands.errors.UnsupportedFeature` for them, whatever
+  it says about ``rooms`` (and the other way round).
 
 Each link gets a number (:attr:`Session.link`); completions reported for an event
 of an earlier link are ignored, so a handler finishing late never corrupts the
@@ -52,7 +58,10 @@ native send encoders (:attr:`Session.encoders`, same bytes) when the extension
 has them, else :class:`~pystrands._protocol.LineFramer` +
 :func:`~pystrands._protocol.decode_event` and the ``encode_*`` functions. ``PYSTRANDS_PURE_PYTHON=1`` in the
 environment forces the pure-Python codec; :attr:`Session.codec` says which one a
-session uses.
+session uses. A native decoder that does not keep a ``room_history`` reply's keys (the
+one of this release) is bypassed while such a reply is awaited: the reference codec
+frames and decodes from the end of the line in progress until no history query waits
+(:meth:`Session.receive_data`).
 
 Not thread-safe: the threading client calls it under its lock, the asyncio
 client from the loop thread only.
@@ -60,6 +69,7 @@ client from the loop thread only.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -71,6 +81,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 from ._protocol import (
     DEFAULT_MAX_LINE_SIZE,
     HEARTBEAT_REPLY,
+    HISTORY_FEATURE,
     MAX_CLOSE_REASON_BYTES,
     ROOMS_FEATURE,
     SILENCE_FACTOR,
@@ -89,13 +100,16 @@ from ._protocol import (
     encode_join_room,
     encode_leave_room,
     encode_private_message,
+    encode_room_config,
     encode_room_count,
+    encode_room_history,
     encode_room_members,
     encode_room_message,
     encode_user_message,
 )
 from .context import Context
 from .errors import BrokerUnavailable, QueryError, QueryTimeout, UnsupportedFeature
+from .history import HistoryMessage, RoomHistory
 
 PURE_PYTHON_ENV = "PYSTRANDS_PURE_PYTHON"
 """Environment variable: set (to anything but ``0`` or empty) to force the pure-Python codec."""
@@ -110,6 +124,19 @@ def native_decoder() -> Any | None:
     except ImportError:  # no native extension (or an older one): the pure-Python codec
         return None
     return LineDecoder
+
+
+@functools.cache
+def native_keeps_history(decoder: Any) -> bool:
+    """Whether the native ``LineDecoder`` class ``decoder`` keeps a ``room_history`` reply's
+    keys (``epoch``, ``offset``, ``messages``); the one that knows only the ``rooms`` replies
+    drops them. Asked once per class, by decoding one such reply."""
+    probe = b'{"request_id":"q","action":"reply","params":{"epoch":"e","offset":1,"messages":[],"complete":true}}\n'
+    try:
+        replies = list(decoder().feed(probe))
+    except Exception:  # noqa: BLE001 - an odd extension: do not trust it with these replies
+        return False
+    return len(replies) == 1 and isinstance(replies[0], QueryReply) and "messages" in replies[0].params
 
 
 class Encoders(NamedTuple):
@@ -141,15 +168,20 @@ __all__ = [
     "DEFAULT_MAX_BUFFERED_SENDS",
     "DEFAULT_QUERY_TIMEOUT",
     "HELLO_WAIT",
+    "MAX_HISTORY_SIZE",
+    "MAX_OFFSET",
     "PURE_PYTHON_ENV",
     "AckTracker",
     "Encoders",
     "Query",
     "Session",
     "check_close",
+    "check_history_range",
     "check_id",
+    "check_room_config",
     "check_timeout",
     "native_decoder",
+    "native_keeps_history",
     "validate_buffer_settings",
 ]
 
@@ -184,7 +216,14 @@ DEFAULT_QUERY_TIMEOUT = 5.0
 HELLO_WAIT = 2.0
 """Seconds after a link came up within which the broker's hello answer is expected. Room
 commands made before the answer wait for it (with every later send); when none came in
-this time and nothing else either, the link is taken for one without the ``rooms`` feature."""
+this time and nothing else either, the link is taken for one without the ``rooms`` and
+``history`` features."""
+
+MAX_HISTORY_SIZE = 100_000
+"""Largest ``history_size`` of a room and largest ``limit`` of a ``room_history`` query."""
+
+MAX_OFFSET = 2**64 - 1
+"""Largest offset the wire carries (an unsigned 64-bit integer)."""
 
 
 def check_id(what: str, value: object, max_length: int | None = None) -> str:
@@ -225,14 +264,61 @@ def check_close(code: object, reason: object) -> tuple[int, str]:
     return code, reason
 
 
+def _seconds(what: str, value: object) -> float:
+    """``value`` as a positive finite number of seconds (an int or a float; a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float
+        seconds = float("inf")
+    if not 0.0 < seconds < float("inf"):
+        raise ValueError(f"{what}={value!r}: must be a positive number of seconds")
+    return seconds
+
+
 def check_timeout(timeout: object) -> float:
     """A query ``timeout``: a positive finite number of seconds."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    value = float(timeout)
-    if not 0.0 < value < float("inf"):
-        raise ValueError(f"timeout={timeout!r}: must be a positive number of seconds")
-    return value
+    return _seconds("timeout", timeout)
+
+
+def _int_in(what: str, value: object, low: int, high: int, hint: str = "") -> int:
+    """``value`` if it is an int (not a bool) between ``low`` and ``high``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{what}={value!r}: must be between {low} and {high}{hint}")
+    return int(value)  # an IntEnum as the plain number
+
+
+def check_room_config(history_size: object = None, history_ttl: object = None, presence: object = None) -> dict[str, Any]:
+    """The params a ``room_config`` sets: only the given ones (``None``: leave it as it is),
+    at least one. ``history_size`` an int 0-100000 (0 turns the room's history off),
+    ``history_ttl`` a positive finite number of seconds, ``presence`` a bool; ``TypeError`` /
+    ``ValueError`` name the bad one."""
+    settings: dict[str, Any] = {}
+    if history_size is not None:
+        settings["history_size"] = _int_in(
+            "history_size", history_size, 0, MAX_HISTORY_SIZE, " (0 turns the room's history off)"
+        )
+    if history_ttl is not None:
+        settings["history_ttl"] = _seconds("history_ttl", history_ttl)
+    if presence is not None:
+        if not isinstance(presence, bool):
+            raise TypeError(f"presence must be a bool, not {type(presence).__name__}")
+        settings["presence"] = presence
+    if not settings:
+        raise ValueError("room_config needs at least one of history_size, history_ttl, presence")
+    return settings
+
+
+def check_history_range(since: object, limit: object) -> tuple[int, int | None]:
+    """``since`` (an offset: an int >= 0) and ``limit`` (``None``: every message, or an int
+    1-100000) of a ``room_history`` query; ``TypeError`` / ``ValueError`` name the bad one."""
+    since = _int_in("since", since, 0, MAX_OFFSET, " (an offset of the room's stream)")
+    if limit is not None:
+        limit = _int_in("limit", limit, 1, MAX_HISTORY_SIZE, " (None: every message)")
+    return since, limit
 
 
 def _exclude_list(exclude: object) -> list[str]:
@@ -249,12 +335,51 @@ def _exclude_list(exclude: object) -> list[str]:
     return list(dict.fromkeys(ids)) if len(ids) > 1 else ids
 
 
-class _RoomsFrame(bytes):
-    """A frame of the ``rooms`` feature: only for a link whose broker announced it."""
+class _FeatureFrame(bytes):
+    """A frame of a negotiated feature: only for a link whose broker announced :attr:`feature`."""
+
+    feature = ROOMS_FEATURE
+    query = False  # a query's frame belongs to its link (never kept for another)
 
 
-class _QueryFrame(_RoomsFrame):
-    """A query's frame: it belongs to its link (never kept for another)."""
+class _RoomsFrame(_FeatureFrame):
+    """A command of the ``rooms`` feature."""
+
+
+class _QueryFrame(_FeatureFrame):
+    """A query of the ``rooms`` feature."""
+
+    query = True
+
+
+class _HistoryFrame(_FeatureFrame):
+    """A command of the ``history`` feature."""
+
+    feature = HISTORY_FEATURE
+
+
+class _HistoryQueryFrame(_FeatureFrame):
+    """A query of the ``history`` feature."""
+
+    feature = HISTORY_FEATURE
+    query = True
+
+
+_COMMAND_FRAMES: dict[str, type[_FeatureFrame]] = {ROOMS_FEATURE: _RoomsFrame, HISTORY_FEATURE: _HistoryFrame}
+_QUERY_FRAMES: dict[str, type[_FeatureFrame]] = {ROOMS_FEATURE: _QueryFrame, HISTORY_FEATURE: _HistoryQueryFrame}
+
+_COMMANDS = {
+    ROOMS_FEATURE: "room/user command(s) (join_room, leave_room, send_room_message with exclude, "
+    "send_user_message, disconnect_client)",
+    HISTORY_FEATURE: "room_config command(s)",
+}
+"""What the kept commands of each feature are, for the warning that drops them."""
+
+_LACKS = {
+    ROOMS_FEATURE: "does not support rooms/users (a 1.0 broker?)",
+    HISTORY_FEATURE: "does not keep room history (no 'history' feature: a 1.0 or older broker?)",
+}
+"""How a broker without each feature is described in errors and warnings."""
 
 
 T = TypeVar("T")
@@ -263,15 +388,27 @@ _query_ids = itertools.count(1)
 
 
 class Query(Generic[T]):
-    """One query waiting for the broker's ``reply`` (made by :meth:`Session.query_room_members`
-    / :meth:`Session.query_room_count`, resolved by the session).
+    """One query waiting for the broker's ``reply`` (made by :meth:`Session.query_room_members`,
+    :meth:`Session.query_room_count` or :meth:`Session.query_room_history`, resolved by the
+    session). :attr:`feature` is the protocol feature it needs.
 
     :attr:`done` turns true when the reply came or the query failed; ``on_done``
     (given by the shell) is called then, from wherever the session is driven.
     :meth:`result` returns the value or raises the error.
     """
 
-    __slots__ = ("request_id", "action", "room_id", "timeout", "done", "on_done", "_value", "_error", "_interpret")
+    __slots__ = (
+        "request_id",
+        "action",
+        "room_id",
+        "timeout",
+        "feature",
+        "done",
+        "on_done",
+        "_value",
+        "_error",
+        "_interpret",
+    )
 
     def __init__(
         self,
@@ -280,12 +417,14 @@ class Query(Generic[T]):
         timeout: float,
         interpret: Callable[[Query[T], dict[str, Any]], T],
         on_done: Callable[[], None] | None,
+        feature: str = ROOMS_FEATURE,
     ) -> None:
         """A pending query with a fresh unique ``request_id``."""
         self.request_id = f"q{next(_query_ids)}"
         self.action = action
         self.room_id = room_id
         self.timeout = timeout
+        self.feature = feature
         self.done = False
         self.on_done = on_done
         self._value: T | None = None
@@ -358,6 +497,34 @@ def _count(query: Query[int], params: dict[str, Any]) -> int:
     if type(count) is not int or count < 0:
         raise QueryError(f"{query!r}: malformed reply from the broker (count={count!r})")
     return count
+
+
+def _history(query: Query[RoomHistory], params: dict[str, Any]) -> RoomHistory:
+    """A ``room_history`` reply as a :class:`RoomHistory`. Strict: a reply with a message that
+    is not ``{"offset": int > 0, "data": str}`` fails the query as a whole (skipping one would
+    be a silent gap in a history its caller relies on)."""
+    epoch = params.get("epoch")
+    offset = params.get("offset")
+    raw = params.get("messages")
+    complete = params.get("complete")
+    if not isinstance(epoch, str) or type(offset) is not int or offset < 0 or not isinstance(raw, list) or type(complete) is not bool:
+        raise QueryError(
+            f"{query!r}: malformed reply from the broker (epoch={epoch!r}, offset={offset!r}, "
+            f"complete={complete!r}, messages of type {type(raw).__name__})"
+        )
+    messages = []
+    for item in raw:
+        if isinstance(item, dict):
+            at = item.get("offset")
+            data = item.get("data")
+            if type(at) is int and at > 0 and isinstance(data, str):
+                messages.append(HistoryMessage(at, data))
+                continue
+        text = repr(item)
+        raise QueryError(
+            f"{query!r}: malformed reply from the broker (message {text[:80]}{'...' if len(text) > 80 else ''})"
+        )
+    return RoomHistory(epoch, offset, messages, complete)
 
 
 # --------------------------------------------------------------- acknowledgements
@@ -481,7 +648,9 @@ class Session:
 
     :attr:`codec` is the inbound codec in use; :attr:`framer` is its framer
     (a ``LineFramer``, or the native ``LineDecoder``), with ``dropped_lines``,
-    ``buffered``, ``max_line_size`` and ``reset()`` either way.
+    ``buffered``, ``max_line_size`` and ``reset()`` either way. (While a native
+    session awaits a ``room_history`` reply that its ``LineDecoder`` would not keep,
+    a ``LineFramer`` of its own reads instead: see :meth:`receive_data`.)
     """
 
     __slots__ = (
@@ -516,6 +685,10 @@ class Session:
         "_held",
         "_hello_at",
         "_queries",
+        "_lossy_replies",
+        "_reference",
+        "_on_reference",
+        "_mid_line",
     )
 
     def __init__(
@@ -568,6 +741,11 @@ class Session:
         self._held: list[bytes] = []  # sends waiting for the hello answer (after a room command)
         self._hello_at = 0.0  # when the hello answer is given up on (HELLO_WAIT after link up)
         self._queries: dict[str, Query[Any]] = {}  # request_id -> query waiting for its reply
+        # The native decoder drops a history reply's keys: the reference codec reads meanwhile.
+        self._lossy_replies = decoder is not None and not native_keeps_history(decoder)
+        self._reference: LineFramer | None = None  # its framer, made on first use
+        self._on_reference = False  # the reference codec reads the link now
+        self._mid_line = False  # the last bytes read did not end with a newline
 
     def use_clock(self, clock: Callable[[], float]) -> None:
         """Take time from ``clock`` from now on (the asyncio client passes its loop's)."""
@@ -594,6 +772,8 @@ class Session:
         self.link += 1
         self.open = True
         self.framer.reset()
+        self._on_reference = False
+        self._mid_line = False
         self.acks = None
         self.refused = False
         self.heartbeat_interval = 0.0
@@ -618,7 +798,7 @@ class Session:
             self._out = list(backlog)
             backlog.clear()
             for i, frame in enumerate(self._out):
-                if isinstance(frame, _RoomsFrame):  # it and what follows wait for the hello answer
+                if isinstance(frame, _FeatureFrame):  # it and what follows wait for the hello answer
                     self._held = self._out[i:]
                     del self._out[i:]
                     break
@@ -644,7 +824,7 @@ class Session:
         self.features = None
         held, self._held = self._held, []
         for frame in held:  # never written: kept for the next link like any send made now
-            if type(frame) is not _QueryFrame:
+            if not (isinstance(frame, _FeatureFrame) and frame.query):
                 self._keep(frame, "send")
         self.fail_queries(f"the connection to the broker at {self.peer or '?'} was lost before the reply")
         return lost
@@ -662,7 +842,9 @@ class Session:
         if not self.open:
             return events
         decoded: Iterable[Event | None]
-        if self._native:  # frames and decodes; falls back to decode_event for odd lines
+        if self._lossy_replies:
+            decoded = self._feed_lossy(data)
+        elif self._native:  # frames and decodes; falls back to decode_event for odd lines
             decoded = self.framer.feed(data)
         else:
             decoded = map(decode_event, self.framer.feed(data))
@@ -682,6 +864,47 @@ class Session:
                     event.seq = 0  # v1 link, or out of order: never acknowledged
             events.append(event)
         return events
+
+    def _feed_lossy(self, data: bytes) -> Iterable[Event | None]:
+        """Frame and decode ``data`` on a native session whose decoder drops the keys of a
+        ``room_history`` reply: with the native decoder, except while a history query waits
+        for its reply, when the reference codec (``LineFramer`` + ``decode_event``) reads.
+
+        A switch happens at a line boundary: the codec that holds the start of the line in
+        progress (the last bytes read did not end with a newline) reads up to its end, the
+        other one from there. The reply of a query starts after the query was made, so it
+        is never in a line begun before that.
+        """
+        on_reference = self._on_reference
+        mid_line = self._mid_line
+        if data:
+            self._mid_line = data[-1] != 0x0A  # b"\n"
+        queries = self._queries
+        want = bool(queries) and any(q.feature == HISTORY_FEATURE for q in queries.values())
+        if want == on_reference:
+            return self._decode(on_reference, data)
+        head = b""
+        if mid_line:  # the current codec ends the line it holds
+            newline = data.find(b"\n")
+            if newline < 0:
+                return self._decode(on_reference, data)
+            head, data = data[: newline + 1], data[newline + 1 :]
+        before = self._decode(on_reference, head) if head else ()
+        self._on_reference = want
+        if want:
+            if self._reference is None:
+                self._reference = LineFramer(self.framer.max_line_size)
+            self._reference.reset()
+        else:
+            self.framer.reset()
+        return itertools.chain(before, self._decode(want, data))
+
+    def _decode(self, reference: bool, data: bytes) -> Iterable[Event | None]:
+        """The events of ``data`` read by the reference codec, or by the native decoder."""
+        if reference and self._reference is not None:
+            return map(decode_event, self._reference.feed(data))
+        decoded: Iterable[Event | None] = self.framer.feed(data)
+        return decoded
 
     def _control(self, event: Event) -> None:
         acks = self.acks
@@ -711,9 +934,9 @@ class Session:
                 logger.info(
                     "Protocol v2 with the broker (acks, heartbeats every %ss%s)",
                     event.heartbeat_interval or "?",
-                    ", rooms" if ROOMS_FEATURE in event.features else "",
+                    "".join(f", {f}" for f in (ROOMS_FEATURE, HISTORY_FEATURE) if f in event.features),
                 )
-                self._decide(frozenset(event.features), "its hello answer does not list 'rooms'")
+                self._decide(frozenset(event.features), "its hello answer does not list '{feature}'")
         elif isinstance(event, QueryReply):
             query = self._queries.pop(event.request_id, None)
             if query is None:
@@ -845,6 +1068,14 @@ class Session:
         return ROOMS_FEATURE in features
 
     @property
+    def history(self) -> bool | None:
+        """Whether the current link has the ``history`` feature (as :attr:`rooms`)."""
+        features = self.features
+        if not self.open or features is None:
+            return None
+        return HISTORY_FEATURE in features
+
+    @property
     def max_id_length(self) -> int | None:
         """The broker's ``max_id_length`` (UTF-8 bytes of an id), when one announced it."""
         return self.limits.get("max_id_length")
@@ -857,8 +1088,9 @@ class Session:
 
     def check_hello(self, now: float | None = None) -> bool:
         """At :attr:`hello_deadline`: without a hello answer by then, the link is taken for
-        one without ``rooms`` and the sends that waited go out (the room commands among
-        them are dropped, logged). ``True`` when frames were released (the shell writes)."""
+        one without ``rooms`` or ``history`` and the sends that waited go out (the commands
+        of those features among them are dropped, logged). ``True`` when frames were
+        released (the shell writes)."""
         if not self._held or self.features is not None or not self.open:
             return False
         if (self._clock() if now is None else now) < self._hello_at:
@@ -867,39 +1099,39 @@ class Session:
         return bool(self._out)
 
     def _decide(self, features: frozenset[str], why: str) -> None:
-        """The link's features are known now: release or drop what waited for them."""
+        """The link's features are known now: release or drop what waited for them
+        (``why``, logged, may name the missing feature as ``{feature}``)."""
         self.features = features
         held = self._held
-        if not held:
-            return
-        self._held = []
-        rooms = ROOMS_FEATURE in features
-        out = self._out
-        dropped = 0
-        for frame in held:
-            if not rooms and isinstance(frame, _RoomsFrame):
-                if type(frame) is not _QueryFrame:
-                    dropped += 1
-                continue
-            out.append(frame)
-            self.out_bytes += len(frame)
-        if dropped:
-            logger.warning(
-                "Dropping %d room/user command(s) (join_room, leave_room, send_room_message with "
-                "exclude, send_user_message, disconnect_client): the broker at %s does not support "
-                "rooms/users (a 1.0 broker?): %s",
-                dropped,
-                self.peer or "?",
-                why,
-            )
-        if not rooms:
-            self.fail_queries(self._unsupported("it"), UnsupportedFeature)
+        if held:
+            self._held = []
+            out = self._out
+            dropped: dict[str, int] = {}
+            for frame in held:
+                if isinstance(frame, _FeatureFrame) and frame.feature not in features:
+                    if not frame.query:
+                        dropped[frame.feature] = dropped.get(frame.feature, 0) + 1
+                    continue
+                out.append(frame)
+                self.out_bytes += len(frame)
+            for feature, count in dropped.items():
+                logger.warning(
+                    "Dropping %d %s: the broker at %s %s: %s",
+                    count,
+                    _COMMANDS[feature],
+                    self.peer or "?",
+                    _LACKS[feature],
+                    why.format(feature=feature),
+                )
+        queries = self._queries
+        if queries and not all(q.feature in features for q in queries.values()):
+            for query in list(queries.values()):
+                if query.feature not in features:
+                    del queries[query.request_id]
+                    query._finish(error=UnsupportedFeature(self._unsupported(repr(query), query.feature)))
 
-    def _unsupported(self, what: str) -> str:
-        return (
-            f"{what} needs the 'rooms' feature, and the broker at {self.peer or '?'} does not "
-            "support rooms/users (a 1.0 broker?)"
-        )
+    def _unsupported(self, what: str, feature: str = ROOMS_FEATURE) -> str:
+        return f"{what} needs the '{feature}' feature, and the broker at {self.peer or '?'} {_LACKS[feature]}"
 
     def _link_features(self) -> frozenset[str] | None:
         """The live link's features; ``None`` while its hello answer may still come. Past
@@ -909,19 +1141,20 @@ class Session:
             self._decide(frozenset(), f"it did not answer the hello within {HELLO_WAIT:g}s")
         return self.features
 
-    def command(self, frame: bytes, what: str) -> bool:
-        """Queue a ``rooms`` command frame; ``True`` if it goes on the live link now (the shell
-        writes it). Kept while the link is down; waits (with later sends) for the hello
-        answer; raises :class:`UnsupportedFeature` on a link without the feature."""
+    def command(self, frame: bytes, what: str, feature: str = ROOMS_FEATURE) -> bool:
+        """Queue the frame of a command of ``feature`` (``rooms``, ``history``); ``True`` if it
+        goes on the live link now (the shell writes it). Kept while the link is down; waits
+        (with later sends) for the hello answer; raises :class:`UnsupportedFeature` on a link
+        without the feature."""
         if not self.open:
-            self._keep(_RoomsFrame(frame), what)
+            self._keep(_COMMAND_FRAMES[feature](frame), what)
             return False
         features = self._link_features()
         if features is None:
-            self._held.append(_RoomsFrame(frame))
+            self._held.append(_COMMAND_FRAMES[feature](frame))
             return False
-        if ROOMS_FEATURE not in features:
-            raise UnsupportedFeature(self._unsupported(what))
+        if feature not in features:
+            raise UnsupportedFeature(self._unsupported(what, feature))
         self._out.append(frame)
         self.out_bytes += len(frame)
         return True
@@ -958,6 +1191,20 @@ class Session:
         code, reason = check_close(code, reason)
         return self.command(encode_disconnect(client_id, code, reason), "disconnect")
 
+    def room_config(
+        self,
+        room_id: str,
+        *,
+        history_size: int | None = None,
+        history_ttl: float | None = None,
+        presence: bool | None = None,
+    ) -> bool:
+        """Queue ``room_config`` (``history`` feature) with the given settings only (checked
+        first, see :func:`check_room_config`; then as :meth:`command`)."""
+        room_id = check_id("room_id", room_id, self.max_id_length)
+        settings = check_room_config(history_size, history_ttl, presence)
+        return self.command(encode_room_config(room_id, settings), "room_config", HISTORY_FEATURE)
+
     # -------------------------------------------------------------------- queries
 
     @property
@@ -978,6 +1225,28 @@ class Session:
         """Start a ``room_count`` query (see :meth:`_query`)."""
         return self._query("room_count", room_id, timeout, _count, on_done)
 
+    def query_room_history(
+        self,
+        room_id: str,
+        since: int = 0,
+        limit: int | None = None,
+        timeout: float = DEFAULT_QUERY_TIMEOUT,
+        on_done: Callable[[], None] | None = None,
+    ) -> Query[RoomHistory]:
+        """Start a ``room_history`` query (``history`` feature): the room's messages after
+        offset ``since``, the newest ``limit`` of them (``None``: all). See :meth:`_query`;
+        ``since`` and ``limit`` are checked first (:func:`check_history_range`)."""
+        since, limit = check_history_range(since, limit)
+        return self._query(
+            "room_history",
+            room_id,
+            timeout,
+            _history,
+            on_done,
+            HISTORY_FEATURE,
+            lambda room, _timeout, request_id: encode_room_history(room, since, limit, request_id),
+        )
+
     def _query(
         self,
         action: str,
@@ -985,28 +1254,32 @@ class Session:
         timeout: float,
         interpret: Callable[[Query[T], dict[str, Any]], T],
         on_done: Callable[[], None] | None,
+        feature: str = ROOMS_FEATURE,
+        encode: Callable[[str, float, str], bytes] | None = None,
     ) -> Query[T]:
         """Check the arguments, register the query and queue its frame (the shell writes
         when :meth:`wants_write`). Raises :class:`BrokerUnavailable` without a link and
-        :class:`UnsupportedFeature` on a link without ``rooms``; on a link whose hello is
-        not answered yet the frame waits for the answer.
+        :class:`UnsupportedFeature` on a link without ``feature``; on a link whose hello is
+        not answered yet the frame waits for the answer. ``encode(room_id, timeout,
+        request_id)`` makes the frame (default: the ``rooms`` queries').
 
-        ``timeout`` goes in the query too: the broker answers within a part of it (80%),
-        with what it has, so that a partial answer arrives before the caller gives up.
+        ``timeout`` goes in the ``rooms`` queries too: the broker answers within a part of it
+        (80%), with what it has, so that a partial answer arrives before the caller gives up.
         """
         room_id = check_id("room_id", room_id, self.max_id_length)
         timeout = check_timeout(timeout)
-        query = Query(action, room_id, timeout, interpret, on_done)
+        query = Query(action, room_id, timeout, interpret, on_done, feature)
         if not self.open:
             raise BrokerUnavailable(f"{query!r}: not connected to the broker at {self.peer or '?'}")
         features = self._link_features()
-        if features is not None and ROOMS_FEATURE not in features:
-            raise UnsupportedFeature(self._unsupported(repr(query)))
-        encode = encode_room_members if action == "room_members" else encode_room_count
+        if features is not None and feature not in features:
+            raise UnsupportedFeature(self._unsupported(repr(query), feature))
+        if encode is None:
+            encode = encode_room_members if action == "room_members" else encode_room_count
         frame = encode(room_id, timeout, query.request_id)
         self._queries[query.request_id] = query
         if features is None:
-            self._held.append(_QueryFrame(frame))
+            self._held.append(_QUERY_FRAMES[feature](frame))
         else:
             self._out.append(frame)
             self.out_bytes += len(frame)

@@ -43,12 +43,12 @@ keep working):
   running; while it reconnects, the client keeps them for the next connection.
   The room and user commands (``join_room``, ``leave_room``,
   ``send_room_message(..., exclude=...)``, ``send_user_message``,
-  ``disconnect_client``) work the same way, except that their errors (bad ids,
-  a broker without the ``rooms`` feature) are raised in the caller, whichever
-  thread it is on.
-* ``room_members`` / ``room_count`` return a :class:`QueryResult`: ``await`` it in
-  an async handler, call ``.result()`` in a sync one (which runs in the thread
-  pool, so the loop stays free to read the reply).
+  ``disconnect_client``, ``room_config``) work the same way, except that their
+  errors (bad arguments, a broker without the ``rooms`` / ``history`` feature)
+  are raised in the caller, whichever thread it is on.
+* ``room_members`` / ``room_count`` / ``room_history`` return a :class:`QueryResult`:
+  ``await`` it in an async handler, call ``.result()`` in a sync one (which runs in
+  the thread pool, so the loop stays free to read the reply).
 * Protocol v2 (acknowledgements, heartbeats, ``backend_secret``) is the async
   client's: with a v2 broker delivery is at least once, and a handler can
   deduplicate on ``context.event_id`` (``context.redelivered`` marks
@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import logging
 import threading
@@ -71,6 +72,7 @@ from ._session import DEFAULT_MAX_BUFFERED_SENDS, DEFAULT_QUERY_TIMEOUT
 from .async_client import AsyncPyStrandsClient
 from .context import ConnectionRequestContext, Context
 from .errors import BrokerUnavailable
+from .history import RoomHistory
 
 if TYPE_CHECKING:
     from ._core import NativeBroker
@@ -115,7 +117,8 @@ _DONE = SendResult()
 
 
 class QueryResult(Generic[T]):
-    """The answer of an app query (:meth:`PyStrands.room_members`, :meth:`PyStrands.room_count`).
+    """The answer of an app query (:meth:`PyStrands.room_members`, :meth:`PyStrands.room_count`,
+    :meth:`PyStrands.room_history`).
 
     ``await`` it in async code; call :meth:`result` in sync code (a plain ``def``
     handler, which runs in the app's thread pool). The query's errors
@@ -464,14 +467,15 @@ class PyStrands:
                     return _DONE  # the app stopped: like a send of an app that does not run
 
     def _query(self, ask: Callable[..., Coroutine[Any, Any, T]] | None, room_id: str, timeout: float) -> QueryResult[T]:
-        """Start one of the client's queries from wherever the caller is."""
+        """Start one of the client's queries from wherever the caller is: ``ask(room_id,
+        timeout=timeout)`` (the query's other arguments bound with ``functools.partial``)."""
         loop = self._loop
         if ask is None or loop is None or loop.is_closed():
             raise BrokerUnavailable("the app is not running")
         running = _running_loop()
         if running is not loop:  # another thread (a sync handler in the pool)
-            return QueryResult(asyncio.run_coroutine_threadsafe(ask(room_id, timeout), loop), timeout)
-        it, value = first_step(ask(room_id, timeout))  # argument and link errors raise here
+            return QueryResult(asyncio.run_coroutine_threadsafe(ask(room_id, timeout=timeout), loop), timeout)
+        it, value = first_step(ask(room_id, timeout=timeout))  # argument and link errors raise here
         if it is None:
             done: asyncio.Future[T] = loop.create_future()
             done.set_result(value)
@@ -532,6 +536,47 @@ class PyStrands:
         """How many connections are in ``room_id`` on every live node (as :meth:`room_members`)."""
         client = self._client
         return self._query(None if client is None else client.room_count, room_id, timeout)
+
+    def room_config(
+        self,
+        room_id: str,
+        *,
+        history_size: int | None = None,
+        history_ttl: float | None = None,
+        presence: bool | None = None,
+    ) -> SendResult:
+        """Set the room's own settings (await optional); the ones left out keep their value.
+
+        ``history_size`` (an int 0-100000; 0 turns the room's history off),
+        ``history_ttl`` (seconds, > 0), ``presence`` (bool): give at least one. Needs a
+        broker with the ``history`` feature: raises :class:`~pystrands.UnsupportedFeature`
+        when the connected broker lacks it, ``TypeError``/``ValueError`` for a bad argument
+        (in the caller, as :meth:`join_room`). Kept while reconnecting; does nothing while
+        the app is not running.
+        """
+        client = self._client
+        config = (
+            None
+            if client is None
+            else functools.partial(
+                client.room_config, history_size=history_size, history_ttl=history_ttl, presence=presence
+            )
+        )
+        return self._command(config, room_id)
+
+    def room_history(
+        self, room_id: str, since: int = 0, limit: int | None = None, timeout: float = DEFAULT_QUERY_TIMEOUT
+    ) -> QueryResult[RoomHistory]:
+        """The messages of ``room_id`` after offset ``since``, the newest ``limit`` of them
+        (``None``: all), as a :class:`~pystrands.RoomHistory`: ``await`` the result, or call
+        ``.result()`` in a sync handler.
+
+        Errors as :meth:`AsyncPyStrandsClient.room_history`; also
+        :class:`~pystrands.BrokerUnavailable` while the app does not run.
+        """
+        client = self._client
+        ask = None if client is None else functools.partial(client.room_history, since=since, limit=limit)
+        return self._query(ask, room_id, timeout)
 
     def send_private_message(self, client_id: str, message: str) -> SendResult:
         """Send ``message`` to the client ``client_id`` only (await optional)."""

@@ -24,7 +24,8 @@ the silence deadline, sends kept while disconnected) lives in
   the transport's buffer is above its high-water mark;
 * a ``loop.call_later`` timer asks the session whether the broker went silent
   (another one, whether a hello answer that sends wait for is overdue);
-* queries (:meth:`AsyncPyStrandsClient.room_members`, ...) are futures the
+* queries (:meth:`AsyncPyStrandsClient.room_members`, :meth:`AsyncPyStrandsClient.room_history`,
+  ...) are futures the
   session resolves when ``data_received`` hands it the reply; reading goes on
   while queries wait even when handlers fell behind (up to twice ``max_pending``).
 
@@ -62,6 +63,7 @@ from ._protocol import (
 from ._session import DEFAULT_MAX_BUFFERED_SENDS, DEFAULT_QUERY_TIMEOUT, Query, Session
 from .context import ConnectionRequestContext, Context
 from .errors import BrokerUnavailable
+from .history import RoomHistory
 
 T = TypeVar("T")
 
@@ -311,7 +313,8 @@ class AsyncPyStrandsClient(ClientBase):
     back. With a broker that has the ``rooms`` feature: the coroutines
     :meth:`join_room`, :meth:`leave_room`, ``send_room_message(..., exclude=...)``,
     :meth:`send_user_message`, :meth:`disconnect_client`, :meth:`room_members` and
-    :meth:`room_count` (``docs/broker.md``).
+    :meth:`room_count` (``docs/broker.md``). With one that has the ``history`` feature:
+    :meth:`room_config` and :meth:`room_history`.
 
     Delivery: from a v1 broker every event arrives at most once. A v2 broker
     (negotiated automatically, see ``docs/protocol.md``) delivers **at least
@@ -681,7 +684,7 @@ class AsyncPyStrandsClient(ClientBase):
         conn = self._conn
         if conn is None or not self.connected or self._intentional_disconnect or loop is not self._loop:
             if conn is not None and loop is not self._loop:
-                raise RuntimeError("room_members()/room_count() must be awaited on the client's event loop")
+                raise RuntimeError("queries (room_members(), room_count(), room_history()) must be awaited on the client's event loop")
             raise BrokerUnavailable(f"not connected to the broker at {self._where}")
         answered: asyncio.Future[None] = loop.create_future()
 
@@ -802,6 +805,52 @@ class AsyncPyStrandsClient(ClientBase):
         Waiting and errors as :meth:`room_members`.
         """
         return await self._ask(lambda s, done: s.query_room_count(room_id, timeout, done))
+
+    # ------------------------------------------------- history and room settings
+
+    async def room_config(
+        self,
+        room_id: str,
+        *,
+        history_size: int | None = None,
+        history_ttl: float | None = None,
+        presence: bool | None = None,
+    ) -> None:
+        """Set the room's own settings; the ones left out (``None``) keep their value.
+
+        ``history_size``: messages of the room the broker keeps (an int 0-100000; 0 turns its
+        history off); ``history_ttl``: seconds the history is kept after the room's last
+        message (a positive number); ``presence``: whether its ``pystrands.1`` members get
+        presence frames. Give at least one.
+
+        Needs a broker with the ``history`` feature. Raises ``TypeError``/``ValueError`` for a
+        bad argument (naming it) or room id, :class:`~pystrands.UnsupportedFeature` when the
+        connected broker lacks the feature. Kept while disconnected like any send (and
+        dropped, logged, if the next broker lacks the feature). A refusal by the broker is
+        logged as a warning.
+        """
+        conn = self._command(
+            lambda s: s.room_config(room_id, history_size=history_size, history_ttl=history_ttl, presence=presence)
+        )
+        if conn is not None and conn.write_paused:
+            await self._drained(conn)
+
+    async def room_history(
+        self, room_id: str, since: int = 0, limit: int | None = None, timeout: float = DEFAULT_QUERY_TIMEOUT
+    ) -> RoomHistory:
+        """The messages of ``room_id`` after offset ``since`` (an int >= 0), oldest first: the
+        newest ``limit`` of them (an int 1-100000; ``None``: all the broker keeps).
+
+        Returns a :class:`~pystrands.RoomHistory`: the room's ``epoch`` and last ``offset``,
+        the ``messages`` (:class:`~pystrands.HistoryMessage` ``(offset, data)``) and
+        ``complete``, false when messages after ``since`` are missing (evicted, or left out
+        by ``limit``). A room without history answers ``RoomHistory("", 0, [], True)``.
+
+        Needs a broker with the ``history`` feature. Waiting and errors as
+        :meth:`room_members` (:class:`~pystrands.UnsupportedFeature` when the broker lacks
+        ``history``), plus ``TypeError``/``ValueError`` for a bad ``since`` or ``limit``.
+        """
+        return await self._ask(lambda s, done: s.query_room_history(room_id, since, limit, timeout, done))
 
     # ------------------------------------------------------------------- dispatch
 

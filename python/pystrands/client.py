@@ -28,8 +28,8 @@ the silence deadline, sends kept while disconnected) lives in
   silent. It sleeps until there is work. It also starts when sends wait for the
   broker's hello answer (a room command made right after connecting), to release
   them if that answer never comes.
-* queries (:meth:`PyStrandsClient.room_members`, :meth:`PyStrandsClient.room_count`)
-  block the calling thread (a handler's worker) until the reader thread hands the
+* queries (:meth:`PyStrandsClient.room_members`, :meth:`PyStrandsClient.room_count`,
+  :meth:`PyStrandsClient.room_history`) block the calling thread (a handler's worker) until the reader thread hands the
   session the reply, or the deadline passes. The reader never runs handlers, so
   it is always free to read the reply; while queries wait it keeps reading even
   when handlers fell behind (up to twice ``max_pending``).
@@ -64,6 +64,7 @@ from ._protocol import (
 from ._session import DEFAULT_MAX_BUFFERED_SENDS, DEFAULT_QUERY_TIMEOUT, Query, Session
 from .context import ConnectionRequestContext, Context
 from .errors import BrokerUnavailable
+from .history import RoomHistory
 
 T = TypeVar("T")
 
@@ -259,7 +260,8 @@ class PyStrandsClient(ClientBase):
     the connection is back. With a broker that has the ``rooms`` feature:
     :meth:`join_room`, :meth:`leave_room`, ``send_room_message(..., exclude=...)``,
     :meth:`send_user_message`, :meth:`disconnect_client` and the blocking queries
-    :meth:`room_members` and :meth:`room_count` (``docs/broker.md``).
+    :meth:`room_members` and :meth:`room_count` (``docs/broker.md``). With one that has
+    the ``history`` feature: :meth:`room_config` and the blocking query :meth:`room_history`.
 
     Delivery: from a v1 broker every event arrives at most once. A v2 broker
     (negotiated automatically, see ``docs/protocol.md``) delivers **at least
@@ -750,7 +752,7 @@ class PyStrandsClient(ClientBase):
         (or the deadline, or the connection's end)."""
         if threading.current_thread() is self._manager:
             raise RuntimeError(
-                "room_members()/room_count() cannot run on the client's reader thread: "
+                "queries (room_members(), room_count(), room_history()) cannot run on the client's reader thread: "
                 "it would wait for a reply only that thread can read"
             )
         answered = threading.Event()
@@ -857,6 +859,50 @@ class PyStrandsClient(ClientBase):
         Blocking and errors as :meth:`room_members`.
         """
         return self._ask(lambda s, done: s.query_room_count(room_id, timeout, done))
+
+    # ------------------------------------------------- history and room settings
+
+    def room_config(
+        self,
+        room_id: str,
+        *,
+        history_size: int | None = None,
+        history_ttl: float | None = None,
+        presence: bool | None = None,
+    ) -> None:
+        """Set the room's own settings; the ones left out (``None``) keep their value.
+
+        ``history_size``: messages of the room the broker keeps (an int 0-100000; 0 turns its
+        history off); ``history_ttl``: seconds the history is kept after the room's last
+        message (a positive number); ``presence``: whether its ``pystrands.1`` members get
+        presence frames. Give at least one.
+
+        Needs a broker with the ``history`` feature. Raises ``TypeError``/``ValueError`` for a
+        bad argument (naming it) or room id, :class:`~pystrands.UnsupportedFeature` when the
+        connected broker lacks the feature. Kept while disconnected like any send (and
+        dropped, logged, if the next broker lacks the feature). A refusal by the broker is
+        logged as a warning.
+        """
+        self._command(
+            lambda s: s.room_config(room_id, history_size=history_size, history_ttl=history_ttl, presence=presence)
+        )
+
+    def room_history(
+        self, room_id: str, since: int = 0, limit: int | None = None, timeout: float = DEFAULT_QUERY_TIMEOUT
+    ) -> RoomHistory:
+        """The messages of ``room_id`` after offset ``since`` (an int >= 0), oldest first: the
+        newest ``limit`` of them (an int 1-100000; ``None``: all the broker keeps).
+
+        Returns a :class:`~pystrands.RoomHistory`: the room's ``epoch`` and last ``offset``,
+        the ``messages`` (:class:`~pystrands.HistoryMessage` ``(offset, data)``) and
+        ``complete``, false when messages after ``since`` are missing (evicted, or left out
+        by ``limit``). A room without history answers ``RoomHistory("", 0, [], True)``.
+
+        Needs a broker with the ``history`` feature. Blocking and errors as
+        :meth:`room_members` (:class:`~pystrands.UnsupportedFeature` when the broker lacks
+        ``history``), plus ``TypeError``/``ValueError`` for a bad ``since`` or ``limit``.
+        """
+        return self._ask(lambda s, done: s.query_room_history(room_id, since, limit, timeout, done))
 
     # ------------------------------------------------------------------- dispatch
 

@@ -9,12 +9,13 @@ caller would already catch for that kind of failure, so generic handlers keep wo
 * :class:`QueryError` (a :class:`RuntimeError`): the broker answered the query with an error
   (e.g. an invalid room id).
 * :class:`UnsupportedFeature` (a :class:`RuntimeError`): the connected broker does not
-  announce the feature (``rooms``) the call needs, e.g. a PyStrands 1.0 broker.
+  announce the feature (``rooms``, ``history``) the call needs, e.g. a PyStrands 1.0 broker.
 
 Argument errors are the usual :class:`TypeError` / :class:`ValueError`, raised before
 anything is sent. Commands (``join_room``, ``leave_room``, ``send_room_message`` with
 ``exclude``, ``send_user_message``, ``disconnect_client``) never raise for ids nobody has:
-the broker ignores them (and counts them).
+the broker ignores them (and counts them). What only the broker checks (a join beyond
+``max_rooms_per_client``, a ``room_config`` it refuses) is logged as a warning.
 """
 
 from __future__ import annotations

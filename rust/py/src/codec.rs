@@ -275,6 +275,10 @@ struct Params<'py> {
     complete: Option<bool>,
     missing: Option<Bound<'py, PyAny>>,
     count: Option<Bound<'py, PyAny>>,
+    // A `room_history` reply (`history` feature): plain values, checked by the session.
+    epoch: Option<Bound<'py, PyAny>>,
+    offset: Option<Bound<'py, PyAny>>,
+    messages: Option<Bound<'py, PyAny>>,
 }
 
 /// A JSON array of context objects (a `room_members` reply: may hold thousands).
@@ -342,6 +346,9 @@ impl<'de, 'py> Visitor<'de> for ParamsSeed<'py> {
                 "complete" => put(&mut p.complete, map.next_value::<bool>()?)?,
                 "missing" => put(&mut p.missing, map.next_value_seed(AnyValue(py))?)?,
                 "count" => put(&mut p.count, map.next_value_seed(AnyValue(py))?)?,
+                "epoch" => put(&mut p.epoch, map.next_value_seed(AnyValue(py))?)?,
+                "offset" => put(&mut p.offset, map.next_value_seed(AnyValue(py))?)?,
+                "messages" => put(&mut p.messages, map.next_value_seed(AnyValue(py))?)?,
                 _ => {
                     map.next_value_seed(Skip)?;
                 }
@@ -557,6 +564,13 @@ impl Refs {
                 }
                 if let Some(error) = p.error.take() {
                     params.set_item(intern!(py, "error"), error)?;
+                }
+                for (key, value) in
+                    [("epoch", p.epoch.take()), ("offset", p.offset.take()), ("messages", p.messages.take())]
+                {
+                    if let Some(v) = value {
+                        params.set_item(key, v)?;
+                    }
                 }
                 return Ok(Some(self.query_reply.bind(py).call1((request_id, params))?));
             }
