@@ -157,8 +157,10 @@ async fn restore(
         return Err("user mismatch");
     }
     let max = shared.cfg.max_rooms_per_client;
+    let already = shared.hub.rooms_of_conn(slot.conn_id);
     for room in &s.rooms {
-        if room.is_empty() || room.len() > shared.cfg.max_id_length {
+        // Rooms it is in already (its first room) cost no history read.
+        if room.is_empty() || room.len() > shared.cfg.max_id_length || already.iter().any(|r| **r == **room) {
             continue;
         }
         let settings = shared.rooms.settings(room);
