@@ -17,6 +17,9 @@ What it does, all on 127.0.0.1, everything started here and stopped here (proces
    * `pystrands+inproc-uvloop`: the same, on uvloop (`async with Broker.serving(backend)`)
    * `pystrands+uvloop`: the same, with the backend on uvloop instead of asyncio's own loop
    * `pystrands+pure-python`: the same, with the native inbound codec off (`PYSTRANDS_PURE_PYTHON=1`)
+   * `pystrands+history`: the same, with the broker started with `--history-size 100` (W2, W5)
+   * `pystrands+structured`, `pystrands+history+structured`: the same two with receivers speaking
+     the browser protocol `pystrands.1` (W2, W5)
    * `pystrands@baseline` (only with `--baseline DIR`): broker and backend from an earlier build in DIR
    * `pystrands+v1-client`: our broker + the PyStrands 1.0 async client (PyPI) as the backend
    * `pystrands+rust-backend`: our broker + a Rust backend (accepting/handling done in Rust)
@@ -176,9 +179,11 @@ class Running:
 
 class System:
     def __init__(self, name: str, kind: str, workloads: set[str], description: str, socketio: bool = False, backend: str = "",
-                 pythonpath: str = "", env: dict[str, str] | None = None):
+                 pythonpath: str = "", env: dict[str, str] | None = None, broker_args: tuple[str, ...] = (), structured: bool = False):
         self.name, self.kind, self.workloads, self.description = name, kind, workloads, description
         self.socketio, self.backend = socketio, backend
+        self.broker_args = list(broker_args)  # extra options of `python -m pystrands server`
+        self.structured = structured  # the receivers of W2/W5 speak the browser protocol pystrands.1
         # environment for the broker and backend processes: `pythonpath` is a directory holding another
         # build of the `pystrands` package (imported first), `env` extra variables
         self.env = dict(env or {})
@@ -201,7 +206,8 @@ class System:
                 tcp_port = free_port()
                 env = dict(os.environ, **self.env) if self.env else None
                 broker = Proc(f"{self.name}-broker", [str(venv_python(OUR_VENV)), "-m", "pystrands", "server", "--host", "127.0.0.1",
-                                                      "--ws-port", str(ws_port), "--tcp-port", str(tcp_port), "--log-level", "error"], logdir,
+                                                      "--ws-port", str(ws_port), "--tcp-port", str(tcp_port), "--log-level", "error",
+                                                      *self.broker_args], logdir,
                               env=env)
                 procs.append(broker)
                 wait_port(tcp_port, 30.0, broker.check_alive)
@@ -257,6 +263,15 @@ SYSTEMS = [
     System("pystrands+5rooms", "pystrands", {"fanout", "broadcast"},
            "our broker + our AsyncPyStrandsClient backend; every receiver is also in 5 other rooms (join_room)",
            backend="ours", env={"PYSTRANDS_BENCH_EXTRA_ROOMS": "5"}),
+    System("pystrands+history", "pystrands", {"fanout", "broadcast"},
+           "our broker started with --history-size 100 (every room keeps its last 100 messages) + our AsyncPyStrandsClient backend",
+           backend="ours", broker_args=("--history-size", "100")),
+    System("pystrands+structured", "pystrands", {"fanout", "broadcast"},
+           "our broker + our AsyncPyStrandsClient backend; the receivers speak the browser protocol pystrands.1 (JSON envelopes)",
+           backend="ours", structured=True),
+    System("pystrands+history+structured", "pystrands", {"fanout", "broadcast"},
+           "our broker with --history-size 100; the receivers speak pystrands.1 (envelopes with offset and epoch)",
+           backend="ours", broker_args=("--history-size", "100"), structured=True),
     System("pystrands@before-rooms", "pystrands", {"echo", "fanout", "connect", "broadcast"},
            "the same broker and backend built from the commit before issue 15 (rooms/users), from PYSTRANDS_BEFORE_BUILD",
            backend="ours", pythonpath=os.environ.get("PYSTRANDS_BEFORE_BUILD", str(ROOT / "build-before"))),
@@ -361,7 +376,7 @@ def loadgen(args: list[str], timeout: float, run: Running | None = None) -> dict
 
 
 def proto(run: Running) -> list[str]:
-    return ["--protocol", "socketio" if run.system.socketio else "plain"]
+    return ["--protocol", "socketio" if run.system.socketio else "pystrands1" if run.system.structured else "plain"]
 
 
 def measure(workload: str, mode: str, run: Running, cfg: dict) -> dict:
@@ -669,6 +684,10 @@ def targets(res: dict) -> list[dict]:
     ratio("W1 ≥ 0.95x the build before the routes and the log bridge", ("echo", "pystrands"), ("echo", "pystrands@before-observability"), 0.95)
     ratio("W2 (max rate) ≥ 0.95x the build before the routes and the log bridge", ("fanout_max", "pystrands"),
           ("fanout_max", "pystrands@before-observability"), 0.95)
+    # Issue 17: history may cost at most 15% of fan-out throughput on one node.
+    ratio("W2 (max rate) with --history-size 100 ≥ 0.85x without", ("fanout_max", "pystrands+history"), ("fanout_max", "pystrands"), 0.85)
+    ratio("W2 (max rate), pystrands.1 receivers, with --history-size 100 ≥ 0.85x without", ("fanout_max", "pystrands+history+structured"),
+          ("fanout_max", "pystrands+structured"), 0.85)
     return out
 
 

@@ -21,6 +21,10 @@
 //! * `connect`: storm of N connections, `--concurrency` connectors; connections/s including the
 //!   WebSocket handshake (and the Socket.IO connect round trip with `--protocol socketio`).
 //!
+//! `--protocol pystrands1` (`fanout` and `broadcast` only): the receivers speak our browser
+//! protocol `pystrands.1` (`Sec-WebSocket-Protocol: pystrands.1`, `{"t":"connect"}`, wait for the
+//! `welcome`); a message's payload is its envelope's `data`; `ping` frames are skipped. The
+//! publisher stays a plain client.
 //! `--protocol socketio` speaks Engine.IO v4 / Socket.IO v5 over a websocket (`--url` must be
 //! `ws://…/socket.io/?EIO=4&transport=websocket…`): waits for the `0{…}` open packet, sends
 //! `40`, waits for `40…`, sends events as `42["m","…"]`, answers ping `2` with `3`.
@@ -29,10 +33,13 @@
 //!
 //! * `cluster-fanout`: room fan-out through one broker or a cluster, the tool acting as every
 //!   node's backend (see [`fanout`]; used by `benches/cluster_fanout.py`).
+//! * `storm`: a reconnect storm with recovery, `pystrands.1` clients (or Centrifuge's) that
+//!   missed messages coming back at once (see [`storm`]; used by `benches/recovery.py`).
 //!
 //! Usage: `pystrands-loadgen WORKLOAD --url ws://127.0.0.1:8080/bench [--clients N] [--seconds S] …`
 
 mod fanout;
+mod storm;
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -42,13 +49,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 type Ws = WebSocketStream<TcpStream>;
 
-const USAGE: &str = "usage: pystrands-loadgen echo|fanout|broadcast|idle|connect --url URL [--pub-url URL] [--protocol plain|socketio] \
+const USAGE: &str = "usage: pystrands-loadgen echo|fanout|broadcast|idle|connect --url URL [--pub-url URL] [--protocol plain|socketio|pystrands1] \
 [--clients N] [--seconds S] [--warmup S] [--size BYTES] [--rate MSGS_PER_S (0 = max)] [--window N] [--triggers N] [--gap-ms MS] \
 [--concurrency N] [--hold S] [--sources K] [--threads N] [--drain S]";
 
@@ -58,6 +67,8 @@ struct Args {
     url: String,
     pub_url: String,
     socketio: bool,
+    /// Receivers speak `pystrands.1` (fanout, broadcast).
+    structured: bool,
     clients: usize,
     seconds: f64,
     warmup: f64,
@@ -81,6 +92,7 @@ fn parse_args() -> Result<Args, String> {
         url: String::new(),
         pub_url: String::new(),
         socketio: false,
+        structured: false,
         clients: 100,
         seconds: 10.0,
         warmup: 1.0,
@@ -102,9 +114,10 @@ fn parse_args() -> Result<Args, String> {
             "--url" => a.url = value.clone(),
             "--pub-url" => a.pub_url = value.clone(),
             "--protocol" => {
-                a.socketio = match value.as_str() {
-                    "plain" => false,
-                    "socketio" => true,
+                (a.socketio, a.structured) = match value.as_str() {
+                    "plain" => (false, false),
+                    "socketio" => (true, false),
+                    "pystrands1" => (false, true),
                     _ => return Err(bad()),
                 }
             }
@@ -129,6 +142,9 @@ fn parse_args() -> Result<Args, String> {
     }
     if a.pub_url.is_empty() {
         a.pub_url = a.url.clone();
+    }
+    if a.structured && !matches!(a.workload.as_str(), "fanout" | "broadcast") {
+        return Err("--protocol pystrands1 is for fanout and broadcast (its receivers)".into());
     }
     if a.sources == 0 || a.sources > 254 || a.concurrency == 0 || a.window == 0 || a.threads == 0 {
         return Err("--sources must be 1..254, --concurrency, --window and --threads at least 1".into());
@@ -167,6 +183,8 @@ struct Target {
     url: String,
     addr: SocketAddr,
     socketio: bool,
+    /// Speaks `pystrands.1` (receivers of fanout and broadcast).
+    structured: bool,
     sources: usize,
 }
 
@@ -176,7 +194,7 @@ impl Target {
         let hostport = rest.split('/').next().unwrap_or(rest);
         let addr: SocketAddr =
             hostport.parse().map_err(|_| format!("need a numeric ip:port in the URL, got {hostport}"))?;
-        Ok(Target { url: url.to_string(), addr, socketio, sources })
+        Ok(Target { url: url.to_string(), addr, socketio, structured: false, sources })
     }
 }
 
@@ -195,9 +213,20 @@ async fn open(t: &Target, idx: usize) -> Result<Ws, String> {
     }
     let stream = sock.connect(t.addr).await.map_err(|e| format!("connect: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(t.url.as_str(), stream, Some(ws_config()))
+    let mut req = t.url.as_str().into_client_request().map_err(|e| format!("request: {e}"))?;
+    if t.structured {
+        req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("pystrands.1"));
+    }
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
+    if t.structured {
+        ws.send(Message::text(r#"{"t":"connect"}"#)).await.map_err(|e| format!("send: {e}"))?;
+        let welcome = next_text(&mut ws).await?;
+        if !welcome.starts_with(r#"{"t":"welcome""#) {
+            return Err(format!("pystrands.1: expected welcome, got {:.60}", welcome.as_str()));
+        }
+    }
     if t.socketio {
         // Engine.IO open packet `0{...}`, then Socket.IO connect `40` -> `40{"sid":...}`.
         let first = next_text(&mut ws).await?;
@@ -241,10 +270,14 @@ async fn next_text(ws: &mut Ws) -> Result<Utf8Bytes, String> {
     }
 }
 
-/// The payload of a received frame: with Socket.IO, the data of a `42["m","…"]` event (our
-/// payloads need no JSON escaping); `None` for anything else (answers ping `2` first).
-async fn payload<'a>(ws: &mut Ws, socketio: bool, text: &'a str) -> Result<Option<&'a str>, String> {
-    if !socketio {
+/// The payload of a received frame: with Socket.IO, the data of a `42["m","…"]` event; with
+/// `pystrands.1`, the `data` of a `msg` envelope (our payloads need no JSON escaping, and `data`
+/// is its last field); `None` for anything else (answers ping `2` first).
+async fn payload<'a>(ws: &mut Ws, t: &Target, text: &'a str) -> Result<Option<&'a str>, String> {
+    if t.structured {
+        return Ok(text.find(r#""data":""#).and_then(|i| text[i + 8..].strip_suffix("\"}")));
+    }
+    if !t.socketio {
         return Ok(Some(text));
     }
     if text == "2" {
@@ -321,7 +354,7 @@ async fn echo_client(
         ws.send(Message::Text(msg.clone())).await.map_err(|e| format!("send: {e}"))?;
         loop {
             let text = next_text(&mut ws).await.map_err(|e| format!("waiting for the echo: {e}"))?;
-            if payload(&mut ws, t.socketio, &text).await?.is_some() {
+            if payload(&mut ws, &t, &text).await?.is_some() {
                 break;
             }
         }
@@ -432,7 +465,7 @@ async fn receiver(
                 break;
             }
         };
-        let p = match payload(&mut ws, t.socketio, &text).await {
+        let p = match payload(&mut ws, &t, &text).await {
             Ok(Some(p)) => p,
             Ok(None) => continue,
             Err(e) => {
@@ -526,7 +559,7 @@ async fn stop_receivers(
 
 async fn run_fanout(a: Args) -> Value {
     let (t, tp) = match (Target::new(&a.url, a.socketio, a.sources), Target::new(&a.pub_url, a.socketio, a.sources)) {
-        (Ok(t), Ok(tp)) => (Arc::new(t), tp),
+        (Ok(t), Ok(tp)) => (Arc::new(Target { structured: a.structured, ..t }), tp),
         (Err(e), _) | (_, Err(e)) => return json!({"error": e}),
     };
     let board = new_board(0);
@@ -624,7 +657,7 @@ async fn run_fanout(a: Args) -> Value {
 
 async fn run_broadcast(a: Args) -> Value {
     let (t, tp) = match (Target::new(&a.url, a.socketio, a.sources), Target::new(&a.pub_url, a.socketio, a.sources)) {
-        (Ok(t), Ok(tp)) => (Arc::new(t), tp),
+        (Ok(t), Ok(tp)) => (Arc::new(Target { structured: a.structured, ..t }), tp),
         (Err(e), _) | (_, Err(e)) => return json!({"error": e}),
     };
     let board = new_board(a.triggers);
@@ -800,6 +833,9 @@ fn main() {
     if std::env::args().nth(1).as_deref() == Some("cluster-fanout") {
         return fanout::main();
     }
+    if std::env::args().nth(1).as_deref() == Some("storm") {
+        return storm::main();
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -824,7 +860,13 @@ fn main() {
             other => json!({"error": format!("unknown workload {other}\n{USAGE}")}),
         }
     });
-    result["protocol"] = json!(if args.socketio { "socketio" } else { "plain" });
+    result["protocol"] = json!(if args.socketio {
+        "socketio"
+    } else if args.structured {
+        "pystrands1"
+    } else {
+        "plain"
+    });
     result["threads"] = json!(args.threads);
     println!("{result}");
     // Don't wait for the runtime to close thousands of sockets one by one.

@@ -19,8 +19,18 @@
 // does internally for presence-enabled subscriptions. Every connection is accepted with its
 // client id as user id.
 //
-// Usage: centrifuge-peer -port 8000 [-redis 127.0.0.1:6379] (Redis: broker and presence in
-// Redis, so several nodes form a cluster; without: in-memory, one node).
+// History and recovery (benches/recovery.py, issue 17): with -history-size N (> 0) every
+// `publish` keeps the publication in the channel's history (WithHistory(N, -history-ttl); in
+// memory, or with -redis in a Redis Stream per channel, UseStreams, stream meta kept
+// -history-meta-ttl), and with -recover a client may subscribe to any channel itself
+// (OnSubscribe answers SubscribeOptions{Recover: true}): its subscribe reply carries the
+// channel's offset and epoch, and a subscribe with `recover`, `offset` and `epoch` after a
+// reconnect gets the missed publications in the reply (`recovered: true`). Without -recover a
+// client's own subscribe is allowed with no options.
+//
+// Usage: centrifuge-peer -port 8000 [-redis 127.0.0.1:6379] [-history-size 100 -history-ttl 300s
+// -history-meta-ttl 86400s -recover] (Redis: broker and presence in Redis, so several nodes form
+// a cluster; without: in-memory, one node).
 // Build (offline, Debian's Go 1.19 and library source):
 //
 //	GO111MODULE=off GOPATH=/usr/share/gocode go build -o centrifuge-peer .
@@ -37,14 +47,16 @@ import (
 	"os/signal"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/centrifugal/centrifuge"
 )
 
 type server struct {
-	node *centrifuge.Node
-	pm   centrifuge.PresenceManager
-	mu   sync.RWMutex
+	node        *centrifuge.Node
+	publishOpts []centrifuge.PublishOption
+	pm          centrifuge.PresenceManager
+	mu          sync.RWMutex
 	// connections of this node by client id, with the channels joined through `join`
 	clients map[string]*entry
 }
@@ -129,7 +141,7 @@ func (s *server) rpc(e centrifuge.RPCEvent) ([]byte, error) {
 		}
 		return json.Marshal(map[string]int{"count": res.NumClients})
 	case "publish":
-		if _, err := s.node.Publish(a.Ch, a.D); err != nil {
+		if _, err := s.node.Publish(a.Ch, a.D, s.publishOpts...); err != nil {
 			return nil, err
 		}
 		return []byte(`{}`), nil
@@ -140,6 +152,10 @@ func (s *server) rpc(e centrifuge.RPCEvent) ([]byte, error) {
 func main() {
 	port := flag.String("port", "8000", "WebSocket port (on 127.0.0.1)")
 	redisAddr := flag.String("redis", "", "Redis host:port for a cluster (broker + presence); empty: in memory")
+	historySize := flag.Int("history-size", 0, "publications kept per channel (0: no history)")
+	historyTTL := flag.Duration("history-ttl", 300*time.Second, "how long a channel's history is kept")
+	historyMetaTTL := flag.Duration("history-meta-ttl", 86400*time.Second, "how long a channel's stream position is kept (Redis)")
+	recoverOn := flag.Bool("recover", false, "clients' own subscriptions get SubscribeOptions{Recover: true}")
 	flag.Parse()
 
 	cfg := centrifuge.DefaultConfig
@@ -151,13 +167,20 @@ func main() {
 		log.Fatal(err)
 	}
 	s := &server{node: node, clients: map[string]*entry{}}
+	if *historySize > 0 {
+		s.publishOpts = append(s.publishOpts, centrifuge.WithHistory(*historySize, *historyTTL))
+	}
 
 	if *redisAddr != "" {
 		shard, err := centrifuge.NewRedisShard(node, centrifuge.RedisShardConfig{Address: *redisAddr})
 		if err != nil {
 			log.Fatal(err)
 		}
-		broker, err := centrifuge.NewRedisBroker(node, centrifuge.RedisBrokerConfig{Shards: []*centrifuge.RedisShard{shard}})
+		broker, err := centrifuge.NewRedisBroker(node, centrifuge.RedisBrokerConfig{
+			Shards:         []*centrifuge.RedisShard{shard},
+			UseStreams:     true,
+			HistoryMetaTTL: *historyMetaTTL,
+		})
 		if err != nil {
 			log.Fatal(err)
 		}
@@ -195,6 +218,9 @@ func main() {
 			}
 			en.channels = map[string]struct{}{}
 			en.mu.Unlock()
+		})
+		c.OnSubscribe(func(e centrifuge.SubscribeEvent, cb centrifuge.SubscribeCallback) {
+			cb(centrifuge.SubscribeReply{Options: centrifuge.SubscribeOptions{Recover: *recoverOn}}, nil)
 		})
 		c.OnRPC(func(e centrifuge.RPCEvent, cb centrifuge.RPCCallback) {
 			data, err := s.rpc(e)
