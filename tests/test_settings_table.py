@@ -62,12 +62,12 @@ def load_script(name: str):
 
 
 def test_table_rows():
-    assert len(NAMES) == len(set(NAMES)) == 36
+    assert len(NAMES) == len(set(NAMES)) == 47
     assert _core.default_settings() == {s["name"]: s["default"] for s in TABLE}
     for s in TABLE:
         assert set(s) == {"name", "type", "kind", "default", "default_text", "help", "env", "envs", "flag", "flags", "secret"}
         assert s["env"] == s["envs"][0] and s["flag"] == s["flags"][0]
-        assert s["help"] and s["secret"] == (s["name"] in ("backend_secret", "admin_token", "session_secret"))
+        assert s["help"] and s["secret"] == (s["name"] in ("backend_secret", "admin_token", "session_secret", "jwt_secret"))
 
 
 def test_broker_signature_agrees_with_the_table():

@@ -53,6 +53,17 @@ class BrokerSettings(TypedDict, total=False):
     history_meta_ttl: float
     presence_max_members: int
     session_secret: str | None
+    tls_cert: str | None
+    tls_key: str | None
+    backend_tls_cert: str | None
+    backend_tls_key: str | None
+    backend_tls_client_ca: str | None
+    redis_tls_ca: str | None
+    jwt_secret: str | None
+    jwt_public_key: str | None
+    jwt_leeway: float
+    jwt_audience: str | None
+    jwt_issuer: str | None
 
 class SettingInfo(TypedDict):
     """One row of :func:`settings_table`."""
@@ -145,6 +156,11 @@ class BrokerStats(TypedDict, total=False):
     recoveries_failed: int
     messages_replayed: int
     browser_protocol_errors: int
+    token_connections: int
+    tokens_refused: int
+    tokens_expired: int
+    tls_handshakes_failed: int
+    tls_reloads: int
     # Only in a cluster.
     cluster_node_id: str
     """This node's id."""

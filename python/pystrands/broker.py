@@ -96,6 +96,25 @@ class Broker:
             this on the node.
         session_secret: Key signing browser session tokens; ``None``: a random key per broker
             (shared through Redis in a cluster).
+        tls_cert: PEM certificate chain file: with ``tls_key`` the WebSocket port serves
+            ``wss://`` only (a plain request gets HTTP 400). Reloaded on SIGHUP or when the
+            file changes.
+        tls_key: PEM private key file of ``tls_cert``.
+        backend_tls_cert: PEM certificate chain file of the backend port: with
+            ``backend_tls_key`` backends connect over TLS (the clients' ``ssl`` argument).
+        backend_tls_key: PEM private key file of ``backend_tls_cert``.
+        backend_tls_client_ca: PEM CA file: backends must present a client certificate
+            signed by it (mutual TLS).
+        redis_tls_ca: PEM CA file trusted for a ``rediss://`` ``cluster_url`` (``None``: the
+            system's CAs).
+        jwt_secret: HMAC key of signed connection tokens (HS256/384/512): a client with a valid
+            token (``?token=`` or ``Authorization: Bearer``) is accepted with no
+            ``connection_request``; a bad token gets HTTP 401.
+        jwt_public_key: Public key (PEM file path or PEM text) of signed connection tokens:
+            RSA, EC (ES256/ES384) or Ed25519.
+        jwt_leeway: Seconds of clock skew allowed on a token's ``exp`` and ``nbf``.
+        jwt_audience: When set, tokens must carry this ``aud``.
+        jwt_issuer: When set, tokens must carry this ``iss``.
 
     In-process backends: ``serve(backend=...)``, ``start(backend=...)`` and
     ``async with broker.serving(backend)`` run the handlers of a :class:`PyStrandsClient`
@@ -144,6 +163,17 @@ class Broker:
         history_meta_ttl: float = 86_400.0,
         presence_max_members: int = 100,
         session_secret: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        backend_tls_cert: str | None = None,
+        backend_tls_key: str | None = None,
+        backend_tls_client_ca: str | None = None,
+        redis_tls_ca: str | None = None,
+        jwt_secret: str | None = None,
+        jwt_public_key: str | None = None,
+        jwt_leeway: float = 5.0,
+        jwt_audience: str | None = None,
+        jwt_issuer: str | None = None,
     ) -> None:
         from . import _core
 
@@ -186,6 +216,17 @@ class Broker:
             "history_meta_ttl": history_meta_ttl,
             "presence_max_members": presence_max_members,
             "session_secret": session_secret,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "backend_tls_cert": backend_tls_cert,
+            "backend_tls_key": backend_tls_key,
+            "backend_tls_client_ca": backend_tls_client_ca,
+            "redis_tls_ca": redis_tls_ca,
+            "jwt_secret": jwt_secret,
+            "jwt_public_key": jwt_public_key,
+            "jwt_leeway": jwt_leeway,
+            "jwt_audience": jwt_audience,
+            "jwt_issuer": jwt_issuer,
         }
         self._native = _core.NativeBroker(**self._settings)
         self._stop_requested = threading.Event()

@@ -6,7 +6,10 @@
 //! A backend is declared dead when its connection ends, a write fails or cannot complete within
 //! the write deadline (it stopped reading), its outbox overflows (it fell too far behind), or —
 //! for v2 backends, which answer heartbeats — it says nothing for 3 heartbeat intervals. The
-//! router then moves its clients elsewhere. Every bad line is counted and logged with a per-cause
+//! router then moves its clients elsewhere.
+//!
+//! With `backend_tls_cert` every backend connection is TLS (and with `backend_tls_client_ca` it
+//! must present a client certificate signed by that CA) before its first line is read. Every bad line is counted and logged with a per-cause
 //! rate limit, and the session carries on with the next line.
 
 use crate::delivery;
@@ -22,8 +25,8 @@ use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -32,6 +35,10 @@ const WRITE_BATCH: usize = 512;
 /// How long a backend without a secret to present has to open with `hello` before it is taken
 /// for a v1 backend.
 const HELLO_WAIT: Duration = Duration::from_millis(200);
+
+/// A backend connection's two halves, plain TCP or TLS.
+type Rd = Box<dyn AsyncRead + Send + Unpin>;
+type Wr = Box<dyn AsyncWrite + Send + Unpin>;
 
 pub(crate) static NEXT_BACKEND: AtomicU64 = AtomicU64::new(1);
 
@@ -61,12 +68,7 @@ enum Opening {
 
 /// Decides the protocol version from the backend's first line (see docs/protocol.md, "Hello"),
 /// checking the secret when the broker has one, and answers a `hello`.
-async fn opening(
-    reader: &mut LineReader<OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
-    addr: &str,
-    shared: &Shared,
-) -> Opening {
+async fn opening(reader: &mut LineReader<Rd>, wr: &mut Wr, addr: &str, shared: &Shared) -> Opening {
     let secret = shared.cfg.backend_secret.as_deref();
     let wait = if secret.is_some() { shared.cfg.handshake_timeout } else { HELLO_WAIT };
     let first = match tokio::time::timeout(wait, reader.next_line()).await {
@@ -132,7 +134,7 @@ async fn opening(
     }
 }
 
-async fn refuse(wr: &mut OwnedWriteHalf, addr: &str, shared: &Shared, reason: &str) -> Opening {
+async fn refuse(wr: &mut Wr, addr: &str, shared: &Shared, reason: &str) -> Opening {
     incr(&shared.counters.backends_refused);
     tracing::warn!(%addr, "backend refused: {reason}");
     let line = protocol::encode_hello_reply(Err(reason));
@@ -144,12 +146,33 @@ async fn refuse(wr: &mut OwnedWriteHalf, addr: &str, shared: &Shared, reason: &s
     Opening::Stop
 }
 
+/// The connection's halves: after a TLS handshake (within `handshake_timeout`) when the listener
+/// has a certificate; `None` (counted, logged) when that handshake fails.
+async fn secure(stream: TcpStream, addr: &str, shared: &Shared) -> Option<(Rd, Wr)> {
+    let Some(tls) = &shared.backend_tls else {
+        let (rd, wr) = stream.into_split();
+        return Some((Box::new(rd), Box::new(wr)));
+    };
+    let why = match tokio::time::timeout(shared.cfg.handshake_timeout, tls.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => {
+            let (rd, wr) = tokio::io::split(s);
+            return Some((Box::new(rd), Box::new(wr)));
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no TLS handshake within handshake_timeout".to_string(),
+    };
+    incr(&shared.counters.tls_handshakes_failed);
+    incr(&shared.counters.backends_refused);
+    tracing::warn!(%addr, "backend refused: TLS handshake failed: {why}");
+    None
+}
+
 /// Runs one backend connection to its end.
 async fn session(stream: TcpStream, addr: String, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
+    let Some((rd, mut wr)) = secure(stream, &addr, &shared).await else { return };
     let id: BackendId = NEXT_BACKEND.fetch_add(1, Ordering::Relaxed);
-    let (rd, mut wr) = stream.into_split();
     let mut reader = LineReader::new(rd, shared.cfg.max_line_size);
     let (v2, first) = match opening(&mut reader, &mut wr, &addr, &shared).await {
         Opening::Serve { v2, first } => (v2, first),
@@ -487,7 +510,7 @@ fn answer_query(
 
 /// Writes the outbox and heartbeats; sets `dead` when the backend cannot be written to.
 async fn write_loop(
-    wr: OwnedWriteHalf,
+    wr: Wr,
     outbox: Arc<Outbox>,
     heartbeat: Duration,
     deadline: Duration,

@@ -660,6 +660,85 @@ settings! {
         help: "Key that signs browser session tokens (which restore a reconnecting client's rooms); \
                unset: a random key per broker, shared through Redis in a cluster.",
     }
+    tls_cert: Option<String> = None => {
+        kind: Kind::OptStr,
+        check: optional_path_rule,
+        env: ["PYSTRANDS_TLS_CERT"],
+        flag: ["--tls-cert"],
+        help: "PEM certificate chain of the WebSocket listener: with tls_key set, ws_port serves wss:// \
+               only (a plain request gets HTTP 400). Reloaded on SIGHUP or when the file changes.",
+    }
+    tls_key: Option<String> = None => {
+        kind: Kind::OptStr,
+        check: optional_path_rule,
+        env: ["PYSTRANDS_TLS_KEY"],
+        flag: ["--tls-key"],
+        help: "PEM private key of tls_cert (PKCS#8, PKCS#1 or SEC1).",
+    }
+    backend_tls_cert: Option<String> = None => {
+        kind: Kind::OptStr,
+        check: optional_path_rule,
+        env: ["PYSTRANDS_BACKEND_TLS_CERT"],
+        flag: ["--backend-tls-cert"],
+        help: "PEM certificate chain of the backend listener: with backend_tls_key set, backends must \
+               connect over TLS (the clients' ssl argument). Reloaded like tls_cert.",
+    }
+    backend_tls_key: Option<String> = None => {
+        kind: Kind::OptStr,
+        check: optional_path_rule,
+        env: ["PYSTRANDS_BACKEND_TLS_KEY"],
+        flag: ["--backend-tls-key"],
+        help: "PEM private key of backend_tls_cert.",
+    }
+    backend_tls_client_ca: Option<String> = None => {
+        kind: Kind::OptStr,
+        check: optional_path_rule,
+        env: ["PYSTRANDS_BACKEND_TLS_CLIENT_CA"],
+        flag: ["--backend-tls-client-ca"],
+        help: "PEM CA certificates: when set (with backend_tls_cert), a backend must present a client \
+               certificate signed by one of them (mutual TLS), else the connection is refused.",
+    }
+    redis_tls_ca: Option<String> = None => {
+        kind: Kind::OptStr,
+        check: optional_path_rule,
+        env: ["PYSTRANDS_REDIS_TLS_CA"],
+        flag: ["--redis-tls-ca"],
+        help: "PEM CA certificates that sign the Redis server's certificate for a rediss:// cluster_url; \
+               unset trusts the system's CAs.",
+    }
+    jwt_secret: Option<String> = None => {
+        kind: Kind::Secret,
+        check: secret_rule,
+        env: ["PYSTRANDS_JWT_SECRET"],
+        flag: ["--jwt-secret"],
+        help: "HMAC key of signed connection tokens (HS256/384/512): a client with a valid token (?token= \
+               or Authorization: Bearer) is accepted without asking a backend; a bad token gets HTTP 401.",
+    }
+    jwt_public_key: Option<String> = None => {
+        kind: Kind::OptStr,
+        env: ["PYSTRANDS_JWT_PUBLIC_KEY"],
+        flag: ["--jwt-public-key"],
+        help: "Public key (a PEM file's path, or the PEM text) of signed connection tokens: RSA (RS256/384/512, \
+               PS256/384/512), EC (ES256/384) or Ed25519 (EdDSA).",
+    }
+    jwt_leeway: Duration = Duration::from_secs(5) => {
+        kind: Kind::Seconds,
+        env: ["PYSTRANDS_JWT_LEEWAY"],
+        flag: ["--jwt-leeway"],
+        help: "Clock skew allowed on a token's exp and nbf (whole seconds).",
+    }
+    jwt_audience: Option<String> = None => {
+        kind: Kind::OptStr,
+        env: ["PYSTRANDS_JWT_AUDIENCE"],
+        flag: ["--jwt-audience"],
+        help: "When set, a token must carry this aud claim.",
+    }
+    jwt_issuer: Option<String> = None => {
+        kind: Kind::OptStr,
+        env: ["PYSTRANDS_JWT_ISSUER"],
+        flag: ["--jwt-issuer"],
+        help: "When set, a token must carry this iss claim.",
+    }
 }
 
 // The per-setting checks named in the table (`check:`), run by `Config::validate`.
@@ -718,6 +797,13 @@ fn redis_url_rule(setting: &'static str, v: &Option<String>) -> Result<(), Confi
         }
     }
     Ok(())
+}
+
+fn optional_path_rule(setting: &'static str, v: &Option<String>) -> Result<(), ConfigError> {
+    match v.as_deref() {
+        Some(p) if p.trim().is_empty() => Err(bad(setting, "''", "must be the path of a PEM file (or unset)")),
+        _ => Ok(()),
+    }
 }
 
 fn name_rule(setting: &'static str, v: &str) -> Result<(), ConfigError> {
@@ -810,6 +896,34 @@ impl Config {
         self.validate_each()?;
         if self.ws_port != 0 && self.ws_port == self.tcp_port && self.ws_host == self.tcp_host {
             return Err(bad("tcp_port", self.tcp_port, "must differ from ws_port"));
+        }
+        let pair = |cert: &'static str, c: &Option<String>, key: &'static str, k: &Option<String>| match (c, k) {
+            (Some(_), None) => Err(bad(key, "unset", &format!("must be set with {cert}"))),
+            (None, Some(_)) => Err(bad(cert, "unset", &format!("must be set with {key}"))),
+            _ => Ok(()),
+        };
+        pair("tls_cert", &self.tls_cert, "tls_key", &self.tls_key)?;
+        pair("backend_tls_cert", &self.backend_tls_cert, "backend_tls_key", &self.backend_tls_key)?;
+        if self.backend_tls_client_ca.is_some() && self.backend_tls_cert.is_none() {
+            return Err(bad(
+                "backend_tls_cert",
+                "unset",
+                "must be set with backend_tls_client_ca (mutual TLS needs TLS)",
+            ));
+        }
+        if let Some(url) = &self.cluster_url {
+            if self.redis_tls_ca.is_some() && !url.starts_with("rediss://") {
+                return Err(bad(
+                    "redis_tls_ca",
+                    self.redis_tls_ca.as_deref().unwrap_or(""),
+                    "needs a rediss:// cluster_url",
+                ));
+            }
+        }
+        if let Some(key) = &self.jwt_public_key {
+            if key.trim().is_empty() {
+                return Err(bad("jwt_public_key", "''", "must be a PEM file's path or PEM text (or unset)"));
+            }
         }
         Ok(())
     }
@@ -914,7 +1028,7 @@ mod tests {
     #[test]
     fn table_rows_are_complete_and_follow_the_naming_rules() {
         let mut names: Vec<_> = settings_table().iter().map(|s| s.name).collect();
-        assert_eq!(names.len(), 36);
+        assert_eq!(names.len(), 47);
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), settings_table().len(), "duplicate setting names");
@@ -932,7 +1046,7 @@ mod tests {
                 s.flags
             );
             assert!(!s.help.is_empty() && !s.help.contains("  "), "{}: help {:?}", s.name, s.help);
-            assert_eq!(s.secret(), ["backend_secret", "admin_token", "session_secret"].contains(&s.name));
+            assert_eq!(s.secret(), ["backend_secret", "admin_token", "session_secret", "jwt_secret"].contains(&s.name));
         }
         assert_eq!(setting("queue_size").unwrap().type_name(), "int");
         assert_eq!(setting("request_timeout").unwrap().type_name(), "float seconds");

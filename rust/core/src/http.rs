@@ -189,6 +189,7 @@ pub(crate) fn switching_protocols(key: &str, protocol: Option<&str>) -> Vec<u8> 
 pub(crate) fn error_response(status: u16, body: &str) -> Vec<u8> {
     let phrase = match status {
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         405 => "Method Not Allowed",
         408 => "Request Timeout",

@@ -28,6 +28,8 @@ mod client_js;
 mod cluster;
 pub mod config;
 mod delivery;
+#[doc(hidden)]
+pub mod fuzzing;
 mod history;
 mod http;
 mod hub;
@@ -40,6 +42,8 @@ mod router;
 mod shutdown;
 mod stats;
 mod throttle;
+mod tls;
+mod token;
 mod ws;
 
 pub use config::{Config, ConfigError, LimitPolicy, SlowClientPolicy};
@@ -103,6 +107,11 @@ pub(crate) struct Shared {
     pub(crate) rooms: history::Rooms,
     /// The key of browser session tokens (`session_secret`, a random one, or the cluster's).
     pub(crate) session_key: parking_lot::RwLock<Arc<browser::SessionKey>>,
+    /// TLS of the WebSocket listener (`tls_cert`), of the backend listener (`backend_tls_cert`).
+    pub(crate) tls: Option<Arc<tls::Tls>>,
+    pub(crate) backend_tls: Option<Arc<tls::Tls>>,
+    /// Checks signed connection tokens (`jwt_secret`, `jwt_public_key`).
+    pub(crate) tokens: Option<token::Verifier>,
     ids: AtomicU64,
     stopping: AtomicBool,
 }
@@ -184,6 +193,25 @@ pub(crate) fn init_logging(level: &str) {
         .try_init();
 }
 
+/// Warns when the backend port, a control plane that can broadcast and kick, is reachable from
+/// other machines with nothing to keep strangers out.
+fn warn_if_exposed(cfg: &Config, tcp_addr: SocketAddr) {
+    let guarded = cfg.backend_secret.is_some() || cfg.backend_tls_client_ca.is_some();
+    if !tcp_addr.ip().is_loopback() && !guarded {
+        tracing::warn!(
+            backends = %tcp_addr,
+            "the backend port listens beyond loopback with neither backend_secret nor backend_tls_client_ca: \
+             anyone who reaches it can send to every client and kick them; set one, or tcp_host=127.0.0.1"
+        );
+    }
+    if !tcp_addr.ip().is_loopback() && cfg.backend_secret.is_some() && cfg.backend_tls_cert.is_none() {
+        tracing::warn!(
+            backends = %tcp_addr,
+            "backend_secret crosses the network in clear text (no backend_tls_cert)"
+        );
+    }
+}
+
 /// A running broker. Dropping it stops it (with a short drain).
 pub struct BrokerHandle {
     runtime: Option<Runtime>,
@@ -206,6 +234,10 @@ impl BrokerHandle {
     pub fn start(cfg: Config) -> Result<BrokerHandle, StartError> {
         cfg.validate().map_err(StartError::Config)?;
         init_logging(&cfg.log_level);
+        tls::install_crypto_provider();
+        let ws_tls = tls::Source::websocket(&cfg).map(tls::Tls::load).transpose().map_err(StartError::Config)?;
+        let backend_tls = tls::Source::backend(&cfg).map(tls::Tls::load).transpose().map_err(StartError::Config)?;
+        let tokens = token::Verifier::from_config(&cfg).map_err(StartError::Config)?;
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         if cfg.workers > 0 {
             builder.worker_threads(cfg.workers);
@@ -237,6 +269,7 @@ impl BrokerHandle {
         };
         let ws_addr = ws_listener.local_addr().map_err(StartError::Runtime)?;
         let tcp_addr = tcp_listener.local_addr().map_err(StartError::Runtime)?;
+        warn_if_exposed(&cfg, tcp_addr);
 
         let counters = Arc::new(stats::Counters::default());
         let (cluster, cluster_starter) = match &cfg.cluster_url {
@@ -276,6 +309,9 @@ impl BrokerHandle {
             gauges: gauges.clone(),
             cluster,
             runtime: runtime.handle().clone(),
+            tls: ws_tls,
+            backend_tls,
+            tokens,
             ids: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
         });
@@ -291,12 +327,23 @@ impl BrokerHandle {
             }
             tokio::spawn(ws::listen(ws_listener, shared.clone(), listeners_sig.clone(), clients.guard()));
             tokio::spawn(sweep_history(shared.clone(), listeners_sig.clone()));
+            let reloadable: Vec<_> = shared.tls.iter().chain(shared.backend_tls.iter()).cloned().collect();
+            if !reloadable.is_empty() {
+                tokio::spawn(tls::watch(reloadable, counters.clone(), listeners_sig.clone()));
+            }
             if let Some(listener) = metrics_listener {
                 tokio::spawn(metrics::listen(listener, shared.clone(), listeners_sig.clone(), clients.guard()));
             }
             tokio::spawn(backend::listen(tcp_listener, shared.clone(), listeners_sig, backends.guard()));
         }
-        tracing::info!(websocket = %ws_addr, backends = %tcp_addr, "PyStrands broker listening");
+        tracing::info!(
+            websocket = %ws_addr,
+            backends = %tcp_addr,
+            wss = shared.tls.is_some(),
+            backend_tls = shared.backend_tls.is_some(),
+            tokens = shared.tokens.is_some(),
+            "PyStrands broker listening"
+        );
         Ok(BrokerHandle {
             runtime: Some(runtime),
             shared,

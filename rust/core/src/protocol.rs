@@ -23,6 +23,8 @@ pub const CLOSE_REPLACED: u16 = 4001;
 pub const CLOSE_IDLE: u16 = 4002;
 /// Close code for a client over its message rate limit (policy `close`).
 pub const CLOSE_POLICY: u16 = 1008;
+/// Close code: the connection's signed token expired; reconnect with a fresh one.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
 
 /// The protocol version this broker speaks beyond v1.
 pub const PROTOCOL_VERSION: u64 = 2;
@@ -284,14 +286,12 @@ pub fn with_seq(line: &[u8], seq: u64, redelivered: bool) -> Bytes {
     Bytes::from(buf)
 }
 
-/// Compares two secrets in time that depends only on their lengths, not on where they differ.
+/// Compares two secrets in constant time (`subtle`), over their SHA-256 digests so neither
+/// where they differ nor whether their lengths match shows in the time taken.
 pub fn secrets_equal(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = (given.len() != expected.len()) as u8;
-    for (i, e) in expected.iter().enumerate() {
-        let g = given.get(i).copied().unwrap_or(0);
-        diff |= g ^ e;
-    }
-    std::hint::black_box(diff) == 0
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    Sha256::digest(given).ct_eq(&Sha256::digest(expected)).into()
 }
 
 /// A backend's `hello`: the version and features it speaks, and the secret if it has one.

@@ -31,6 +31,16 @@ counters! {
     connections_unavailable,
     /// Upgrade requests refused before asking a backend (bad HTTP, bad origin, timeout).
     handshakes_failed,
+    /// Connections accepted on a valid signed token (`jwt_secret`/`jwt_public_key`), with no backend asked.
+    token_connections,
+    /// Upgrade requests refused with 401 for a bad token (forged, expired, malformed, wrong algorithm).
+    tokens_refused,
+    /// Open connections closed (code 4401) because their token expired.
+    tokens_expired,
+    /// TLS handshakes that failed (plain requests on a TLS port included), on either listener.
+    tls_handshakes_failed,
+    /// Times a listener's TLS certificate was reloaded (SIGHUP or a changed file).
+    tls_reloads,
     /// Connections closed because a newer one took their `client_id`.
     connections_replaced,
     /// Messages received from WebSocket clients.

@@ -7,6 +7,10 @@
 //! batch and flushed once; a flush that cannot complete (client stopped reading) can still be
 //! interrupted by a kick, so a stalled client never holds anything but itself.
 //!
+//! With `tls_cert` the port speaks TLS only (`crate::tls`); a plain request there is answered 400.
+//! A request with a signed token (`crate::token`) is accepted or refused (401) by the broker
+//! itself; the connection is then closed with 4401 when its token expires.
+//!
 //! A client that asked for the browser protocol `pystrands.1` (`crate::browser`) gets JSON
 //! envelopes: its first frame must be `connect`, answered by `welcome` and any replay
 //! (`crate::resume`) before its queue is read; then its frames are `msg` envelopes, and it also
@@ -25,12 +29,15 @@ use crate::router::{Decision, RouterEvent};
 use crate::shutdown::{Signal, TaskGuard};
 use crate::stats::incr;
 use crate::throttle::TokenBucket;
+use crate::tls::Conn;
+use crate::token;
 use crate::Shared;
 use futures_util::{SinkExt, StreamExt};
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -64,7 +71,7 @@ fn ws_config(shared: &Shared) -> WebSocketConfig {
         .max_frame_size(Some(max))
 }
 
-async fn refuse(mut stream: TcpStream, status: u16, body: &str) {
+async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, status: u16, body: &str) {
     if status != 0 {
         let resp = http::error_response(status, body);
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -78,9 +85,10 @@ async fn refuse(mut stream: TcpStream, status: u16, body: &str) {
 /// One connection from TCP accept to close.
 async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    let Some(stream) = secure(stream, addr, &shared).await else { return };
     // Everything only the handshake needs (request headers, buffers) is freed before serving.
-    let Some(Accepted { ws, slot, rx, joined_at }) = handshake(stream, addr, &shared).await else { return };
-    let outcome = run(ws, &slot, rx, joined_at, &shared).await;
+    let Some(Accepted { ws, slot, rx, joined_at, expires }) = handshake(stream, addr, &shared).await else { return };
+    let outcome = run(ws, &slot, rx, joined_at, expires, &shared).await;
     if let Some(rooms) = shared.hub.unregister_from_rooms(&slot) {
         for room in rooms.iter().filter(|r| shared.rooms.presence(r)) {
             delivery::presence(&shared, room, &slot, false);
@@ -94,18 +102,49 @@ async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
+/// The connection's stream: TLS after its handshake when the port has a certificate (a plain
+/// request gets a 400 that says so), else the TCP stream itself.
+async fn secure(stream: TcpStream, addr: SocketAddr, shared: &Shared) -> Option<Conn> {
+    let Some(tls) = &shared.tls else { return Some(Conn::Plain(stream)) };
+    let deadline = shared.cfg.handshake_timeout;
+    match tokio::time::timeout(deadline, crate::tls::starts_with_tls(&stream)).await {
+        Ok(Some(true)) => {}
+        Ok(Some(false)) => {
+            incr(&shared.counters.tls_handshakes_failed);
+            tracing::debug!(%addr, "plain request on the TLS WebSocket port");
+            refuse(stream, 400, "this port speaks TLS only: use wss://").await;
+            return None;
+        }
+        _ => return None,
+    }
+    match tokio::time::timeout(deadline, tls.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => Some(Conn::Tls(Box::new(s))),
+        Ok(Err(e)) => {
+            incr(&shared.counters.tls_handshakes_failed);
+            tracing::debug!(%addr, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            incr(&shared.counters.tls_handshakes_failed);
+            None
+        }
+    }
+}
+
 /// An upgraded, registered connection.
 struct Accepted {
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<Conn>,
     slot: Arc<ClientSlot>,
     rx: mpsc::Receiver<Out>,
     /// Structured clients: where the first room's stream was at the join.
     joined_at: JoinedAt,
+    /// When its signed token expires (leeway included).
+    expires: Option<Instant>,
 }
 
 /// Reads the upgrade request, asks a backend, and either refuses with an HTTP status or upgrades
 /// and registers the client (announcing it to its backend).
-async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Option<Accepted> {
+async fn handshake(mut stream: Conn, addr: SocketAddr, shared: &Arc<Shared>) -> Option<Accepted> {
     let (req, leftover) = match http::read_request(&mut stream, shared.cfg.handshake_timeout).await {
         Ok((Head::Upgrade(req), leftover)) => (req, leftover),
         Ok((Head::Get(get), _)) => {
@@ -160,7 +199,30 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
         refuse(stream, 503, "too many connections").await;
         return None;
     }
-    let (client_id, room_id, metadata, user_id) = match ask_backend(&req, addr, shared).await {
+    let mut expires = None;
+    let token = shared.tokens.as_ref().and_then(|v| Some((v, token::from_request(&req.query, &req.headers)?)));
+    let decision = match token {
+        Some((verifier, token)) => match verifier.verify(token) {
+            Ok(grant) => {
+                incr(&shared.counters.token_connections);
+                expires = grant.remaining(verifier.leeway()).map(|d| Instant::now() + d);
+                Decision::Accept {
+                    client_id: grant.client_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                    room_id: grant.room_id.unwrap_or_else(|| req.path.clone()),
+                    metadata: grant.metadata,
+                    user_id: grant.user_id,
+                }
+            }
+            Err(why) => {
+                incr(&shared.counters.tokens_refused);
+                tracing::info!(%addr, "token refused: {why}");
+                refuse(stream, 401, &why).await;
+                return None;
+            }
+        },
+        None => ask_backend(&req, addr, shared).await,
+    };
+    let (client_id, room_id, metadata, user_id) = match decision {
         Decision::Accept { client_id, room_id, metadata, user_id } => (client_id, room_id, metadata, user_id),
         Decision::Reject { reason } => {
             incr(&shared.counters.connections_rejected);
@@ -229,7 +291,7 @@ async fn handshake(mut stream: TcpStream, addr: SocketAddr, shared: &Arc<Shared>
     if shared.stopping() {
         slot.kick(protocol::CLOSE_GOING_AWAY);
     }
-    Some(Accepted { ws, slot, rx, joined_at })
+    Some(Accepted { ws, slot, rx, joined_at, expires })
 }
 
 fn send_event(shared: &Shared, client_id: &str, action: &str, context_json: &str, last: bool) {
@@ -282,10 +344,11 @@ fn read_error(e: &WsError, max: usize) -> End {
 /// Serves an upgraded connection; returns an error text for the backend if the broker closed it
 /// because of something the client did.
 async fn run(
-    mut ws: WebSocketStream<TcpStream>,
+    mut ws: WebSocketStream<Conn>,
     slot: &ClientSlot,
     mut rx: mpsc::Receiver<Out>,
     joined_at: JoinedAt,
+    expires: Option<Instant>,
     shared: &Shared,
 ) -> Option<String> {
     // A structured client: its `connect` first, then the welcome and the replay, before any
@@ -314,6 +377,9 @@ async fn run(
     // of the loop cost two locked list operations per message.
     let kick = slot.kicked();
     tokio::pin!(kick);
+    // One timer for the whole connection (never polled without a token expiry).
+    let expiry = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now));
+    tokio::pin!(expiry);
     // Set while the in-process backend this client feeds is above its high-water mark: the
     // client is not read (TCP backpressure reaches the browser) until the backend catches up.
     let mut paused: Option<Arc<Outbox>> = None;
@@ -380,6 +446,10 @@ async fn run(
                 }
             }
             code = &mut kick => break kicked(code, slot),
+            _ = &mut expiry, if expires.is_some() => {
+                incr(&shared.counters.tokens_expired);
+                break End::Close(protocol::CLOSE_TOKEN_EXPIRED, "token expired".into(), None);
+            }
             _ = ping.tick(), if !ping_every.is_zero() => {
                 if paused.is_none() && last_heard.elapsed() > ping_every * 2 {
                     break End::Close(CLOSE_IDLE, "no pong".into(), Some("client stopped answering pings".into()));
@@ -440,7 +510,7 @@ fn forward(shared: &Shared, slot: &ClientSlot, text: &str) -> Option<Arc<Outbox>
 }
 
 async fn write_batch(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut WebSocketStream<Conn>,
     first: Out,
     rx: &mut mpsc::Receiver<Out>,
     seen: &mut Seen,
@@ -474,7 +544,7 @@ fn structured_message(shared: &Shared, text: &str) -> Result<String, End> {
 /// A structured client's start: waits for its `connect` (within `handshake_timeout`), then
 /// sends the welcome and the replay. Returns what the replay covered.
 async fn start_structured(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut WebSocketStream<Conn>,
     slot: &ClientSlot,
     joined_at: JoinedAt,
     shared: &Shared,
@@ -532,7 +602,7 @@ async fn start_structured(
 }
 
 /// Sends a close frame and waits briefly for the client's answer so the close code arrives.
-async fn close(ws: &mut WebSocketStream<TcpStream>, code: u16, reason: Cow<'static, str>) {
+async fn close(ws: &mut WebSocketStream<Conn>, code: u16, reason: Cow<'static, str>) {
     let frame = CloseFrame { code: CloseCode::from(code), reason: reason.as_ref().into() };
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         if ws.close(Some(frame)).await.is_ok() {

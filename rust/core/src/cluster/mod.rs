@@ -59,7 +59,7 @@
 //! Redis), [`publisher`], [`subscriber`] and [`presence`] (the three tasks); this file holds the [`Cluster`] handle the rest of the broker
 //! uses and the start-up that creates the tasks.
 
-mod envelope;
+pub(crate) mod envelope;
 mod presence;
 mod publisher;
 mod streams;
@@ -326,11 +326,23 @@ pub(crate) struct Starter {
     session_key: Option<Vec<u8>>,
 }
 
+/// The Redis client of `url`; a `rediss://` URL trusts `ca` (a PEM file) instead of the system's
+/// CAs when given. `Err` names the setting at fault.
+fn open_client(url: &str, ca: Option<&str>) -> Result<redis::Client, String> {
+    let url_shown = crate::config::redact_url(url);
+    let Some(ca) = ca else {
+        return redis::Client::open(url).map_err(|e| format!("cluster_url={url_shown}: {e}"));
+    };
+    let root = std::fs::read(ca).map_err(|e| format!("redis_tls_ca={ca}: cannot read the PEM file: {e}"))?;
+    let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(root) };
+    redis::Client::build_with_tls(url, certs).map_err(|e| format!("redis_tls_ca={ca}: {e}"))
+}
+
 /// Builds the cluster handle and its starter (no I/O yet). `cfg.cluster_url` must be set.
 pub(crate) fn build(cfg: &Config, counters: Arc<Counters>) -> Result<(Cluster, Starter), String> {
     let url = cfg.cluster_url.as_deref().ok_or("cluster_url is not set")?;
     let url_shown = crate::config::redact_url(url);
-    let client = redis::Client::open(url).map_err(|e| format!("invalid setting cluster_url={url_shown}: {e}"))?;
+    let client = open_client(url, cfg.redis_tls_ca.as_deref()).map_err(|e| format!("invalid setting {e}"))?;
     let node_id: Arc<str> = match &cfg.cluster_node_id {
         Some(id) => id.as_str().into(),
         None => format!("n-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]).into(),
