@@ -59,7 +59,8 @@ try {
   window.CLOSE_CODES = mod.CLOSE_CODES;
   const opts = JSON.parse(q.get("opts") || "{}");
   let n = 0;
-  if (q.get("token")) opts.token = () => new Promise((resolve) => setTimeout(() => resolve("tok" + ++n), 1));
+  if (q.get("token") === "jwt") opts.token = () => fetch("/token").then((r) => r.text());
+  else if (q.get("token")) opts.token = () => new Promise((resolve) => setTimeout(() => resolve("tok" + ++n), 1));
   const client = new mod.PyStrands(q.get("ws"), opts);
   for (const name of __EVENTS__) client.on(name, (ev) => window.events.push({ name, ev: plain(ev) }));
   window.client = client;
@@ -152,11 +153,16 @@ class Pages:
 
     def __init__(self) -> None:
         self.pages: dict[str, str] = {"/module.html": MODULE_PAGE, "/fake.html": FAKE_PAGE}
+        # GET /token: a fresh signed token per call, when a test sets this.
+        self.make_token: Callable[[], str] | None = None
         pages = self.pages
+        outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 body = pages.get(self.path.split("?")[0])
+                if self.path == "/token" and outer.make_token is not None:
+                    body = outer.make_token()
                 if body is None:
                     self.send_error(404)
                     return
@@ -248,7 +254,7 @@ def open_page(driver: Any, pages: Pages, module: str, ws: str, **opts: Any) -> P
     token = opts.pop("token", False)
     query: dict[str, Any] = {"module": module, "ws": ws, "opts": json.dumps(opts)}
     if token:
-        query["token"] = "1"
+        query["token"] = "jwt" if token == "jwt" else "1"
     driver.get(pages.url("/module.html", **query))
     page = Page(driver)
     page.until(lambda: page.js("return !!(window.client || window.loadError)"), "the client to load")
@@ -859,6 +865,35 @@ def test_terminal_and_retryable_close_codes_from_a_backend(browser: Any, pages: 
         last = page.of("disconnected")[-1]
         assert (last["code"], last["reason"], last["willReconnect"], last["delay"]) == (4000, "banned", False, None)
         assert len(backend.requests) == 2, "no reconnect after a terminal code"
+
+
+def test_an_expired_signed_token_closes_with_4401_and_the_page_reconnects_with_a_fresh_one(browser: Any, pages: Pages):
+    """Issue 18: the broker accepts the page on its JWT alone (no backend is asked), closes it
+    with 4401 when the token expires, and the page asks its token provider again at once."""
+    import jwt
+
+    secret = "browser-test-secret-of-32-bytes-or-more"
+    issued: list[float] = []
+
+    def make_token() -> str:
+        issued.append(time.time())
+        return jwt.encode({"sub": "ann", "room": "feed", "exp": int(time.time()) + 2}, secret, algorithm="HS256")
+
+    pages.make_token = make_token
+    with running_broker(history_size=100, jwt_secret=secret, jwt_leeway=0) as br, backend_on(br.tcp_port, br) as backend:
+        page = open_page(browser, pages, module_url(br.ws_port), f"ws://127.0.0.1:{br.ws_port}/", token="jwt", **FAST)
+        page.until(lambda: page.of("connected"), "the welcome")
+        backend.send_room_message("feed", "1")
+        page.until(lambda: page.numbers() == [1], "a message")
+        page.until(lambda: len(page.of("connected")) == 2, "the reconnect after the token expired", timeout=DEADLINE + 4)
+        first = page.of("disconnected")[0]
+        assert (first["code"], first["reason"], first["willReconnect"], first["delay"]) == (4401, "token expired", True, 0)
+        assert page.of("connected")[1]["recovered"] is True
+        backend.send_room_message("feed", "2")
+        page.until(lambda: page.numbers() == [1, 2], "the next message, once")
+        assert len(issued) >= 2 and not backend.requests, "tokens: the backend was never asked"
+        s = br.stats()
+        assert s["tokens_expired"] >= 1 and s["token_connections"] >= 2
 
 
 def test_a_dead_link_is_detected_from_the_missing_pings_and_recovered(browser: Any, pages: Pages):

@@ -82,6 +82,7 @@ __all__ = [
     "loads",
     "resolve_accepted",
     "resolve_backend_secret",
+    "secret_from_env",
     "response_for",
 ]
 
@@ -380,13 +381,34 @@ def encode_hello(secret: str | None = None) -> bytes:
     return encode("hello", params, "hello")
 
 
+def secret_from_env(env: str) -> str | None:
+    """A secret from the environment: ``$ENV``, else the contents of the file named by
+    ``$ENV_FILE`` (one trailing line break removed), as container secrets are mounted.
+
+    Raises ``ValueError`` naming the variable when that file cannot be read.
+    """
+    value = os.environ.get(env)
+    if value is not None:
+        return value
+    path = os.environ.get(env + "_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"{env}_FILE={path!r}: cannot read the secret file ({e.strerror})") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def resolve_backend_secret(secret: str | None) -> str | None:
-    """The backend secret to use: ``secret``, else ``$PYSTRANDS_BACKEND_SECRET``.
+    """The backend secret to use: ``secret``, else ``$PYSTRANDS_BACKEND_SECRET``, else the
+    contents of the file ``$PYSTRANDS_BACKEND_SECRET_FILE``.
 
     An empty string (given or from the environment) means none.
     """
     if secret is None:
-        secret = os.environ.get(BACKEND_SECRET_ENV)
+        secret = secret_from_env(BACKEND_SECRET_ENV)
     elif not isinstance(secret, str):
         raise TypeError(f"backend_secret must be a str or None, not {type(secret).__name__}")
     return secret or None

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._protocol import secret_from_env
+
 __all__ = ["main", "build_parser"]
 
 def _bool(text: str) -> bool:
@@ -82,7 +84,7 @@ def build_parser(prog: str = "pystrands-broker") -> argparse.ArgumentParser:
     for s in table:
         name, kind = s["name"], s["kind"]
         default = "see --host" if name in _FROM_HOST else s["default_text"]
-        env = s["env"] + (", comma-separated" if kind == "list" else "")
+        env = s["env"] + (", comma-separated" if kind == "list" else "") + (f" or a file named by {s['env']}_FILE" if s["secret"] else "")
         help_text = f"{s['help'].rstrip('.')} (env {env}; default {default})".replace("%", "%%")
         if kind == "list":
             metavar = s["flag"].rsplit("-", 1)[-1].upper()
@@ -100,6 +102,13 @@ def _settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         name, kind = s["name"], s["kind"]
         value = getattr(args, name)
         for env in s["envs"]:
+            if value is None and s["secret"]:
+                # Secrets also come from a file: PYSTRANDS_JWT_SECRET_FILE=/run/secrets/jwt.
+                try:
+                    value = secret_from_env(env)
+                except ValueError as e:
+                    parser.error(str(e))
+                continue
             if value is not None or env not in os.environ:
                 continue
             raw = os.environ[env]

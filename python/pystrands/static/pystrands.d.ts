@@ -164,6 +164,7 @@ export declare const CLOSE_CODES: Readonly<{
   REPLACED: 4001;
   NO_PONG: 4002;
   BAD_FRAME: 4400;
+  TOKEN_EXPIRED: 4401;
   CONNECT_TIMEOUT: 4408;
 }>;
 
@@ -172,7 +173,7 @@ export declare class PyStrands {
   static readonly PROTOCOL: string;
   static readonly CLOSE_CODES: typeof CLOSE_CODES;
   /** Whether the client stops on this close code (1000, 1003, 1007, 1009, and 4000-4499 but
-   * 4002 and 4408); every other code is retried with the backoff. */
+   * 4002, 4401 and 4408); every other code is retried with the backoff. */
   static isTerminal(code: number): boolean;
 
   /** `url`: ws://, wss://, http(s):// (becomes ws(s)://) or relative to the page. */

@@ -25,13 +25,14 @@ const CLOSE_CODES = Object.freeze({
   REPLACED: 4001, // a newer connection with the same client id: stops
   NO_PONG: 4002, // reconnects
   BAD_FRAME: 4400, // malformed frame or bogus position: stops
+  TOKEN_EXPIRED: 4401, // the signed token expired: reconnects at once with a fresh token
   CONNECT_TIMEOUT: 4408, // no connect frame in time: reconnects
 });
 
 /** Whether a close code means "do not reconnect" (4000-4499 from a backend: stop; 4500-4999: retry). */
 function isTerminal(code) {
   if (code === 1000 || code === 1003 || code === 1007 || code === 1009) return true;
-  return code >= 4000 && code <= 4499 && code !== 4002 && code !== 4408;
+  return code >= 4000 && code <= 4499 && code !== 4002 && code !== 4401 && code !== 4408;
 }
 
 function option(value, fallback) {
@@ -358,6 +359,8 @@ class PyStrands {
     }
     const o = this._o;
     let wait = delay;
+    // An expired token: ask the token provider for a new one now, no backoff.
+    if (wait === undefined && code === CLOSE_CODES.TOKEN_EXPIRED) wait = 0;
     if (wait === undefined) wait = o.minDelay + Math.random() * Math.min(o.maxDelay, o.baseDelay * Math.pow(2, Math.min(this._attempts, 30)));
     this._attempts++;
     this._timer = setTimeout(() => {
