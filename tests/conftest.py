@@ -1,4 +1,5 @@
-"""Shared pytest setup: test helpers import as plain modules; the fake-broker ``broker`` fixture."""
+"""Shared pytest setup: test helpers import as plain modules; the fake-broker ``broker`` fixture;
+the ``tls_files`` fixture (throwaway certificates, tests/tls_util.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_broker import FakeBroker  # noqa: E402 - after the path is set
+from tls_util import TLSFiles, have_openssl, make_tls_files  # noqa: E402
 
 
 @pytest.fixture
@@ -23,3 +25,12 @@ def broker() -> Iterator[FakeBroker]:
         yield b
     finally:
         b.close()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A CA, a server certificate (``localhost``, ``127.0.0.1``), a client certificate and a
+    rogue CA with its own client certificate, made once per session (tests/tls_util.py)."""
+    if not have_openssl():
+        pytest.skip("the openssl command is needed to make the test certificates")
+    return make_tls_files(tmp_path_factory.mktemp("tls"))

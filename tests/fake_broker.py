@@ -14,11 +14,14 @@ from __future__ import annotations
 import json
 import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+from pystrands._tls import TLSSocket
 
 DEADLINE = 5.0
 
@@ -51,7 +54,7 @@ class _Peer:
     (:attr:`heartbeat_replies`). Everything else goes to the broker's inbox.
     """
 
-    def __init__(self, sock: socket.socket, broker: FakeBroker) -> None:
+    def __init__(self, sock: socket.socket | TLSSocket, broker: FakeBroker) -> None:
         self.sock = sock
         self.broker = broker
         self.inbox = broker.inbox
@@ -84,6 +87,8 @@ class _Peer:
         except OSError:
             pass
         finally:
+            if isinstance(self.sock, TLSSocket):
+                self.close()  # as TLS servers do (a TLS client's close waits for it)
             self.closed.set()
             with self.changed:
                 self.changed.notify_all()
@@ -185,6 +190,8 @@ class FakeBroker:
     secret, with ``refuse`` set it refuses every hello with that error, closing the
     connection after the refusal as the real broker does (unless
     ``close_on_refuse=False``, to test that the backend stops by itself).
+    With ``tls`` (a server :class:`ssl.SSLContext`) it speaks TLS: a connection
+    whose handshake fails is never a peer; its error goes to :attr:`tls_failures`.
     """
 
     def __init__(
@@ -196,8 +203,11 @@ class FakeBroker:
         secret: str | None = None,
         refuse: str | None = None,
         close_on_refuse: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.tls = tls
+        self.tls_failures: list[Exception] = []
         self.peers: list[_Peer] = []
         self.hellos: list[dict[str, Any]] = []
         self.version = version
@@ -258,9 +268,39 @@ class FakeBroker:
             except OSError:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is None:
+                self._add_peer(sock)
+            else:
+                threading.Thread(target=self._handshake, args=(sock, self.tls), daemon=True).start()
+
+    def _add_peer(self, sock: socket.socket | TLSSocket) -> None:
+        with self._cond:
+            self.peers.append(_Peer(sock, self))
+            self._cond.notify_all()
+
+    def _handshake(self, sock: socket.socket, tls: ssl.SSLContext) -> None:
+        try:
+            wrapped = TLSSocket.connect(sock, tls, None, DEADLINE, server_side=True)
+        except OSError as exc:
+            sock.close()
             with self._cond:
-                self.peers.append(_Peer(sock, self))
+                self.tls_failures.append(exc)
                 self._cond.notify_all()
+            return
+        self._add_peer(wrapped)
+
+    def wait_tls_failures(self, count: int, timeout: float = DEADLINE) -> list[Exception]:
+        """Wait until ``count`` TLS handshakes failed in total; return their errors."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while len(self.tls_failures) < count:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"timed out waiting for failed TLS handshake #{count} (have {self.tls_failures})"
+                    )
+                self._cond.wait(remaining)
+            return list(self.tls_failures)
 
     def stop_listening(self) -> None:
         """Close the listening socket (new connects are refused)."""

@@ -495,6 +495,7 @@ def test_pings_and_frames_are_answered_while_a_handler_holds_the_gil(flavour):
     switch interval is raised so the busy loop really keeps the GIL for its 300 ms."""
     proc: subprocess.Popen[bytes] | None = None
     verdict: dict[str, bool] = {}
+    early: list[bytes] = []  # what the ping client printed while the handler was busy
     calls: list[Any] = []
 
     class Busy(Script):
@@ -514,6 +515,7 @@ def test_pings_and_frames_are_answered_while_a_handler_holds_the_gil(flavour):
             except BlockingIOError:
                 seen = b""
             verdict["pong_before_end"] = b"pong" in seen
+            early.append(seen)
             return [("private", ctx.client_id, "busy done")]
 
     async def main():
@@ -537,6 +539,9 @@ def test_pings_and_frames_are_answered_while_a_handler_holds_the_gil(flavour):
                 assert verdict == {"pong_before_end": True}, "the pong waited for the busy handler"
                 os.set_blocking(out, True)
                 rest, err = await asyncio.to_thread(proc.communicate, None, DEADLINE)
+                # A loaded machine may let the echoes through in the window the handler leaves
+                # the GIL (its write to the pipe): they are then among what it read already.
+                rest = b"".join(early) + rest
                 assert proc.returncode == 0 and rest.endswith(b"echoes ok\n"), (rest, err, calls)
                 assert len(calls) == 1, calls
             finally:

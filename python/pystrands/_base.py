@@ -16,12 +16,16 @@ The rooms/users/presence calls of both clients (``join_room``, ``leave_room``,
 ``room_history``) have their rules in the session too; what the broker announced is
 :attr:`ClientBase.broker_features` / :attr:`ClientBase.broker_limits`, and their errors
 are in :mod:`pystrands.errors`.
+
+:func:`resolve_tls` checks the ``ssl`` / ``server_hostname`` arguments every client flavour
+takes (the decorator app too), so they fail the same way at construction.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl as _ssl
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +45,7 @@ from .context import ConnectionRequestContext, Context
 if TYPE_CHECKING:
     from ._core import NativeBroker
 
-__all__ = ["FAIRNESS_BATCH", "REPLY", "Backoff", "ClientBase", "legacy_log_handler"]
+__all__ = ["FAIRNESS_BATCH", "REPLY", "Backoff", "ClientBase", "legacy_log_handler", "resolve_tls"]
 
 FAIRNESS_BATCH = 64
 """Events of one client handled in a row before others get a turn (and, asyncio: the loop)."""
@@ -61,6 +65,34 @@ def legacy_log_handler(label: str) -> tuple[logging.Formatter, logging.StreamHan
     handler.setFormatter(formatter)
     return formatter, handler
 
+
+def resolve_tls(
+    ssl: _ssl.SSLContext | bool | None, server_hostname: str | None
+) -> tuple[_ssl.SSLContext | None, str | None]:
+    """Check the ``ssl`` and ``server_hostname`` arguments; return ``(context, server_hostname)``.
+
+    ``True`` becomes :func:`ssl.create_default_context` (system CAs, hostname checked);
+    ``None`` and ``False`` mean plain TCP (``(None, None)``).
+
+    Raises:
+        TypeError: ``ssl`` is not an :class:`ssl.SSLContext`, a bool or ``None``, or
+            ``server_hostname`` is not a str or ``None``.
+        ValueError: ``server_hostname`` without ``ssl``, or a server-side context
+            (``ssl.PROTOCOL_TLS_SERVER``), which cannot make client connections.
+    """
+    if server_hostname is not None and not isinstance(server_hostname, str):
+        raise TypeError(f"server_hostname must be a str or None, not {type(server_hostname).__name__}")
+    if ssl is None or ssl is False:
+        if server_hostname is not None:
+            raise ValueError("server_hostname is only meaningful with ssl")
+        return None, None
+    if ssl is True:
+        return _ssl.create_default_context(), server_hostname
+    if not isinstance(ssl, _ssl.SSLContext):
+        raise TypeError(f"ssl must be an ssl.SSLContext, True, False or None, not {type(ssl).__name__}")
+    if ssl.protocol == _ssl.PROTOCOL_TLS_SERVER:
+        raise ValueError("ssl must be a client context (e.g. ssl.create_default_context()), not a PROTOCOL_TLS_SERVER one")
+    return ssl, server_hostname
 
 
 class Backoff:
@@ -116,12 +148,20 @@ class ClientBase:
         reconnect_delay: First reconnect delay, seconds.
         max_reconnect_delay: Cap of the reconnect delay, seconds.
         reconnect_backoff: Multiplier applied to the delay after each failure.
-        connect_timeout: Seconds allowed for one TCP connect attempt.
+        connect_timeout: Seconds allowed for one connect attempt (TCP connect and,
+            with ``ssl``, the TLS handshake).
         max_line_size: Largest inbound frame in bytes; larger ones are dropped
             with a warning.
         backend_secret: Shared secret sent in the ``hello`` on every connection,
             for a broker started with a ``backend_secret``. ``None`` reads
             ``$PYSTRANDS_BACKEND_SECRET``; empty means none. Never logged.
+        ssl: TLS to the broker's backend port (one started with
+            ``backend_tls_cert``/``backend_tls_key``): an :class:`ssl.SSLContext`
+            (for mutual TLS, one with ``load_cert_chain`` done), or ``True`` for
+            :func:`ssl.create_default_context` (system CAs). ``None``/``False``:
+            plain TCP.
+        server_hostname: The name the broker's certificate is checked against
+            (and sent as SNI); default ``host``. Only with ``ssl``.
         max_buffered_sends: Sends kept while the broker is unreachable or the
             client reconnects, written in order once the link is back (``0``:
             drop them, as PyStrands 1.0 did).
@@ -150,8 +190,11 @@ class ClientBase:
         max_buffered_sends: int = DEFAULT_MAX_BUFFERED_SENDS,
         buffer_policy: str = "drop_oldest",
         max_pending: int = 10_000,
+        ssl: _ssl.SSLContext | bool | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         """Configure the client; nothing connects until ``connect()``/``run_forever()``."""
+        self.ssl, self.server_hostname = resolve_tls(ssl, server_hostname)
         self.host = host
         self.port = port
         self.connected = False
@@ -212,6 +255,11 @@ class ClientBase:
     def buffered_sends(self) -> int:
         """Sends kept while disconnected, waiting for the next connection."""
         return self._session.buffered
+
+    @property
+    def _tls_hostname(self) -> str:
+        """The name the broker's certificate is checked against (``server_hostname`` or ``host``)."""
+        return self.server_hostname or self.host
 
     @property
     def _where(self) -> str:

@@ -62,10 +62,12 @@ import concurrent.futures
 import functools
 import inspect
 import logging
+import ssl as _ssl
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
+from ._base import resolve_tls
 from ._coro import first_step, resume
 from ._protocol import DEFAULT_MAX_LINE_SIZE
 from ._session import DEFAULT_MAX_BUFFERED_SENDS, DEFAULT_QUERY_TIMEOUT
@@ -223,7 +225,8 @@ class PyStrands:
         run_sync_in_thread: Run plain ``def`` handlers in a thread pool (default)
             instead of directly on the event loop (keyword only).
         max_threads: Size of that thread pool (keyword only).
-        connect_timeout: Seconds allowed per TCP connect attempt (keyword only).
+        connect_timeout: Seconds allowed per connect attempt, TLS handshake included
+            (keyword only).
         max_pending: Unhandled events above which reading pauses (keyword only).
         max_line_size: Largest inbound frame in bytes (keyword only).
         backend_secret: Secret sent in the ``hello`` to a broker that requires
@@ -231,6 +234,13 @@ class PyStrands:
             Never logged.
         max_buffered_sends: Sends kept while the client reconnects (keyword only).
         buffer_policy: ``"drop_oldest"`` or ``"drop_newest"`` (keyword only).
+        ssl: TLS to the broker's backend port (keyword only): an
+            :class:`ssl.SSLContext` (with ``load_cert_chain`` done for mutual TLS) or
+            ``True`` for :func:`ssl.create_default_context`; ``None``/``False``:
+            plain TCP. Handshake failures are logged and retried like failed
+            connects. See :class:`~pystrands.AsyncPyStrandsClient`.
+        server_hostname: The name the broker's certificate must carry, when it is
+            not ``host`` (keyword only; only with ``ssl``).
     """
 
     def __init__(
@@ -250,8 +260,11 @@ class PyStrands:
         backend_secret: str | None = None,
         max_buffered_sends: int = DEFAULT_MAX_BUFFERED_SENDS,
         buffer_policy: str = "drop_oldest",
+        ssl: _ssl.SSLContext | bool | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         """Create the app; nothing connects until :meth:`run` / :meth:`run_async`."""
+        self.ssl, self.server_hostname = resolve_tls(ssl, server_hostname)
         self.host = host
         self.port = port
         self.auto_reconnect = auto_reconnect
@@ -403,6 +416,8 @@ class PyStrands:
             backend_secret=self.backend_secret,
             max_buffered_sends=self.max_buffered_sends,
             buffer_policy=self.buffer_policy,
+            ssl=self.ssl,
+            server_hostname=self.server_hostname,
         )
 
     # --------------------------------------------------------------------- sends

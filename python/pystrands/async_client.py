@@ -28,6 +28,8 @@ the silence deadline, sends kept while disconnected) lives in
   ...) are futures the
   session resolves when ``data_received`` hands it the reply; reading goes on
   while queries wait even when handlers fell behind (up to twice ``max_pending``).
+* with ``ssl`` the connection is asyncio's TLS transport (``loop.create_connection(...,
+  ssl=...)``), the rest unchanged.
 
 No asyncio object is created in ``__init__``: a client may be constructed at import
 time, outside any running loop (e.g. a FastAPI module), and is bound to the loop
@@ -41,6 +43,7 @@ import asyncio
 import inspect
 import json  # noqa: F401 - a public name of this module in PyStrands 1.0
 import logging
+import ssl as _ssl
 import threading
 import types
 import uuid  # noqa: F401 - a public name of this module in PyStrands 1.0
@@ -126,6 +129,7 @@ class _AsyncConnection(asyncio.Protocol):
         self._loop = loop
         self.link = 0  # the session's link number, once adopted
         self.refused = False
+        self.heard = False  # something was read from it
         self._watchdog: asyncio.TimerHandle | None = None
         self._hello_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
@@ -153,6 +157,7 @@ class _AsyncConnection(asyncio.Protocol):
         self.watch_hello()
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         session = self._session
         if self.closed or session.link != self.link:
             return
@@ -175,7 +180,13 @@ class _AsyncConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._mark_closed()
-        if not self.closing:
+        if isinstance(exc, _ssl.SSLError):
+            # e.g. the broker's alert refusing our client certificate, which TLS 1.3 sends
+            # after the handshake: keep backing off as after a failed connect
+            self.refused = True
+            if not self.closing:
+                logger.warning("TLS connection to the broker at %s failed: %s", self._client._where, exc)
+        elif not self.closing:
             if exc is None:
                 logger.warning("The broker closed the connection")
             else:
@@ -333,7 +344,8 @@ class AsyncPyStrandsClient(ClientBase):
         reconnect_delay: First reconnect delay, seconds.
         max_reconnect_delay: Cap of the reconnect delay, seconds.
         reconnect_backoff: Multiplier applied to the delay after each failure.
-        connect_timeout: Seconds allowed for one TCP connect attempt (keyword only).
+        connect_timeout: Seconds allowed for one connect attempt: the TCP connect and,
+            with ``ssl``, the TLS handshake (keyword only).
         max_pending: Received events not yet handled above which reading pauses
             (TCP backpressure to the broker) until half of them are done
             (keyword only).
@@ -347,6 +359,18 @@ class AsyncPyStrandsClient(ClientBase):
             client reconnects (keyword only; ``0`` drops them).
         buffer_policy: ``"drop_oldest"`` or ``"drop_newest"``: what a full
             buffer drops, counted in :attr:`dropped_sends` (keyword only).
+        ssl: TLS to the broker's backend port, for a broker started with
+            ``backend_tls_cert``/``backend_tls_key`` (keyword only): an
+            :class:`ssl.SSLContext` trusting the broker's CA (for mutual TLS, with
+            the backend's certificate loaded by ``load_cert_chain``), or ``True``
+            for :func:`ssl.create_default_context` (system CAs). ``None`` or
+            ``False``: plain TCP. A failed handshake (untrusted certificate, wrong
+            name) is a failed connect: logged and retried as configured; so is a
+            broker refusing the client certificate, which TLS 1.3 reports just
+            after connecting. Anything else raises ``TypeError``.
+        server_hostname: The name the broker's certificate must carry (and the SNI
+            sent), when it is not ``host``, e.g. ``"broker.internal"`` while
+            connecting to an IP address (keyword only; only with ``ssl``).
     """
 
     _logger = logger
@@ -366,6 +390,8 @@ class AsyncPyStrandsClient(ClientBase):
         backend_secret: str | None = None,
         max_buffered_sends: int = DEFAULT_MAX_BUFFERED_SENDS,
         buffer_policy: str = "drop_oldest",
+        ssl: _ssl.SSLContext | bool | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         """Configure the client; no asyncio object is created until it runs."""
         super().__init__(
@@ -381,6 +407,8 @@ class AsyncPyStrandsClient(ClientBase):
             max_buffered_sends=max_buffered_sends,
             buffer_policy=buffer_policy,
             max_pending=max_pending,
+            ssl=ssl,
+            server_hostname=server_hostname,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -456,12 +484,19 @@ class AsyncPyStrandsClient(ClientBase):
             made.append(_AsyncConnection(self, loop))
             return made[-1]
 
+        tls = self.ssl
+        connecting = (
+            loop.create_connection(factory, self.host, self.port)
+            if tls is None
+            else loop.create_connection(factory, self.host, self.port, ssl=tls, server_hostname=self._tls_hostname)
+        )
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(factory, self.host, self.port), timeout=self.connect_timeout
-            )
+            _, conn = await asyncio.wait_for(connecting, timeout=self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            log("Cannot connect to the broker at %s:%s: %s", self.host, self.port, exc or "timeout")
+            if isinstance(exc, _ssl.SSLError):  # e.g. an untrusted certificate
+                log("Cannot connect to the broker at %s:%s: TLS handshake failed: %s", self.host, self.port, exc)
+            else:
+                log("Cannot connect to the broker at %s:%s: %s", self.host, self.port, exc or "timeout")
             for proto in made:  # timed out after connection_made: undo the adoption
                 proto.closing = True
                 proto.abort()
@@ -508,7 +543,9 @@ class AsyncPyStrandsClient(ClientBase):
                 if conn is not None:
                     await asyncio.shield(conn.lost)
                     self._lost(conn)
-                    if not conn.refused:  # a refused hello keeps backing off
+                    # a refused hello keeps backing off; so does a TLS link that ended before the
+                    # broker said anything (it refused our certificate, the alert lost to a reset)
+                    if not conn.refused and (conn.heard or self.ssl is None):
                         backoff.reset()
                     conn = None
                 if self._intentional_disconnect:

@@ -33,6 +33,9 @@ the silence deadline, sends kept while disconnected) lives in
   session the reply, or the deadline passes. The reader never runs handlers, so
   it is always free to read the reply; while queries wait it keeps reading even
   when handlers fell behind (up to twice ``max_pending``).
+* with ``ssl`` the socket is a :class:`~pystrands._tls.TLSSocket`: the same blocking
+  reads and coalesced writes, with the TLS state kept apart from the I/O so the reader
+  and a writer never use it at the same time (OpenSSL does not allow that).
 
 Delivery from a v2 broker is at least once: see :attr:`Context.event_id`.
 """
@@ -43,6 +46,7 @@ import json  # noqa: F401 - a public name of this module in PyStrands 1.0
 import logging
 import queue
 import socket
+import ssl as _ssl
 import threading
 import time
 import uuid  # noqa: F401 - a public name of this module in PyStrands 1.0
@@ -62,6 +66,7 @@ from ._protocol import (
     response_for,
 )
 from ._session import DEFAULT_MAX_BUFFERED_SENDS, DEFAULT_QUERY_TIMEOUT, Query, Session
+from ._tls import TLSSocket
 from .context import ConnectionRequestContext, Context
 from .errors import BrokerUnavailable
 from .history import RoomHistory
@@ -95,15 +100,16 @@ def _configure_socket(sock: socket.socket) -> None:
 class _Link:
     """One broker connection's socket and I/O flags (guarded by the client's ``_io`` lock)."""
 
-    __slots__ = ("sock", "number", "closed", "closing", "sending", "refused", "hk_idle", "housekeeping")
+    __slots__ = ("sock", "number", "closed", "closing", "sending", "refused", "heard", "hk_idle", "housekeeping")
 
-    def __init__(self, sock: socket.socket | LinkSocket) -> None:
+    def __init__(self, sock: socket.socket | LinkSocket | TLSSocket) -> None:
         self.sock = sock
         self.number = 0  # the session's link number, set when installed
         self.closed = False  # no further writes
         self.closing = False  # an intentional close is under way (quieter logs)
         self.sending = False  # a thread is inside the write loop
-        self.refused = False  # the broker refused our hello
+        self.refused = False  # the broker refused our hello (or our TLS client certificate)
+        self.heard = False  # something was read from it
         self.hk_idle = False  # the housekeeper waits for an ack to become due
         self.housekeeping = False  # the v2 housekeeper was started
 
@@ -281,7 +287,8 @@ class PyStrandsClient(ClientBase):
         max_reconnect_delay: Cap of the reconnect delay, seconds.
         reconnect_backoff: Multiplier applied to the delay after each failure.
         workers: Number of handler threads (keyword only).
-        connect_timeout: Seconds allowed for one TCP connect attempt (keyword only).
+        connect_timeout: Seconds allowed for one connect attempt: the TCP connect and,
+            with ``ssl``, the TLS handshake (keyword only).
         max_line_size: Largest inbound frame in bytes; larger ones are dropped
             with a warning (keyword only).
         backend_secret: Shared secret sent in the ``hello`` on every connection,
@@ -295,6 +302,18 @@ class PyStrandsClient(ClientBase):
         max_pending: Received events not yet handled above which reading pauses
             until half of them are done (keyword only): the broker then holds
             the rest, and with an in-process backend stops reading the clients.
+        ssl: TLS to the broker's backend port, for a broker started with
+            ``backend_tls_cert``/``backend_tls_key`` (keyword only): an
+            :class:`ssl.SSLContext` trusting the broker's CA (for mutual TLS, with
+            the backend's certificate loaded by ``load_cert_chain``), or ``True``
+            for :func:`ssl.create_default_context` (system CAs). ``None`` or
+            ``False``: plain TCP. A failed handshake (untrusted certificate, wrong
+            name) is a failed connect: logged and retried as configured; so is a
+            broker refusing the client certificate, which TLS 1.3 reports just
+            after connecting. Anything else raises ``TypeError``.
+        server_hostname: The name the broker's certificate must carry (and the SNI
+            sent), when it is not ``host``, e.g. ``"broker.internal"`` while
+            connecting to an IP address (keyword only; only with ``ssl``).
     """
 
     _ack_delay = ACK_DELAY
@@ -315,6 +334,8 @@ class PyStrandsClient(ClientBase):
         max_buffered_sends: int = DEFAULT_MAX_BUFFERED_SENDS,
         buffer_policy: str = "drop_oldest",
         max_pending: int = 10_000,
+        ssl: _ssl.SSLContext | bool | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         """Configure the client; nothing connects until :meth:`connect`/:meth:`run_forever`."""
         super().__init__(
@@ -330,6 +351,8 @@ class PyStrandsClient(ClientBase):
             max_buffered_sends=max_buffered_sends,
             buffer_policy=buffer_policy,
             max_pending=max_pending,
+            ssl=ssl,
+            server_hostname=server_hostname,
         )
         self.workers = max(1, int(workers))
         self._lifecycle = threading.RLock()
@@ -358,13 +381,22 @@ class PyStrandsClient(ClientBase):
             except RuntimeError as exc:
                 log("Cannot attach to the in-process broker: %s", exc)
                 return None
+        started = time.monotonic()
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
             log("Cannot connect to the broker at %s:%s: %s", self.host, self.port, exc)
             return None
         _configure_socket(sock)
-        return _Link(sock)
+        if self.ssl is None:
+            return _Link(sock)
+        left = max(0.001, self.connect_timeout - (time.monotonic() - started))
+        try:
+            return _Link(TLSSocket.connect(sock, self.ssl, self._tls_hostname, left))
+        except OSError as exc:  # ssl.SSLError (e.g. an untrusted certificate) is one
+            sock.close()
+            log("Cannot connect to the broker at %s:%s: TLS handshake failed: %s", self.host, self.port, exc)
+            return None
 
     def _install(self, conn: _Link) -> None:
         """Make ``conn`` the current link (caller holds ``_lifecycle``); the caller then
@@ -432,7 +464,9 @@ class PyStrandsClient(ClientBase):
             if conn is not None:
                 self._read_loop(conn)
                 self._lost(conn)
-                if not conn.refused:  # a refused hello keeps backing off
+                # a refused hello keeps backing off; so does a TLS link that ended before the
+                # broker said anything (it refused our certificate, the alert lost to a reset)
+                if not conn.refused and (conn.heard or self.ssl is None):
                     backoff.reset()
                 conn = None
             with self._lifecycle:
@@ -477,6 +511,13 @@ class PyStrandsClient(ClientBase):
         while True:
             try:
                 data = recv(READ_CHUNK_SIZE)
+            except _ssl.SSLError as exc:
+                # e.g. the broker's alert refusing our client certificate, which TLS 1.3
+                # sends after the handshake: keep backing off as after a failed connect
+                conn.refused = True
+                if not conn.closing and not conn.closed:
+                    logger.warning("TLS connection to the broker at %s failed: %s", self._where, exc)
+                return
             except OSError as exc:
                 if not conn.closing and not conn.closed:
                     logger.warning("Connection to the broker lost: %s", exc)
@@ -485,6 +526,7 @@ class PyStrandsClient(ClientBase):
                 if not conn.closing:
                     logger.warning("The broker closed the connection")
                 return
+            conn.heard = True
             pool = self._pool
             if pool is None:  # pragma: no cover - disconnect raced us
                 return
@@ -675,7 +717,8 @@ class PyStrandsClient(ClientBase):
                 with cond:
                     conn.sending = False
                     cond.notify_all()
-                log = logger.debug if conn.closing else logger.warning
+                # quiet when the reader already reported why the link ended (a refusal)
+                log = logger.debug if conn.closing or conn.refused else logger.warning
                 log("Send failed (%s); unsent frames are lost", exc)
                 self._abort(conn)
                 return
