@@ -123,7 +123,7 @@ def test_every_bad_token_gets_its_documented_answer_and_the_broker_keeps_serving
     now = time.time()
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     cases: list[tuple[str, str, int, str]] = [
-        ("forged", hs({"sub": "a"}, key="not-the-secret"), 401, "invalid token signature"),
+        ("forged", hs({"sub": "a"}, key="not-the-secret-but-as-long-as-one-32"), 401, "invalid token signature"),
         ("expired", hs({"sub": "a", "exp": now - 3600}), 401, "token expired"),
         ("not yet valid", hs({"sub": "a", "nbf": now + 3600}), 401, "not yet valid"),
         ("no exp", jwt.encode({"sub": "a"}, SECRET, algorithm="HS256"), 401, "no exp"),
