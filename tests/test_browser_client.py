@@ -877,7 +877,7 @@ def test_an_expired_signed_token_closes_with_4401_and_the_page_reconnects_with_a
 
     def make_token() -> str:
         issued.append(time.time())
-        return jwt.encode({"sub": "ann", "room": "feed", "exp": int(time.time()) + 2}, secret, algorithm="HS256")
+        return jwt.encode({"sub": "ann", "room": "feed", "exp": time.time() + 3.5}, secret, algorithm="HS256")
 
     pages.make_token = make_token
     with running_broker(history_size=100, jwt_secret=secret, jwt_leeway=0) as br, backend_on(br.tcp_port, br) as backend:

@@ -43,6 +43,15 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def hmac_signed(claims: dict[str, Any], key: bytes) -> str:
+    """An HS256 token made by hand (PyJWT refuses a PEM key as an HMAC secret)."""
+    import hashlib
+    import hmac
+
+    signing = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
+    return signing + "." + b64(hmac.new(key, signing.encode(), hashlib.sha256).digest())
+
+
 def unsigned(claims: dict[str, Any]) -> str:
     """An `alg: none` token (what PyJWT refuses to make)."""
     head = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
@@ -180,7 +189,7 @@ def test_public_keys_rs256_and_es256_from_a_file_or_pem_text(tmp_path: Path):
             other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             assert (await refused(url + jwt.encode({"exp": exp}, other, algorithm="RS256")))[0] == 401
             # An HMAC token keyed with the public key itself (the classic confusion) is refused.
-            confused = jwt.encode({"exp": exp}, "x" * 32, algorithm="HS256")
+            confused = hmac_signed({"exp": exp}, public_pem(rsa_key).encode())
             code, body = await refused(url + confused)
             assert code == 401 and "no jwt_secret" in body
         with running_broker(jwt_public_key=public_pem(ec_key), jwt_secret=SECRET) as br:
@@ -190,6 +199,9 @@ def test_public_keys_rs256_and_es256_from_a_file_or_pem_text(tmp_path: Path):
             async with websockets.connect(url + hs({"sub": "h"})):
                 pass
             assert (await refused(url + jwt.encode({"exp": exp}, rsa_key, algorithm="RS256")))[0] == 401
+            # With both keys, an HMAC token keyed with the public key meets the secret: refused.
+            code, body = await refused(url + hmac_signed({"exp": exp}, public_pem(ec_key).encode()))
+            assert code == 401 and "signature" in body
             assert br.stats()["token_connections"] == 2
 
     run(main())
@@ -211,7 +223,7 @@ def test_a_token_that_expires_on_an_open_connection_closes_it_with_4401():
     async def main() -> None:
         with running_broker(jwt_secret=SECRET, jwt_leeway=0) as br:
             backend = await connect_v2_backend(br)
-            token = jwt.encode({"sub": "ann", "exp": int(time.time()) + 2}, SECRET, algorithm="HS256")
+            token = jwt.encode({"sub": "ann", "exp": time.time() + 3.5}, SECRET, algorithm="HS256")
             ws = await websockets.connect(f"ws://127.0.0.1:{br.ws_port}/?token={token}", open_timeout=DEADLINE)
             long_lived = await websockets.connect(f"ws://127.0.0.1:{br.ws_port}/?token={hs({'sub': 'bob'})}")
             await backend.expect("new_connection")

@@ -161,6 +161,7 @@ class BrokerStats(TypedDict, total=False):
     tokens_expired: int
     tls_handshakes_failed: int
     tls_reloads: int
+    tls_reload_failures: int
     # Only in a cluster.
     cluster_node_id: str
     """This node's id."""

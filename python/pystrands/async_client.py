@@ -182,8 +182,10 @@ class _AsyncConnection(asyncio.Protocol):
         self._mark_closed()
         if isinstance(exc, _ssl.SSLError):
             # e.g. the broker's alert refusing our client certificate, which TLS 1.3 sends
-            # after the handshake: keep backing off as after a failed connect
-            self.refused = True
+            # after the handshake: keep backing off as after a failed connect (a TLS error
+            # after the broker spoke is a broken link: reconnect as usual)
+            if not self.heard:
+                self.refused = True
             if not self.closing:
                 logger.warning("TLS connection to the broker at %s failed: %s", self._client._where, exc)
         elif not self.closing:

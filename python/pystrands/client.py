@@ -513,8 +513,10 @@ class PyStrandsClient(ClientBase):
                 data = recv(READ_CHUNK_SIZE)
             except _ssl.SSLError as exc:
                 # e.g. the broker's alert refusing our client certificate, which TLS 1.3
-                # sends after the handshake: keep backing off as after a failed connect
-                conn.refused = True
+                # sends after the handshake: keep backing off as after a failed connect (a TLS
+                # error after the broker spoke is a broken link: reconnect as usual)
+                if not conn.heard:
+                    conn.refused = True
                 if not conn.closing and not conn.closed:
                     logger.warning("TLS connection to the broker at %s failed: %s", self._where, exc)
                 return

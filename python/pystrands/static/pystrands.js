@@ -359,8 +359,13 @@ class PyStrands {
     }
     const o = this._o;
     let wait = delay;
-    // An expired token: ask the token provider for a new one now, no backoff.
-    if (wait === undefined && code === CLOSE_CODES.TOKEN_EXPIRED) wait = 0;
+    // An expired token: ask the token provider for a new one now, no backoff; but a second
+    // expiry within 10 s (a provider handing out stale tokens) waits like any other close.
+    if (wait === undefined && code === CLOSE_CODES.TOKEN_EXPIRED) {
+      const now = Date.now();
+      if (now - (this._tokenExpiredAt || 0) > 10000) wait = 0;
+      this._tokenExpiredAt = now;
+    }
     if (wait === undefined) wait = o.minDelay + Math.random() * Math.min(o.maxDelay, o.baseDelay * Math.pow(2, Math.min(this._attempts, 30)));
     this._attempts++;
     this._timer = setTimeout(() => {

@@ -188,3 +188,68 @@ pub fn envelope_decode_query_body(body: &[u8]) -> Result<(u64, Vec<u8>), &'stati
 pub fn envelope_encode_query_body(query: u64, rest: &[u8]) -> Vec<u8> {
     envelope::encode_query_body(query, rest)
 }
+
+/// Settings of a [`JwtVerifier`] (the `jwt_*` settings and `max_id_length`).
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    pub secret: String,
+    pub leeway_secs: u64,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub max_id_length: usize,
+}
+
+/// `token::Verifier` built from [`JwtSettings`].
+pub struct JwtVerifier {
+    verifier: crate::token::Verifier,
+}
+
+/// What a token that `token::Verifier::verify` accepted grants, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtGrant {
+    pub client_id: Option<String>,
+    pub user_id: Option<String>,
+    pub room_id: Option<String>,
+    pub metadata_is_object: bool,
+    pub expires: Option<f64>,
+    /// `Grant::remaining` with the verifier's leeway.
+    pub remaining: Option<Duration>,
+}
+
+/// The longest token `token::Verifier::verify` decodes.
+pub const JWT_MAX_TOKEN: usize = crate::token::MAX_TOKEN;
+
+impl JwtVerifier {
+    /// `None` when the settings would not pass `Config::validate` (or set no key).
+    pub fn new(s: &JwtSettings) -> Option<JwtVerifier> {
+        let cfg = crate::Config {
+            jwt_secret: Some(s.secret.clone()),
+            jwt_leeway: Duration::from_secs(s.leeway_secs),
+            jwt_audience: s.audience.clone(),
+            jwt_issuer: s.issuer.clone(),
+            max_id_length: s.max_id_length,
+            ..crate::Config::default()
+        };
+        cfg.validate().ok()?;
+        let verifier = crate::token::Verifier::from_config(&cfg).ok()??;
+        Some(JwtVerifier { verifier })
+    }
+
+    /// `token::Verifier::verify`: the grant, or why the token is refused.
+    pub fn verify(&self, token: &str) -> Result<JwtGrant, String> {
+        let g = self.verifier.verify(token)?;
+        Ok(JwtGrant {
+            remaining: g.remaining(self.verifier.leeway()),
+            client_id: g.client_id,
+            user_id: g.user_id,
+            room_id: g.room_id,
+            metadata_is_object: g.metadata.is_object(),
+            expires: g.expires,
+        })
+    }
+}
+
+/// `token::from_request`: the token of an upgrade request's query or `Authorization` header.
+pub fn jwt_from_request(query: &str, headers: &[(String, String)]) -> Option<String> {
+    crate::token::from_request(query, headers).map(str::to_owned)
+}

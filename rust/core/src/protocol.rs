@@ -774,7 +774,10 @@ impl LineSplitter {
             return Some(Line::Data(line.freeze()));
         }
         self.scanned = self.buf.len();
-        if self.scanned > self.max_line {
+        // A line of exactly `max_line` bytes may wait here for its `\n` with its `\r` already
+        // read: that one byte more is not over the limit yet (found by fuzz/ `backend_line`).
+        let pending_cr = self.scanned == self.max_line.saturating_add(1) && self.buf.last() == Some(&b'\r');
+        if self.scanned > self.max_line && !pending_cr {
             let dropped = self.buf.len();
             self.buf.clear();
             self.scanned = 0;
@@ -793,6 +796,11 @@ impl LineSplitter {
         }
         if self.buf.is_empty() {
             return None;
+        }
+        if self.buf.len() > self.max_line {
+            let n = self.buf.len();
+            self.buf.clear();
+            return Some(Line::TooLong(n));
         }
         Some(Line::Data(self.buf.split().freeze()))
     }
@@ -1151,6 +1159,28 @@ mod tests {
         assert_eq!(s.next_line(), None);
         assert_eq!(s.finish(), Some(Line::Data(Bytes::from_static(b"tail"))));
         assert_eq!(s.finish(), None);
+    }
+
+    #[test]
+    fn a_line_at_the_limit_survives_its_crlf_arriving_apart() {
+        // Found by fuzz/ `backend_line`: a line of exactly `max_line` bytes ending in CRLF was
+        // dropped as too long when a read ended between its `\r` and its `\n`.
+        let mut s = LineSplitter::new(4);
+        s.extend(b"abcd\r");
+        assert_eq!(s.next_line(), None);
+        s.extend(b"\nok\n");
+        assert_eq!(s.next_line(), Some(Line::Data(Bytes::from_static(b"abcd"))));
+        assert_eq!(s.next_line(), Some(Line::Data(Bytes::from_static(b"ok"))));
+        // One byte more than the limit, then its end: too long, whichever way it arrives.
+        s.extend(b"abcd\r");
+        assert_eq!(s.next_line(), None);
+        s.extend(b"x");
+        assert_eq!(s.next_line(), None);
+        s.extend(b"\n");
+        assert_eq!(s.next_line(), Some(Line::TooLong(7)));
+        s.extend(b"abcd\r");
+        assert_eq!(s.next_line(), None);
+        assert_eq!(s.finish(), Some(Line::TooLong(5)));
     }
 
     #[tokio::test]

@@ -41,6 +41,8 @@ counters! {
     tls_handshakes_failed,
     /// Times a listener's TLS certificate was reloaded (SIGHUP or a changed file).
     tls_reloads,
+    /// Certificate reloads that failed (unreadable or broken files); the previous certificate stays in use.
+    tls_reload_failures,
     /// Connections closed because a newer one took their `client_id`.
     connections_replaced,
     /// Messages received from WebSocket clients.

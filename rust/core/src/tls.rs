@@ -63,13 +63,21 @@ impl Source {
         })
     }
 
-    /// Modification time and length of each file, to notice a change.
-    fn stamp(&self) -> Vec<Option<(SystemTime, u64)>> {
+    /// Modification time, length and (Unix) inode of each file, to notice a change, also a file
+    /// replaced by another of the same size and time.
+    fn stamp(&self) -> Vec<Option<Stamp>> {
         let files = [Some(&self.cert.1), Some(&self.key.1), self.client_ca.as_ref().map(|c| &c.1)];
         files
             .iter()
             .flatten()
-            .map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+            .map(|f| {
+                let m = std::fs::metadata(f).ok()?;
+                #[cfg(unix)]
+                let inode = std::os::unix::fs::MetadataExt::ino(&m);
+                #[cfg(not(unix))]
+                let inode = 0;
+                Some((m.modified().ok()?, m.len(), inode))
+            })
             .collect()
     }
 
@@ -120,11 +128,13 @@ impl Source {
     }
 }
 
+type Stamp = (SystemTime, u64, u64);
+
 /// One listener's TLS: the acceptor in use, replaced on reload.
 pub struct Tls {
     source: Source,
     acceptor: RwLock<TlsAcceptor>,
-    stamp: Mutex<Vec<Option<(SystemTime, u64)>>>,
+    stamp: Mutex<Vec<Option<Stamp>>>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -182,13 +192,20 @@ pub(crate) async fn watch(listeners: Vec<Arc<Tls>>, counters: Arc<crate::stats::
             _ = stop.fired() => return,
         };
         for tls in &listeners {
-            match tls.reload(only_if_changed) {
+            // File system calls, off the runtime's threads (a slow mount must not stall clients).
+            let t = tls.clone();
+            let outcome = tokio::task::spawn_blocking(move || t.reload(only_if_changed)).await;
+            let Ok(outcome) = outcome else { continue };
+            match outcome {
                 Ok(true) => {
                     crate::stats::incr(&counters.tls_reloads);
                     tracing::info!(cert = %tls.source.cert.1, "TLS certificate reloaded");
                 }
                 Ok(false) => {}
-                Err(e) => tracing::error!("TLS certificate not reloaded, the previous one stays in use: {e}"),
+                Err(e) => {
+                    crate::stats::incr(&counters.tls_reload_failures);
+                    tracing::error!("TLS certificate not reloaded, the previous one stays in use: {e}")
+                }
             }
         }
     }

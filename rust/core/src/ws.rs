@@ -112,10 +112,18 @@ async fn secure(stream: TcpStream, addr: SocketAddr, shared: &Shared) -> Option<
         Ok(Some(false)) => {
             incr(&shared.counters.tls_handshakes_failed);
             tracing::debug!(%addr, "plain request on the TLS WebSocket port");
+            // Read the request first: closing with unread bytes would reset the connection and
+            // could lose the answer before the client reads it.
+            let mut stream = stream;
+            let _ = http::read_request(&mut stream, Duration::from_secs(1)).await;
             refuse(stream, 400, "this port speaks TLS only: use wss://").await;
             return None;
         }
-        _ => return None,
+        Ok(None) => return None,
+        Err(_) => {
+            incr(&shared.counters.tls_handshakes_failed);
+            return None;
+        }
     }
     match tokio::time::timeout(deadline, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => Some(Conn::Tls(Box::new(s))),
@@ -215,7 +223,7 @@ async fn handshake(mut stream: Conn, addr: SocketAddr, shared: &Arc<Shared>) -> 
             }
             Err(why) => {
                 incr(&shared.counters.tokens_refused);
-                tracing::info!(%addr, "token refused: {why}");
+                tracing::debug!(%addr, "token refused: {why}");
                 refuse(stream, 401, &why).await;
                 return None;
             }
