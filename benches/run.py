@@ -23,6 +23,13 @@ What it does, all on 127.0.0.1, everything started here and stopped here (proces
    * `pystrands@baseline` (only with `--baseline DIR`): broker and backend from an earlier build in DIR
    * `pystrands+v1-client`: our broker + the PyStrands 1.0 async client (PyPI) as the backend
    * `pystrands+rust-backend`: our broker + a Rust backend (accepting/handling done in Rust)
+   * `pystrands+token`: our broker with `jwt_secret` (issue 18); the load generator's clients carry
+     a signed connection token (`?token=`, HS256, made here with hmac/hashlib) and the broker
+     accepts them itself, no `connection_request`; our Python backend stays connected (it gets
+     the `new_connection` events)
+   * `pystrands+tls`: our broker with `tls_cert`/`tls_key` (wss:// only), a self-signed EC P-256
+     certificate for 127.0.0.1 made with `openssl` at the start of the run in a temporary
+     directory; the load generator trusts it (`--ca`)
    * `python-socketio`: python-socketio on aiohttp + uvloop (or uvicorn, `--socketio-server`)
    * `websockets`: a hand-written broker on the `websockets` package
    * `tokio-ceiling`: a bare tokio WebSocket server (no rooms, no protocol, no Python)
@@ -40,13 +47,21 @@ marked provisional in the summary.
 from __future__ import annotations
 
 import argparse
+import atexit
+import base64
+import hashlib
+import hmac
 import json
 import os
 import platform
 import resource
+import secrets
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -127,12 +142,62 @@ def _imports(venv: Path, module: str) -> bool:
     return py.exists() and subprocess.run([str(py), "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
+# ------------------------------------------------------------------ tokens and TLS (issue 18)
+
+# The HMAC key of `pystrands+token`'s broker (given to it in PYSTRANDS_JWT_SECRET, not on its
+# command line) and of the tokens the load generator's clients carry.
+JWT_SECRET = secrets.token_hex(32)
+TOKEN_TTL = 3600.0
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def make_token(room: str, secret: str = JWT_SECRET, ttl: float = TOKEN_TTL) -> str:
+    """A signed connection token (JWT, HS256): user `bench`, first room `room`, valid for `ttl` s;
+    no `cid`, so every connection made with it gets a fresh client id."""
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    claims = _b64url(json.dumps({"sub": "bench", "room": room, "exp": int(time.time() + ttl)}, separators=(",", ":")).encode())
+    signing_input = f"{header}.{claims}".encode()
+    signature = _b64url(hmac.new(secret.encode(), signing_input, hashlib.sha256).digest())
+    return f"{header}.{claims}.{signature}"
+
+
+_TLS_FILES: tuple[str, str] | None = None
+
+
+def tls_files() -> tuple[str, str]:
+    """(certificate, key) PEM paths for `pystrands+tls`: a self-signed EC P-256 certificate for
+    IP 127.0.0.1 and localhost, made with `openssl` once per run in a temporary directory (removed
+    at exit). The load generator trusts the certificate itself (`--ca`)."""
+    global _TLS_FILES
+    if _TLS_FILES is None:
+        if not shutil.which("openssl"):
+            raise RuntimeError("the openssl command is needed to make the TLS certificate")
+        d = tempfile.mkdtemp(prefix="pystrands-bench-tls-")
+        atexit.register(shutil.rmtree, d, True)
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                            "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                            "-addext", "basicConstraints=critical,CA:FALSE",
+                            "-addext", "keyUsage=critical,digitalSignature",
+                            "-addext", "extendedKeyUsage=serverAuth"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"openssl req failed: {r.stderr.strip()[-400:]}")
+        _TLS_FILES = (cert, key)
+    return _TLS_FILES
+
+
 # ------------------------------------------------------------------ processes
 
 
-def wait_upgrade(port: int, path: str, procs: list[Proc], timeout: float = 30.0) -> None:
-    """Waits until a WebSocket upgrade on `path` answers 101 (our broker: 503 until a backend is up)."""
+def wait_upgrade(port: int, path: str, procs: list[Proc], timeout: float = 30.0, ca: str | None = None) -> None:
+    """Waits until a WebSocket upgrade on `path` answers 101 (our broker: 503 until a backend is up);
+    with `ca`, over TLS trusting that certificate."""
     end = time.monotonic() + timeout
+    tls = ssl.create_default_context(cafile=ca) if ca else None
     req = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
     status = ""
@@ -141,7 +206,8 @@ def wait_upgrade(port: int, path: str, procs: list[Proc], timeout: float = 30.0)
             if not p.alive():
                 raise RuntimeError(f"{p.name} exited: {p.tail()}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                s = tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw
                 s.sendall(req)
                 status = s.recv(200).decode(errors="replace").split("\r\n", 1)[0]
                 if " 101 " in status + " ":
@@ -162,7 +228,9 @@ class Running:
     def url(self, room: str) -> str:
         if self.system.socketio:
             return f"ws://127.0.0.1:{self.ws_port}/socket.io/?EIO=4&transport=websocket&room={room}"
-        return f"ws://127.0.0.1:{self.ws_port}/{room}"
+        scheme = "wss" if self.system.tls else "ws"
+        query = f"?token={make_token(room)}" if self.system.token else ""
+        return f"{scheme}://127.0.0.1:{self.ws_port}/{room}{query}"
 
     def rss(self) -> dict[str, int]:
         return {k: rss_kib(pid, default=0) for k, pid in self.rss_pids.items()}
@@ -179,8 +247,11 @@ class Running:
 
 class System:
     def __init__(self, name: str, kind: str, workloads: set[str], description: str, socketio: bool = False, backend: str = "",
-                 pythonpath: str = "", env: dict[str, str] | None = None, broker_args: tuple[str, ...] = (), structured: bool = False):
+                 pythonpath: str = "", env: dict[str, str] | None = None, broker_args: tuple[str, ...] = (), structured: bool = False,
+                 token: bool = False, tls: bool = False):
         self.name, self.kind, self.workloads, self.description = name, kind, workloads, description
+        # issue 18: the broker checks signed connection tokens (the clients' URLs carry one) / serves wss://
+        self.token, self.tls = token, tls
         self.socketio, self.backend = socketio, backend
         self.broker_args = list(broker_args)  # extra options of `python -m pystrands server`
         self.structured = structured  # the receivers of W2/W5 speak the browser protocol pystrands.1
@@ -205,10 +276,16 @@ class System:
             elif self.kind == "pystrands":
                 tcp_port = free_port()
                 env = dict(os.environ, **self.env) if self.env else None
+                broker_env, broker_args = env, list(self.broker_args)
+                if self.token:  # the key in the environment, not on the command line
+                    broker_env = dict(env or os.environ, PYSTRANDS_JWT_SECRET=JWT_SECRET)
+                if self.tls:
+                    cert, key = tls_files()
+                    broker_args += ["--tls-cert", cert, "--tls-key", key]
                 broker = Proc(f"{self.name}-broker", [str(venv_python(OUR_VENV)), "-m", "pystrands", "server", "--host", "127.0.0.1",
                                                       "--ws-port", str(ws_port), "--tcp-port", str(tcp_port), "--log-level", "error",
-                                                      *self.broker_args], logdir,
-                              env=env)
+                                                      *broker_args], logdir,
+                              env=broker_env)
                 procs.append(broker)
                 wait_port(tcp_port, 30.0, broker.check_alive)
                 if self.backend == "rust":
@@ -238,8 +315,9 @@ class System:
                 rss = {"server": p.pid}
             else:
                 raise ValueError(self.kind)
+            # (a token system's probe has no token: it goes to the backend, so this also waits for it)
             path = "/socket.io/?EIO=4&transport=websocket&room=probe" if self.socketio else "/probe"
-            wait_upgrade(ws_port, path, procs)
+            wait_upgrade(ws_port, path, procs, ca=tls_files()[0] if self.tls else None)
             time.sleep(0.3)
             return Running(self, procs, ws_port, rss)
         except BaseException:
@@ -279,6 +357,12 @@ SYSTEMS = [
            "the same broker and backend built from the commit before issue 16 (routes, log bridge), from PYSTRANDS_BEFORE_OBS_BUILD",
            backend="ours", pythonpath=os.environ.get("PYSTRANDS_BEFORE_OBS_BUILD", str(ROOT / "build-before-obs"))),
     System("pystrands+rust-backend", "pystrands", {"echo", "fanout", "connect", "broadcast"}, "our broker + a Rust backend (no Python in the loop)", backend="rust"),
+    System("pystrands+token", "pystrands", {"connect"},
+           "our broker with jwt_secret: the clients carry a signed token (?token=, HS256) and the broker accepts them itself; "
+           "our AsyncPyStrandsClient backend connected (gets the new_connection events)", backend="ours", token=True),
+    System("pystrands+tls", "pystrands", ALL,
+           "our broker with tls_cert/tls_key (wss:// only; self-signed EC P-256 certificate) + our AsyncPyStrandsClient backend",
+           backend="ours", tls=True),
     System("python-socketio", "socketio", ALL, "python-socketio (server chosen by --socketio-server)", socketio=True),
     System("websockets", "websockets", ALL, "hand-written broker on the websockets package (asyncio)"),
     System("tokio-ceiling", "ceiling", ALL, "bare tokio + tungstenite server: the ceiling"),
@@ -376,7 +460,9 @@ def loadgen(args: list[str], timeout: float, run: Running | None = None) -> dict
 
 
 def proto(run: Running) -> list[str]:
-    return ["--protocol", "socketio" if run.system.socketio else "pystrands1" if run.system.structured else "plain"]
+    """The load generator's client options for this system: protocol, and the CA to trust for wss://."""
+    ca = ["--ca", tls_files()[0]] if run.system.tls else []
+    return ["--protocol", "socketio" if run.system.socketio else "pystrands1" if run.system.structured else "plain", *ca]
 
 
 def measure(workload: str, mode: str, run: Running, cfg: dict) -> dict:
@@ -613,14 +699,15 @@ def write_summary(data: dict, path: Path) -> None:
              "wall time; the machine has " + str(m["cores"]) + "; `irq` is the kernel's interrupt work (mostly moving the loopback "
              "packets of the benchmark itself); `others` is every other process on the machine. A load generator "
              "near 1.0 is saturated (it runs on one thread): then the load generator, not the system, sets the number.\n")
-    L.append("\n## Targets (issues 5 and 14), ratios from this run\n")
+    L.append("\n## Targets (issues 5, 14-18), ratios from this run\n")
     L.append("| target | measured | met? |")
     L.append("|---|---|---|")
     for t in data["targets"]:
         if t["ratio"] is None:
             L.append(f"| {t['what']} | not measured ({t['why']}) | - |")
         else:
-            L.append(f"| {t['what']} | {t['ratio']:.2f}x ({t['detail']}){' ⚠ provisional' if t.get('provisional') else ''} | {'yes' if t['met'] else '**no**'} |")
+            met = "(reported)" if t["met"] is None else "yes" if t["met"] else "**no**"
+            L.append(f"| {t['what']} | {t['ratio']:.2f}x ({t['detail']}){' ⚠ provisional' if t.get('provisional') else ''} | {met} |")
     ours, v1 = (res.get("echo", {}).get(k, {}).get("median") for k in ("pystrands", "pystrands+v1-client"))
     if ours and v1 and backend_us_per_msg(ours) and backend_us_per_msg(v1):
         a, b = backend_us_per_msg(ours), backend_us_per_msg(v1)
@@ -636,7 +723,8 @@ def targets(res: dict) -> list[dict]:
 
     out = []
 
-    def ratio(what: str, num: tuple, den: tuple, need: float, higher: bool = True) -> None:
+    def ratio(what: str, num: tuple, den: tuple, need: float | None, higher: bool = True) -> None:
+        """num/den of the workloads' main metric; `need` None: reported, no target."""
         a, b = med(num[0], num[1]), med(den[0], den[1])
         va = metric(num[0].split("_")[0], a) if a else None
         vb = metric(den[0].split("_")[0], b) if b else None
@@ -647,9 +735,11 @@ def targets(res: dict) -> list[dict]:
         prov = disturbed(a) or disturbed(b)
         r = va / vb
         if higher:
-            out.append({"what": what, "ratio": r, "met": r >= need, "provisional": prov, "detail": f"{va:,.0f} vs {vb:,.0f}"})
+            met = None if need is None else r >= need
+            out.append({"what": what, "ratio": r, "met": met, "provisional": prov, "detail": f"{va:,.0f} vs {vb:,.0f}"})
         else:  # latency: the target is num <= need * den; report num/den
-            out.append({"what": what, "ratio": r, "met": r <= need, "provisional": prov, "detail": f"{va / 1000:,.1f} ms vs {vb / 1000:,.1f} ms"})
+            met = None if need is None else r <= need
+            out.append({"what": what, "ratio": r, "met": met, "provisional": prov, "detail": f"{va / 1000:,.1f} ms vs {vb / 1000:,.1f} ms"})
 
     ratio("W1 ours ≥ 70% of picows echo", ("echo", "pystrands"), ("echo", "picows"), 0.70)
     ratio("W2 (max rate) ≥ 85% of the tokio ceiling", ("fanout_max", "pystrands"), ("fanout_max", "tokio-ceiling"), 0.85)
@@ -688,6 +778,13 @@ def targets(res: dict) -> list[dict]:
     ratio("W2 (max rate) with --history-size 100 ≥ 0.85x without", ("fanout_max", "pystrands+history"), ("fanout_max", "pystrands"), 0.85)
     ratio("W2 (max rate), pystrands.1 receivers, with --history-size 100 ≥ 0.85x without", ("fanout_max", "pystrands+history+structured"),
           ("fanout_max", "pystrands+structured"), 0.85)
+    # Issue 18: signed connection tokens are checked by the broker itself; TLS on the WebSocket port.
+    ratio("W4 token connects ≥ 0.9x the same broker accepting in Rust", ("connect", "pystrands+token"),
+          ("connect", "pystrands+rust-backend"), 0.9)
+    ratio("W4 token connects vs Python accept handler", ("connect", "pystrands+token"), ("connect", "pystrands"), None)
+    ratio("TLS echo vs plain", ("echo", "pystrands+tls"), ("echo", "pystrands"), None)
+    ratio("TLS fan-out ≥ 0.7x plain (W2 max rate)", ("fanout_max", "pystrands+tls"), ("fanout_max", "pystrands"), 0.7)
+    ratio("TLS W4 connects vs plain (TLS handshake included)", ("connect", "pystrands+tls"), ("connect", "pystrands"), None)
     return out
 
 
@@ -838,6 +935,9 @@ def main() -> None:
     cfg["loadgen_threads"] = LOADGEN_THREADS
     if args.runs:
         cfg["runs"] = args.runs
+        for c in cfg.values():  # --runs is for every workload (W4 too): the summary says so
+            if isinstance(c, dict):
+                c.pop("runs", None)
     workloads = [w for w in args.workloads.split(",") if w]
     if args.baseline:
         base = str(Path(args.baseline).resolve())

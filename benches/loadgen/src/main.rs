@@ -36,6 +36,11 @@
 //! * `storm`: a reconnect storm with recovery, `pystrands.1` clients (or Centrifuge's) that
 //!   missed messages coming back at once (see [`storm`]; used by `benches/recovery.py`).
 //!
+//! TLS: a `wss://` URL connects over TLS (rustls, ring provider), trusting only the CA
+//! certificates of the PEM file `--ca` (the server name checked is the URL's IP address). The
+//! TLS handshake is part of a connection's setup (in `connect`: of the measured time). A URL may
+//! carry a query string, e.g. a signed connection token: `ws://127.0.0.1:8080/bench?token=…`.
+//!
 //! Usage: `pystrands-loadgen WORKLOAD --url ws://127.0.0.1:8080/bench [--clients N] [--seconds S] …`
 
 mod fanout;
@@ -44,21 +49,29 @@ mod storm;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Stream>;
 
 const USAGE: &str = "usage: pystrands-loadgen echo|fanout|broadcast|idle|connect --url URL [--pub-url URL] [--protocol plain|socketio|pystrands1] \
-[--clients N] [--seconds S] [--warmup S] [--size BYTES] [--rate MSGS_PER_S (0 = max)] [--window N] [--triggers N] [--gap-ms MS] \
+[--ca PEM (trusted CA of wss:// URLs)] [--clients N] [--seconds S] [--warmup S] [--size BYTES] [--rate MSGS_PER_S (0 = max)] [--window N] [--triggers N] [--gap-ms MS] \
 [--concurrency N] [--hold S] [--sources K] [--threads N] [--drain S]";
 
 #[derive(Clone)]
@@ -82,6 +95,8 @@ struct Args {
     sources: usize,
     threads: usize,
     drain: f64,
+    /// From `--ca`: the TLS client of `wss://` URLs.
+    tls: Option<TlsConnector>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -106,6 +121,7 @@ fn parse_args() -> Result<Args, String> {
         sources: 1,
         threads: 1,
         drain: 10.0,
+        tls: None,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -134,6 +150,7 @@ fn parse_args() -> Result<Args, String> {
             "--sources" => a.sources = value.parse().map_err(|_| bad())?,
             "--threads" => a.threads = value.parse().map_err(|_| bad())?,
             "--drain" => a.drain = value.parse().map_err(|_| bad())?,
+            "--ca" => a.tls = Some(tls_connector(&value)?),
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
@@ -178,6 +195,82 @@ fn hist_json(h: &Histogram<u64>) -> Value {
     })
 }
 
+/// A TLS client trusting only the CA certificates of the PEM file `ca` (rustls, ring provider,
+/// TLS 1.3 or 1.2).
+fn tls_connector(ca: &str) -> Result<TlsConnector, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("--ca {ca}: {e}"))? {
+        let cert = cert.map_err(|e| format!("--ca {ca}: {e}"))?;
+        roots.add(cert).map_err(|e| format!("--ca {ca}: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("--ca {ca}: no certificate in the file"));
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// The stream a connection runs on: TCP (`ws://`) or TLS over TCP (`wss://`).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Where to connect and how: parsed once, shared by every connection.
 struct Target {
     url: String,
@@ -186,15 +279,26 @@ struct Target {
     /// Speaks `pystrands.1` (receivers of fanout and broadcast).
     structured: bool,
     sources: usize,
+    /// `wss://`: the TLS client and the server name it checks (the URL's IP address).
+    tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
 impl Target {
-    fn new(url: &str, socketio: bool, sources: usize) -> Result<Target, String> {
-        let rest = url.strip_prefix("ws://").ok_or("only ws:// URLs")?;
-        let hostport = rest.split('/').next().unwrap_or(rest);
+    fn new(url: &str, a: &Args) -> Result<Target, String> {
+        let (rest, secure) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => return Err("only ws:// and wss:// URLs".into()),
+        };
+        let hostport = rest.split(['/', '?']).next().unwrap_or(rest);
         let addr: SocketAddr =
             hostport.parse().map_err(|_| format!("need a numeric ip:port in the URL, got {hostport}"))?;
-        Ok(Target { url: url.to_string(), addr, socketio, structured: false, sources })
+        let tls = match (secure, &a.tls) {
+            (false, _) => None,
+            (true, Some(c)) => Some((c.clone(), ServerName::IpAddress(addr.ip().into()))),
+            (true, None) => return Err("a wss:// URL needs --ca (the PEM file of the CA to trust)".into()),
+        };
+        Ok(Target { url: url.to_string(), addr, socketio: a.socketio, structured: false, sources: a.sources, tls })
     }
 }
 
@@ -213,6 +317,12 @@ async fn open(t: &Target, idx: usize) -> Result<Ws, String> {
     }
     let stream = sock.connect(t.addr).await.map_err(|e| format!("connect: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let stream = match &t.tls {
+        Some((connector, name)) => Stream::Tls(Box::new(
+            connector.connect(name.clone(), stream).await.map_err(|e| format!("TLS handshake: {e}"))?,
+        )),
+        None => Stream::Plain(stream),
+    };
     let mut req = t.url.as_str().into_client_request().map_err(|e| format!("request: {e}"))?;
     if t.structured {
         req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("pystrands.1"));
@@ -368,7 +478,7 @@ async fn echo_client(
 }
 
 async fn run_echo(a: Args) -> Value {
-    let t = match Target::new(&a.url, a.socketio, a.sources) {
+    let t = match Target::new(&a.url, &a) {
         Ok(t) => Arc::new(t),
         Err(e) => return json!({"error": e}),
     };
@@ -558,7 +668,7 @@ async fn stop_receivers(
 // ---------------------------------------------------------------- fanout
 
 async fn run_fanout(a: Args) -> Value {
-    let (t, tp) = match (Target::new(&a.url, a.socketio, a.sources), Target::new(&a.pub_url, a.socketio, a.sources)) {
+    let (t, tp) = match (Target::new(&a.url, &a), Target::new(&a.pub_url, &a)) {
         (Ok(t), Ok(tp)) => (Arc::new(Target { structured: a.structured, ..t }), tp),
         (Err(e), _) | (_, Err(e)) => return json!({"error": e}),
     };
@@ -656,7 +766,7 @@ async fn run_fanout(a: Args) -> Value {
 // ---------------------------------------------------------------- broadcast
 
 async fn run_broadcast(a: Args) -> Value {
-    let (t, tp) = match (Target::new(&a.url, a.socketio, a.sources), Target::new(&a.pub_url, a.socketio, a.sources)) {
+    let (t, tp) = match (Target::new(&a.url, &a), Target::new(&a.pub_url, &a)) {
         (Ok(t), Ok(tp)) => (Arc::new(Target { structured: a.structured, ..t }), tp),
         (Err(e), _) | (_, Err(e)) => return json!({"error": e}),
     };
@@ -733,7 +843,7 @@ async fn hold(mut ws: Ws, socketio: bool, stop: Arc<tokio::sync::Notify>) {
 }
 
 async fn run_idle(a: Args) -> Value {
-    let t = match Target::new(&a.url, a.socketio, a.sources) {
+    let t = match Target::new(&a.url, &a) {
         Ok(t) => Arc::new(t),
         Err(e) => return json!({"error": e}),
     };
@@ -781,7 +891,7 @@ async fn run_idle(a: Args) -> Value {
 // ---------------------------------------------------------------- connect storm
 
 async fn run_connect(a: Args) -> Value {
-    let t = match Target::new(&a.url, a.socketio, a.sources) {
+    let t = match Target::new(&a.url, &a) {
         Ok(t) => Arc::new(t),
         Err(e) => return json!({"error": e}),
     };
