@@ -9,8 +9,16 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# Build and install the package the way users get it (maturin builds the native core), plus test deps.
-.venv/bin/python -m pip install -q '.[test]'
+# The test, lint and benchmark tools (the `dev` dependency group of pyproject.toml).
+.venv/bin/python -m pip install -q --group dev
+# The package the way users get it: a wheel given in PYSTRANDS_WHEEL (what .ci/run builds with
+# scripts/build-wheels.sh), else built from this checkout (maturin compiles the native core).
+if [ -n "${PYSTRANDS_WHEEL:-}" ]; then
+    .venv/bin/python -m pip install -q --force-reinstall --no-deps "$PYSTRANDS_WHEEL"
+    .venv/bin/python -m pip install -q "$PYSTRANDS_WHEEL"
+else
+    .venv/bin/python -m pip install -q .
+fi
 
 # PyStrands 1.0 from PyPI, in its own environment, for the compatibility tests.
 if [ ! -x .venv-v1/bin/python ]; then
