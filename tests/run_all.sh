@@ -29,7 +29,7 @@ fi
 echo "== lint =="
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-.venv/bin/ruff check python tests benches scripts
+.venv/bin/ruff check python tests benches scripts docs/hooks
 .venv/bin/mypy --strict python/pystrands
 
 echo "== cargo test =="
