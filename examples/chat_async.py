@@ -1,7 +1,7 @@
-"""Complete example of the AsyncPyStrandsClient API reference (seed 002): token-checked chat rooms.
+"""Complete example of the AsyncPyStrandsClient API reference: token-checked chat rooms.
 
 Clients must send the header ``X-Token: secret``; the room is the URL path (default "lobby").
-Indentation restored; code otherwise as documented. Needs a broker with its backend port on 8081.
+Needs a broker with its backend port on 8081.
 """
 import asyncio
 import logging

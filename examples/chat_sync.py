@@ -1,4 +1,4 @@
-"""Complete example of the PyStrandsClient API reference (seed 001): token-checked chat rooms.
+"""Complete example of the PyStrandsClient API reference: token-checked chat rooms.
 
 Clients must send the header ``X-Token: secret``; the room is the URL path (default "lobby").
 Needs a broker with its backend port on 8081.

@@ -1,8 +1,7 @@
-"""FastAPI integration of the AsyncPyStrandsClient API reference (seed 002).
+"""FastAPI integration of the AsyncPyStrandsClient API reference.
 
 Run with e.g. ``uvicorn examples.fastapi_app:app``; the backend connects to the broker's
-backend port 8081 at startup and disconnects at shutdown. Indentation restored; code otherwise
-as documented.
+backend port 8081 at startup and disconnects at shutdown.
 """
 from fastapi import FastAPI
 from pystrands import AsyncPyStrandsClient

@@ -1,6 +1,6 @@
-"""Quick start (async), from the PyStrands overview (seed 000): echo every message to its room.
+"""Quick start (async), from the PyStrands overview: echo every message to its room.
 
-Indentation restored; code otherwise as documented. Needs a broker with its backend port on 8081.
+Needs a broker with its backend port on 8081.
 """
 import asyncio
 from pystrands import AsyncPyStrandsClient

@@ -147,3 +147,32 @@ def test_fastapi_integration(broker):
 
         asyncio.run(chat())
     assert module.backend.connected is False
+
+
+def test_fastapi_lifespan_with_the_broker_in_process_and_signed_tokens(monkeypatch):
+    """The modern FastAPI example: lifespan starts the broker and its in-process handlers, the
+    app hands out signed tokens, and a browser-like client connects with one (no header)."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("CHAT_WS_PORT", "0")
+    spec = importlib.util.spec_from_file_location("fastapi_lifespan_example", EXAMPLES / "fastapi_lifespan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    with TestClient(module.app) as http:
+        issued = http.get("/token", params={"user": "ann"}).json()
+        url = issued["url"].replace("localhost", "127.0.0.1")
+
+        async def chat():
+            async with websockets.connect(url, open_timeout=DEADLINE) as ann:
+                await ann.send("hi")
+                assert await recv(ann) == "ann: hi"
+                assert http.get("/").json() == {"clients": 1}
+            forged = url.rsplit(".", 1)[0] + ".AAAA"
+            with pytest.raises(InvalidStatus) as refused:
+                await websockets.connect(forged, open_timeout=DEADLINE)
+            assert refused.value.response.status_code == 401
+
+        asyncio.run(chat())
+        stats = module.broker.stats()
+        assert stats["token_connections"] == 1 and stats["tokens_refused"] == 1
