@@ -1,5 +1,6 @@
-"""The README's quick start, pasted as it is: its code blocks are extracted from README.md and run
-as programs (only the ports are changed to free ones), driven by real WebSocket clients."""
+"""The README's quick start and the docs site's getting-started page, pasted as they are: their
+code blocks are extracted from README.md / docs/getting-started.md and run as programs (only the
+ports are changed to free ones), driven by real WebSocket clients."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
@@ -17,15 +19,25 @@ from procinfo import free_port
 from pystrands.testing import running_broker, ws_url
 from v1peer import DEADLINE, wait_for
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+# (file, heading its quick start starts at; None: the whole page)
+SOURCES = {"readme": (README, "## Quick start"), "getting-started": (ROOT / "docs" / "getting-started.md", None)}
 
 
 
-def quick_start_blocks() -> list[str]:
-    text = README.read_text()
-    section = text[text.index("## Quick start") :]
-    section = section[: section.index("\n## ", 1)]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+def quick_start_blocks(source: str = "readme") -> list[str]:
+    path, heading = SOURCES[source]
+    text = path.read_text()
+    if heading is not None:
+        text = text[text.index(heading) :]
+        text = text[: text.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+@pytest.fixture(params=sorted(SOURCES))
+def source(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def run_program(code: str, tmp_path: Path) -> subprocess.Popen[str]:
@@ -48,13 +60,13 @@ async def echo_round_trip(url: str) -> tuple[str, websockets.ClientConnection]:
     return await asyncio.wait_for(ws.recv(), DEADLINE), ws
 
 
-def test_readme_has_the_one_process_example_first():
-    blocks = quick_start_blocks()
+def test_readme_has_the_one_process_example_first(source):
+    blocks = quick_start_blocks(source)
     assert ".serve(backend=" in blocks[0], "the quick start opens with the one-process example"
 
 
-def test_one_process_quick_start_runs_and_stops_on_sigterm(tmp_path):
-    code = quick_start_blocks()[0]
+def test_one_process_quick_start_runs_and_stops_on_sigterm(tmp_path, source):
+    code = quick_start_blocks(source)[0]
     ws_port, tcp_port = free_port(), free_port()
     assert "ws_port=8080, tcp_port=8081" in code
     proc = run_program(code.replace("ws_port=8080, tcp_port=8081", f"ws_port={ws_port}, tcp_port={tcp_port}"), tmp_path)
@@ -80,8 +92,8 @@ def test_one_process_quick_start_runs_and_stops_on_sigterm(tmp_path):
             proc.communicate()
 
 
-def test_tcp_backend_quick_start_runs(tmp_path):
-    code = quick_start_blocks()[1]
+def test_tcp_backend_quick_start_runs(tmp_path, source):
+    code = quick_start_blocks(source)[1]
     assert "port=8081" in code
     with running_broker() as broker:
         proc = run_program(code.replace("port=8081", f"port={broker.tcp_port}"), tmp_path)

@@ -258,3 +258,29 @@ def test_an_unguarded_backend_port_beyond_loopback_is_warned_about():
     warnings = [line for line in out.stderr.splitlines() if "beyond loopback" in line]
     assert len(warnings) == 1 and "backend_secret" in warnings[0], out.stderr
     assert sum("clear text" in line for line in out.stderr.splitlines()) == 1, out.stderr
+
+
+def test_the_token_recipe_of_the_security_guide_makes_tokens_the_broker_accepts(tmp_path: Path):
+    """docs/security.md's "Making tokens" block, run as it is."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "security.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def broker_token" in b)
+    script = tmp_path / "make_token.py"
+    script.write_text(block)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30, check=True)
+    token = out.stdout.strip()
+    secret = re.search(r'"(a-long-random-secret[^"]*)"', block)
+    assert secret is not None
+
+    async def main() -> None:
+        with running_broker(jwt_secret=secret.group(1)) as br:
+            backend = await connect_v2_backend(br)
+            async with websockets.connect(f"ws://127.0.0.1:{br.ws_port}/?token={token}", open_timeout=DEADLINE) as ws:
+                await ws.send("x")
+                while (ev := await backend.recv())["action"] != "new_message":
+                    pass
+                assert ev["params"]["context"]["user_id"] == "ann" and ev["params"]["context"]["room_id"] == "lobby"
+            await backend.close()
+
+    run(main())
