@@ -31,7 +31,7 @@ def load(code: str, name: str) -> types.ModuleType:
 def test_every_guide_block_is_run_by_a_test():
     """A new block in a guide must get a test here (this list is the inventory)."""
     counted = {page.name: len(python_blocks(page.name)) for page in GUIDES.glob("*.md")}
-    assert counted == {"fastapi.md": 1, "flask-django.md": 1}, counted
+    assert counted == {"fastapi.md": 1, "flask-django.md": 1, "testing.md": 1}, counted
 
 
 def test_fastapi_guide_tcp_backend_with_lifespan():
@@ -70,3 +70,9 @@ def test_flask_guide_sends_to_a_room_from_a_view():
             asyncio.run(scenario())
         finally:
             module.notifier.disconnect()
+
+
+def test_testing_guide_example_passes_as_a_test():
+    [code] = python_blocks("testing.md")
+    module = load(code, "testing_guide")
+    module.test_chat()
