@@ -1,6 +1,7 @@
-"""The code blocks of the documentation site's guides (docs/guides/), run as written (only ports
-are changed to free ones) against the real broker. Blocks that include an example file
-(`--8<--`) are run through that example in tests/test_examples.py."""
+"""The Python code blocks of the documentation site, run as written (only ports are changed to
+free ones) against the real broker. `test_every_python_block_of_the_docs_is_run_by_a_test` is the
+inventory: which test runs each block (some live next to the feature they show). Blocks that
+include an example file (`--8<--`) are run through that example in tests/test_examples.py."""
 
 from __future__ import annotations
 
@@ -14,12 +15,34 @@ import websockets
 from pystrands.testing import running_broker, ws_url
 from v1peer import DEADLINE, wait_for
 
-GUIDES = Path(__file__).resolve().parents[1] / "docs" / "guides"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+GUIDES = DOCS / "guides"
+
+# page → the test that runs each of its Python blocks, in order.
+INVENTORY = {
+    "getting-started.md": ["test_readme.py (one process)", "test_readme.py (TCP backend)", "test_bare_broker_block_serves_and_stops"],
+    "broker.md": [
+        "test_clients_history.py::test_the_documented_history_example_works",
+        "test_rooms.py::test_the_documented_chat_example_works",
+        "test_room_config_block",
+        "test_in_process_serve_block_echoes_and_stops",
+        "test_fastapi_lifespan_block_of_broker_md",
+        "test_logging_block",
+    ],
+    "security.md": ["test_client_tls_block_builds_the_three_flavours", "test_security.py::test_the_token_recipe_of_the_security_guide_makes_tokens_the_broker_accepts"],
+    "guides/fastapi.md": ["test_fastapi_guide_tcp_backend_with_lifespan"],
+    "guides/flask-django.md": ["test_flask_guide_sends_to_a_room_from_a_view"],
+    "guides/testing.md": ["test_testing_guide_example_passes_as_a_test"],
+}
+
+
+def blocks_of(page: str) -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+    return [b for b in blocks if not b.lstrip().startswith("--8<--")]
 
 
 def python_blocks(page: str) -> list[str]:
-    blocks = re.findall(r"```python\n(.*?)```", (GUIDES / page).read_text(), re.S)
-    return [b for b in blocks if not b.lstrip().startswith("--8<--")]
+    return blocks_of(f"guides/{page}")
 
 
 def load(code: str, name: str) -> types.ModuleType:
@@ -28,10 +51,16 @@ def load(code: str, name: str) -> types.ModuleType:
     return module
 
 
-def test_every_guide_block_is_run_by_a_test():
-    """A new block in a guide must get a test here (this list is the inventory)."""
-    counted = {page.name: len(python_blocks(page.name)) for page in GUIDES.glob("*.md")}
-    assert counted == {"fastapi.md": 1, "flask-django.md": 1, "testing.md": 1}, counted
+def test_every_python_block_of_the_docs_is_run_by_a_test():
+    """A new Python block anywhere in docs/ must get a test and a line in INVENTORY."""
+    counted = {p.relative_to(DOCS).as_posix(): len(blocks_of(p.relative_to(DOCS).as_posix())) for p in DOCS.rglob("*.md")}
+    counted = {page: n for page, n in counted.items() if n}
+    assert counted == {page: len(tests) for page, tests in INVENTORY.items()}, counted
+    here = set(globals())
+    for tests in INVENTORY.values():
+        for name in tests:
+            if "::" not in name and "(" not in name:
+                assert name in here, f"{name} is not a test of this file"
 
 
 def test_fastapi_guide_tcp_backend_with_lifespan():
@@ -76,3 +105,131 @@ def test_testing_guide_example_passes_as_a_test():
     [code] = python_blocks("testing.md")
     module = load(code, "testing_guide")
     module.test_chat()
+
+
+def run_until_sigterm(code: str, ws_port: int, tmp_path: Path, path: str = "/lobby", reply: str = "hi") -> None:
+    """Runs a block as a program, checks an echo through it, stops it with SIGTERM (exit 0)."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "program.py"
+    script.write_text(code)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+
+        async def scenario() -> None:
+            end = asyncio.get_running_loop().time() + DEADLINE
+            while True:
+                try:
+                    ws = await websockets.connect(f"ws://127.0.0.1:{ws_port}{path}", open_timeout=DEADLINE)
+                    break
+                except websockets.InvalidStatus as refused:
+                    if not reply and refused.response.status_code == 503:
+                        return  # a broker with no backend yet: serving, as documented
+                    assert asyncio.get_running_loop().time() < end, "the program did not serve"
+                    await asyncio.sleep(0.05)
+                except OSError:
+                    assert asyncio.get_running_loop().time() < end, "the program did not serve"
+                    await asyncio.sleep(0.05)
+            if reply:
+                await ws.send("hi")
+                assert await asyncio.wait_for(ws.recv(), DEADLINE) == reply
+            await ws.close()
+
+        asyncio.run(scenario())
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 0 and "Traceback" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_bare_broker_block_serves_and_stops(tmp_path: Path):
+    from procinfo import free_port
+
+    [code] = [b for b in blocks_of("getting-started.md") if ".serve()" in b]
+    ws, tcp = free_port(), free_port()
+    assert "Broker(ws_port=8080, tcp_port=8081)" in code
+    code = code.replace("Broker(ws_port=8080, tcp_port=8081)", f"Broker(host='127.0.0.1', ws_port={ws}, tcp_port={tcp})")
+    run_until_sigterm(code, ws, tmp_path, reply="")  # no backend: the upgrade is answered 503
+
+
+def test_in_process_serve_block_echoes_and_stops(tmp_path: Path):
+    from procinfo import free_port
+
+    code = blocks_of("broker.md")[3]
+    ws, tcp = free_port(), free_port()
+    assert "Broker(ws_port=8080)" in code
+    run_until_sigterm(code.replace("Broker(ws_port=8080)", f"Broker(host='127.0.0.1', ws_port={ws}, tcp_port={tcp})"), ws, tmp_path)
+
+
+def test_fastapi_lifespan_block_of_broker_md():
+    from fastapi.testclient import TestClient
+
+    from procinfo import free_port
+
+    code = blocks_of("broker.md")[4]
+    ws = free_port()
+    assert "Broker(ws_port=8080)" in code
+    module = load(code.replace("Broker(ws_port=8080)", f"Broker(host='127.0.0.1', ws_port={ws}, tcp_port=0)"), "broker_md_fastapi")
+    with TestClient(module.app):
+
+        async def chat() -> None:
+            async with websockets.connect(f"ws://127.0.0.1:{ws}/lobby", open_timeout=DEADLINE) as c:
+                await c.send("hi")
+                assert await asyncio.wait_for(c.recv(), DEADLINE) == "hi"
+
+        asyncio.run(chat())
+
+
+def test_logging_block():
+    import logging
+
+    code = blocks_of("broker.md")[5]
+    throttle = logging.getLogger("pystrands.broker.throttle")
+    before = throttle.level
+    try:
+        load(code, "broker_md_logging")
+        assert throttle.level == logging.ERROR
+    finally:
+        throttle.setLevel(before)
+
+
+def test_room_config_block():
+    """A fragment (`await client.room_config(...)`): run inside a coroutine with a connected client."""
+    from pystrands import AsyncPyStrandsClient
+
+    code = blocks_of("broker.md")[2]
+    body = "\n".join("    " + line for line in code.strip().splitlines())
+    with running_broker() as broker:
+
+        async def main() -> None:
+            client = AsyncPyStrandsClient("127.0.0.1", broker.tcp_port)
+            assert await client.connect()
+            try:
+                fragment = load(f"async def run(client):\n{body}\n", "room_config_block")
+                await fragment.run(client)
+                await client.send_room_message("lobby", "kept")
+                history = await client.room_history("lobby")
+                assert [m.data for m in history.messages][-1:] == ["kept"]
+            finally:
+                await client.disconnect()
+
+        asyncio.run(main())
+
+
+def test_client_tls_block_builds_the_three_flavours(tmp_path: Path, tls_files, monkeypatch):
+    import shutil
+    import ssl
+
+    code = blocks_of("security.md")[0]
+    for name, source in (("backend-ca.pem", tls_files.ca), ("backend-1.pem", tls_files.client_cert), ("backend-1.key", tls_files.client_key)):
+        shutil.copyfile(source, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    module = load(code, "security_tls_block")
+    assert isinstance(module.ctx, ssl.SSLContext)
+    for client in (module.client, module.aclient):
+        assert client.ssl is module.ctx
