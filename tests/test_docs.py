@@ -27,8 +27,8 @@ INVENTORY = {
         "test_room_config_block",
         "test_in_process_serve_block_echoes_and_stops",
         "test_fastapi_lifespan_block_of_broker_md",
-        "test_logging_block",
     ],
+    "guides/operations.md": ["test_logging_block"],
     "security.md": ["test_client_tls_block_builds_the_three_flavours", "test_security.py::test_the_token_recipe_of_the_security_guide_makes_tokens_the_broker_accepts"],
     "guides/fastapi.md": ["test_fastapi_guide_tcp_backend_with_lifespan"],
     "guides/flask-django.md": ["test_flask_guide_sends_to_a_room_from_a_view"],
@@ -188,7 +188,7 @@ def test_fastapi_lifespan_block_of_broker_md():
 def test_logging_block():
     import logging
 
-    code = blocks_of("broker.md")[5]
+    [code] = blocks_of("guides/operations.md")
     throttle = logging.getLogger("pystrands.broker.throttle")
     before = throttle.level
     try:
