@@ -14,8 +14,7 @@ fi
 # The package the way users get it: a wheel given in PYSTRANDS_WHEEL (what .ci/run builds with
 # scripts/build-wheels.sh), else built from this checkout (maturin compiles the native core).
 if [ -n "${PYSTRANDS_WHEEL:-}" ]; then
-    .venv/bin/python -m pip install -q --force-reinstall --no-deps "$PYSTRANDS_WHEEL"
-    .venv/bin/python -m pip install -q "$PYSTRANDS_WHEEL"
+    .venv/bin/python -m pip install -q --force-reinstall "$PYSTRANDS_WHEEL"
 else
     .venv/bin/python -m pip install -q .
 fi

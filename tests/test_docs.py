@@ -108,34 +108,33 @@ def test_testing_guide_example_passes_as_a_test():
 
 
 def run_until_sigterm(code: str, ws_port: int, tmp_path: Path, path: str = "/lobby", reply: str = "hi") -> None:
-    """Runs a block as a program, checks an echo through it, stops it with SIGTERM (exit 0)."""
+    """Runs a block as a program (test_readme's way), checks it serves — an echo of "hi", or with
+    `reply=""` the 503 of a broker with no backend yet — and stops it with SIGTERM (exit 0)."""
     import signal
-    import subprocess
-    import sys
 
-    script = tmp_path / "program.py"
-    script.write_text(code)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from test_readme import echo_round_trip, run_program
+
+    url = f"ws://127.0.0.1:{ws_port}{path}"
+    proc = run_program(code, tmp_path)
     try:
 
         async def scenario() -> None:
+            if reply:
+                got, ws = await echo_round_trip(url)
+                assert got == reply
+                await ws.close()
+                return
             end = asyncio.get_running_loop().time() + DEADLINE
             while True:
                 try:
-                    ws = await websockets.connect(f"ws://127.0.0.1:{ws_port}{path}", open_timeout=DEADLINE)
-                    break
+                    await websockets.connect(url, open_timeout=DEADLINE)
+                    raise AssertionError("a broker with no backend accepted a client")
                 except websockets.InvalidStatus as refused:
-                    if not reply and refused.response.status_code == 503:
-                        return  # a broker with no backend yet: serving, as documented
-                    assert asyncio.get_running_loop().time() < end, "the program did not serve"
-                    await asyncio.sleep(0.05)
+                    assert refused.response.status_code == 503
+                    return
                 except OSError:
                     assert asyncio.get_running_loop().time() < end, "the program did not serve"
                     await asyncio.sleep(0.05)
-            if reply:
-                await ws.send("hi")
-                assert await asyncio.wait_for(ws.recv(), DEADLINE) == reply
-            await ws.close()
 
         asyncio.run(scenario())
         proc.send_signal(signal.SIGTERM)

@@ -127,13 +127,13 @@ async fn secure(stream: TcpStream, addr: SocketAddr, shared: &Shared) -> Option<
     }
     match tokio::time::timeout(deadline, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => Some(Conn::Tls(Box::new(s))),
-        Ok(Err(e)) => {
+        failed => {
             incr(&shared.counters.tls_handshakes_failed);
-            tracing::debug!(%addr, error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => {
-            incr(&shared.counters.tls_handshakes_failed);
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "no TLS handshake within handshake_timeout".to_string(),
+            };
+            tracing::debug!(%addr, "TLS handshake failed: {why}");
             None
         }
     }
@@ -207,19 +207,12 @@ async fn handshake(mut stream: Conn, addr: SocketAddr, shared: &Arc<Shared>) -> 
         refuse(stream, 503, "too many connections").await;
         return None;
     }
-    let mut expires = None;
     let token = shared.tokens.as_ref().and_then(|v| Some((v, token::from_request(&req.query, &req.headers)?)));
-    let decision = match token {
-        Some((verifier, token)) => match verifier.verify(token) {
-            Ok(grant) => {
+    let (decision, expires) = match token {
+        Some((verifier, token)) => match decide_by_token(verifier, token, &req.path) {
+            Ok(decided) => {
                 incr(&shared.counters.token_connections);
-                expires = grant.remaining(verifier.leeway()).map(|d| Instant::now() + d);
-                Decision::Accept {
-                    client_id: grant.client_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-                    room_id: grant.room_id.unwrap_or_else(|| req.path.clone()),
-                    metadata: grant.metadata,
-                    user_id: grant.user_id,
-                }
+                decided
             }
             Err(why) => {
                 incr(&shared.counters.tokens_refused);
@@ -228,7 +221,7 @@ async fn handshake(mut stream: Conn, addr: SocketAddr, shared: &Arc<Shared>) -> 
                 return None;
             }
         },
-        None => ask_backend(&req, addr, shared).await,
+        None => (ask_backend(&req, addr, shared).await, None),
     };
     let (client_id, room_id, metadata, user_id) = match decision {
         Decision::Accept { client_id, room_id, metadata, user_id } => (client_id, room_id, metadata, user_id),
@@ -305,6 +298,21 @@ async fn handshake(mut stream: Conn, addr: SocketAddr, shared: &Arc<Shared>) -> 
 fn send_event(shared: &Shared, client_id: &str, action: &str, context_json: &str, last: bool) {
     let line = protocol::encode_context_event(&shared.next_id().to_string(), action, context_json);
     let _ = shared.router.handle(RouterEvent::ClientEvent { client_id: client_id.into(), line, last });
+}
+
+/// The broker's own decision on a signed token: the accept its claims make (the room defaults to
+/// the request path, the client id to a fresh UUID) and when the connection must close; `Err`
+/// says why the token is refused (the 401 body).
+fn decide_by_token(verifier: &token::Verifier, token: &str, path: &str) -> Result<(Decision, Option<Instant>), String> {
+    let grant = verifier.verify(token)?;
+    let expires = grant.remaining(verifier.leeway()).map(|d| Instant::now() + d);
+    let accept = Decision::Accept {
+        client_id: grant.client_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        room_id: grant.room_id.unwrap_or_else(|| path.to_string()),
+        metadata: grant.metadata,
+        user_id: grant.user_id,
+    };
+    Ok((accept, expires))
 }
 
 /// Sends the `connection_request` and waits for the decision within `request_timeout`.
