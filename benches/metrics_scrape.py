@@ -104,13 +104,17 @@ def measure(pid: int, port: int, path: str, scrapes: int) -> tuple[float, int]:
     return max(0.0, busy - idle) * 1000 / scrapes, size
 
 
-async def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=10_000)
     ap.add_argument("--rooms", type=int, default=1_000)
     ap.add_argument("--scrapes", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
-    args = ap.parse_args()
+    return ap
+
+
+async def main() -> None:
+    args = parser().parse_args()
     ws_port, tcp_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pystrands", "server", "--host", "127.0.0.1", "--ws-port", str(ws_port),

@@ -513,7 +513,7 @@ def summary(data: dict) -> str:
 # ------------------------------------------------------------------ main
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="reconnect storm with recovery: our broker vs Centrifuge")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
@@ -527,7 +527,11 @@ def main() -> None:
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--out")
     ap.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the output directory's recovery.json")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     out = Path(args.out) if args.out else BENCHES / "results" / "recovery" / ("quick" if args.quick else "")
     if args.summary_only:
         text = summary(json.loads((out / "recovery.json").read_text()))

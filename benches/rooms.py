@@ -1119,7 +1119,7 @@ async def amain(args, cfg: dict, systems: list[str], data: dict) -> None:
         redis.stop()
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="rooms, users and presence: our broker vs PondSocket and Centrifuge")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--systems", default="pystrands,centrifuge,pondsocket")
@@ -1129,7 +1129,11 @@ def main() -> None:
     ap.add_argument("--no-loadgen", action="store_true", help="skip (c) with the load generator")
     ap.add_argument("--out")
     ap.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the output directory's rooms.json; run nothing")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.summary_only:
         out = Path(args.out) if args.out else BENCHES / "results" / "rooms" / ("quick" if args.quick else "")
         text = summary(json.loads((out / "rooms.json").read_text()))

@@ -900,8 +900,7 @@ def resummarize(results: Path) -> None:
 # ------------------------------------------------------------------ main
 
 
-def main() -> None:
-    global RESULTS, LOADGEN_THREADS
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="PyStrands benchmark suite against real peers")
     ap.add_argument("--quick", action="store_true", help="small and short: finishes in under 3 minutes")
     ap.add_argument("--runs", type=int, help="runs per system and workload (default 3, quick 1)")
@@ -915,7 +914,23 @@ def main() -> None:
                     help="also measure system `pystrands@baseline`: broker and backend from the `pystrands` package in DIR "
                          "(e.g. a copy of an earlier build's site-packages/pystrands), for before/after comparisons")
     ap.add_argument("--summary-only", action="store_true", help="rewrite summary.md and the plots from the results directory's JSON; run nothing")
-    args = ap.parse_args()
+    return ap
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuses (exit status 2, naming the choices) a system or workload that does not exist,
+    instead of silently measuring less than asked."""
+    known = {s.name for s in SYSTEMS} | ({"pystrands@baseline"} if args.baseline else set())
+    for what, given, choices in (("system", args.systems, known), ("workload", args.workloads, ALL)):
+        unknown = [name for name in given.split(",") if name and name not in choices]
+        if unknown:
+            raise SystemExit(f"run.py: unknown {what} {', '.join(unknown)} (choose from: {', '.join(sorted(choices))})")
+
+
+def main() -> None:
+    global RESULTS, LOADGEN_THREADS
+    args = parser().parse_args()
+    check_args(args)
     if args.summary_only:
         resummarize(Path(args.out) if args.out else (RESULTS / "quick" if args.quick else RESULTS))
         return

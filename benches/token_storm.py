@@ -2,7 +2,7 @@
 (issue 18): counts what reached Python. The broker accepts every client on its signed token, so
 the backend must see no `connection_request` at all, only the `new_connection` notifications.
 
-    .venv/bin/python benches/token_storm.py [CLIENTS]
+    python3 benches/token_storm.py [CLIENTS]
 
 Needs the release load generator (`cargo build --release -p pystrands-loadgen`, in
 $CARGO_TARGET_DIR or target/). Everything runs on 127.0.0.1 and stops by itself.
@@ -10,6 +10,7 @@ $CARGO_TARGET_DIR or target/). Everything runs on 127.0.0.1 and stops by itself.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -35,8 +36,14 @@ class Counting(PyStrandsClient):
         calls["new_connection"] += 1
 
 
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="a reconnect storm of token clients: what reaches the Python backend")
+    ap.add_argument("clients", type=int, nargs="?", default=10_000, help="token clients (default 10,000)")
+    return ap
+
+
 def main() -> None:
-    clients = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    clients = parser().parse_args().clients
     target = Path(os.environ.get("CARGO_TARGET_DIR", Path(__file__).parents[1] / "target"))
     loadgen = target / "release" / "pystrands-loadgen"
     broker = Broker(host="127.0.0.1", ws_port=0, tcp_port=0, jwt_secret=bench.JWT_SECRET, log_level="warn")

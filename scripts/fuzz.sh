@@ -30,6 +30,14 @@ else
     done
 fi
 
+known=$(cd fuzz/fuzz_targets && ls -- *.rs | sed 's/\.rs$//' | tr '\n' ' ')
+for t in "${targets[@]}"; do
+    if [ ! -f "fuzz/fuzz_targets/$t.rs" ]; then
+        echo "no such fuzz target: $t (targets: ${known% })" >&2
+        exit 2
+    fi
+done
+
 # Longest input per target: a bit over what the parser accepts, so the "too long" paths run too.
 max_len_of() {
     case "$1" in
@@ -56,13 +64,6 @@ else
 fi
 mkdir -p "$target_dir"
 triple=$(rustc -vV | sed -n 's/^host: //p')
-
-for t in "${targets[@]}"; do
-    if [ ! -f "fuzz/fuzz_targets/$t.rs" ]; then
-        echo "no such fuzz target: $t (see fuzz/fuzz_targets/)" >&2
-        exit 2
-    fi
-done
 
 echo "== building ${targets[*]} (target dir $target_dir)"
 build=(env RUSTC_BOOTSTRAP=1 cargo fuzz build --target-dir "$target_dir")
