@@ -129,6 +129,13 @@ try {
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
+    with chromium() as driver:
+        yield driver
+
+
+@contextmanager
+def chromium(*extra_args: str) -> Iterator[Any]:
+    """A headless Chromium driven by Selenium, with more command-line switches if given."""
     if CHROMIUM is None or CHROMEDRIVER is None:
         if os.environ.get("CI"):
             raise RuntimeError("chromium and chromium-driver are required in CI (.ci/run installs them)")
@@ -137,7 +144,7 @@ def browser() -> Iterator[Any]:
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", *extra_args):
         options.add_argument(arg)
     options.binary_location = CHROMIUM
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

@@ -1,44 +1,85 @@
-"""The Python code blocks of the documentation site, run as written (only ports are changed to
-free ones) against the real broker. `test_every_python_block_of_the_docs_is_run_by_a_test` is the
-inventory: which test runs each block (some live next to the feature they show). Blocks that
-include an example file (`--8<--`) are run through that example in tests/test_examples.py."""
+"""Every code block of the README and the docs site is run by a test: the inventory below names,
+block by block, the test that runs it, and `test_every_code_block_of_the_docs_is_run_by_a_test`
+fails on a block without one. The Python blocks are run here as written (only ports are changed
+to free ones) against the real broker; shell blocks in test_docs_commands.py, JSON and YAML in
+test_docs_wire.py, HTML and JavaScript in a real Chromium in test_docs_browser.py; some next to
+the feature they show. Blocks that include an example file (`--8<--`) are run through that
+example in tests/test_examples.py; `text` blocks are diagrams, not code."""
 
 from __future__ import annotations
 
 import asyncio
-import re
+import importlib
 import types
 from pathlib import Path
 
+import pytest
 import websockets
 
+import docblocks
 from pystrands.testing import running_broker, ws_url
 from v1peer import DEADLINE, wait_for
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = docblocks.DOCS
 GUIDES = DOCS / "guides"
+DIAGRAM = "(a diagram, not code)"
 
-# page → the test that runs each of its Python blocks, in order.
-INVENTORY = {
-    "getting-started.md": ["test_readme.py (one process)", "test_readme.py (TCP backend)", "test_bare_broker_block_serves_and_stops"],
-    "broker.md": [
-        "test_clients_history.py::test_the_documented_history_example_works",
-        "test_rooms.py::test_the_documented_chat_example_works",
-        "test_room_config_block",
-        "test_in_process_serve_block_echoes_and_stops",
-        "test_fastapi_lifespan_block_of_broker_md",
+# page → (language, the test that runs it) for each of its blocks, in order.
+INVENTORY: dict[str, list[tuple[str, str]]] = {
+    "README.md": [
+        ("text", DIAGRAM),
+        ("bash", "test_docs_commands.py::test_readme_install_block_builds_and_serves"),
+        ("bash", "test_docs_commands.py::test_ci_runs_the_readme_test_command"),
+        ("python", "test_readme.py::test_one_process_quick_start_runs_and_stops_on_sigterm"),
+        ("python", "test_readme.py::test_tcp_backend_quick_start_runs"),
+        ("python", "test_bare_broker_block_serves_and_stops"),
     ],
-    "guides/operations.md": ["test_logging_block"],
-    "security.md": ["test_client_tls_block_builds_the_three_flavours", "test_security.py::test_the_token_recipe_of_the_security_guide_makes_tokens_the_broker_accepts"],
-    "guides/fastapi.md": ["test_fastapi_guide_tcp_backend_with_lifespan"],
-    "guides/flask-django.md": ["test_flask_guide_sends_to_a_room_from_a_view"],
-    "guides/testing.md": ["test_testing_guide_example_passes_as_a_test"],
+    "benchmarks.md": [("bash", "test_docs_commands.py::test_benchmark_commands_parse")] * 4
+    + [("sh", "test_docs_commands.py::test_benchmark_commands_parse")] * 2,
+    "broker.md": [
+        ("python", "test_clients_history.py::test_the_documented_history_example_works"),
+        ("python", "test_rooms.py::test_the_documented_chat_example_works"),
+        ("python", "test_room_config_block"),
+        ("python", "test_in_process_serve_block_echoes_and_stops"),
+        ("python", "test_fastapi_lifespan_block_of_broker_md"),
+    ],
+    "browser.md": [("html", "test_docs_browser.py::test_browser_guide_block_in_chromium")],
+    "deployment.md": [("text", DIAGRAM), ("bash", "test_docs_commands.py::test_deployment_block_runs_a_cluster_node")],
+    "getting-started.md": [
+        ("bash", "test_docs_commands.py::test_pip_install_blocks_in_a_fresh_venv"),
+        ("python", "test_readme.py::test_one_process_quick_start_runs_and_stops_on_sigterm"),
+        ("python", "test_readme.py::test_tcp_backend_quick_start_runs"),
+        ("python", "test_bare_broker_block_serves_and_stops"),
+    ],
+    "guides/fastapi.md": [
+        ("js", "test_docs_browser.py::test_fastapi_guide_block_in_chromium"),
+        ("python", "test_fastapi_guide_tcp_backend_with_lifespan"),
+    ],
+    "guides/flask-django.md": [("python", "test_flask_guide_sends_to_a_room_from_a_view")],
+    "guides/operations.md": [
+        ("python", "test_logging_block"),
+        ("json", "test_docs_wire.py::test_json_log_line_block"),
+        ("yaml", "test_docs_wire.py::test_kubernetes_probe_block"),
+    ],
+    "guides/testing.md": [("python", "test_testing_guide_example_passes_as_a_test")],
+    "index.md": [("bash", "test_docs_commands.py::test_pip_install_blocks_in_a_fresh_venv")],
+    "migration.md": [("bash", "test_docs_commands.py::test_upgrade_block_from_1_0")],
+    "protocol.md": [("json", "test_docs_wire.py::test_protocol_lines_are_what_the_broker_speaks")] * 6,
+    "security.md": [
+        ("bash", "test_docs_commands.py::test_tls_block_serves_wss_only"),
+        ("bash", "test_docs_commands.py::test_backend_mutual_tls_block"),
+        ("python", "test_client_tls_block_builds_the_three_flavours"),
+        ("bash", "test_docs_commands.py::test_token_block_both_key_kinds"),
+        ("js", "test_docs_browser.py::test_security_guide_token_block_in_chromium"),
+        ("python", "test_security.py::test_the_token_recipe_of_the_security_guide_makes_tokens_the_broker_accepts"),
+        ("bash", "test_docs_commands.py::test_redis_over_tls_block"),
+        ("bash", "test_docs_commands.py::test_fuzz_block_names_real_targets"),
+    ],
 }
 
 
 def blocks_of(page: str) -> list[str]:
-    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
-    return [b for b in blocks if not b.lstrip().startswith("--8<--")]
+    return docblocks.texts(page, "python")
 
 
 def python_blocks(page: str) -> list[str]:
@@ -51,16 +92,20 @@ def load(code: str, name: str) -> types.ModuleType:
     return module
 
 
-def test_every_python_block_of_the_docs_is_run_by_a_test():
-    """A new Python block anywhere in docs/ must get a test and a line in INVENTORY."""
-    counted = {p.relative_to(DOCS).as_posix(): len(blocks_of(p.relative_to(DOCS).as_posix())) for p in DOCS.rglob("*.md")}
-    counted = {page: n for page, n in counted.items() if n}
-    assert counted == {page: len(tests) for page, tests in INVENTORY.items()}, counted
-    here = set(globals())
-    for tests in INVENTORY.values():
-        for name in tests:
-            if "::" not in name and "(" not in name:
-                assert name in here, f"{name} is not a test of this file"
+def test_every_code_block_of_the_docs_is_run_by_a_test():
+    """A new block anywhere in README.md or docs/ must get a test and a line in INVENTORY; each
+    named test must exist."""
+    found = {page: [b.lang for b in docblocks.blocks(page)] for page in docblocks.pages()}
+    found = {page: langs for page, langs in found.items() if langs}
+    assert found == {page: [lang for lang, _ in entries] for page, entries in INVENTORY.items()}, found
+    for page, entries in INVENTORY.items():
+        for lang, test in entries:
+            if test == DIAGRAM:
+                assert lang == "text", f"{page}: only `text` blocks can be left unrun"
+                continue
+            module, _, name = test.rpartition("::")
+            names = vars(importlib.import_module(module.removesuffix(".py"))) if module else globals()
+            assert name.startswith("test_") and callable(names.get(name)), f"{page}: {test} does not exist"
 
 
 def test_fastapi_guide_tcp_backend_with_lifespan():
@@ -146,10 +191,11 @@ def run_until_sigterm(code: str, ws_port: int, tmp_path: Path, path: str = "/lob
             proc.communicate()
 
 
-def test_bare_broker_block_serves_and_stops(tmp_path: Path):
+@pytest.mark.parametrize("page", ["README.md", "getting-started.md"])
+def test_bare_broker_block_serves_and_stops(tmp_path: Path, page: str):
     from procinfo import free_port
 
-    [code] = [b for b in blocks_of("getting-started.md") if ".serve()" in b]
+    [code] = [b for b in blocks_of(page) if ".serve()" in b]
     ws, tcp = free_port(), free_port()
     assert "Broker(ws_port=8080, tcp_port=8081)" in code
     code = code.replace("Broker(ws_port=8080, tcp_port=8081)", f"Broker(host='127.0.0.1', ws_port={ws}, tcp_port={tcp})")
