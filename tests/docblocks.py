@@ -70,11 +70,11 @@ def commands(block: str) -> list[str]:
 
 
 def run(command: str, cwd: Path, env: Mapping[str, str], timeout: float = 600) -> str:
-    """Runs one command with bash; a non-zero exit fails with its output."""
+    """Runs one command with bash and returns its standard output; a non-zero exit fails with
+    everything it printed."""
     done = subprocess.run(["bash", "-c", command], cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=timeout)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, f"`{command}` exited with {done.returncode}:\n{out[-4000:]}"
-    return out
+    assert done.returncode == 0, f"`{command}` exited with {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}"
+    return done.stdout
 
 
 @contextmanager

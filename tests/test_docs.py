@@ -55,7 +55,10 @@ INVENTORY: dict[str, list[tuple[str, str]]] = {
         ("js", "test_docs_browser.py::test_fastapi_guide_block_in_chromium"),
         ("python", "test_fastapi_guide_tcp_backend_with_lifespan"),
     ],
-    "guides/flask-django.md": [("python", "test_flask_guide_sends_to_a_room_from_a_view")],
+    "guides/flask-django.md": [
+        ("python", "test_flask_guide_sends_to_a_room_from_a_view"),
+        ("bash", "test_docs_commands.py::test_django_guide_commands_run_the_example"),
+    ],
     "guides/operations.md": [
         ("python", "test_logging_block"),
         ("json", "test_docs_wire.py::test_json_log_line_block"),

@@ -32,6 +32,7 @@ import websockets
 import docblocks
 from docblocks import ROOT, background, commands, run, texts, wait_http
 from procinfo import free_port
+from pystrands.testing import running_broker, ws_url
 from test_cluster import REDIS
 from tls_util import TLSFiles, client_context
 from v1peer import DEADLINE, wait_for
@@ -400,3 +401,31 @@ def test_bench_run_refuses_unknown_systems_and_workloads():
         run_py.check_args(run_py.parser().parse_args(["--systems", "pystrands,pystrands+nope"]))
     with pytest.raises(SystemExit, match="fanout2"):
         run_py.check_args(run_py.parser().parse_args(["--workloads", "echo,fanout2"]))
+
+
+# ------------------------------------------------------------------------------ Django
+
+
+def test_django_guide_commands_run_the_example(tmp_path: Path):
+    """flask-django.md: `python manage.py runserver` in examples/django_notify (with its
+    file-watching parent process) connects exactly one backend, and the guide's curl POST reaches
+    a WebSocket client in room "orders"."""
+    [block] = shell_blocks("guides/flask-django.md")
+    serve, post = commands(block)
+    assert serve.endswith("python manage.py runserver") and "http://localhost:8000/" in post
+    http_port = free_port()
+    with running_broker() as broker:
+        env = base_env(PYSTRANDS_BROKER_HOST="127.0.0.1", PYSTRANDS_BROKER_PORT=str(broker.tcp_port))
+        with background(f"{serve} 127.0.0.1:{http_port}", ROOT, env) as proc:
+
+            async def scenario() -> None:
+                await wait_for(lambda: broker.stats()["backends"] == 1, what="the Django process's client")
+                async with websockets.connect(ws_url(broker, "/orders"), open_timeout=DEADLINE) as ws:
+                    await asyncio.to_thread(wait_http, f"http://127.0.0.1:{http_port}/", proc)  # runserver listens
+                    out = await asyncio.to_thread(run, post.replace("localhost:8000", f"127.0.0.1:{http_port}"), tmp_path, env)
+                    assert out.strip() == '{"sent": true}'
+                    assert await asyncio.wait_for(ws.recv(), DEADLINE) == "order 7 shipped"
+                assert broker.stats()["backends"] == 1, "the file-watching process must not connect a second client"
+
+            asyncio.run(scenario())
+            assert_stops_cleanly(proc)
