@@ -530,8 +530,16 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuses (exit status 1, naming the choices) a system that does not exist."""
+    unknown = sorted(set(s for s in args.systems.split(",") if s) - set(SYSTEMS))
+    if unknown:
+        sys.exit(f"unknown systems {', '.join(unknown)}: pick from {', '.join(SYSTEMS)}")
+
+
 def main() -> None:
     args = parser().parse_args()
+    check_args(args)
     out = Path(args.out) if args.out else BENCHES / "results" / "recovery" / ("quick" if args.quick else "")
     if args.summary_only:
         text = summary(json.loads((out / "recovery.json").read_text()))
@@ -549,8 +557,6 @@ def main() -> None:
     cfg.update({"nodes": [int(n) for n in args.nodes.split(",") if n], "history_size": HISTORY_SIZE, "sources": 4,
                 "run_timeout": 600, "burst": not args.no_burst})
     systems = [s for s in args.systems.split(",") if s]
-    if set(systems) - set(SYSTEMS):
-        sys.exit(f"unknown systems {set(systems) - set(SYSTEMS)}: pick from {', '.join(SYSTEMS)}")
     out.mkdir(parents=True, exist_ok=True)
     problems = prepare(systems, not args.no_build)
     systems = [s for s in systems if s not in problems]

@@ -1132,8 +1132,16 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuses (exit status 1, naming the choices) a system that does not exist."""
+    unknown = sorted(set(s for s in args.systems.split(",") if s) - set(SYSTEM_CLASSES))
+    if unknown:
+        sys.exit(f"unknown systems {', '.join(unknown)}: pick from {', '.join(SYSTEM_CLASSES)}")
+
+
 def main() -> None:
     args = parser().parse_args()
+    check_args(args)
     if args.summary_only:
         out = Path(args.out) if args.out else BENCHES / "results" / "rooms" / ("quick" if args.quick else "")
         text = summary(json.loads((out / "rooms.json").read_text()))
@@ -1159,9 +1167,6 @@ def main() -> None:
     out = Path(args.out) if args.out else BENCHES / "results" / "rooms" / ("quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     systems = [s for s in args.systems.split(",") if s]
-    unknown = set(systems) - set(SYSTEM_CLASSES)
-    if unknown:
-        sys.exit(f"unknown systems {unknown}: pick from {', '.join(SYSTEM_CLASSES)}")
     problems = prepare(systems)
     systems = [s for s in systems if s not in problems]
     load_before = round(os.getloadavg()[0], 2)

@@ -2,7 +2,7 @@
 (issue 18): counts what reached Python. The broker accepts every client on its signed token, so
 the backend must see no `connection_request` at all, only the `new_connection` notifications.
 
-    python3 benches/token_storm.py [CLIENTS]
+    .venv/bin/python benches/token_storm.py [CLIENTS]
 
 Needs the release load generator (`cargo build --release -p pystrands-loadgen`, in
 $CARGO_TARGET_DIR or target/). Everything runs on 127.0.0.1 and stops by itself.

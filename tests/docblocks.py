@@ -1,21 +1,29 @@
 """The fenced code blocks of the documentation (README.md and every page of docs/), found one way
 for every test that runs them and for the inventory in test_docs.py that proves each one is run.
-Also the shell side of running them: a block's commands, and the long-running ones (a broker,
-a redis-server) started in the background and stopped with their whole process group."""
+Also the shell side of running them: a block's commands, the long-running ones (a broker, a
+redis-server, a web app) started in the background and stopped with their whole process group,
+and the checks from outside (HTTP routes, metrics, Redis answering)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
+import ssl
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from v1peer import DEADLINE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -77,31 +85,78 @@ def run(command: str, cwd: Path, env: Mapping[str, str], timeout: float = 600) -
     return done.stdout
 
 
+class Program:
+    """A long-running command started by :func:`background`; a thread reads what it prints (so a
+    chatty program never blocks on a full pipe) into `lines`."""
+
+    def __init__(self, command: str, cwd: Path, env: Mapping[str, str]) -> None:
+        self.command = command
+        self.proc = subprocess.Popen(
+            ["bash", "-c", command], cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Sends `signum` to the program's whole process group."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signum)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def wait_line(self, accept: Callable[[str], bool], what: str, deadline: float = 20.0) -> str:
+        """The first line printed that `accept` takes; fails at the deadline or if the program ends."""
+        end = time.monotonic() + deadline
+        seen = 0
+        while True:
+            while seen < len(self.lines):
+                seen += 1
+                if accept(self.lines[seen - 1]):
+                    return self.lines[seen - 1]
+            assert self.proc.poll() is None or seen < len(self.lines), f"`{self.command}` ended before {what}:\n{self.output()[-4000:]}"
+            assert time.monotonic() < end, f"timed out waiting for {what}; output:\n{self.output()[-4000:]}"
+            time.sleep(0.02)
+
+
 @contextmanager
-def background(command: str, cwd: Path, env: Mapping[str, str]) -> Iterator[subprocess.Popen[str]]:
+def background(command: str, cwd: Path, env: Mapping[str, str]) -> Iterator[Program]:
     """Starts a long-running command (`bash -c`, in its own process group) and on exit sends the
     group SIGTERM, then SIGKILL if it has not ended within 10 s."""
-    proc = subprocess.Popen(
-        ["bash", "-c", command], cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    program = Program(command, cwd, env)
     try:
-        yield proc
+        yield program
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        program.signal(signal.SIGTERM)
+        try:
+            program.wait(10)
+        except subprocess.TimeoutExpired:
+            program.signal(signal.SIGKILL)
+            program.wait(10)
 
 
-def output_of(proc: subprocess.Popen[str]) -> str:
-    """What an ended background command printed."""
-    assert proc.poll() is not None
-    return proc.stdout.read() if proc.stdout is not None else ""
+def stops_cleanly(program: Program) -> None:
+    """SIGTERM to the program's process group: it ends with status 0."""
+    program.signal(signal.SIGTERM)
+    assert program.wait(DEADLINE) == 0, program.output()[-4000:]
 
 
 def http_get(url: str, context: object = None, timeout: float = 2.0) -> tuple[int, str]:
@@ -113,15 +168,88 @@ def http_get(url: str, context: object = None, timeout: float = 2.0) -> tuple[in
         return error.code, error.read().decode()
 
 
-def wait_http(url: str, proc: subprocess.Popen[str], context: object = None, deadline: float = 20.0) -> tuple[int, str]:
+def wait_http(url: str, program: Program, context: object = None, deadline: float = 20.0) -> tuple[int, str]:
     """Polls `url` until it answers; fails with the program's output if the program ends first."""
     end = time.monotonic() + deadline
     while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"the command ended ({proc.returncode}) before serving {url}:\n{output_of(proc)[-4000:]}")
+        if program.poll() is not None:
+            raise AssertionError(f"`{program.command}` ended ({program.poll()}) before serving {url}:\n{program.output()[-4000:]}")
         try:
             return http_get(url, context)
         except OSError:
             if time.monotonic() > end:
                 raise
             time.sleep(0.05)
+
+
+def metric(port: int, name: str, context: object = None) -> float | None:
+    """One sample of the broker's /metrics (None when the family is absent), parsed by
+    prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_get(f"{'https' if context else 'http'}://localhost:{port}/metrics", context)
+    assert status == 200, body
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
+# ------------------------------------------------------------------------------ running a broker
+
+
+def base_env(**more: str) -> dict[str, str]:
+    """The suite's environment without PyStrands settings, with the suite's bin/ (its
+    pystrands-broker, uvicorn, ...) first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSTRANDS_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(more)
+    return env
+
+
+def broker_ports() -> tuple[int, int, dict[str, str]]:
+    """Two free ports (WebSocket, backends) and the environment that gives them to a broker."""
+    from procinfo import free_port
+
+    ws, tcp = free_port(), free_port()
+    return ws, tcp, {"PYSTRANDS_WS_PORT": str(ws), "PYSTRANDS_TCP_PORT": str(tcp)}
+
+
+def with_ports(command: str, ws: int, tcp: int) -> str:
+    """A documented command line with the default ports (8080, 8081) moved to free ones."""
+    assert "--ws-port 8080" in command and "--tcp-port 8081" in command, command
+    return command.replace("--ws-port 8080", f"--ws-port {ws}").replace("--tcp-port 8081", f"--tcp-port {tcp}")
+
+
+def signed_token(secret: str, **claims: object) -> str:
+    """An HS256 connection token valid for five minutes."""
+    import jwt
+
+    return jwt.encode({"exp": time.time() + 300, **claims}, secret, algorithm="HS256")
+
+
+REDIS = shutil.which("redis-server")
+
+
+def redis_answers(port: int, context: ssl.SSLContext | None = None, password: str | None = None) -> bool:
+    """True once the redis-server on `port` answers PING (over TLS with `context`)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
+            conn = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+            with conn:
+                if password:
+                    conn.sendall(f"AUTH {password}\r\n".encode())
+                    if not conn.recv(64).startswith(b"+OK"):
+                        return False
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def wait_until(predicate: Callable[[], object], what: str, deadline: float = DEADLINE) -> None:
+    end = time.monotonic() + deadline
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)

@@ -1,9 +1,13 @@
 """Every code block of the README and the docs site is run by a test: the inventory below names,
 block by block, the test that runs it, and `test_every_code_block_of_the_docs_is_run_by_a_test`
-fails on a block without one. The Python blocks are run here as written (only ports are changed
-to free ones) against the real broker; shell blocks in test_docs_commands.py, JSON and YAML in
-test_docs_wire.py, HTML and JavaScript in a real Chromium in test_docs_browser.py; some next to
-the feature they show. Blocks that include an example file (`--8<--`) are run through that
+fails on a block without one (it checks that the named test exists, not what it reads: each
+test takes its block from the page itself). The Python blocks are run here as written (only
+ports are changed to free ones) against the real broker; shell blocks in test_docs_commands.py,
+JSON and YAML in test_docs_wire.py, HTML and JavaScript in a real Chromium in
+test_docs_browser.py; some next to the feature they show. Not run as written: the benchmark
+commands (minutes each; their arguments are checked by each script's parser), the fuzzing
+commands (.ci/run runs scripts/fuzz.sh) and the README's `bash tests/run_all.sh` (the suite
+itself, run by .ci/run). Blocks that include an example file (`--8<--`) are run through that
 example in tests/test_examples.py; `text` blocks are diagrams, not code."""
 
 from __future__ import annotations

@@ -7,18 +7,13 @@ endpoint `/api/broker-token`)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 
-from docblocks import ROOT, texts, wait_http
+from docblocks import ROOT, background, base_env, signed_token, texts, wait_http
 from procinfo import free_port
 from pystrands.testing import running_broker
 from test_browser_client import Pages, backend_on, chromium, wait
@@ -29,10 +24,7 @@ JWT_SECRET = "docs-jwt-" * 4
 
 
 def token(room: str | None = None) -> str:
-    claims: dict[str, Any] = {"sub": "ann", "exp": time.time() + 300}
-    if room:
-        claims["room"] = room
-    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+    return signed_token(JWT_SECRET, sub="ann", **({"room": room} if room else {}))
 
 
 def tls_broker(files: TLSFiles, **settings: Any) -> Any:
@@ -117,17 +109,9 @@ def test_fastapi_guide_block_in_chromium(tmp_path: Path):
     in-process handlers."""
     [block] = texts("guides/fastapi.md", "js")
     http_port, ws_port = free_port(), free_port()
-    env = {**os.environ, "CHAT_WS_PORT": str(ws_port), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(
-        ["uvicorn", "examples.fastapi_lifespan:app", "--port", str(http_port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{http_port}/", proc)  # type: ignore[arg-type]
+    env = base_env(CHAT_WS_PORT=str(ws_port))
+    with background(f"uvicorn examples.fastapi_lifespan:app --port {http_port}", ROOT, env) as app:
+        wait_http(f"http://127.0.0.1:{http_port}/", app)
         with chromium() as driver:
             driver.get(f"http://localhost:{http_port}/")
             script = (
@@ -137,8 +121,8 @@ def test_fastapi_guide_block_in_chromium(tmp_path: Path):
                 'ws.onerror = () => done("websocket error");\n})().catch((e) => done("failed: " + e));'
             )
             assert driver.execute_async_script(script) == "ann: hi"
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=DEADLINE)
+        app.signal()
+        app.wait(DEADLINE)
+    out = app.output()
     # uvicorn shuts down gracefully, then ends by the signal it got (status -15)
     assert "Application shutdown complete" in out and "Traceback" not in out, out

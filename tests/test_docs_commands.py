@@ -22,6 +22,7 @@ import ssl
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +30,33 @@ import jwt
 import pytest
 import websockets
 
-import docblocks
-from docblocks import ROOT, background, commands, run, texts, wait_http
+from docblocks import (
+    REDIS,
+    ROOT,
+    background,
+    base_env,
+    broker_ports,
+    commands,
+    http_get,
+    metric,
+    redis_answers,
+    run,
+    stops_cleanly,
+    texts,
+    wait_http,
+    wait_until,
+    with_ports,
+)
 from procinfo import free_port
 from pystrands.testing import running_broker, ws_url
-from test_cluster import REDIS
 from tls_util import TLSFiles, client_context
 from v1peer import DEADLINE, wait_for
 
-BIN = Path(sys.executable).parent  # the environment the suite runs in: its pystrands-broker
+needs_redis = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
 
 
 def shell_blocks(page: str) -> list[str]:
     return texts(page, "bash", "sh")
-
-
-def base_env(**more: str) -> dict[str, str]:
-    """The suite's environment without PyStrands settings, with this environment's bin/ first."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSTRANDS_")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(more)
-    return env
 
 
 def fresh_venv(where: Path) -> dict[str, str]:
@@ -58,16 +65,6 @@ def fresh_venv(where: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSTRANDS_", "PIP_", "VIRTUAL_ENV", "PYTHON"))}
     env.update(VIRTUAL_ENV=str(where), PATH=f"{where / 'bin'}{os.pathsep}{env.get('PATH', '')}", PIP_DISABLE_PIP_VERSION_CHECK="1")
     return env
-
-
-def with_ports(command: str, ws: int, tcp: int) -> str:
-    assert "--ws-port 8080" in command and "--tcp-port 8081" in command, command
-    return command.replace("--ws-port 8080", f"--ws-port {ws}").replace("--tcp-port 8081", f"--tcp-port {tcp}")
-
-
-def broker_ports() -> tuple[int, int, dict[str, str]]:
-    ws, tcp = free_port(), free_port()
-    return ws, tcp, {"PYSTRANDS_WS_PORT": str(ws), "PYSTRANDS_TCP_PORT": str(tcp)}
 
 
 def installed_version(env: dict[str, str], cwd: Path) -> str:
@@ -79,6 +76,21 @@ def installed_version(env: dict[str, str], cwd: Path) -> str:
     return version
 
 
+def native_core_record(record: str) -> str:
+    """The RECORD line (path, hash, size) of the native core in a wheel's or install's RECORD."""
+    [line] = [line for line in record.splitlines() if re.match(r"pystrands/_core[^,/]*\.so,", line)]
+    return line
+
+
+def assert_installed_from(wheel: Path, env: dict[str, str], cwd: Path) -> None:
+    """The environment's pystrands is that wheel's: the same native core, byte for byte (hash)."""
+    with zipfile.ZipFile(wheel) as archive:
+        [name] = [n for n in archive.namelist() if n.endswith(".dist-info/RECORD")]
+        expected = native_core_record(archive.read(name).decode())
+    code = "import importlib.metadata as m; print(m.distribution('pystrands').read_text('RECORD'))"
+    assert native_core_record(run(f'python -c "{code}"', cwd, env)) == expected
+
+
 async def refused_status(url: str, **kwargs: Any) -> int:
     """The HTTP status a WebSocket upgrade to `url` is refused with."""
     with pytest.raises(websockets.InvalidStatus) as refused:
@@ -86,20 +98,12 @@ async def refused_status(url: str, **kwargs: Any) -> int:
     return refused.value.response.status_code
 
 
-def assert_stops_cleanly(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM to the broker: it ends with status 0 (background() sends it to the process group)."""
-    import signal
-
-    os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(DEADLINE) == 0, docblocks.output_of(proc)[-4000:]
-
-
 # ------------------------------------------------------------------------------ installing
 
 
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding the wheel under test (PYSTRANDS_WHEEL, which .ci/run sets), for
+    """The wheel under test, alone in a directory (PYSTRANDS_WHEEL, which .ci/run sets), for
     `PIP_FIND_LINKS`: pip then prefers our 2.0.0 over PyStrands 1.0.0 on PyPI, whose index still
     serves the dependencies (orjson)."""
     wheel = os.environ.get("PYSTRANDS_WHEEL")
@@ -110,7 +114,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = Path(wheel) if Path(wheel).is_absolute() else ROOT / wheel
     house = tmp_path_factory.mktemp("wheelhouse")
     shutil.copy(path, house)
-    return house
+    return house / path.name
 
 
 @pytest.mark.parametrize("page", ["getting-started.md", "index.md"])
@@ -122,8 +126,9 @@ def test_pip_install_blocks_in_a_fresh_venv(page: str, wheelhouse: Path, tmp_pat
     install, *rest = commands(block)
     assert install == "pip install pystrands"
     env = fresh_venv(tmp_path / "venv")
-    run(install, tmp_path, {**env, "PIP_FIND_LINKS": str(wheelhouse)})
+    run(install, tmp_path, {**env, "PIP_FIND_LINKS": str(wheelhouse.parent)})
     assert installed_version(env, tmp_path) == __version__
+    assert_installed_from(wheelhouse, env, tmp_path)
     if page == "getting-started.md":
         assert rest == []
         return
@@ -132,7 +137,7 @@ def test_pip_install_blocks_in_a_fresh_venv(page: str, wheelhouse: Path, tmp_pat
     with background(with_ports(serve, ws, tcp), tmp_path, env) as proc:
         assert wait_http(f"http://127.0.0.1:{ws}/health", proc)[0] == 200
         assert asyncio.run(refused_status(f"ws://127.0.0.1:{ws}/lobby")) == 503  # no backend yet
-        assert_stops_cleanly(proc)
+        stops_cleanly(proc)
 
 
 def test_upgrade_block_from_1_0(wheelhouse: Path, tmp_path: Path):
@@ -144,10 +149,11 @@ def test_upgrade_block_from_1_0(wheelhouse: Path, tmp_path: Path):
     env = fresh_venv(tmp_path / "venv")
     run("pip install -q 'pystrands==1.0.0'", tmp_path, env)
     assert installed_version(env, tmp_path) == "1.0.0"
-    run(upgrade, tmp_path, {**env, "PIP_FIND_LINKS": str(wheelhouse)})
+    run(upgrade, tmp_path, {**env, "PIP_FIND_LINKS": str(wheelhouse.parent)})
     from pystrands import __version__
 
     assert installed_version(env, tmp_path) == __version__
+    assert_installed_from(wheelhouse, env, tmp_path)
     assert run("pystrands-broker --version", tmp_path, env).split()[-1] == __version__
     run('python -c "from pystrands import PyStrandsClient, AsyncPyStrandsClient, PyStrands"', tmp_path, env)
 
@@ -167,7 +173,7 @@ def test_readme_install_block_builds_and_serves(tmp_path: Path):
     with background(with_ports(command, ws, tcp), ROOT, env) as proc:
         assert wait_http(f"http://127.0.0.1:{ws}/health", proc, deadline=1800)[0] == 200
         assert asyncio.run(refused_status(f"ws://127.0.0.1:{ws}/lobby")) == 503
-        assert_stops_cleanly(proc)
+        stops_cleanly(proc)
     from pystrands import __version__
 
     assert installed_version(env, tmp_path) == __version__
@@ -201,7 +207,7 @@ def test_tls_block_serves_wss_only(tls_files: TLSFiles, tmp_path: Path):
     with background(into(command, tmp_path), tmp_path, base_env(**ports)) as proc:
         trusted = client_context(tls_files.ca)
         assert wait_http(f"https://localhost:{ws}/health", proc, trusted)[0] == 200
-        status, body = docblocks.http_get(f"http://127.0.0.1:{ws}/health")
+        status, body = http_get(f"http://127.0.0.1:{ws}/health")
         assert status == 400 and "wss://" in body
 
         async def chat() -> None:
@@ -210,7 +216,7 @@ def test_tls_block_serves_wss_only(tls_files: TLSFiles, tmp_path: Path):
                 await websockets.connect(f"wss://localhost:{ws}/lobby", ssl=ssl.create_default_context(), open_timeout=DEADLINE)
 
         asyncio.run(chat())
-        assert_stops_cleanly(proc)
+        stops_cleanly(proc)
 
 
 def test_backend_mutual_tls_block(tls_files: TLSFiles, tmp_path: Path):
@@ -247,7 +253,7 @@ def test_backend_mutual_tls_block(tls_files: TLSFiles, tmp_path: Path):
                 await wait_for(lambda: metric(ws, "pystrands_backends") == 0, what="the backend gone")
 
         asyncio.run(backends())
-        assert_stops_cleanly(proc)
+        stops_cleanly(proc)
 
 
 def ec_key_pair(directory: Path) -> tuple[str, str]:
@@ -282,7 +288,7 @@ def test_token_block_both_key_kinds(tmp_path: Path):
                 assert await refused_status(f"ws://127.0.0.1:{ws}/x?token={bad}") == 401
 
             asyncio.run(connect())
-            assert_stops_cleanly(proc)
+            stops_cleanly(proc)
 
 
 def test_fuzz_block_names_real_targets():
@@ -303,22 +309,15 @@ def test_fuzz_block_names_real_targets():
 # ------------------------------------------------------------------------------ clusters
 
 
-def metric(ws: int, name: str, context: object = None) -> float | None:
-    status, body = docblocks.http_get(f"{'https' if context else 'http'}://localhost:{ws}/metrics", context)
-    assert status == 200
-    m = re.search(rf"^{name} (\S+)$", body, re.M)
-    return float(m.group(1)) if m else None
+def wait_metric(ws: int, name: str, value: float, proc: Any) -> None:
+    def reached() -> bool:
+        assert proc.poll() is None, proc.output()[-4000:]
+        return metric(ws, name) == value
+
+    wait_until(reached, f"{name} to reach {value}")
 
 
-def wait_metric(ws: int, name: str, value: float, proc: subprocess.Popen[str]) -> None:
-    end = time.monotonic() + DEADLINE
-    while metric(ws, name) != value:
-        assert proc.poll() is None, docblocks.output_of(proc)[-4000:]
-        assert time.monotonic() < end, f"{name} did not reach {value}"
-        time.sleep(0.05)
-
-
-@pytest.mark.skipif(not Path(REDIS).exists(), reason="redis-server is not installed")
+@needs_redis
 def test_deployment_block_runs_a_cluster_node(tmp_path: Path):
     """deployment.md: the redis-server line and the broker line, then a second node with the
     commented environment variant: the two nodes see each other."""
@@ -329,6 +328,7 @@ def test_deployment_block_runs_a_cluster_node(tmp_path: Path):
     assert "--port 6379" in start_redis and "redis://redis.internal:6379/0" in start_broker
     url = f"redis://127.0.0.1:{redis_port}/0"
     with background(start_redis.replace("--port 6379", f"--port {redis_port}"), tmp_path, base_env()) as redis:
+        wait_until(lambda: redis_answers(redis_port), "redis-server to answer PING")
         ws, tcp, _ = broker_ports()
         first = with_ports(start_broker, ws, tcp).replace("redis://redis.internal:6379/0", url)
         second = env_variant.replace("redis://redis.internal:6379/0", url)
@@ -341,7 +341,7 @@ def test_deployment_block_runs_a_cluster_node(tmp_path: Path):
         assert redis.poll() is None
 
 
-@pytest.mark.skipif(not Path(REDIS).exists(), reason="redis-server is not installed")
+@needs_redis
 def test_redis_over_tls_block(tls_files: TLSFiles, tmp_path: Path):
     """`rediss://:password@…` with --redis-tls-ca, against a redis-server that speaks only TLS and
     wants that password."""
@@ -355,11 +355,12 @@ def test_redis_over_tls_block(tls_files: TLSFiles, tmp_path: Path):
     ]  # fmt: skip
     shutil.copy(tls_files.ca, tmp_path / "redis-ca.pem")
     with background(shlex.join(redis_args), tmp_path, base_env()):
+        wait_until(lambda: redis_answers(port, client_context(tls_files.ca), "password"), "redis-server to answer over TLS")
         ws, _, ports = broker_ports()
         with background(into(command, tmp_path).replace("redis.internal:6380", f"localhost:{port}"), tmp_path, base_env(**ports)) as proc:
             wait_http(f"http://127.0.0.1:{ws}/health", proc)
             wait_metric(ws, "pystrands_cluster_connected", 1, proc)
-            assert_stops_cleanly(proc)
+            stops_cleanly(proc)
 
 
 # ------------------------------------------------------------------------------ benchmarks
@@ -377,13 +378,17 @@ def bench_script(name: str) -> Any:
 
 
 def test_benchmark_commands_parse():
-    """Every documented benchmark command names a script of benches/ whose parser takes the
-    documented arguments (`check_args` also refuses unknown systems and workloads)."""
+    """The benchmark commands take minutes each and wait for a quiet machine: they are run by hand
+    (docs/benchmarks.md says when and what they gave). Here every documented command must name a
+    script of benches/ whose own parser takes the documented arguments, and whose `check_args`
+    takes the named systems and workloads."""
     lines = [line for block in shell_blocks("benchmarks.md") for line in commands(block)]
     assert len(lines) >= 8
     for line in lines:
-        words = [w for w in line.split("#")[0].split() if "=" not in w.split("/")[0]]  # drop VAR=value prefixes
-        assert words[0] in ("python", "python3"), line
+        words = line.split("#")[0].split()
+        while re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value prefixes
+            words.pop(0)
+        assert words[0] in ("python", "python3", ".venv/bin/python"), line
         script = Path(words[1])
         assert script.parent == Path("benches") and (ROOT / script).exists(), line
         argv = [w for w in words[2:] if not (w.startswith("[") or w.endswith("]"))]  # optional parts shown as [--flag N]
@@ -395,37 +400,48 @@ def test_benchmark_commands_parse():
             module.check_args(args)
 
 
-def test_bench_run_refuses_unknown_systems_and_workloads():
+def test_bench_scripts_refuse_unknown_systems_and_workloads():
     run_py = bench_script("run")
     with pytest.raises(SystemExit, match="pystrands\\+nope"):
         run_py.check_args(run_py.parser().parse_args(["--systems", "pystrands,pystrands+nope"]))
     with pytest.raises(SystemExit, match="fanout2"):
         run_py.check_args(run_py.parser().parse_args(["--workloads", "echo,fanout2"]))
+    for name in ("rooms", "recovery"):
+        script = bench_script(name)
+        script.check_args(script.parser().parse_args([]))  # the defaults are known
+        with pytest.raises(SystemExit, match="centrifugo2"):
+            script.check_args(script.parser().parse_args(["--systems", "pystrands,centrifugo2"]))
 
 
 # ------------------------------------------------------------------------------ Django
 
 
 def test_django_guide_commands_run_the_example(tmp_path: Path):
-    """flask-django.md: `python manage.py runserver` in examples/django_notify (with its
-    file-watching parent process) connects exactly one backend, and the guide's curl POST reaches
-    a WebSocket client in room "orders"."""
+    """flask-django.md: the token export, `python manage.py runserver` in examples/django_notify
+    (with its file-watching parent process: exactly one client connects) and the guide's curl
+    POST, which reaches a WebSocket client in room "orders"; without the token the view says 401."""
     [block] = shell_blocks("guides/flask-django.md")
-    serve, post = commands(block)
-    assert serve.endswith("python manage.py runserver") and "http://localhost:8000/" in post
+    export, serve, post = commands(block)
+    assert export.startswith("export NOTIFY_API_TOKEN=") and "runserver" in serve and "http://localhost:8000/" in post
+    api_token = run(f'{export} && printf %s "$NOTIFY_API_TOKEN"', tmp_path, base_env())
+    assert len(api_token) >= 32
     http_port = free_port()
     with running_broker() as broker:
-        env = base_env(PYSTRANDS_BROKER_HOST="127.0.0.1", PYSTRANDS_BROKER_PORT=str(broker.tcp_port))
+        env = base_env(PYSTRANDS_BROKER_HOST="127.0.0.1", PYSTRANDS_BROKER_PORT=str(broker.tcp_port), NOTIFY_API_TOKEN=api_token)
+        serve = serve.split("#")[0].strip()
         with background(f"{serve} 127.0.0.1:{http_port}", ROOT, env) as proc:
+            url = f"http://127.0.0.1:{http_port}/rooms/orders/notify"
 
             async def scenario() -> None:
                 await wait_for(lambda: broker.stats()["backends"] == 1, what="the Django process's client")
                 async with websockets.connect(ws_url(broker, "/orders"), open_timeout=DEADLINE) as ws:
                     await asyncio.to_thread(wait_http, f"http://127.0.0.1:{http_port}/", proc)  # runserver listens
-                    out = await asyncio.to_thread(run, post.replace("localhost:8000", f"127.0.0.1:{http_port}"), tmp_path, env)
-                    assert out.strip() == '{"sent": true}'
+                    unauthorized = await asyncio.to_thread(run, f"curl -s -o /dev/null -w '%{{http_code}}' -X POST -d x {url}", tmp_path, env)
+                    assert unauthorized == "401"
+                    out = await asyncio.to_thread(run, post.replace("http://localhost:8000", f"http://127.0.0.1:{http_port}"), tmp_path, env)
+                    assert out.strip() == '{"queued": true}'
                     assert await asyncio.wait_for(ws.recv(), DEADLINE) == "order 7 shipped"
                 assert broker.stats()["backends"] == 1, "the file-watching process must not connect a second client"
 
             asyncio.run(scenario())
-            assert_stops_cleanly(proc)
+            stops_cleanly(proc)

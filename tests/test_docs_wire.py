@@ -13,18 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
-import jwt
 import websockets
 
-from docblocks import background, texts, wait_http
+from docblocks import background, base_env, broker_ports, http_get, signed_token, texts
 from pystrands.testing import running_broker
-from test_docs_commands import base_env, broker_ports
-from v1peer import DEADLINE, wait_for
+from v1peer import DEADLINE, RawBackend, wait_for
 
 SECRET = "s3cret-backend"
 JWT_SECRET = "jwt-" * 8
@@ -67,37 +63,20 @@ def like(doc: Any, real: Any, examples: frozenset[str] = frozenset(), path: str 
     assert doc == real, f"{path}: documented {doc!r}, real {real!r}"
 
 
-class RawBackend:
-    """A backend that speaks the protocol line by line, as a test writes it."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def send(self, message: Any) -> None:
-        self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-        await self.writer.drain()
-
-    async def next(self, accept: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        """The next line the broker sends that `accept` takes (others are skipped)."""
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), DEADLINE)
-            assert line, "the broker closed the backend connection"
-            message = json.loads(line)
-            if accept(message):
-                return message
+async def next_line(backend: RawBackend, accept: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The next line the broker sends the backend that `accept` takes (heartbeats and others skipped)."""
+    while True:
+        message = await backend.recv()
+        if accept(message):
+            return message
 
 
-@asynccontextmanager
-async def raw_backend(port: int) -> AsyncIterator[RawBackend]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield RawBackend(reader, writer)
-    finally:
-        writer.close()
+async def send_line(backend: RawBackend, message: Any) -> None:
+    await backend.send_raw(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
 
 def token(**claims: Any) -> str:
-    return jwt.encode({"exp": time.time() + 60, **claims}, JWT_SECRET, algorithm="HS256")
+    return signed_token(JWT_SECRET, **claims)
 
 
 def test_protocol_lines_are_what_the_broker_speaks():
@@ -105,37 +84,40 @@ def test_protocol_lines_are_what_the_broker_speaks():
 
     async def main() -> None:
         with running_broker(backend_secret=SECRET, jwt_secret=JWT_SECRET) as broker:
-            async with raw_backend(broker.tcp_port) as backend:
+            backend = await RawBackend.connect(broker.tcp_port)
+            try:
                 # The backend's hello, as written but for the secret; the broker's answer.
                 assert hello["params"]["secret"] is ANY
-                await backend.send({**hello, "params": {**hello["params"], "secret": SECRET}})
-                like(answer, await backend.next(lambda m: m["action"] == "hello"))
+                await send_line(backend, {**hello, "params": {**hello["params"], "secret": SECRET}})
+                like(answer, await next_line(backend, lambda m: m["action"] == "hello"))
 
                 # A client sends "hi": the event, then the documented cumulative ack clears it.
                 client = await websockets.connect(f"ws://127.0.0.1:{broker.ws_port}/r?token={token(cid='c1')}", open_timeout=DEADLINE)
                 await client.send(event["params"]["message"])
-                got = await backend.next(lambda m: m["action"] == "new_message")
+                got = await next_line(backend, lambda m: m["action"] == "new_message")
                 like(event, got, examples=frozenset({"seq", "request_id"}))
                 assert broker.stats()["unacked_events"] == 2  # new_connection and new_message
-                like(ack, {**ack, "params": {"seq": got["seq"]}}, examples=frozenset({"seq"}))
-                await backend.send({**ack, "params": {"seq": got["seq"]}})
+                assert set(ack["params"]) == {"seq"}  # the line as written, with the seq just received
+                await send_line(backend, {**ack, "params": {"seq": got["seq"]}})
                 await wait_for(lambda: broker.stats()["unacked_events"] == 0, what="the ack to clear both events")
 
                 # A join beyond max_rooms_per_client (c1 is in its first room "r" and 99 more).
                 for n in range(99):
-                    await backend.send({"request_id": f"j{n}", "action": "join_room", "params": {"client_id": "c1", "room_id": f"room{n}"}})
+                    await send_line(backend, {"request_id": f"j{n}", "action": "join_room", "params": {"client_id": "c1", "room_id": f"room{n}"}})
                 join = {"request_id": "j-over", "action": "join_room", "params": {"client_id": "c1", "room_id": "one-too-many"}}
-                await backend.send(join)
-                got = await backend.next(lambda m: m["action"] == "command_error")
+                await send_line(backend, join)
+                got = await next_line(backend, lambda m: m["action"] == "command_error")
                 like(command_error, got)
                 assert got["request_id"] == "j-over"
 
                 # The room_members query as written, and its reply once client "a" is in "lobby".
                 member = await websockets.connect(f"ws://127.0.0.1:{broker.ws_port}/?token={token(cid='a', room='lobby')}", open_timeout=DEADLINE)
-                await backend.send(query)
-                like(reply, await backend.next(lambda m: m["action"] == "reply"))
+                await send_line(backend, query)
+                like(reply, await next_line(backend, lambda m: m["action"] == "reply"))
                 await member.close()
                 await client.close()
+            finally:
+                backend.writer.close()
 
     asyncio.run(main())
 
@@ -146,15 +128,8 @@ def test_json_log_line_block(tmp_path):
     doc = json.loads(block)
     ws, tcp, _ = broker_ports()
     with background(f"pystrands-broker --log-format json --ws-port {ws} --tcp-port {tcp}", tmp_path, base_env()) as proc:
-        wait_http(f"http://127.0.0.1:{ws}/health", proc)
-        assert proc.stdout is not None
-        end = time.monotonic() + DEADLINE
-        while True:
-            line = proc.stdout.readline()
-            assert line and time.monotonic() < end, "no start line in the JSON log"
-            record = json.loads(line)
-            if record.get("message") == doc["message"]:
-                break
+        line = proc.wait_line(lambda line: json.loads(line).get("message") == doc["message"], "the start line in the JSON log")
+    record = json.loads(line)
     assert set(record) == set(doc) and record["level"] == doc["level"] and record["logger"] == doc["logger"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", record["time"]), record["time"]
     ports = {"0.0.0.0:8080": f"0.0.0.0:{ws}", "0.0.0.0:8081": f"0.0.0.0:{tcp}"}
@@ -164,9 +139,6 @@ def test_json_log_line_block(tmp_path):
 def test_kubernetes_probe_block():
     """The probes' paths on the WebSocket port: liveness 200; readiness 503 until a backend is
     connected, then 200."""
-    import urllib.error
-    import urllib.request
-
     import yaml
 
     [block] = texts("guides/operations.md", "yaml")
@@ -174,24 +146,15 @@ def test_kubernetes_probe_block():
     assert {p["httpGet"]["port"] for p in probes.values()} == {8080}
 
     def status(port: int, probe: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{probes[probe]['httpGet']['path']}", timeout=DEADLINE) as r:
-                return int(r.status)
-        except urllib.error.HTTPError as error:
-            return error.code
+        return http_get(f"http://127.0.0.1:{port}{probes[probe]['httpGet']['path']}")[0]
 
     async def main() -> None:
         with running_broker() as broker:
             assert status(broker.ws_port, "livenessProbe") == 200
             assert status(broker.ws_port, "readinessProbe") == 503
-            async with raw_backend(broker.tcp_port):
-                await wait_for(lambda: status(broker.ws_port, "readinessProbe") == 200, what="ready once a backend is connected")
-                assert status(broker.ws_port, "livenessProbe") == 200
+            backend = await RawBackend.connect(broker.tcp_port)
+            await wait_for(lambda: status(broker.ws_port, "readinessProbe") == 200, what="ready once a backend is connected")
+            assert status(broker.ws_port, "livenessProbe") == 200
+            backend.writer.close()
 
     asyncio.run(main())
-
-
-def test_protocol_blocks_are_all_checked():
-    """Seven documented lines (hello, answer, event, ack, command_error, query, reply): a new line
-    in protocol.md must be added to the test above."""
-    assert len(protocol_lines()) == 7

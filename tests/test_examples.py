@@ -177,30 +177,3 @@ def test_fastapi_lifespan_with_the_broker_in_process_and_signed_tokens(monkeypat
         stats = module.broker.stats()
         assert stats["token_connections"] == 1 and stats["tokens_refused"] == 1
 
-
-DJANGO = EXAMPLES / "django_notify"
-
-
-@pytest.mark.parametrize(
-    ("argv", "run_main", "serves"),
-    [
-        (["manage.py", "runserver"], None, False),  # runserver's file watcher
-        (["manage.py", "runserver"], "true", True),  # the child that serves
-        (["manage.py", "runserver", "--noreload"], None, True),
-        (["manage.py", "migrate"], None, False),
-        (["manage.py", "shell"], None, False),
-        (["/venv/bin/gunicorn", "notify_site.wsgi"], None, True),
-    ],
-)
-def test_django_example_starts_its_client_only_where_requests_are_served(monkeypatch, argv, run_main, serves):
-    """The example's `serving()` (the whole project runs in test_docs_commands.py)."""
-    monkeypatch.syspath_prepend(str(DJANGO))
-    monkeypatch.setattr(sys, "argv", argv)
-    if run_main is None:
-        monkeypatch.delenv("RUN_MAIN", raising=False)
-    else:
-        monkeypatch.setenv("RUN_MAIN", run_main)
-    spec = importlib.util.spec_from_file_location("django_notify_apps", DJANGO / "notifications" / "apps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.serving() is serves

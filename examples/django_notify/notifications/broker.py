@@ -14,10 +14,17 @@ class Notifier(PyStrandsClient):
         return True
 
 
-notifier = Notifier(settings.PYSTRANDS_HOST, settings.PYSTRANDS_PORT)
+notifier = Notifier(settings.PYSTRANDS_HOST, settings.PYSTRANDS_PORT)  # connects in start()
+_lock = threading.Lock()
+_started = False
 
 
 def start():
-    """Runs the client in a daemon thread: it connects, reconnects with backoff, and ends with
-    the process."""
+    """Runs the client in a daemon thread (once per process, however often it is called): it
+    connects, reconnects with backoff, and ends with the process."""
+    global _started
+    with _lock:
+        if _started:
+            return
+        _started = True
     threading.Thread(target=notifier.run_forever, name="pystrands", daemon=True).start()
