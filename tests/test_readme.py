@@ -5,7 +5,6 @@ ports are changed to free ones), driven by real WebSocket clients."""
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+import docblocks
 from procinfo import free_port
 from pystrands.testing import running_broker, ws_url
 from v1peer import DEADLINE, wait_for
@@ -27,12 +27,16 @@ SOURCES = {"readme": (README, "## Quick start"), "getting-started": (ROOT / "doc
 
 
 def quick_start_blocks(source: str = "readme") -> list[str]:
+    """The page's Python blocks (for the README, those of its quick start section)."""
     path, heading = SOURCES[source]
-    text = path.read_text()
+    page = "README.md" if path == README else path.relative_to(docblocks.DOCS).as_posix()
+    found = docblocks.blocks(page, "python")
     if heading is not None:
-        text = text[text.index(heading) :]
-        text = text[: text.index("\n## ", 1)]
-    return re.findall(r"```python\n(.*?)```", text, re.S)
+        lines = path.read_text().splitlines()
+        start = lines.index(heading) + 1
+        end = next(n for n in range(start, len(lines)) if lines[n].startswith("## ")) + 1
+        found = [b for b in found if start <= b.line <= end]
+    return [b.text for b in found]
 
 
 @pytest.fixture(params=sorted(SOURCES))
