@@ -47,6 +47,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::either::Either;
 
 /// Per-connection read buffer (tungstenite allocates it eagerly; its default is 128 KiB).
 const READ_BUFFER: usize = 2 * 1024;
@@ -105,7 +106,7 @@ async fn connection(stream: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
 /// The connection's stream: TLS after its handshake when the port has a certificate (a plain
 /// request gets a 400 that says so), else the TCP stream itself.
 async fn secure(stream: TcpStream, addr: SocketAddr, shared: &Shared) -> Option<Conn> {
-    let Some(tls) = &shared.tls else { return Some(Conn::Plain(stream)) };
+    let Some(tls) = &shared.tls else { return Some(Either::Left(stream)) };
     let deadline = shared.cfg.handshake_timeout;
     match tokio::time::timeout(deadline, crate::tls::starts_with_tls(&stream)).await {
         Ok(Some(true)) => {}
@@ -126,7 +127,7 @@ async fn secure(stream: TcpStream, addr: SocketAddr, shared: &Shared) -> Option<
         }
     }
     match tokio::time::timeout(deadline, tls.acceptor().accept(stream)).await {
-        Ok(Ok(s)) => Some(Conn::Tls(Box::new(s))),
+        Ok(Ok(s)) => Some(Either::Right(Box::new(s))),
         failed => {
             incr(&shared.counters.tls_handshakes_failed);
             let why = match failed {
