@@ -160,15 +160,17 @@ def test_testing_guide_example_passes_as_a_test():
 
 
 def run_until_sigterm(code: str, ws_port: int, tmp_path: Path, path: str = "/lobby", reply: str = "hi") -> None:
-    """Runs a block as a program (test_readme's way), checks it serves — an echo of "hi", or with
-    `reply=""` the 503 of a broker with no backend yet — and stops it with SIGTERM (exit 0)."""
-    import signal
+    """Runs a block as a program, checks it serves — an echo of "hi", or with `reply=""` the 503
+    of a broker with no backend yet — and stops it with SIGTERM (exit 0, no traceback)."""
+    import shlex
+    import sys
 
-    from test_readme import echo_round_trip, run_program
+    from test_readme import echo_round_trip
 
     url = f"ws://127.0.0.1:{ws_port}{path}"
-    proc = run_program(code, tmp_path)
-    try:
+    script = tmp_path / "program.py"
+    script.write_text(code)
+    with docblocks.background(shlex.join([sys.executable, str(script)]), tmp_path, docblocks.base_env()) as program:
 
         async def scenario() -> None:
             if reply:
@@ -185,17 +187,13 @@ def run_until_sigterm(code: str, ws_port: int, tmp_path: Path, path: str = "/lob
                     assert refused.response.status_code == 503
                     return
                 except OSError:
+                    assert program.poll() is None, program.output()
                     assert asyncio.get_running_loop().time() < end, "the program did not serve"
                     await asyncio.sleep(0.05)
 
         asyncio.run(scenario())
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=DEADLINE)
-        assert proc.returncode == 0 and "Traceback" not in out, out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        docblocks.stops_cleanly(program)
+        assert "Traceback" not in program.output(), program.output()
 
 
 @pytest.mark.parametrize("page", ["README.md", "getting-started.md"])
